@@ -1,0 +1,368 @@
+"""A ``Case``: one patient's named modality images, masks and metadata, and the two ways to
+load one: from a folder laid out like ``STS_xxx/`` (``CT_image.nii.gz``, ``CT_mask.nii.gz``,
+...) and from a row of a cohort manifest (CSV: ``case_id``, one column per modality holding
+an image path, optional mask columns; relative paths resolve against the CSV's folder).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from dataclasses import replace as _replace_fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.errors import LabelError, ManifestError, MissingModalityError
+from MultiModalAnalysisLib.images import NanPolicy
+from MultiModalAnalysisLib.io import IMAGE_SUFFIXES, read_image
+from MultiModalAnalysisLib.modalities import FAMILIES, canonical_modality
+
+MASK_WORDS = ("mask", "label", "seg", "gtv", "roi")
+
+
+@dataclass
+class Case:
+    """One patient: modality images (by canonical name), masks (by name) and metadata.
+
+    ``images`` and ``masks`` hold ``SimpleITK.Image`` objects; steps return new cases via
+    :meth:`replace` rather than modifying one.
+    """
+
+    case_id: str
+    images: dict[str, sitk.Image] = field(default_factory=dict)
+    masks: dict[str, sitk.Image] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> list[str]:
+        """The modality names of the images, in insertion order."""
+        return list(self.images)
+
+    def image(self, modality: str) -> sitk.Image:
+        """The image of ``modality`` (any spelling: ``mr-t1`` finds ``MR_T1``)."""
+        key = canonical_modality(modality)
+        if key not in self.images:
+            raise MissingModalityError(
+                f"case {self.case_id} has no {key} image (it has: "
+                f"{', '.join(self.images) or 'none'}). Add the {key} volume or choose another "
+                "modality."
+            )
+        return self.images[key]
+
+    def mask(self, name: str | None = None) -> sitk.Image:
+        """A mask by name; without a name, the first of ``mask``, ``CT_mask``, or any mask."""
+        if name is None:
+            for candidate in ("mask", "CT_mask", *self.masks):
+                if candidate in self.masks:
+                    return self.masks[candidate]
+        elif name in self.masks:
+            return self.masks[name]
+        raise MissingModalityError(
+            f"case {self.case_id} has no mask{f' named {name}' if name else ''} (masks: "
+            f"{', '.join(self.masks) or 'none'}). Provide a mask or segment the case first."
+        )
+
+    def require(self, modalities: Iterable[str]) -> None:
+        """Raise :class:`MissingModalityError` naming every missing modality."""
+        missing = [m for m in map(canonical_modality, modalities) if m not in self.images]
+        if missing:
+            raise MissingModalityError(
+                f"case {self.case_id} lacks {', '.join(missing)} (it has: "
+                f"{', '.join(self.images) or 'none'})."
+            )
+
+    def replace(self, **changes: Any) -> Case:
+        """A new case with some fields replaced; dictionaries are copied, images shared."""
+        new = _replace_fields(self, **changes)
+        new.images = dict(new.images)
+        new.masks = dict(new.masks)
+        new.metadata = dict(new.metadata)
+        new.sources = dict(new.sources)
+        return new
+
+
+def read_label_image(path: str | Path, *, name: str | None = None) -> sitk.Image:
+    """Read a label map (mask or multi-label segmentation) as an unsigned integer image.
+
+    Raises:
+        LabelError: non-integer or negative values.
+    """
+    label = name or str(path)
+    image = read_image(path, name=label)
+    values = np.unique(sitk.GetArrayViewFromImage(image))
+    if np.any(np.mod(values, 1) != 0) or values.min() < 0:
+        raise LabelError(
+            f"{label} is not a label map: it holds negative or non-integer values (e.g. "
+            f"{values[:5].tolist()}). Give a mask or segmentation file, not an intensity image."
+        )
+    pixel = sitk.sitkUInt8 if values.max() < 256 else sitk.sitkUInt16
+    return sitk.Cast(image, pixel)
+
+
+def _strip_suffix(filename: str) -> str | None:
+    lower = filename.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return filename[: -len(suffix)]
+    return None
+
+
+def _classify_file(stem: str) -> tuple[str, str] | None:
+    """(``"image"``, modality) or (``"mask"``, mask name) for a file stem, or None."""
+    lower = stem.lower()
+    if lower.endswith("_image"):
+        return "image", canonical_modality(stem[: -len("_image")])
+    if any(lower.endswith("_" + word) or lower == word for word in MASK_WORDS):
+        return "mask", stem
+    whole = canonical_modality(stem)
+    if whole in FAMILIES:
+        return "image", whole
+    last = canonical_modality(re.split(r"[-_]", stem)[-1])
+    if last in FAMILIES:
+        return "image", last
+    return None
+
+
+def load_case(
+    folder: str | Path,
+    modalities: Sequence[str] | None = None,
+    *,
+    case_id: str | None = None,
+    with_masks: bool = True,
+    nan_policy: NanPolicy = "error",
+) -> Case:
+    """Load a case from a folder of volumes.
+
+    Files named ``<MODALITY>_image.<ext>`` are images and ``<NAME>_mask.<ext>`` masks (the
+    STS layout); a file named after a modality (``CT.nii.gz``, ``...-t1c.nii.gz``) is also an
+    image.
+
+    Args:
+        folder: the case folder.
+        modalities: load only these (and fail if one is missing); all found by default.
+        case_id: defaults to the folder name.
+        with_masks: also load the masks.
+        nan_policy: see ``images.validate_image``.
+
+    Raises:
+        MissingModalityError: a requested modality has no file, or no image was found.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingModalityError(f"{folder} is not a folder: give the folder of one case.")
+    wanted = [canonical_modality(m) for m in modalities] if modalities else None
+    case = Case(case_id or folder.name)
+    for path in sorted(folder.iterdir()):
+        stem = _strip_suffix(path.name)
+        kind = _classify_file(stem) if stem else None
+        if kind is None:
+            continue
+        role, key = kind
+        if role == "image" and (wanted is None or key in wanted) and key not in case.images:
+            case.images[key] = read_image(path, name=str(path), nan_policy=nan_policy)
+            case.sources[key] = str(path)
+        elif role == "mask" and with_masks:
+            case.masks[key] = read_label_image(path)
+            case.sources[key] = str(path)
+    if wanted:
+        missing = [m for m in wanted if m not in case.images]
+        if missing:
+            raise MissingModalityError(
+                f"{folder} has no image for {', '.join(missing)}; expected files like "
+                f"{missing[0]}_image.nii.gz (found: "
+                f"{', '.join(p.name for p in sorted(folder.iterdir())) or 'nothing'})."
+            )
+    if not case.images:
+        raise MissingModalityError(
+            f"{folder} holds no recognisable image (expected e.g. CT_image.nii.gz, "
+            "PET_image.nii.gz, MR_T1_image.nii.gz)."
+        )
+    return case
+
+
+@dataclass
+class Manifest:
+    """A cohort manifest: one row per case (``case_id``, image paths, masks, outcomes)."""
+
+    path: Path
+    table: Any  # pandas.DataFrame, indexed by position, with a string ``case_id`` column
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def case_ids(self) -> list[str]:
+        return self.table["case_id"].tolist()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def modality_column(self, modality: str) -> str:
+        """The column holding ``modality``'s image paths (``CT``, ``CT_image``, ``ct`` ...)."""
+        key = canonical_modality(modality)
+        for column in self.table.columns:
+            name = str(column)
+            stem = name[: -len("_image")] if name.lower().endswith("_image") else name
+            if canonical_modality(stem) == key:
+                return name
+        raise ManifestError(
+            f"{self.path} has no column for modality {key} (columns: "
+            f"{', '.join(map(str, self.table.columns))})."
+        )
+
+    def column(self, name: str) -> str:
+        """A column by exact name, or a clear error listing the columns."""
+        if name not in self.table.columns:
+            raise ManifestError(
+                f"{self.path} has no column '{name}' (columns: "
+                f"{', '.join(map(str, self.table.columns))})."
+            )
+        return name
+
+    def resolve(self, value: str) -> Path:
+        """A path from the manifest, relative paths taken from the CSV's folder."""
+        path = Path(str(value)).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    def row(self, case_id: str) -> dict[str, Any]:
+        rows = self.table[self.table["case_id"] == str(case_id)]
+        if rows.empty:
+            raise ManifestError(f"{self.path} has no case '{case_id}'.")
+        return rows.iloc[0].to_dict()
+
+    def load_case(
+        self,
+        case_id: str,
+        modalities: Sequence[str],
+        mask_columns: Sequence[str] = (),
+        *,
+        nan_policy: NanPolicy = "error",
+    ) -> Case:
+        """Load one row's images (``modalities``) and masks; other columns become metadata."""
+        row = self.row(case_id)
+        case = Case(str(case_id))
+        used = set()
+        for modality in modalities:
+            column = self.modality_column(modality)
+            used.add(column)
+            value = row[column]
+            if _is_missing(value):
+                raise MissingModalityError(
+                    f"case {case_id} in {self.path} has no {canonical_modality(modality)} path "
+                    f"(column '{column}' is empty)."
+                )
+            path = self.resolve(value)
+            key = canonical_modality(modality)
+            case.images[key] = read_image(
+                path, name=f"{key} of case {case_id} ({path})", nan_policy=nan_policy
+            )
+            case.sources[key] = str(path)
+        for column in mask_columns:
+            column = self.column(column)
+            used.add(column)
+            value = row[column]
+            if _is_missing(value):
+                raise MissingModalityError(
+                    f"case {case_id} in {self.path} has no mask (column '{column}' is empty)."
+                )
+            path = self.resolve(value)
+            case.masks[column] = read_label_image(path, name=f"{column} of case {case_id}")
+            case.sources[column] = str(path)
+        case.metadata = {
+            k: v for k, v in row.items() if k not in used and k != "case_id" and not _is_missing(v)
+        }
+        return case
+
+    def iter_cases(
+        self, modalities: Sequence[str], mask_columns: Sequence[str] = (), **options: Any
+    ) -> Iterator[Case]:
+        """Load the cases one at a time, in manifest order."""
+        for case_id in self.case_ids:
+            yield self.load_case(case_id, modalities, mask_columns, **options)
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or str(value) == ""
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read a cohort manifest CSV.
+
+    Raises:
+        ManifestError: unreadable file, no ``case_id`` column, or duplicate case ids.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist.")
+    try:
+        table = pd.read_csv(path, dtype={"case_id": str})
+    except Exception as error:  # pandas raises many types for malformed CSV
+        raise ManifestError(f"manifest {path} could not be read as CSV: {error}") from None
+    if "case_id" not in table.columns:
+        raise ManifestError(
+            f"manifest {path} has no 'case_id' column (columns: "
+            f"{', '.join(map(str, table.columns))}). Name the patient-id column case_id."
+        )
+    table["case_id"] = table["case_id"].astype(str).str.strip()
+    duplicated = table["case_id"][table["case_id"].duplicated()].tolist()
+    if duplicated:
+        raise ManifestError(f"manifest {path} lists cases more than once: {duplicated}.")
+    return Manifest(path.resolve(), table)
+
+
+def manifest_from_folder(
+    folder: str | Path, outcomes: str | Path | None = None, *, relative_to: str | Path | None = None
+):
+    """Build a manifest table from a cohort folder laid out like ``sts/STS_xxx/``.
+
+    Args:
+        folder: holds one sub-folder per case.
+        outcomes: optional CSV whose first column is the case id (e.g. ``PatientID``) and
+            whose other columns (e.g. ``LungMets``) are joined in.
+        relative_to: write paths relative to this folder (where the manifest will live);
+            absolute paths otherwise.
+
+    Returns:
+        A pandas DataFrame with ``case_id``, one ``<MODALITY>`` column per image and one
+        column per mask name.
+    """
+    import pandas as pd
+
+    folder = Path(folder)
+    rows = []
+    for case_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        row: dict[str, Any] = {"case_id": case_dir.name}
+        for path in sorted(case_dir.iterdir()):
+            stem = _strip_suffix(path.name)
+            kind = _classify_file(stem) if stem else None
+            if kind is None:
+                continue
+            value = path.resolve()
+            if relative_to is not None:
+                value = Path(_relpath(value, Path(relative_to).resolve()))
+            row[kind[1]] = str(value)
+        if len(row) > 1:
+            rows.append(row)
+    if not rows:
+        raise ManifestError(f"{folder} holds no case folders with images.")
+    table = pd.DataFrame(rows)
+    if outcomes is not None:
+        extra = pd.read_csv(outcomes)
+        extra = extra.rename(columns={extra.columns[0]: "case_id"})
+        extra["case_id"] = extra["case_id"].astype(str)
+        table = table.merge(extra, on="case_id", how="left")
+    return table
+
+
+def _relpath(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(path, start)

@@ -1,0 +1,90 @@
+"""Torch device policy, in one place.
+
+``device="auto"`` picks CUDA when a GPU is usable, else the CPU. A CUDA out-of-memory error
+during a step is retried on the CPU with a logged warning, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from MultiModalAnalysisLib.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` (or a ``torch.device``) into a device.
+
+    Raises:
+        ConfigError: an unknown name, or CUDA asked for explicitly where there is none.
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device '{device}' was requested but no CUDA GPU is available to PyTorch "
+                f"(torch {torch.__version__}). Use device='auto' or 'cpu'."
+            )
+        return torch.device(name)
+    raise ConfigError(f"unknown device '{device}': use one of {', '.join(DEVICE_CHOICES)}.")
+
+
+def describe_device(device: str | torch.device = "auto") -> str:
+    """A human-readable name for the device ``device`` resolves to (for logs and the UI)."""
+    import torch
+
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        index = resolved.index if resolved.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        return f"CUDA GPU {index}: {props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return "CPU"
+
+
+def is_cuda_oom(error: BaseException) -> bool:
+    """True for a CUDA out-of-memory error, whichever way torch raised it."""
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "CUDA out of memory" in str(error)
+
+
+def run_with_device_fallback(
+    step: Callable[[torch.device], T], device: str | torch.device = "auto", what: str = "step"
+) -> T:
+    """Run ``step(device)``; on CUDA out-of-memory, warn and run ``step(cpu)`` instead.
+
+    Args:
+        step: the work, given the device to run on; it must not keep state across calls.
+        device: the requested device (see :func:`resolve_device`).
+        what: names the step in the warning.
+    """
+    import torch
+
+    resolved = resolve_device(device)
+    try:
+        return step(resolved)
+    except Exception as error:
+        if resolved.type != "cuda" or not is_cuda_oom(error):
+            raise
+        log.warning("%s ran out of GPU memory on %s; retrying on the CPU.", what, resolved)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return step(torch.device("cpu"))

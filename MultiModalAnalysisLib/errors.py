@@ -1,0 +1,53 @@
+"""The project's error types: everything a user can cause raises a subclass of ``MMAError``.
+
+Messages name the input and say what to do about it; the CLI prints them without a
+traceback and the Slicer module shows them in a dialog.
+"""
+
+
+class MMAError(Exception):
+    """Base class of every error caused by user input or user action."""
+
+
+class ImageReadError(MMAError):
+    """A file or folder could not be read as an image (missing, unreadable, wrong format)."""
+
+
+class ImageDimensionError(MMAError):
+    """An image is not the 3-D scalar volume a step needs (2-D, 4-D, vector/RGB)."""
+
+
+class NonFiniteImageError(MMAError):
+    """An image holds NaN or infinite values."""
+
+
+class EmptyImageError(MMAError):
+    """An image has no voxels, or a mask selects none."""
+
+
+class ConstantImageError(MMAError):
+    """An image (or the region a step looks at) has a single value: no contrast to work with."""
+
+
+class MissingModalityError(MMAError):
+    """A step needs a modality the case does not have."""
+
+
+class GeometryError(MMAError):
+    """Images that must overlap or share a grid do not (e.g. no physical overlap)."""
+
+
+class LabelError(MMAError):
+    """A mask or label image has values the step cannot use."""
+
+
+class ConfigError(MMAError):
+    """A parameter or setting is out of range or unknown."""
+
+
+class ManifestError(MMAError):
+    """A cohort manifest (CSV) is malformed or refers to missing files."""
+
+
+class OperationCancelled(MMAError):
+    """The user cancelled a long-running step."""

@@ -1,0 +1,251 @@
+"""The engine's image model: ``SimpleITK.Image`` plus validation and geometry helpers.
+
+Every step takes and returns ``SimpleITK.Image`` (it carries origin, spacing and direction);
+numpy arrays appear only inside a step. Validation raises the project's errors with messages
+that name the input and say what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.errors import (
+    ConstantImageError,
+    EmptyImageError,
+    GeometryError,
+    ImageDimensionError,
+    LabelError,
+    NonFiniteImageError,
+)
+
+NanPolicy = Literal["error", "zero", "minimum"]
+NAN_POLICIES = ("error", "zero", "minimum")
+
+_INTEGER_TYPES = {
+    sitk.sitkUInt8,
+    sitk.sitkInt8,
+    sitk.sitkUInt16,
+    sitk.sitkInt16,
+    sitk.sitkUInt32,
+    sitk.sitkInt32,
+    sitk.sitkUInt64,
+    sitk.sitkInt64,
+}
+
+
+def is_integer_image(image: sitk.Image) -> bool:
+    """True when the pixel type is an integer type."""
+    return image.GetPixelID() in _INTEGER_TYPES
+
+
+def validate_image(
+    image: sitk.Image,
+    name: str = "image",
+    *,
+    require_contrast: bool = False,
+    nan_policy: NanPolicy = "error",
+) -> sitk.Image:
+    """Check that ``image`` is a usable 3-D scalar volume; return it (or a NaN-fixed copy).
+
+    Args:
+        image: the image to check (never modified).
+        name: how to call the image in messages (a file name or a modality).
+        require_contrast: also refuse a constant image (steps that need contrast).
+        nan_policy: ``"error"`` refuses NaN/Inf; ``"zero"`` or ``"minimum"`` return a copy with
+            non-finite voxels replaced by 0 or by the smallest finite value.
+
+    Raises:
+        ImageDimensionError, EmptyImageError, NonFiniteImageError, ConstantImageError.
+    """
+    if not isinstance(image, sitk.Image):
+        raise TypeError(f"{name}: expected a SimpleITK.Image, got {type(image).__name__}")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, not {nan_policy!r}")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise ImageDimensionError(
+            f"{name} has {components} components per voxel (a vector or colour image); a "
+            "scalar 3-D volume is needed. Split the channels or convert it to grey levels."
+        )
+    dimension = image.GetDimension()
+    if dimension != 3:
+        hint = (
+            "a single slice; load the whole series or volume"
+            if dimension == 2
+            else "a time series or multi-volume file; extract one 3-D volume first"
+        )
+        raise ImageDimensionError(
+            f"{name} is {dimension}-D (size {image.GetSize()}); a 3-D volume is needed: this "
+            f"looks like {hint}."
+        )
+    if any(size == 0 for size in image.GetSize()):
+        raise EmptyImageError(f"{name} has no voxels (size {image.GetSize()}).")
+    size = image.GetSize()
+    if sum(1 for s in size if s > 1) < 2:
+        raise ImageDimensionError(
+            f"{name} has size {size}: it is a line or a single voxel, not a volume."
+        )
+
+    if not is_integer_image(image):
+        array = sitk.GetArrayViewFromImage(image)
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = int(finite.size - finite.sum())
+            if nan_policy == "error":
+                raise NonFiniteImageError(
+                    f"{name} holds {bad} NaN or infinite voxel(s) of {finite.size}. Fix the "
+                    "file, or load it with nan_policy='zero' or 'minimum' to replace them."
+                )
+            if not finite.any():
+                raise NonFiniteImageError(f"{name} holds no finite value at all.")
+            fill = 0.0 if nan_policy == "zero" else float(array[finite].min())
+            fixed = np.where(finite, array, fill).astype(array.dtype)
+            image = copy_geometry(sitk.GetImageFromArray(fixed), image)
+
+    if require_contrast:
+        require_non_constant(image, name)
+    return image
+
+
+def require_non_constant(image: sitk.Image, name: str = "image") -> None:
+    """Raise :class:`ConstantImageError` if every voxel has the same value."""
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    if stats.GetMinimum() == stats.GetMaximum():
+        raise ConstantImageError(
+            f"{name} is constant (every voxel is {stats.GetMinimum():g}): there is no contrast "
+            "to work with. Check that the right file or series was loaded."
+        )
+
+
+def copy_geometry(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Give ``image`` (same size) the origin, spacing and direction of ``reference``."""
+    image.CopyInformation(reference)
+    return image
+
+
+def image_from_array(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """A new image from a ``[z, y, x]`` array, on ``reference``'s grid."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.CopyInformation(reference)
+    return image
+
+
+def as_float32(image: sitk.Image) -> sitk.Image:
+    """The image as 32-bit float (a new image unless it already is float32)."""
+    if image.GetPixelID() == sitk.sitkFloat32:
+        return image
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
+    """True when two images share size, origin, spacing and direction (to ``tolerance``)."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance * 10)
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
+    )
+
+
+def physical_corners(image: sitk.Image) -> np.ndarray:
+    """The 8 physical corner points (outer voxel edges) of the image, shape (8, 3)."""
+    size = np.array(image.GetSize(), dtype=float)
+    corners = []
+    for i in (-0.5, size[0] - 0.5):
+        for j in (-0.5, size[1] - 0.5):
+            for k in (-0.5, size[2] - 0.5):
+                corners.append(image.TransformContinuousIndexToPhysicalPoint((i, j, k)))
+    return np.asarray(corners)
+
+
+def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned physical bounding box (min corner, max corner) of the image, in mm."""
+    corners = physical_corners(image)
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def overlap_fraction(image: sitk.Image, reference: sitk.Image) -> float:
+    """Fraction of ``reference``'s bounding box volume that ``image``'s bounding box covers."""
+    lo_a, hi_a = physical_bounds(image)
+    lo_b, hi_b = physical_bounds(reference)
+    inter = np.clip(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b), 0, None)
+    volume = np.prod(hi_b - lo_b)
+    return float(np.prod(inter) / volume) if volume > 0 else 0.0
+
+
+def require_overlap(
+    image: sitk.Image, reference: sitk.Image, name: str = "image", reference_name: str = "reference"
+) -> None:
+    """Raise :class:`GeometryError` when two images share no physical space."""
+    if overlap_fraction(image, reference) <= 0.0:
+        lo_a, hi_a = physical_bounds(image)
+        lo_b, hi_b = physical_bounds(reference)
+        raise GeometryError(
+            f"{name} and {reference_name} do not overlap in physical space ({name} spans "
+            f"{np.round(lo_a, 1).tolist()}..{np.round(hi_a, 1).tolist()} mm, {reference_name} "
+            f"spans {np.round(lo_b, 1).tolist()}..{np.round(hi_b, 1).tolist()} mm). Check that "
+            "they are from the same patient and frame of reference, or register them first."
+        )
+
+
+def validate_mask(
+    mask: sitk.Image, name: str = "mask", reference: sitk.Image | None = None
+) -> sitk.Image:
+    """Check a binary mask and return it as UInt8 with values {0, 1}.
+
+    Args:
+        mask: a label image whose non-zero voxels form the region (values 0 and one
+            other value, or 0/1); a multi-label image is refused.
+        name: how to call it in messages.
+        reference: when given, the mask must be on the reference's grid.
+
+    Raises:
+        LabelError: more than one non-zero label, or non-integer values.
+        EmptyImageError: no voxel is set.
+        GeometryError: not on the reference grid.
+    """
+    validate_image(mask, name)
+    array = sitk.GetArrayViewFromImage(mask)
+    values = np.unique(array)
+    if not is_integer_image(mask) and not np.all(np.mod(values, 1) == 0):
+        raise LabelError(
+            f"{name} holds non-integer values (e.g. {values[np.mod(values, 1) != 0][:3]}); a "
+            "mask must be a label image. Was an intensity image given as the mask?"
+        )
+    nonzero = values[values != 0]
+    if nonzero.size == 0:
+        raise EmptyImageError(f"{name} is empty: no voxel is set. Draw or select a region.")
+    if nonzero.size > 1:
+        raise LabelError(
+            f"{name} holds {nonzero.size} different labels ({nonzero[:6].tolist()}...); a binary "
+            "mask (0 = outside, one value inside) is needed. Select one label first."
+        )
+    if reference is not None and not same_grid(mask, reference):
+        raise GeometryError(
+            f"{name} is not on the image's grid (size {mask.GetSize()} vs "
+            f"{reference.GetSize()}, spacing {mask.GetSpacing()} vs {reference.GetSpacing()}). "
+            "Resample it to the image first (preprocess.resample_to_reference, nearest "
+            "neighbour)."
+        )
+    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+    return binary
+
+
+def mask_centroid(mask: sitk.Image) -> tuple[float, float, float]:
+    """Physical centre of mass (mm) of a mask's non-zero voxels."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8))
+    if not stats.HasLabel(1):
+        raise EmptyImageError("the mask is empty: no voxel is set.")
+    return tuple(stats.GetCentroid(1))
+
+
+def describe(image: sitk.Image) -> str:
+    """One line on an image's grid and pixel type, for logs and reports."""
+    spacing = "x".join(f"{s:.3g}" for s in image.GetSpacing())
+    size = "x".join(str(s) for s in image.GetSize())
+    return f"{size} voxels at {spacing} mm, {image.GetPixelIDTypeAsString()}"

@@ -1,0 +1,175 @@
+"""Reading and writing volumes: NIfTI, NRRD, MHA files and DICOM series.
+
+Every reader validates what it loads (3-D scalar, finite values, non-empty) and raises the
+project's errors naming the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.errors import ImageReadError, MMAError
+from MultiModalAnalysisLib.images import NanPolicy, validate_image, validate_mask
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def has_image_suffix(path: str | Path) -> bool:
+    """True when the file name ends in a volume format this project reads and writes."""
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def read_image(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    nan_policy: NanPolicy = "error",
+    require_contrast: bool = False,
+    series_uid: str | None = None,
+) -> sitk.Image:
+    """Read a 3-D volume from a NIfTI/NRRD/MHA file or a DICOM series folder.
+
+    Args:
+        path: a file, or a folder holding a DICOM series.
+        name: how to call the image in messages (defaults to the path).
+        nan_policy: what to do with NaN/Inf voxels (see ``images.validate_image``).
+        require_contrast: refuse a constant image.
+        series_uid: for a DICOM folder, the series to read (default: the one with most slices).
+
+    Raises:
+        ImageReadError: missing or unreadable path.
+        ImageDimensionError, NonFiniteImageError, EmptyImageError, ConstantImageError.
+    """
+    path = Path(path)
+    label = name or str(path)
+    if not path.exists():
+        raise ImageReadError(f"{label}: no such file or folder. Check the path.")
+    if path.is_dir():
+        image = read_dicom_series(path, series_uid=series_uid, name=label)
+    else:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise ImageReadError(
+                f"{label} could not be read as an image ({_first_line(error)}). Supported: "
+                f"{', '.join(IMAGE_SUFFIXES)} files and DICOM series folders."
+            ) from None
+    return validate_image(image, label, require_contrast=require_contrast, nan_policy=nan_policy)
+
+
+def read_mask(
+    path: str | Path, *, name: str | None = None, reference: sitk.Image | None = None
+) -> sitk.Image:
+    """Read a binary mask (returned as UInt8 0/1); see ``images.validate_mask``."""
+    label = name or str(path)
+    image = read_image(path, name=label)
+    return validate_mask(image, label, reference=reference)
+
+
+def write_image(image: sitk.Image, path: str | Path, *, compress: bool = True) -> Path:
+    """Write a volume to ``path`` (format from the suffix), creating parent folders.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if not has_image_suffix(path):
+        raise MMAError(
+            f"cannot write {path}: use one of the suffixes {', '.join(IMAGE_SUFFIXES)}."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sitk.WriteImage(image, str(path), compress)
+    except RuntimeError as error:
+        raise MMAError(f"could not write {path}: {_first_line(error)}") from None
+    return path
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series found in a folder."""
+
+    uid: str
+    files: tuple[str, ...]
+    description: str = ""
+    modality: str = ""
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.files)
+
+
+def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
+    """All DICOM series in ``folder`` (not recursive), largest first."""
+    folder = Path(folder)
+    reader = sitk.ImageSeriesReader()
+    try:
+        uids = reader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError:
+        uids = ()
+    found = []
+    for uid in uids:
+        files = tuple(reader.GetGDCMSeriesFileNames(str(folder), uid))
+        description, modality = _series_tags(files[0])
+        found.append(DicomSeries(uid, files, description, modality))
+    return sorted(found, key=lambda s: s.n_slices, reverse=True)
+
+
+def read_dicom_series(
+    folder: str | Path, *, series_uid: str | None = None, name: str | None = None
+) -> sitk.Image:
+    """Read one DICOM series from a folder: ``series_uid``, or the one with most slices.
+
+    Raises:
+        ImageReadError: no series in the folder, the UID is not there, or reading failed.
+    """
+    folder = Path(folder)
+    label = name or str(folder)
+    series = list_dicom_series(folder)
+    if not series:
+        raise ImageReadError(
+            f"{label} holds no DICOM series (and is a folder, so it is not a volume file). "
+            "Point to the folder that contains the .dcm slices of one series."
+        )
+    if series_uid is None:
+        chosen = series[0]
+    else:
+        matches = [s for s in series if s.uid == series_uid]
+        if not matches:
+            listing = "; ".join(f"{s.uid} ({s.n_slices} slices)" for s in series)
+            raise ImageReadError(
+                f"{label} has no DICOM series with UID {series_uid}. Found: {listing}."
+            )
+        chosen = matches[0]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(chosen.files))
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise ImageReadError(
+            f"DICOM series {chosen.uid} in {label} could not be read: {_first_line(error)}"
+        ) from None
+
+
+def _series_tags(file: str) -> tuple[str, str]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return "", ""
+
+    def tag(key: str) -> str:
+        return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+    return tag("0008|103e"), tag("0008|0060")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # ITK messages start with a file:line header; the reason is the last line.
+    return lines[-1] if lines else type(error).__name__

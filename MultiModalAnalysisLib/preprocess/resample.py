@@ -1,0 +1,168 @@
+"""Resampling onto another image's grid or to a new voxel spacing, geometry kept.
+
+Intensity images are interpolated (linear by default) into float32; label images always use
+nearest neighbour and keep their pixel type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.errors import ConfigError, GeometryError
+from MultiModalAnalysisLib.images import as_float32, physical_bounds, physical_corners
+
+Interpolator = Literal["linear", "nearest", "bspline", "gaussian"]
+INTERPOLATORS = {
+    "linear": sitk.sitkLinear,
+    "nearest": sitk.sitkNearestNeighbor,
+    "bspline": sitk.sitkBSpline,
+    "gaussian": sitk.sitkGaussian,
+}
+
+
+def _interpolator(name: str, is_label: bool) -> int:
+    if is_label:
+        return sitk.sitkNearestNeighbor
+    try:
+        return INTERPOLATORS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown interpolator '{name}': use one of {', '.join(INTERPOLATORS)}."
+        ) from None
+
+
+def _default_value(image: sitk.Image, is_label: bool, default_value: float | None) -> float:
+    if default_value is not None:
+        return float(default_value)
+    if is_label:
+        return 0.0
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    return float(stats.GetMinimum())
+
+
+def resample_to_reference(
+    image: sitk.Image,
+    reference: sitk.Image,
+    *,
+    transform: sitk.Transform | None = None,
+    interpolator: Interpolator = "linear",
+    is_label: bool = False,
+    default_value: float | None = None,
+    name: str = "image",
+) -> sitk.Image:
+    """Resample ``image`` onto ``reference``'s grid (size, origin, spacing, direction).
+
+    Args:
+        image: the image to resample (never modified).
+        reference: the image whose grid the result takes.
+        transform: maps a point of the reference's physical space to ``image``'s (ITK
+            convention, fixed -> moving); identity when ``None``.
+        interpolator: for intensity images; labels always use nearest neighbour.
+        is_label: treat ``image`` as a label map (nearest neighbour, pixel type kept).
+        default_value: value outside ``image``; the image minimum (0 for labels) by default.
+        name: how to call the image in messages.
+
+    Raises:
+        GeometryError: the image and the reference share no physical space.
+    """
+    _require_mapped_overlap(image, reference, transform, name)
+    resampled = sitk.Resample(
+        image if is_label else as_float32(image),
+        reference,
+        transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity),
+        _interpolator(interpolator, is_label),
+        _default_value(image, is_label, default_value),
+        image.GetPixelID() if is_label else sitk.sitkFloat32,
+    )
+    return resampled
+
+
+def resample_to_spacing(
+    image: sitk.Image,
+    spacing: float | Sequence[float | None],
+    *,
+    interpolator: Interpolator = "linear",
+    is_label: bool = False,
+    antialias: bool = True,
+    default_value: float | None = None,
+) -> sitk.Image:
+    """Resample to a new voxel spacing over the same physical extent and orientation.
+
+    Args:
+        image: the image to resample (never modified).
+        spacing: new spacing in mm, one number for all axes or one per axis (``None`` keeps
+            that axis's spacing).
+        interpolator: for intensity images; labels always use nearest neighbour.
+        is_label: treat ``image`` as a label map.
+        antialias: Gaussian pre-smoothing along axes that get coarser (intensity images
+            only), so downsampling does not alias.
+        default_value: value outside the input (image minimum / 0 for labels by default).
+    """
+    old_spacing = np.array(image.GetSpacing(), dtype=float)
+    new_spacing = _parse_spacing(spacing, old_spacing)
+    old_size = np.array(image.GetSize(), dtype=float)
+    new_size = np.maximum(np.round(old_size * old_spacing / new_spacing), 1).astype(int)
+    # Keep the outer edge of the first voxel where it was: shift the centre by half the
+    # spacing change, along the image axes.
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    new_origin = np.array(image.GetOrigin()) + direction @ ((new_spacing - old_spacing) / 2)
+
+    source = image
+    if antialias and not is_label:
+        sigmas = np.where(new_spacing > old_spacing * 1.01, new_spacing / 2.0, 0.0)
+        source = as_float32(image)
+        for axis, sigma in enumerate(sigmas):
+            if sigma > 0:
+                source = sitk.RecursiveGaussian(source, float(sigma), direction=axis)
+
+    reference = sitk.Image([int(s) for s in new_size], sitk.sitkUInt8)
+    reference.SetSpacing(new_spacing.tolist())
+    reference.SetOrigin(new_origin.tolist())
+    reference.SetDirection(image.GetDirection())
+    return sitk.Resample(
+        source if is_label else as_float32(source),
+        reference,
+        sitk.Transform(3, sitk.sitkIdentity),
+        _interpolator(interpolator, is_label),
+        _default_value(image, is_label, default_value),
+        image.GetPixelID() if is_label else sitk.sitkFloat32,
+    )
+
+
+def _parse_spacing(spacing: float | Sequence[float | None], current: np.ndarray) -> np.ndarray:
+    if np.isscalar(spacing):
+        values = [float(spacing)] * 3
+    else:
+        values = list(spacing)
+        if len(values) != 3:
+            raise ConfigError(f"spacing needs 3 values (x, y, z), got {values}.")
+        values = [current[i] if v is None else float(v) for i, v in enumerate(values)]
+    result = np.array(values, dtype=float)
+    if not np.all(np.isfinite(result)) or np.any(result <= 0):
+        raise ConfigError(f"spacing must be positive numbers of mm, got {spacing}.")
+    return result
+
+
+def _require_mapped_overlap(
+    image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None, name: str
+) -> None:
+    """Refuse a resampling whose output would hold no voxel of the input."""
+    corners = physical_corners(reference)
+    if transform is not None:
+        corners = np.array([transform.TransformPoint(tuple(map(float, p))) for p in corners])
+    lo_ref, hi_ref = corners.min(axis=0), corners.max(axis=0)
+    lo_img, hi_img = physical_bounds(image)
+    overlap = np.minimum(hi_ref, hi_img) - np.maximum(lo_ref, lo_img)
+    if np.any(overlap <= 0):
+        raise GeometryError(
+            f"{name} does not overlap the reference grid in physical space ({name} spans "
+            f"{np.round(lo_img, 1).tolist()}..{np.round(hi_img, 1).tolist()} mm; the reference, "
+            f"mapped into its space, spans {np.round(lo_ref, 1).tolist()}.."
+            f"{np.round(hi_ref, 1).tolist()} mm). Check that both come from the same patient "
+            "and frame of reference, or register them first."
+        )

@@ -1,0 +1,83 @@
+"""The ``mma`` command line and the end-to-end demo on the bundled patient."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.cli import main
+from MultiModalAnalysisLib.demo import DEMO_STEPS, run_demo
+
+
+def run_mma(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "MultiModalAnalysisLib", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_mma_demo_runs_end_to_end_and_writes_its_outputs(tmp_path):
+    out = tmp_path / "demo"
+    result = run_mma("demo", "--output-dir", str(out))
+
+    assert result.returncode == 0, result.stderr
+    assert "[preprocess]" in result.stdout and "montage" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["timings_s"]) == {step.name for step in DEMO_STEPS}
+    for modality in ("CT", "PET", "MR_T1"):
+        volume = sitk.ReadImage(str(out / f"{modality}_preprocessed_on_CT.nii.gz"))
+        assert volume.GetSize() == (161, 143, 48)  # every modality on the CT grid
+    mr = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "MR_T1_preprocessed_on_CT.nii.gz")))
+    assert np.isfinite(mr).all()
+    montage = matplotlib.image.imread(out / "montage.png")
+    assert montage.shape[0] > 800 and montage.shape[1] > 800
+    assert montage[..., :3].std() > 0.1  # not a blank picture
+
+
+def test_demo_can_be_cancelled_between_steps(tmp_path):
+    import threading
+
+    from MultiModalAnalysisLib.errors import OperationCancelled
+
+    cancel = threading.Event()
+
+    def cancel_at_first_report(fraction: float, message: str) -> None:
+        cancel.set()
+
+    with pytest.raises(OperationCancelled):
+        run_demo(tmp_path, progress=cancel_at_first_report, cancel=cancel, log=None)
+    assert not (tmp_path / "montage.png").exists()
+
+
+def test_cli_reports_user_errors_in_one_line_with_status_2(tmp_path, capsys):
+    status = main(["-q", "preprocess", str(tmp_path / "missing.nii.gz"), "--modality", "CT",
+                   "--output", str(tmp_path / "out.nii.gz")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "missing.nii.gz: no such file" in err
+    assert "Traceback" not in err
+
+
+def test_cli_preprocess_and_manifest(tmp_path, sample_case_path, capsys):
+    status = main(["-q", "preprocess", str(sample_case_path / "MR_T1_image.nii.gz"),
+                   "--modality", "MR_T1", "--reference", str(sample_case_path / "CT_image.nii.gz"),
+                   "--output", str(tmp_path / "mr_on_ct.nii.gz")])
+    assert status == 0
+    mr = sitk.ReadImage(str(tmp_path / "mr_on_ct.nii.gz"))
+    assert mr.GetSize() == (161, 143, 48)
+
+    status = main(["manifest", str(sample_case_path.parent), "--output",
+                   str(tmp_path / "cases.csv")])
+    assert status == 0
+    assert "STS_002" in (tmp_path / "cases.csv").read_text()
+
+
+def test_console_script_entry_point_shows_help():
+    result = run_mma("--help")
+    assert result.returncode == 0
+    for command in ("demo", "preprocess", "manifest", "info"):
+        assert command in result.stdout

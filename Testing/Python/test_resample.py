@@ -1,0 +1,119 @@
+"""Resampling keeps physical alignment: a known physical point lands on the same intensity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from synthetic import (
+    centred_grid,
+    linear_field_image,
+    make_image,
+    physical_points,
+    rotation_direction,
+)
+
+from MultiModalAnalysisLib.errors import ConfigError, GeometryError
+from MultiModalAnalysisLib.preprocess import resample_to_reference, resample_to_spacing
+
+COEFFICIENTS = np.array([0.7, -1.3, 2.1])
+
+
+def expected_values(image: sitk.Image) -> np.ndarray:
+    return physical_points(image) @ COEFFICIENTS + 100.0
+
+
+def inside_mask(image: sitk.Image, source: sitk.Image, margin: float = 0.6) -> np.ndarray:
+    """Voxels of ``image`` whose centre lies well inside ``source``'s voxel grid."""
+    points = physical_points(image).reshape(-1, 3)
+    index = np.array([source.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in points])
+    size = np.array(source.GetSize())
+    ok = np.all((index >= margin) & (index <= size - 1 - margin), axis=1)
+    return ok.reshape(image.GetSize()[::-1])
+
+
+def test_resample_oblique_anisotropic_onto_other_oblique_grid_keeps_physical_values(
+    oblique_image,
+):
+    target = centred_grid(oblique_image, (22, 26, 20), (1.3, 0.9, 1.7),
+                          rotation_direction((-10, 25, -40)))
+    resampled = resample_to_reference(oblique_image, target)
+
+    assert resampled.GetSize() == target.GetSize()
+    assert np.allclose(resampled.GetDirection(), target.GetDirection())
+    inside = inside_mask(resampled, oblique_image)
+    assert inside.sum() > 500  # the grids really overlap
+    error = np.abs(sitk.GetArrayFromImage(resampled) - expected_values(target))[inside]
+    # Linear interpolation of a linear field is exact up to float32 rounding.
+    assert error.max() < 1e-2
+
+
+def test_resample_a_known_point_lands_on_the_same_value(oblique_image):
+    target = centred_grid(oblique_image, (14, 18, 15), (2.0, 1.5, 2.5),
+                          rotation_direction((5, 5, -60)))
+    resampled = resample_to_reference(oblique_image, target)
+    point = physical_points(oblique_image)[6, 12, 15]  # a voxel centre of the source
+    value_source = sitk.GetArrayFromImage(oblique_image)[6, 12, 15]
+    index = target.TransformPhysicalPointToContinuousIndex(point.tolist())
+    interpolator = sitk.Resample(resampled, [1, 1, 1], sitk.Transform(), sitk.sitkLinear,
+                                 point.tolist(), resampled.GetSpacing(), resampled.GetDirection())
+    assert all(0 <= c <= s - 1 for c, s in zip(index, target.GetSize(), strict=True))
+    assert abs(sitk.GetArrayFromImage(interpolator).item() - value_source) < 1e-2
+
+
+def test_resample_to_spacing_keeps_extent_and_values(oblique_image):
+    resampled = resample_to_spacing(oblique_image, (0.5, 0.5, 1.5), antialias=False)
+
+    assert resampled.GetSize() == (48, 53, 24)
+    lo_in = oblique_image.TransformContinuousIndexToPhysicalPoint((-0.5, -0.5, -0.5))
+    lo_out = resampled.TransformContinuousIndexToPhysicalPoint((-0.5, -0.5, -0.5))
+    assert np.allclose(lo_in, lo_out, atol=1e-6)  # the outer edge stays put
+    inside = inside_mask(resampled, oblique_image)
+    error = np.abs(sitk.GetArrayFromImage(resampled) - expected_values(resampled))[inside]
+    assert error.max() < 1e-2
+
+
+def test_labels_are_resampled_with_nearest_neighbour_and_keep_their_type(oblique_image):
+    labels = np.zeros(oblique_image.GetSize()[::-1], np.uint8)
+    labels[3:9, 5:15, 6:20] = 1
+    labels[4:7, 7:10, 8:12] = 3
+    label_image = make_image(labels, oblique_image.GetSpacing(), oblique_image.GetOrigin(),
+                             oblique_image.GetDirection())
+
+    coarse = resample_to_spacing(label_image, 2.0, is_label=True)
+    onto = resample_to_reference(label_image, coarse, is_label=True)
+
+    for result in (coarse, onto):
+        assert result.GetPixelID() == sitk.sitkUInt8
+        assert set(np.unique(sitk.GetArrayFromImage(result))) <= {0, 1, 3}
+    # Nearest neighbour keeps the volume of a large label to within a voxel layer.
+    volume_in = (labels > 0).sum() * np.prod(oblique_image.GetSpacing())
+    volume_out = (sitk.GetArrayFromImage(coarse) > 0).sum() * np.prod(coarse.GetSpacing())
+    assert abs(volume_out - volume_in) / volume_in < 0.35
+
+
+def test_resample_refuses_images_that_do_not_overlap(oblique_image):
+    far = make_image(np.zeros((5, 5, 5), np.float32), origin=(500.0, 500.0, 500.0))
+    with pytest.raises(GeometryError, match="do(es)? not overlap"):
+        resample_to_reference(oblique_image, far, name="MR")
+
+
+def test_resample_to_spacing_rejects_non_positive_spacing(oblique_image):
+    with pytest.raises(ConfigError, match="positive"):
+        resample_to_spacing(oblique_image, (1.0, 0.0, 1.0))
+
+
+def test_resample_does_not_modify_its_input(oblique_image):
+    before = sitk.GetArrayFromImage(oblique_image).copy()
+    geometry = (oblique_image.GetOrigin(), oblique_image.GetSpacing())
+    resample_to_spacing(oblique_image, 2.0)
+    assert np.array_equal(sitk.GetArrayFromImage(oblique_image), before)
+    assert (oblique_image.GetOrigin(), oblique_image.GetSpacing()) == geometry
+
+
+def test_linear_field_helper_matches_geometry():
+    image = linear_field_image((4, 5, 6), (1.0, 2.0, 3.0), (1.0, 2.0, 3.0),
+                               rotation_direction((0, 0, 90)))
+    point = image.TransformIndexToPhysicalPoint((2, 3, 4))
+    value = sitk.GetArrayFromImage(image)[4, 3, 2]
+    assert abs(value - (np.dot(point, COEFFICIENTS) + 100.0)) < 1e-3
