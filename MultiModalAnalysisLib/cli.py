@@ -26,7 +26,8 @@ class ProgressBar:
         self._bar = tqdm(
             total=1000,
             desc=description,
-            disable=not enabled,
+            # None: tqdm hides the bar when stderr is not a terminal (logs, CI).
+            disable=None if enabled else True,
             leave=False,
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
             file=sys.stderr,
