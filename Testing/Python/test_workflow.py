@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -19,6 +21,14 @@ pytest.importorskip("slicer", reason="needs the slicer-core wheel (test extra)")
 @pytest.fixture(scope="module")
 def sts002():
     return load_case(sample_case_dir())
+
+
+@pytest.fixture
+def few_features(tmp_path) -> str:
+    """Feature settings with three families, to keep the tests short."""
+    path = tmp_path / "features.json"
+    path.write_text(json.dumps({"families": ["stat", "morph", "cm"]}))
+    return str(path)
 
 
 @pytest.fixture
@@ -82,11 +92,12 @@ def test_features_without_segmentation_or_mask_explain_what_is_missing(inputs):
 
 
 @pytest.mark.slow
-def test_run_all_on_the_bundled_patient_registers_segments_and_measures(inputs):
+def test_run_all_on_the_bundled_patient_registers_segments_and_measures(inputs, few_features):
     for module in ("registration", "segmentation", "features"):
         pytest.importorskip(f"MultiModalAnalysisLib.{module}")
     volumes, gtv = inputs
-    settings = WorkflowSettings(preprocess=False, segmentation_method="kmeans", show_3d=False)
+    settings = WorkflowSettings(preprocess=False, segmentation_method="kmeans", show_3d=False,
+                                feature_settings=few_features)
     steps, state = workflow_steps(volumes, settings, mask_node=gtv)
     StepRunner(steps).run_to_end()
 
@@ -99,13 +110,15 @@ def test_run_all_on_the_bundled_patient_registers_segments_and_measures(inputs):
 
 
 @pytest.mark.slow
-def test_batch_measures_every_case_and_reports_a_broken_one_without_stopping(mrml_scene,
-                                                                             tmp_path):
+def test_batch_measures_every_case_and_reports_a_broken_one_without_stopping(
+    mrml_scene, tmp_path, few_features
+):
     pytest.importorskip("MultiModalAnalysisLib.features")
     broken = tmp_path / "STS_999"
     broken.mkdir()
     (broken / "CT_image.nii.gz").write_bytes(b"not an image")
-    settings = WorkflowSettings(preprocess=False, registration_type="none")
+    settings = WorkflowSettings(preprocess=False, registration_type="none",
+                                feature_settings=few_features)
     task = batch_task([sample_case_dir(), broken], settings, modalities=["CT", "PET"],
                       mask_name="CT_mask", scene=mrml_scene)
     frame = mrml.dataframe_from_table_node(task.run())
