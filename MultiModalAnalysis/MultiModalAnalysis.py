@@ -418,8 +418,11 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
         mask = p.featuresMask or p.outputSegmentation
         if "segment" in stages:
             mask = p.featuresMask  # the new segmentation will be measured
+        settings = self.settings(p)
+        if tuple(stages) == ("preprocess",):
+            settings.preprocess = True  # the Preprocess button applies the presets regardless
         steps, state = workflow_steps(
-            volumes or self.inputs(p), self.settings(p), mask_node=mask, stages=stages
+            volumes or self.inputs(p), settings, mask_node=mask, stages=stages
         )
         if "classify" in stages and "features" not in stages:
             state.features = p.outputFeatures

@@ -100,7 +100,12 @@ class DependencyInstaller:
             if pipEnsure is not None:
                 break
         if pipEnsure is not None:
-            # Already confirmed above: one dialog only.
-            pipEnsure(list(requirements), prompt_install=False, requester=REQUESTER)
+            from packaging.requirements import Requirement
+
+            # Requirement objects: slicer.pydeps (5.11 previews) takes only those. Already
+            # confirmed above: one dialog only.
+            pipEnsure(
+                [Requirement(r) for r in requirements], prompt_install=False, requester=REQUESTER
+            )
         else:
             slicer.util.pip_install(" ".join(shlex.quote(r) for r in requirements))
