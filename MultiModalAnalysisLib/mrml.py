@@ -596,28 +596,43 @@ def _terminology_string(term: Term) -> str:
 def segment_names(node: Any) -> dict[int, str]:
     """Label value -> segment name, in the values :func:`labels_from_segmentation_node` uses."""
     segments = node.GetSegmentation()
-    result = {}
-    for index in range(segments.GetNumberOfSegments()):
-        segment = segments.GetNthSegment(index)
-        result[_segment_value(segment, index)] = segment.GetName()
-    return result
+    values = _segment_values(segments)
+    return {
+        value: segments.GetNthSegment(index).GetName() for index, value in enumerate(values)
+    }
 
 
-def _segment_value(segment: Any, index: int) -> int:
+def _segment_values(segments: Any) -> list[int]:
+    """The label value of each segment, in order.
+
+    A segment imported by :func:`segmentation_node_from_labels` keeps its value (a tag); any
+    other (e.g. drawn in the Segment Editor) takes the smallest value no segment uses.
+    """
     import vtk
 
-    tag = vtk.reference("")
-    if segment.GetTag(LABEL_VALUE_TAG, tag) and str(tag).isdigit():
-        return int(str(tag))
-    return index + 1
+    tagged: list[int | None] = []
+    for index in range(segments.GetNumberOfSegments()):
+        tag = vtk.reference("")
+        found = segments.GetNthSegment(index).GetTag(LABEL_VALUE_TAG, tag)
+        tagged.append(int(str(tag)) if found and str(tag).isdigit() else None)
+    used = {v for v in tagged if v is not None}
+    values, candidate = [], 1
+    for value in tagged:
+        if value is None:
+            while candidate in used:
+                candidate += 1
+            value = candidate
+            used.add(value)
+        values.append(value)
+    return values
 
 
 def labels_from_segmentation_node(node: Any, reference_node: Any | None = None) -> sitk.Image:
     """A label image of every segment of a segmentation node.
 
     Segments keep the label value they were imported with (see
-    :func:`segmentation_node_from_labels`); other segments take their 1-based position. Where
-    segments overlap, the later one wins.
+    :func:`segmentation_node_from_labels`); other segments take the smallest free value (see
+    :func:`segment_names`). Where segments overlap, the later one wins.
 
     Args:
         node: the segmentation node.
@@ -632,10 +647,9 @@ def labels_from_segmentation_node(node: Any, reference_node: Any | None = None) 
     if segments.GetNumberOfSegments() == 0:
         raise LabelError(f"segmentation {_node_label(node)} has no segments.")
     ids = vtk.vtkStringArray()
-    values = []
     for index in range(segments.GetNumberOfSegments()):
         ids.InsertNextValue(segments.GetNthSegmentID(index))
-        values.append(_segment_value(segments.GetNthSegment(index), index))
+    values = _segment_values(segments)
     colour_tables = _node_ids(scene, "vtkMRMLColorTableNode")
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export (temporary)")
     try:

@@ -344,11 +344,12 @@ def test_labels_round_trip_through_a_segmentation_keeping_values_and_grid(mrml_s
     assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == 0
 
 
-def test_segment_drawn_in_slicer_gets_the_next_free_position_as_its_value(mrml_scene,
-                                                                          two_labels):
+def test_segment_drawn_in_slicer_gets_the_smallest_free_label_value(mrml_scene, two_labels):
     node = mrml.segmentation_node_from_labels(two_labels, mrml_scene)
-    node.GetSegmentation().AddEmptySegment("drawn", "drawn")
-    assert mrml.segment_names(node) == {2: "label 2", 5: "label 5", 3: "drawn"}
+    segments = node.GetSegmentation()
+    segments.AddEmptySegment("drawn", "drawn")
+    segments.AddEmptySegment("also drawn", "also drawn")
+    assert mrml.segment_names(node) == {2: "label 2", 5: "label 5", 1: "drawn", 3: "also drawn"}
 
 
 # ---------------------------------------------------------------------------------- tables
