@@ -1,7 +1,7 @@
 """What the engine needs inside Slicer's Python, pinned to the versions it is tested with.
 
-Slicer ships numpy, SimpleITK and scipy; they are never reinstalled (Slicer's SimpleITK has
-its own IO and replacing it breaks Slicer). torch is installed by the PyTorch extension's
+Slicer ships numpy, SimpleITK, scipy and packaging; they are never reinstalled (Slicer's
+SimpleITK has its own IO and replacing it breaks Slicer). torch is installed by the PyTorch extension's
 ``PyTorchUtils`` (it picks the CUDA build that matches the driver) with the version range
 below, so an old torch 1.x or an unpinned newest one is never pulled in. Everything else comes
 from pip. A test keeps these pins in step with ``pyproject.toml`` and with the versions the
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 #: Shipped with Slicer: never installed by the module.
-PROVIDED_BY_SLICER = ("numpy", "SimpleITK", "scipy")
+PROVIDED_BY_SLICER = ("numpy", "SimpleITK", "scipy", "packaging")
 
 #: torch, installed through PyTorchUtils (its version range, without the name).
 TORCH_VERSION_RANGE = ">=2.3,<2.14"
