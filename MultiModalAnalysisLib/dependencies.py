@@ -1,11 +1,11 @@
 """What the engine needs inside Slicer's Python, pinned to the versions it is tested with.
 
 Slicer ships numpy, SimpleITK, scipy and packaging; they are never reinstalled (Slicer's
-SimpleITK has its own IO and replacing it breaks Slicer). torch is installed by the PyTorch extension's
-``PyTorchUtils`` (it picks the CUDA build that matches the driver) with the version range
-below, so an old torch 1.x or an unpinned newest one is never pulled in. Everything else comes
-from pip. A test keeps these pins in step with ``pyproject.toml`` and with the versions the
-test suite runs against.
+SimpleITK has its own IO and replacing it breaks Slicer). torch is installed by the PyTorch
+extension's ``PyTorchUtils`` (it picks the CUDA build that matches the driver) with the version
+range below, so an old torch 1.x or an unpinned newest one is never pulled in. Everything else
+comes from pip. A test keeps these pins in step with ``pyproject.toml`` and with the versions
+the test suite runs against.
 """
 
 from __future__ import annotations
