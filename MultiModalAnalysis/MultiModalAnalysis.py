@@ -53,6 +53,17 @@ from MultiModalAnalysisLib.workflow import (  # noqa: E402
 )
 
 
+def moduleResourcePath(relativePath: str) -> str:
+    """A resource (``UI/...``, ``Icons/...``): next to this file in build and install trees
+    (<qt-scripted-modules>/Resources), at the repository root in a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for base in (os.path.join(here, "Resources"), os.path.join(os.path.dirname(here), "Resources")):
+        candidate = os.path.join(base, relativePath)
+        if os.path.exists(candidate):
+            return candidate
+    return os.path.join(here, "Resources", relativePath)
+
+
 def _given(path) -> bool:
     return path is not None and str(path) not in ("", ".")
 
@@ -78,6 +89,7 @@ class MultiModalAnalysis(ScriptedLoadableModule):
             '<a href="https://github.com/MultiModalAnalysis/SlicerMultiModalAnalysis">'
             "Documentation</a>."
         )
+        self.parent.icon = qt.QIcon(moduleResourcePath("Icons/MultiModalAnalysis.png"))
         self.parent.acknowledgementText = (
             "The bundled sample patient comes from the IBSI validation data (TCIA "
             "Soft-tissue-Sarcoma collection, CC BY 3.0; Vallieres et al., Phys Med Biol 2015)."
@@ -117,7 +129,7 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MultiModalAnalysis.ui"))
+        uiWidget = slicer.util.loadUI(moduleResourcePath("UI/MultiModalAnalysis.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "MultiModalAnalysis"
 MODULE_FILE = MODULE_DIR / "MultiModalAnalysis.py"
 SLICER_LIB = MODULE_DIR / "MultiModalAnalysisSlicerLib"
-UI_FILE = MODULE_DIR / "Resources" / "UI" / "MultiModalAnalysis.ui"
+UI_FILE = ROOT / "Resources" / "UI" / "MultiModalAnalysis.ui"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 ENGINE_DIR = ROOT / "MultiModalAnalysisLib"
 
@@ -245,14 +245,19 @@ def _compare(listed: list[str], present: set[str], list_name: str) -> list[str]:
 def test_cmake_lists_every_engine_file_module_script_resource_and_sample():
     engine_py = {p for p in _tracked(ENGINE_DIR, "*") if p.endswith(".py")}
     engine_data = {p for p in _tracked(ENGINE_DIR, "*") if not p.endswith(".py")}
-    module_py = {p for p in _tracked(MODULE_DIR, "*.py") if not p.startswith("Resources/")}
-    resources = {p for p in _tracked(MODULE_DIR, "*") if p.startswith("Resources/")}
+    module_py = set(_tracked(MODULE_DIR, "*.py"))
+    resources = {
+        p
+        for folder in ("UI", "Icons")
+        for p in _tracked(ROOT / "Resources" / folder, "*")
+        if not p.endswith(".py")  # the icon's generator is not shipped
+    }
     samples = _tracked(ROOT / "Resources" / "SampleData", "*")
     problems = (
         _compare(cmake_list("ENGINE_PYTHON_SCRIPTS"), engine_py, "ENGINE_PYTHON_SCRIPTS")
         + _compare(cmake_list("ENGINE_DATA_FILES"), engine_data, "ENGINE_DATA_FILES")
         + _compare(cmake_list("MODULE_PYTHON_SCRIPTS"), module_py, "MODULE_PYTHON_SCRIPTS")
-        + _compare(cmake_list("MODULE_PYTHON_RESOURCES"), resources, "MODULE_PYTHON_RESOURCES")
+        + _compare(cmake_list("MODULE_RESOURCE_FILES"), resources, "MODULE_RESOURCE_FILES")
         + _compare(cmake_list("SAMPLE_DATA_FILES"), samples, "SAMPLE_DATA_FILES")
     )
     assert not problems, "\n".join(problems)
@@ -312,7 +317,9 @@ def test_module_cmake_runs_and_ships_the_engine_next_to_the_module(tmp_path):
     scripts = {c.split(" ", 1)[1] for c in calls if c.startswith("script ")}
     assert "MultiModalAnalysis.py" in scripts
     assert "MultiModalAnalysisLib/mrml.py" in scripts  # lands next to the module
-    assert "resource Resources/UI/MultiModalAnalysis.ui" in calls
+    modules = tmp_path / "lib/Slicer-5.8/qt-scripted-modules"
+    assert (modules / "Resources/UI/MultiModalAnalysis.ui").is_file()
+    assert (modules / "Resources/Icons/MultiModalAnalysis.png").is_file()
     assert "generic_tests TRUE" in calls and "unittest MultiModalAnalysis.py" in calls
     sample = tmp_path / "lib/Slicer-5.8/qt-scripted-modules/Resources/SampleData/STS_002"
     assert (sample / "CT_image.nii.gz").is_file()
@@ -334,14 +341,16 @@ def test_extension_metadata_is_complete():
 def test_icon_is_a_128_pixel_png():
     from PIL import Image
 
-    with Image.open(MODULE_DIR / "Resources" / "Icons" / "MultiModalAnalysis.png") as icon:
+    with Image.open(ROOT / "Resources" / "Icons" / "MultiModalAnalysis.png") as icon:
         assert icon.format == "PNG" and icon.size == (128, 128)
         colours = len(np.unique(np.asarray(icon.convert("RGB")).reshape(-1, 3), axis=0))
     assert colours > 500  # a picture, not a flat placeholder
 
 
 def test_extensions_index_entry_follows_the_catalog_schema():
-    entry = json.loads((ROOT / "ExtensionsIndex" / "MultiModalAnalysis.json").read_text())
+    entry = json.loads(
+        (ROOT / "Resources" / "ExtensionsIndex" / "MultiModalAnalysis.json").read_text()
+    )
     # Slicer/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type",
                "build_dependencies", "dicom_support_rule", "build_subdirectory", "enabled", "tier"}

@@ -1,7 +1,7 @@
 """Draw the module icon (128x128 PNG): CT, MR-T1 and PET slices of the bundled patient through
 the tumour, stacked and overlapping, the PET over the CT at the front.
 
-Run from the repository root: ``.venv/bin/python Utilities/make_icon.py``.
+Run from the repository root: ``.venv/bin/python Resources/Icons/make_icon.py``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from MultiModalAnalysisLib.images import mask_centroid  # noqa: E402
 from MultiModalAnalysisLib.preprocess import resample_to_reference  # noqa: E402
 from MultiModalAnalysisLib.sample_data import sample_case_dir  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-OUTPUT = ROOT / "MultiModalAnalysis" / "Resources" / "Icons" / "MultiModalAnalysis.png"
+ROOT = Path(__file__).resolve().parents[2]
+OUTPUT = Path(__file__).resolve().parent / "MultiModalAnalysis.png"
 
 
 def axial_slices() -> dict[str, np.ndarray]:
