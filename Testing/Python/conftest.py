@@ -42,3 +42,17 @@ def dev_data() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def mrml_scene():
+    """A real, empty MRML scene (slicer-core), also set as ``slicer.mrmlScene`` for the
+    ``slicer.util`` helpers; cleared afterwards."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene
+    yield scene
+    scene.Clear(1)
+    slicer.mrmlScene = previous

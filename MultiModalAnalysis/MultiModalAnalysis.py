@@ -1,0 +1,603 @@
+"""MultiModalAnalysis: one guided module from CT / PET / MR volumes to a prediction.
+
+Module (metadata), Widget (the .ui bound to a parameter node; runs the work in the background
+with a progress bar and Cancel), Logic (parameter node -> engine steps over nodes) and Test
+(the whole workflow on the bundled patient). The engine, node-level logic included, lives in
+``MultiModalAnalysisLib`` and runs without Slicer; the Slicer-only helpers are in
+``MultiModalAnalysisSlicerLib``.
+"""
+
+import logging
+import os
+import sys
+import time
+
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+
+def _makeEngineImportable():
+    """In a build or install tree the engine sits next to this file; when the module is run
+    from a source checkout (Slicer's "additional module paths" set to this folder) it is in
+    the repository root, one level up."""
+    try:
+        import MultiModalAnalysisLib  # noqa: F401
+    except ModuleNotFoundError:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(root, "MultiModalAnalysisLib")) and root not in sys.path:
+            sys.path.append(root)
+
+
+_makeEngineImportable()
+
+from MultiModalAnalysisSlicerLib import views  # noqa: E402
+from MultiModalAnalysisSlicerLib.inputs import InputVolumesTable, guessNodeModality  # noqa: E402
+from MultiModalAnalysisSlicerLib.install import DependencyInstaller  # noqa: E402
+from MultiModalAnalysisSlicerLib.parameters import MultiModalAnalysisParameterNode  # noqa: E402
+
+from MultiModalAnalysisLib import mrml  # noqa: E402
+from MultiModalAnalysisLib.errors import MMAError  # noqa: E402
+from MultiModalAnalysisLib.jobs import StepRunner  # noqa: E402
+from MultiModalAnalysisLib.workflow import (  # noqa: E402
+    STAGES,
+    WorkflowSettings,
+    batch_task,
+    workflow_steps,
+)
+
+
+def moduleResourcePath(relativePath: str) -> str:
+    """A resource (``UI/...``, ``Icons/...``): next to this file in build and install trees
+    (<qt-scripted-modules>/Resources), at the repository root in a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for base in (os.path.join(here, "Resources"), os.path.join(os.path.dirname(here), "Resources")):
+        candidate = os.path.join(base, relativePath)
+        if os.path.exists(candidate):
+            return candidate
+    return os.path.join(here, "Resources", relativePath)
+
+
+def _given(path) -> bool:
+    return path is not None and str(path) not in ("", ".")
+
+
+#
+# Module
+#
+
+
+class MultiModalAnalysis(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Multi-Modal Analysis"
+        self.parent.categories = ["Quantification"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MultiModalAnalysis developers"]
+        self.parent.helpText = (
+            "Multi-modal CT / PET / MR analysis in one guided workflow: preprocessing, "
+            "registration and fusion, segmentation, IBSI radiomics features and outcome "
+            "classification. Choose a reference volume and any further volumes with their "
+            "modality, then run the steps one by one or all at once. Long steps run in the "
+            "background: Slicer stays usable and Cancel stops them. "
+            '<a href="https://github.com/MultiModalAnalysis/SlicerMultiModalAnalysis">'
+            "Documentation</a>."
+        )
+        self.parent.icon = qt.QIcon(moduleResourcePath("Icons/MultiModalAnalysis.png"))
+        self.parent.acknowledgementText = (
+            "The bundled sample patient comes from the IBSI validation data (TCIA "
+            "Soft-tissue-Sarcoma collection, CC BY 3.0; Vallieres et al., Phys Med Biol 2015)."
+        )
+
+
+#
+# Widget
+#
+
+
+class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Binds the .ui to the parameter node and runs steps without blocking Slicer."""
+
+    _actionButtons = (
+        "preprocessButton",
+        "registerButton",
+        "fuseButton",
+        "segmentButton",
+        "extractFeaturesButton",
+        "classifyButton",
+        "runAllButton",
+        "runBatchButton",
+    )
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._runner = None
+        self._state = None
+        self._currentVolumes = None  # what the next single step works on
+        self._startedAt = 0.0
+        self._deviceChecked = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(moduleResourcePath("UI/MultiModalAnalysis.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MultiModalAnalysisLogic()
+        self.inputsTable = InputVolumesTable(self.ui.inputVolumesTable, self.onInputsEdited)
+
+        # Engine work runs in a worker thread; this timer publishes its progress and results.
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self.onPoll)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.addInputButton.clicked.connect(self.inputsTable.addRow)
+        self.ui.removeInputButton.clicked.connect(self.inputsTable.removeSelectedRow)
+        self.ui.guessModalitiesButton.clicked.connect(self.onGuessModalities)
+        # nodeActivated: only a user's choice, not a scene being restored, triggers a guess.
+        self.ui.referenceVolumeSelector.connect(
+            "nodeActivated(vtkMRMLNode*)", self.onReferenceChosen
+        )
+        self.ui.preprocessButton.clicked.connect(lambda: self.runStages(("preprocess",), True))
+        self.ui.registerButton.clicked.connect(lambda: self.runStages(("register",)))
+        self.ui.fuseButton.clicked.connect(lambda: self.runStages(("fuse",)))
+        self.ui.segmentButton.clicked.connect(lambda: self.runStages(("segment",)))
+        self.ui.extractFeaturesButton.clicked.connect(lambda: self.runStages(("features",)))
+        self.ui.classifyButton.clicked.connect(lambda: self.runStages(("classify",)))
+        self.ui.runAllButton.clicked.connect(lambda: self.runStages(STAGES, fresh=True))
+        self.ui.runBatchButton.clicked.connect(self.onRunBatch)
+        self.ui.cancelButton.clicked.connect(self.onCancel)
+        self.ui.showFusedButton.clicked.connect(self.onShowFused)
+        self.ui.registerCollapsibleButton.contentsCollapsed.connect(self.onRegisterExpanded)
+
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.onCancel()
+        self.removeObservers()
+        self._timer.stop()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(
+                self._parameterNode, slicer.vtkCommand.ModifiedEvent, self.onParameterNodeModified
+            )
+
+    def onSceneStartClose(self, caller, event):
+        self.onCancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.referenceVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.referenceVolume = first
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(
+                self._parameterNode, slicer.vtkCommand.ModifiedEvent, self.onParameterNodeModified
+            )
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(
+                self._parameterNode, slicer.vtkCommand.ModifiedEvent, self.onParameterNodeModified
+            )
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None):
+        p = self._parameterNode
+        if p is None:
+            return
+        self.inputsTable.setRows(list(p.inputVolumes), list(p.inputModalities))
+        self.updateButtonStates()
+
+    def updateButtonStates(self):
+        p = self._parameterNode
+        running = self._runner is not None
+        hasReference = p is not None and p.referenceVolume is not None
+        hasFurther = p is not None and len(p.inputVolumes) > 0
+        enabled = {
+            "preprocessButton": hasReference,
+            "registerButton": hasReference and hasFurther,
+            "fuseButton": hasReference and hasFurther,
+            "segmentButton": hasReference,
+            "extractFeaturesButton": hasReference,
+            "classifyButton": p is not None
+            and p.outputFeatures is not None
+            and _given(p.classifierModel),
+            "runAllButton": hasReference,
+            "runBatchButton": p is not None and _given(p.batchFolder),
+        }
+        for name in self._actionButtons:
+            getattr(self.ui, name).enabled = enabled[name] and not running
+        self.ui.cancelButton.enabled = running
+        self.ui.showFusedButton.enabled = hasReference and p.fusedForeground is not None
+
+    # ------------------------------------------------------------------ inputs
+
+    def onInputsEdited(self, volumes, modalities):
+        if self._parameterNode is None:
+            return
+        with slicer.util.NodeModify(self._parameterNode.parameterNode):
+            self._parameterNode.inputVolumes = volumes
+            self._parameterNode.inputModalities = modalities
+        self._currentVolumes = None
+
+    def onReferenceChosen(self, node):
+        if node is not None and self._parameterNode is not None:
+            self._parameterNode.referenceModality = guessNodeModality(node)
+        self._currentVolumes = None
+
+    def onGuessModalities(self):
+        if self._parameterNode and self._parameterNode.referenceVolume:
+            self._parameterNode.referenceModality = guessNodeModality(
+                self._parameterNode.referenceVolume
+            )
+        self.inputsTable.guessAll()
+
+    def onRegisterExpanded(self, collapsed):
+        if not collapsed and not self._deviceChecked:
+            self._deviceChecked = True
+            self.ui.deviceLabel.text = self.logic.detectedDevice()
+
+    # ------------------------------------------------------------------ running
+
+    def runStages(self, stages, fresh=False):
+        """Build the steps of ``stages`` and start them in the background."""
+        if self._runner is not None:
+            return
+        with slicer.util.tryWithErrorDisplay(
+            "MultiModalAnalysis could not start.", waitCursor=True
+        ):
+            self.logic.installer.ensure()
+            if not self._deviceChecked:
+                self._deviceChecked = True
+                self.ui.deviceLabel.text = self.logic.detectedDevice()
+            volumes = None if fresh else self._currentVolumes
+            steps, self._state = self.logic.workflow(self._parameterNode, stages, volumes)
+            if not steps:
+                raise MMAError("nothing to run: the chosen step is switched off in its settings.")
+            if "register" in stages:
+                self._parameterNode.outputTransforms = []
+                self._parameterNode.registeredVolumes = []
+            self._start(StepRunner(steps, on_published=self.onStepPublished))
+
+    def onRunBatch(self):
+        if self._runner is not None:
+            return
+        with slicer.util.tryWithErrorDisplay(
+            "MultiModalAnalysis could not start the batch.", waitCursor=True
+        ):
+            self.logic.installer.ensure()
+            self._state = None
+            self._start(
+                StepRunner(
+                    [("batch", lambda: self.logic.batch(self._parameterNode))],
+                    on_published=self.onStepPublished,
+                )
+            )
+
+    def _start(self, runner):
+        self._runner = runner
+        self._startedAt = time.perf_counter()
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = "Starting..."
+        self.updateButtonStates()
+        self._timer.start()
+
+    def onPoll(self):
+        runner = self._runner
+        if runner is None:
+            self._timer.stop()
+            return
+        # Waiting a little here hands the GIL to the worker even where the event loop holds it.
+        done = runner.poll(0.02)
+        fraction, message = runner.progress
+        self.ui.progressBar.value = int(round(100 * fraction))
+        if message:
+            self.ui.statusLabel.text = message
+        if done:
+            self._finish()
+
+    def _finish(self):
+        runner, self._runner = self._runner, None
+        self._timer.stop()
+        elapsed = time.perf_counter() - self._startedAt
+        if self._state is not None:
+            self._currentVolumes = [
+                (node, modality) for modality, node in self._state.volumes.items()
+            ]
+        self.updateButtonStates()
+        if runner.cancelled:
+            self.ui.statusLabel.text = "Cancelled."
+            return
+        if runner.error is not None:
+            self.ui.statusLabel.text = f"Failed: {runner.error}"
+            with slicer.util.tryWithErrorDisplay("MultiModalAnalysis failed.", waitCursor=False):
+                raise runner.error
+            return
+        self.ui.progressBar.value = 100
+        self.ui.statusLabel.text = f"Done in {elapsed:.1f} s ({', '.join(runner.outputs)})."
+
+    def onCancel(self):
+        if self._runner is not None:
+            self._runner.cancel()
+            self.ui.statusLabel.text = "Cancelling..."
+
+    def onStepPublished(self, name, published):
+        """Keep each output in the parameter node and show it."""
+        p = self._parameterNode
+        kind = name.split()[0]
+        if kind == "register":
+            p.outputTransforms.append(published.transform_node)
+            p.registeredVolumes.append(published.warped_node)
+            p.fusedForeground = published.warped_node
+            views.showFused(p.referenceVolume, published.warped_node, p.fusedOpacity)
+        elif kind == "fuse":
+            p.outputFused = published
+            slicer.util.setSliceViewerLayers(background=published, fit=True)
+        elif kind == "segment":
+            p.outputSegmentation = published.segmentation_node
+            views.showSegmentation(published.segmentation_node, p.referenceVolume, p.show3D)
+        elif kind in ("features", "batch"):
+            p.outputFeatures = published
+            views.showTable(published)
+        elif kind == "classify":
+            p.outputPrediction = published
+            self.ui.predictionLabel.text = self.logic.predictionText(published)
+            views.showTable(published)
+
+    def onShowFused(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not show the fused views.", waitCursor=False):
+            views.showFused(p.referenceVolume, p.fusedForeground, p.fusedOpacity)
+
+
+#
+# Logic
+#
+
+
+class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
+    """Parameter node -> engine steps over nodes. The steps themselves (``workflow``,
+    ``nodes``) are in the engine and run without Slicer; only what needs the application is
+    here: the parameter node, dependency installation, device display, blocking runs."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.installer = DependencyInstaller()
+
+    def getParameterNode(self):
+        return MultiModalAnalysisParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def settings(p) -> WorkflowSettings:
+        """The engine's settings from the parameter node."""
+        return WorkflowSettings(
+            preprocess=p.preprocess,
+            registration_type=p.registrationType,
+            registration_metric=p.registrationMetric,
+            device=p.device,
+            fusion_method=p.fusionMethod,
+            segmentation_method=p.segmentationMethod,
+            segmentation_classes=p.segmentationClasses,
+            segmentation_model=str(p.segmentationModel) if _given(p.segmentationModel) else "",
+            show_3d=p.show3D,
+            feature_settings=str(p.featureSettings) if _given(p.featureSettings) else "",
+            classifier=str(p.classifierModel) if _given(p.classifierModel) else "",
+            case_id=p.caseId,
+        )
+
+    @staticmethod
+    def inputs(p) -> list:
+        """(volume node, modality) pairs, the reference first."""
+        # A hand-edited parameter node may hold fewer modalities than volumes: pad with "other".
+        modalities = list(p.inputModalities) + ["other"] * len(p.inputVolumes)
+        pairs = [(p.referenceVolume, p.referenceModality)]
+        pairs += [(n, m) for n, m in zip(p.inputVolumes, modalities, strict=False) if n]
+        return pairs
+
+    def workflow(self, p, stages, volumes=None):
+        """Steps for ``stages`` over the inputs (or the volumes a previous step produced)."""
+        if p.referenceVolume is None:
+            raise MMAError("choose a reference volume in Inputs first.")
+        mask = p.featuresMask or p.outputSegmentation
+        if "segment" in stages:
+            mask = p.featuresMask  # the new segmentation will be measured
+        settings = self.settings(p)
+        if tuple(stages) == ("preprocess",):
+            settings.preprocess = True  # the Preprocess button applies the presets regardless
+        steps, state = workflow_steps(
+            volumes or self.inputs(p), settings, mask_node=mask, stages=stages
+        )
+        if "classify" in stages and "features" not in stages:
+            state.features = p.outputFeatures
+            if state.features is None:
+                raise MMAError("extract features first: the classifier reads the features table.")
+        return steps, state
+
+    def batch(self, p):
+        """A task running the pipeline over every case folder of ``p.batchFolder``."""
+        folder = str(p.batchFolder)
+        cases = sorted(
+            os.path.join(folder, d)
+            for d in os.listdir(folder)
+            if os.path.isdir(os.path.join(folder, d))
+        )
+        modalities = [m for _, m in self.inputs(p)]
+        return batch_task(
+            cases,
+            self.settings(p),
+            modalities=modalities,
+            mask_name=p.batchMaskName or None,
+            scene=slicer.mrmlScene,
+        )
+
+    def run(self, p, stages=STAGES, volumes=None):
+        """Run steps to the end, keeping Slicer responsive (for the self-test and scripts)."""
+        self.installer.ensure()
+        steps, state = self.workflow(p, stages, volumes)
+        runner = StepRunner(steps)
+        while not runner.poll(0.05):
+            slicer.app.processEvents()
+        if runner.error is not None:
+            raise runner.error
+        return state
+
+    @staticmethod
+    def detectedDevice() -> str:
+        """What ``device="auto"`` will use, for the Register section."""
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return "PyTorch not installed yet (it is installed on first use)"
+        try:
+            from MultiModalAnalysisLib.device import describe_device
+
+            return describe_device("auto")
+        except Exception as error:  # a broken torch install must not break the module
+            logging.warning("MultiModalAnalysis: could not query the compute device: %s", error)
+            return f"unknown ({error})"
+
+    @staticmethod
+    def predictionText(tableNode) -> str:
+        """ "LungMets = 1 (probability 0.83)" for the first row of a prediction table."""
+        frame = mrml.dataframe_from_table_node(tableNode)
+        if frame.empty:
+            return ""
+        row = frame.iloc[0]
+        return f"{row['label']} (probability {float(row['probability']):.2f})"
+
+
+#
+# Test
+#
+
+
+class MultiModalAnalysisTest(ScriptedLoadableModuleTest):
+    """The whole workflow on the bundled patient (STS_002), with numbers asserted."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_WholeWorkflowOnBundledPatient()
+
+    def test_WholeWorkflowOnBundledPatient(self):
+        import numpy as np
+        import SimpleITK as sitk
+
+        from MultiModalAnalysisLib.case import load_case
+        from MultiModalAnalysisLib.metrics import dice, transform_distance
+        from MultiModalAnalysisLib.preprocess import resample_to_reference
+        from MultiModalAnalysisLib.sample_data import sample_case_dir
+
+        self.delayDisplay("Loading the bundled patient, MR moved by a known rigid transform")
+        case = load_case(sample_case_dir())
+        ct = case.image("CT")
+        centre = ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()])
+        truth = sitk.Euler3DTransform(centre, 0.05, -0.04, 0.08, (6.0, -4.0, 3.0))
+        scene = slicer.mrmlScene
+        ctNode = mrml.volume_node_from_image(ct, scene, "CT")
+        petNode = mrml.volume_node_from_image(case.image("PET"), scene, "PET")
+        mrNode = mrml.volume_node_from_image(
+            _movedRigidly(case.image("MR_T1"), truth), scene, "MR T1"
+        )
+        mrMask = mrml.volume_node_from_image(
+            _movedRigidly(case.mask("MR_T1_mask"), truth), scene, "MR GTV", labelmap=True
+        )
+        gtv = mrml.segmentation_node_from_labels(
+            case.mask("CT_mask"), scene, names={1: "GTV"}, reference_node=ctNode, name="expert GTV"
+        )
+
+        logic = MultiModalAnalysisLogic()
+        p = logic.getParameterNode()
+        p.referenceVolume = ctNode
+        p.referenceModality = "CT"
+        p.inputVolumes = [petNode, mrNode]
+        p.inputModalities = ["PET", "MR-T1"]
+        p.preprocess = False
+        p.registrationType = "rigid"
+        p.segmentationMethod = "gmm"
+        p.segmentationClasses = 3
+        p.show3D = False
+        p.featuresMask = gtv
+        p.caseId = "STS_002"
+
+        self.delayDisplay("Running register, fuse, segment and features")
+        state = logic.run(p, ("register", "fuse", "segment", "features"))
+
+        # Registration: the recovered MR transform matches the known move inside the tumour.
+        recovered = mrml.transform_from_transform_node(state.transforms["MR_T1"])
+        tumour = sitk.GetArrayFromImage(case.mask("CT_mask")) > 0
+        points = [
+            ct.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]])
+            for idx in np.argwhere(tumour)[::50]
+        ]
+        error = float(transform_distance(recovered, truth, points).mean())
+        self.assertLess(error, 2.0, f"MR->CT registration error {error:.2f} mm in the tumour")
+
+        # Dice: the moved MR tumour contour, hardened through the output transform node,
+        # lands on the CT contour.
+        mrMask.SetAndObserveTransformNodeID(state.transforms["MR_T1"].GetID())
+        self.assertTrue(slicer.vtkSlicerTransformLogic.hardenTransform(mrMask))
+        onCt = resample_to_reference(mrml.image_from_volume_node(mrMask), ct, is_label=True)
+        overlap = dice(onCt, case.mask("CT_mask"))
+        self.assertGreater(overlap, 0.8, f"Dice {overlap:.3f}")
+
+        # Segmentation: named segments on the CT grid.
+        names = mrml.segment_names(state.segmentation.segmentation_node)
+        self.assertGreaterEqual(len(names), 2)
+        self.assertTrue(all(names.values()))
+
+        # A feature value: PET SUVmax of the GTV is a tumour's (FDG-avid sarcoma) and the table
+        # holds what the engine computes from the same volumes.
+        from MultiModalAnalysisLib.features import extract_features
+
+        frame = mrml.dataframe_from_table_node(state.features)
+        self.assertEqual(frame["segment"].tolist(), ["GTV"])
+        images = {m: mrml.image_from_volume_node(node) for m, node in state.volumes.items()}
+        expected = extract_features(images, sitk.Cast(case.mask("CT_mask") > 0, sitk.sitkUInt8))
+        for name in ("PET_stat_max", "CT_stat_mean"):
+            self.assertAlmostEqual(float(frame[name].iloc[0]), expected[name], places=3)
+        self.assertTrue(2.0 < float(frame["PET_stat_max"].iloc[0]) < 50.0)
+        self.delayDisplay(f"Test passed: registration error {error:.2f} mm, Dice {overlap:.3f}")
+
+
+def _movedRigidly(image, rigid):
+    """The same voxels placed where ``rigid`` sends them (geometry only, no resampling)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    moved = sitk.Image(image)
+    matrix = np.array(rigid.GetMatrix()).reshape(3, 3)
+    moved.SetOrigin(rigid.TransformPoint(image.GetOrigin()))
+    moved.SetDirection((matrix @ np.array(image.GetDirection()).reshape(3, 3)).ravel().tolist())
+    return moved

@@ -1,0 +1,729 @@
+"""The bridge between Slicer's MRML nodes and the engine's SimpleITK objects.
+
+This is the only module that knows about Slicer. It converts:
+
+- volume nodes <-> ``SimpleITK.Image`` (Slicer is RAS, ITK is LPS: the flip of the first two
+  axes happens here and nowhere else);
+- transform nodes <-> ``SimpleITK.Transform`` (the engine's transform maps a fixed-image point
+  to a moving-image point, which is Slicer's *from parent* direction for a transform node set
+  as the moving volume's parent);
+- segmentation nodes <-> label images (segment names, colours and standard terminology
+  travel through a colour table);
+- table nodes <-> ``pandas.DataFrame``.
+
+``slicer``, ``vtk`` and MRML are imported inside the functions, so the engine stays
+importable without Slicer; the tests run it against the real MRML of the ``slicer-core``
+wheel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.errors import ConfigError, GeometryError, LabelError, MMAError
+from MultiModalAnalysisLib.images import is_integer_image
+from MultiModalAnalysisLib.terminology import GENERAL_ANATOMY_CONTEXT, Term, terminology_for
+
+if TYPE_CHECKING:  # pragma: no cover - only for type checkers
+    import pandas as pd
+
+# RAS <-> LPS: negate x and y (the matrix is its own inverse).
+_FLIP = np.diag([-1.0, -1.0, 1.0])
+_FLIP4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Segment tag holding the label value a segment came from, so a round trip keeps values.
+LABEL_VALUE_TAG = "MultiModalAnalysis.LabelValue"
+
+_LINEAR_TRANSFORMS = {
+    sitk.sitkIdentity,
+    sitk.sitkTranslation,
+    sitk.sitkScale,
+    sitk.sitkScaleLogarithmic,
+    sitk.sitkEuler,
+    sitk.sitkSimilarity,
+    sitk.sitkQuaternionRigid,
+    sitk.sitkVersor,
+    sitk.sitkVersorRigid,
+    sitk.sitkScaleSkewVersor,
+    sitk.sitkComposeScaleSkewVersor,
+    sitk.sitkScaleVersor,
+    sitk.sitkAffine,
+}
+
+# A qualitative palette (0..1 RGB) for segments with no colour given and no terminology match.
+_PALETTE = (
+    (0.90, 0.30, 0.24),
+    (0.20, 0.60, 0.86),
+    (0.18, 0.80, 0.44),
+    (0.95, 0.77, 0.06),
+    (0.61, 0.35, 0.71),
+    (0.90, 0.49, 0.13),
+    (0.10, 0.74, 0.61),
+    (0.93, 0.44, 0.64),
+)
+
+
+# --------------------------------------------------------------------------------------
+# scene and geometry helpers
+
+
+def _scene(scene: Any | None) -> Any:
+    """The scene to add nodes to: ``scene``, else Slicer's ``slicer.mrmlScene``."""
+    if scene is not None:
+        return scene
+    import slicer
+
+    default = getattr(slicer, "mrmlScene", None)
+    if default is None:
+        raise ConfigError(
+            "no MRML scene was given and slicer.mrmlScene is not set: pass scene=... (outside "
+            "the Slicer application, create one with slicer.vtkMRMLScene())."
+        )
+    return default
+
+
+def _add_node(scene: Any, class_name: str, name: str, default_name: str) -> Any:
+    return scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name or default_name))
+
+
+def _node_ids(scene: Any, class_name: str) -> set[str]:
+    return {
+        scene.GetNthNodeByClass(i, class_name).GetID()
+        for i in range(scene.GetNumberOfNodesByClass(class_name))
+    }
+
+
+def _to_numpy_matrix(vtk_matrix: Any) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def _to_vtk_matrix(matrix: np.ndarray) -> Any:
+    import vtk
+
+    result = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            result.SetElement(i, j, float(matrix[i, j]))
+    return result
+
+
+def _node_label(node: Any) -> str:
+    name = node.GetName() if node is not None else None
+    return f"'{name}'" if name else "the node"
+
+
+def _ijk_to_world(node: Any) -> np.ndarray:
+    """The volume's IJK -> world RAS matrix, through a linear parent transform if it has one.
+
+    Raises:
+        GeometryError: the volume sits under a non-linear (warping) transform.
+    """
+    import vtk
+
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    matrix = _to_numpy_matrix(ijk_to_ras)
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return matrix
+    if not parent.IsTransformToWorldLinear():
+        raise GeometryError(
+            f"volume {_node_label(node)} is under the non-linear transform "
+            f"{_node_label(parent)}, which cannot be carried by an image grid. Harden the "
+            "transform first (Data module: right-click the volume > Harden transform), or "
+            "remove it from the volume."
+        )
+    to_world = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(to_world)
+    return _to_numpy_matrix(to_world) @ matrix
+
+
+def _grid_from_matrix(matrix: np.ndarray, what: str) -> tuple[list, list, list]:
+    """(origin, spacing, direction) in LPS from an IJK -> RAS matrix."""
+    columns = matrix[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if np.any(spacing <= 0):
+        raise GeometryError(f"{what} has a zero voxel spacing ({spacing.tolist()}).")
+    # A sheared volume (hardened under an affine with shear) keeps non-perpendicular axes:
+    # both Slicer and ITK accept any invertible direction matrix, so nothing is resampled.
+    direction_ras = columns / spacing
+    if abs(np.linalg.det(direction_ras)) < 1e-6:
+        raise GeometryError(f"{what} has a degenerate (flat) geometry; check its transform.")
+    direction = _FLIP @ direction_ras
+    origin = _FLIP @ matrix[:3, 3]
+    return origin.tolist(), spacing.tolist(), direction.ravel().tolist()
+
+
+def _matrix_from_image(image: sitk.Image) -> np.ndarray:
+    """The IJK -> RAS matrix of an image's grid."""
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = _FLIP @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = _FLIP @ np.array(image.GetOrigin(), dtype=float)
+    return matrix
+
+
+# --------------------------------------------------------------------------------------
+# volumes
+
+
+def image_from_volume_node(node: Any) -> sitk.Image:
+    """The voxels and geometry of a volume node as a new ``SimpleITK.Image`` (LPS).
+
+    A linear parent transform is applied to the geometry (the image is where the volume is
+    shown); a non-linear one is refused with a message saying how to harden it. Scalar,
+    labelmap and vector (multi-component) volumes are supported; the node is not modified.
+
+    Raises:
+        MMAError: the node holds no image data.
+        GeometryError: a non-linear parent transform, or a degenerate geometry.
+    """
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    if node is None:
+        raise MMAError("no volume was selected: choose an input volume.")
+    image_data = node.GetImageData()
+    scalars = image_data.GetPointData().GetScalars() if image_data is not None else None
+    if scalars is None:
+        raise MMAError(
+            f"volume {_node_label(node)} holds no image data. Load the volume again, or choose "
+            "another one."
+        )
+    dims = image_data.GetDimensions()
+    components = image_data.GetNumberOfScalarComponents()
+    shape = (dims[2], dims[1], dims[0]) + ((components,) if components > 1 else ())
+    # A copy: the image must not share memory with the node, which may change or be deleted.
+    array = np.array(vtk_to_numpy(scalars), copy=True).reshape(shape)
+    image = sitk.GetImageFromArray(array, isVector=components > 1)
+    origin, spacing, direction = _grid_from_matrix(
+        _ijk_to_world(node), f"volume {_node_label(node)}"
+    )
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    return image
+
+
+def volume_node_from_image(
+    image: sitk.Image, scene: Any | None = None, name: str = "", labelmap: bool = False
+) -> Any:
+    """A new volume node (scalar, labelmap or vector) holding a copy of ``image``.
+
+    Args:
+        image: a 3-D image (LPS geometry, as every SimpleITK image).
+        scene: the MRML scene (default ``slicer.mrmlScene``).
+        name: node name (made unique in the scene).
+        labelmap: create a labelmap volume node; the image must hold integer values.
+
+    Returns:
+        The node, with display nodes, in the scene.
+    """
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    if image.GetDimension() != 3:
+        raise MMAError(
+            f"only 3-D images can become volume nodes ({name or 'this image'} is "
+            f"{image.GetDimension()}-D)."
+        )
+    scene = _scene(scene)
+    components = image.GetNumberOfComponentsPerPixel()
+    array = sitk.GetArrayFromImage(image)
+    if labelmap:
+        if components != 1:
+            raise LabelError(f"{name or 'the image'} has {components} components: not a labelmap.")
+        array = _as_label_array(array, name or "the image")
+        class_name = "vtkMRMLLabelMapVolumeNode"
+    else:
+        class_name = "vtkMRMLVectorVolumeNode" if components > 1 else "vtkMRMLScalarVolumeNode"
+
+    flat = np.ascontiguousarray(array).reshape(-1, components) if components > 1 else array.ravel()
+    vtk_array = numpy_to_vtk(np.ascontiguousarray(flat), deep=True)
+    image_data = vtk.vtkImageData()
+    image_data.SetDimensions(*image.GetSize())
+    image_data.GetPointData().SetScalars(vtk_array)
+
+    node = _add_node(scene, class_name, name, "Volume")
+    node.SetAndObserveImageData(image_data)
+    node.SetIJKToRASMatrix(_to_vtk_matrix(_matrix_from_image(image)))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _as_label_array(array: np.ndarray, what: str) -> np.ndarray:
+    """A label array as an integer type Slicer labelmaps use."""
+    if np.issubdtype(array.dtype, np.integer):
+        values = array
+    else:
+        if not np.all(np.isfinite(array)) or np.any(np.mod(array, 1) != 0):
+            raise LabelError(
+                f"{what} holds non-integer values: a labelmap needs whole numbers. Was an "
+                "intensity image given as a label image?"
+            )
+        values = array
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return values.astype(dtype, copy=False)
+    raise LabelError(f"{what} holds label values up to {high}: too large for a labelmap.")
+
+
+# --------------------------------------------------------------------------------------
+# transforms
+
+
+def _is_linear(transform: sitk.Transform) -> bool:
+    transform = transform.Downcast()
+    kind = transform.GetTransformEnum()
+    if kind == sitk.sitkComposite:
+        count = transform.GetNumberOfTransforms()
+        return all(_is_linear(transform.GetNthTransform(i)) for i in range(count))
+    return kind in _LINEAR_TRANSFORMS
+
+
+def _affine_matrix(transform: sitk.Transform) -> np.ndarray:
+    """The 4x4 homogeneous matrix of a linear transform (LPS), read from how it maps points.
+
+    Every linear SimpleITK transform is x -> A x + b, so b = T(0) and column i of A is
+    T(e_i) - T(0); this covers all linear types (and composites of them) alike.
+    """
+    origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
+    matrix = np.eye(4)
+    for i in range(3):
+        unit = [0.0, 0.0, 0.0]
+        unit[i] = 1.0
+        matrix[:3, i] = np.array(transform.TransformPoint(unit)) - origin
+    matrix[:3, 3] = origin
+    return matrix
+
+
+def _displacement_field_of(transform: sitk.Transform, reference: sitk.Image | None) -> sitk.Image:
+    """The displacement field (LPS vectors) of a non-linear transform."""
+    transform = transform.Downcast()
+    if transform.GetTransformEnum() == sitk.sitkDisplacementField and reference is None:
+        return transform.GetDisplacementField()
+    if reference is None:
+        raise ConfigError(
+            f"a {transform.GetName()} cannot become a grid transform without a grid to sample "
+            "it on: pass reference=<the fixed image>."
+        )
+    return sitk.TransformToDisplacementField(
+        transform,
+        sitk.sitkVectorFloat64,
+        reference.GetSize(),
+        reference.GetOrigin(),
+        reference.GetSpacing(),
+        reference.GetDirection(),
+    )
+
+
+def _grid_transform_from_field(field: sitk.Image) -> Any:
+    """A vtkOrientedGridTransform (RAS) equivalent to an LPS displacement field."""
+    import slicer
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    vectors = sitk.GetArrayFromImage(field).astype(np.float64)  # [z, y, x, 3], LPS
+    vectors = vectors * np.array([-1.0, -1.0, 1.0])
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(*field.GetSize())
+    grid.SetSpacing(*field.GetSpacing())
+    grid.SetOrigin(*(_FLIP @ np.array(field.GetOrigin())).tolist())
+    grid.GetPointData().SetScalars(
+        numpy_to_vtk(np.ascontiguousarray(vectors.reshape(-1, 3)), deep=True)
+    )
+    direction = np.eye(4)
+    direction[:3, :3] = _FLIP @ np.array(field.GetDirection()).reshape(3, 3)
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetDisplacementGridData(grid)
+    transform.SetGridDirectionMatrix(_to_vtk_matrix(direction))
+    # ITK's displacement-field transform interpolates linearly; match it.
+    transform.SetInterpolationModeToLinear()
+    return transform
+
+
+def transform_node_from_transform(
+    transform: sitk.Transform,
+    scene: Any | None = None,
+    name: str = "",
+    reference: sitk.Image | None = None,
+) -> Any:
+    """A transform node that, set as the moving volume's parent, aligns it with the fixed one.
+
+    ``transform`` follows the engine's (ITK) convention: it maps a point of the fixed image
+    to the moving image, in LPS. In Slicer that is the node's *from parent* transform, in RAS.
+    Linear transforms (rigid, similarity, affine, composites of them) become a linear
+    transform node; displacement fields become a grid transform node; other non-linear
+    transforms (B-spline, composites) are sampled into a grid on ``reference``.
+
+    Args:
+        transform: fixed point -> moving point (LPS).
+        scene: the MRML scene (default ``slicer.mrmlScene``).
+        name: node name.
+        reference: the fixed image, to sample non-linear transforms that are not already a
+            displacement field.
+    """
+    scene = _scene(scene)
+    if _is_linear(transform):
+        node = _add_node(scene, "vtkMRMLLinearTransformNode", name, "Transform")
+        from_parent = _FLIP4 @ _affine_matrix(transform) @ _FLIP4
+        node.SetMatrixTransformFromParent(_to_vtk_matrix(from_parent))
+    else:
+        field = _displacement_field_of(transform, reference)
+        node = _add_node(scene, "vtkMRMLGridTransformNode", name, "Transform")
+        node.SetAndObserveTransformFromParent(_grid_transform_from_field(field))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def transform_from_transform_node(node: Any, reference: sitk.Image | None = None) -> sitk.Transform:
+    """The engine transform (fixed point -> moving point, LPS) of a transform node.
+
+    The node's transform to the world (its parents included) is read in the *from world*
+    direction, the one that resamples a child volume into the world. Linear transforms give a
+    ``SimpleITK.AffineTransform``. Non-linear ones give a ``DisplacementFieldTransform``
+    sampled on ``reference``'s grid, or by default on the node's own displacement grid (for a
+    grid transform, sampling at its grid points reproduces it exactly; an inverted grid is
+    sampled through Slicer's own inversion).
+
+    Raises:
+        ConfigError: a non-linear transform without a grid of its own and no ``reference``.
+    """
+    import vtk
+
+    if node.IsTransformToWorldLinear():
+        from_world = vtk.vtkMatrix4x4()
+        node.GetMatrixTransformFromWorld(from_world)
+        matrix = _FLIP4 @ _to_numpy_matrix(from_world) @ _FLIP4
+        affine = sitk.AffineTransform(3)
+        affine.SetMatrix(matrix[:3, :3].ravel().tolist())
+        affine.SetTranslation(matrix[:3, 3].tolist())
+        return affine
+
+    if reference is None:
+        reference = _own_grid(node)
+    if reference is None:
+        raise ConfigError(
+            f"transform {_node_label(node)} is non-linear and has no displacement grid of its "
+            "own: pass reference=<an image> to sample it on that image's grid."
+        )
+    general = vtk.vtkGeneralTransform()
+    node.GetTransformFromWorld(general)
+    return sitk.DisplacementFieldTransform(_sample_vtk_transform(general, reference))
+
+
+def _own_grid(node: Any) -> sitk.Image | None:
+    """An empty image on the displacement grid of a grid transform node (LPS), if it has one."""
+    for transform in (node.GetTransformFromParent(), node.GetTransformToParent()):
+        if transform is None or not transform.IsA("vtkOrientedGridTransform"):
+            continue
+        transform.Update()
+        grid = transform.GetDisplacementGrid()
+        if grid is None:
+            continue
+        image = sitk.Image(list(grid.GetDimensions()), sitk.sitkUInt8)
+        image.SetSpacing(grid.GetSpacing())
+        image.SetOrigin((_FLIP @ np.array(grid.GetOrigin())).tolist())
+        direction = _to_numpy_matrix(transform.GetGridDirectionMatrix())[:3, :3]
+        image.SetDirection((_FLIP @ direction).ravel().tolist())
+        return image
+    return None
+
+
+def _sample_vtk_transform(transform: Any, reference: sitk.Image) -> sitk.Image:
+    """Displacement field (LPS) of a RAS vtk transform, sampled at ``reference``'s voxels."""
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+
+    size = reference.GetSize()
+    k, j, i = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
+    index = np.stack([i, j, k], axis=-1).reshape(-1, 3).astype(float)
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    points_lps = np.array(reference.GetOrigin()) + (index * reference.GetSpacing()) @ direction.T
+    points = vtk.vtkPoints()
+    points.SetData(numpy_to_vtk(np.ascontiguousarray(points_lps @ _FLIP), deep=True))
+    mapped = vtk.vtkPoints()
+    transform.TransformPoints(points, mapped)
+    mapped_lps = vtk_to_numpy(mapped.GetData()).astype(np.float64) @ _FLIP
+    field = sitk.GetImageFromArray(
+        (mapped_lps - points_lps).reshape(size[2], size[1], size[0], 3), isVector=True
+    )
+    field.CopyInformation(reference)
+    return field
+
+
+# --------------------------------------------------------------------------------------
+# segmentations
+
+
+def _names_by_value(values: Sequence[int], names: Mapping[int, str] | Sequence[str] | None):
+    if names is None:
+        given: dict[int, str] = {}
+    elif isinstance(names, Mapping):
+        given = {int(k): str(v) for k, v in names.items()}
+    else:
+        given = {i + 1: str(v) for i, v in enumerate(names)}
+    result, used = {}, set()
+    for value in values:
+        name = given.get(value) or f"label {value}"
+        unique, n = name, 2
+        while unique in used:  # segment names must be unique for the round trip
+            unique, n = f"{name} {n}", n + 1
+        used.add(unique)
+        result[value] = unique
+    return result
+
+
+def segmentation_node_from_labels(
+    labels: sitk.Image,
+    scene: Any | None = None,
+    names: Mapping[int, str] | Sequence[str] | None = None,
+    colors: Mapping[int, Sequence[float]] | None = None,
+    reference_node: Any | None = None,
+    name: str = "",
+    show_3d: bool = False,
+) -> Any:
+    """A segmentation node with one named, coloured segment per non-zero label value.
+
+    Segment names and colours go through a colour table (that is how Slicer names imported
+    segments); a name that matches a standard term (tumour, necrosis, oedema, fat, muscle,
+    bone, ...) also gets its SNOMED-CT terminology and, when no colour is given, the standard
+    colour.
+
+    Args:
+        labels: an integer label image (0 = background).
+        scene: the MRML scene (default ``slicer.mrmlScene``).
+        names: label value -> segment name (or a list for labels 1, 2, ...); default
+            ``"label <value>"``.
+        colors: label value -> (r, g, b) in 0..1.
+        reference_node: the volume whose geometry the segmentation takes as its reference.
+        name: the segmentation node's name.
+        show_3d: also build the closed-surface representation (3-D display).
+    """
+    import slicer
+
+    scene = _scene(scene)
+    array = sitk.GetArrayViewFromImage(labels)
+    if not is_integer_image(labels) and np.any(np.mod(array, 1) != 0):
+        raise LabelError("the label image holds non-integer values: give a label map.")
+    values = [int(v) for v in np.unique(array) if v != 0]
+    if any(v < 0 for v in values):
+        raise LabelError(f"the label image holds negative labels ({min(values)}).")
+    segment_names = _names_by_value(values, names)
+
+    color_table = _color_table(scene, segment_names, colors or {}, name)
+    labelmap = volume_node_from_image(labels, scene, f"{name or 'labels'} (import)", labelmap=True)
+    labelmap.GetDisplayNode().SetAndObserveColorNodeID(color_table.GetID())
+    _ensure_conversion_rules()  # a segmentation copies the converters when it is created
+    segmentation = _add_node(scene, "vtkMRMLSegmentationNode", name, "Segmentation")
+    segmentation.CreateDefaultDisplayNodes()
+    if reference_node is not None:
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    try:
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            labelmap, segmentation
+        )
+        if not ok:
+            raise MMAError("Slicer could not import the label image into a segmentation.")
+        value_of = {n: v for v, n in segment_names.items()}
+        segments = segmentation.GetSegmentation()
+        for index in range(segments.GetNumberOfSegments()):
+            segment = segments.GetNthSegment(index)
+            value = value_of.get(segment.GetName())
+            if value is None:
+                continue
+            segment.SetTag(LABEL_VALUE_TAG, str(value))
+            term = terminology_for(segment.GetName())
+            if term is not None:
+                segment.SetTerminology(_terminology_string(term))
+    finally:
+        scene.RemoveNode(labelmap)
+        scene.RemoveNode(color_table)
+    if show_3d:
+        segmentation.CreateClosedSurfaceRepresentation()
+    return segmentation
+
+
+def _ensure_conversion_rules() -> None:
+    """Register the labelmap <-> surface converters where no Slicer application did it."""
+    import slicer
+
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.GetConverterRules():
+        return
+    for rule in (
+        "vtkBinaryLabelmapToClosedSurfaceConversionRule",
+        "vtkClosedSurfaceToBinaryLabelmapConversionRule",
+    ):
+        factory.RegisterConverterRule(getattr(slicer, rule)())
+
+
+def _color_table(
+    scene: Any, names: Mapping[int, str], colors: Mapping[int, Sequence[float]], name: str
+) -> Any:
+    table = _add_node(scene, "vtkMRMLColorTableNode", f"{name or 'segmentation'} colours", "Colors")
+    table.SetTypeToUser()
+    table.SetNumberOfColors(max(names, default=0) + 1)
+    table.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    for i, (value, segment_name) in enumerate(sorted(names.items())):
+        term = terminology_for(segment_name)
+        color = colors.get(value) or (term.color if term else None) or _PALETTE[i % len(_PALETTE)]
+        table.SetColor(value, segment_name, *(float(c) for c in color[:3]), 1.0)
+        if term is not None:
+            table.SetTerminology(value, *term.category, *term.type)
+    return table
+
+
+def _terminology_string(term: Term) -> str:
+    """Slicer's serialised terminology entry for a term of the General Anatomy list."""
+    import slicer
+
+    def coded(code: tuple[str, str, str]) -> Any:
+        entry = slicer.vtkCodedEntry()
+        entry.SetValueSchemeMeaning(code[1], code[0], code[2])
+        return entry
+
+    return slicer.vtkMRMLColorNode.GetTerminologyAsString(
+        GENERAL_ANATOMY_CONTEXT, coded(term.category), coded(term.type), slicer.vtkCodedEntry()
+    )
+
+
+def segment_names(node: Any) -> dict[int, str]:
+    """Label value -> segment name, in the values :func:`labels_from_segmentation_node` uses."""
+    segments = node.GetSegmentation()
+    values = _segment_values(segments)
+    return {
+        value: segments.GetNthSegment(index).GetName() for index, value in enumerate(values)
+    }
+
+
+def _segment_values(segments: Any) -> list[int]:
+    """The label value of each segment, in order.
+
+    A segment imported by :func:`segmentation_node_from_labels` keeps its value (a tag); any
+    other (e.g. drawn in the Segment Editor) takes the smallest value no segment uses.
+    """
+    import vtk
+
+    tagged: list[int | None] = []
+    for index in range(segments.GetNumberOfSegments()):
+        tag = vtk.reference("")
+        found = segments.GetNthSegment(index).GetTag(LABEL_VALUE_TAG, tag)
+        tagged.append(int(str(tag)) if found and str(tag).isdigit() else None)
+    used = {v for v in tagged if v is not None}
+    values, candidate = [], 1
+    for value in tagged:
+        if value is None:
+            while candidate in used:
+                candidate += 1
+            value = candidate
+            used.add(value)
+        values.append(value)
+    return values
+
+
+def labels_from_segmentation_node(node: Any, reference_node: Any | None = None) -> sitk.Image:
+    """A label image of every segment of a segmentation node.
+
+    Segments keep the label value they were imported with (see
+    :func:`segmentation_node_from_labels`); other segments take the smallest free value (see
+    :func:`segment_names`). Where segments overlap, the later one wins.
+
+    Args:
+        node: the segmentation node.
+        reference_node: the volume whose grid the label image takes (default: the
+            segmentation's own reference geometry).
+    """
+    import slicer
+    import vtk
+
+    scene = node.GetScene()
+    segments = node.GetSegmentation()
+    if segments.GetNumberOfSegments() == 0:
+        raise LabelError(f"segmentation {_node_label(node)} has no segments.")
+    ids = vtk.vtkStringArray()
+    for index in range(segments.GetNumberOfSegments()):
+        ids.InsertNextValue(segments.GetNthSegmentID(index))
+    values = _segment_values(segments)
+    colour_tables = _node_ids(scene, "vtkMRMLColorTableNode")
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export (temporary)")
+    try:
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            node, ids, labelmap, reference_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+        )
+        if not ok:
+            raise MMAError(f"Slicer could not export segmentation {_node_label(node)}.")
+        exported = image_from_volume_node(labelmap)
+    finally:
+        scene.RemoveNode(labelmap)
+        # The export leaves a colour table behind for the temporary labelmap.
+        for node_id in _node_ids(scene, "vtkMRMLColorTableNode") - colour_tables:
+            scene.RemoveNode(scene.GetNodeByID(node_id))
+    # The export numbers segments 1..N in order; give them back their own values.
+    lookup = np.zeros(len(values) + 1, dtype=np.int64)
+    lookup[1:] = values
+    array = lookup[sitk.GetArrayViewFromImage(exported).astype(np.int64)]
+    result = sitk.GetImageFromArray(_as_label_array(array, "the segmentation"))
+    result.CopyInformation(exported)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# tables
+
+
+def table_node_from_dataframe(df: pd.DataFrame, scene: Any | None = None, name: str = "") -> Any:
+    """A table node with one column per DataFrame column (a named or non-default index first).
+
+    Numbers become numeric columns (booleans 0/1), everything else text.
+    """
+    import pandas as pd
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    scene = _scene(scene)
+    if df.index.name is not None or not isinstance(df.index, pd.RangeIndex):
+        df = df.reset_index()
+    node = _add_node(scene, "vtkMRMLTableNode", name, "Table")
+    table = node.GetTable()
+    for column in df.columns:
+        series = df[column]
+        if pd.api.types.is_bool_dtype(series):
+            array = numpy_to_vtk(series.to_numpy(dtype=np.int32), deep=True)
+        elif pd.api.types.is_integer_dtype(series):
+            array = numpy_to_vtk(series.to_numpy(dtype=np.int64), deep=True)
+        elif pd.api.types.is_float_dtype(series):
+            array = numpy_to_vtk(series.to_numpy(dtype=np.float64), deep=True)
+        else:
+            array = vtk.vtkStringArray()
+            for value in series:
+                array.InsertNextValue("" if _is_missing(value) else str(value))
+        array.SetName(str(column))
+        table.AddColumn(array)
+    node.Modified()
+    return node
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def dataframe_from_table_node(node: Any) -> pd.DataFrame:
+    """The columns of a table node as a DataFrame (numbers as numbers, text as text)."""
+    import pandas as pd
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    table = node.GetTable()
+    data = {}
+    for index in range(table.GetNumberOfColumns()):
+        column = table.GetColumn(index)
+        if column.IsA("vtkStringArray"):
+            data[column.GetName()] = [column.GetValue(i) for i in range(column.GetNumberOfValues())]
+        else:
+            data[column.GetName()] = vtk_to_numpy(column).copy()
+    return pd.DataFrame(data)

@@ -1,0 +1,306 @@
+"""The module's "Run all" and "Run batch", as steps for :class:`jobs.StepRunner`.
+
+:func:`workflow_steps` chains the node tasks of :mod:`nodes` over one case loaded in Slicer:
+preprocess -> register every further volume to the reference -> fuse -> segment -> extract
+features -> classify. Each step is built when its turn comes, from what earlier steps
+published (kept in a :class:`WorkflowState`), so the steps run in a worker thread one after the
+other while the scene is only touched on the caller's thread.
+
+:func:`batch_task` runs the same pipeline over case folders without creating nodes per case
+and publishes one table (features and predictions, one row per case).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from MultiModalAnalysisLib import mrml, nodes
+from MultiModalAnalysisLib.errors import ConfigError, MMAError, OperationCancelled
+from MultiModalAnalysisLib.modalities import canonical_modality
+from MultiModalAnalysisLib.progress import Progress, check_cancel
+
+STAGES = ("preprocess", "register", "fuse", "segment", "features", "classify")
+
+
+@dataclass
+class WorkflowSettings:
+    """Every setting of the pipeline (the module's parameter node holds the same)."""
+
+    preprocess: bool = True
+    registration_type: str = "rigid"  # rigid | affine | deformable | none
+    registration_metric: str = "auto"
+    device: str = "auto"
+    fusion_method: str = ""  # "" skips fusion
+    segmentation_method: str = "gmm"  # "" skips segmentation
+    segmentation_classes: int = 3
+    segmentation_model: str = ""
+    show_3d: bool = True
+    feature_settings: str = ""
+    classifier: str = ""  # a saved classifier; "" skips classification
+    case_id: str = ""
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, before any work starts."""
+        if self.registration_type not in ("rigid", "affine", "deformable", "none"):
+            raise ConfigError(
+                f"unknown registration type '{self.registration_type}': use rigid, affine, "
+                "deformable or none."
+            )
+        if self.segmentation_method == "model" and not _given(self.segmentation_model):
+            raise ConfigError("segmentation method 'model' needs a model file: choose one.")
+        for label, path in (("segmentation model", self.segmentation_model),
+                            ("feature settings", self.feature_settings),
+                            ("classifier", self.classifier)):
+            if _given(path) and not Path(path).exists():
+                raise ConfigError(f"the {label} file {path} does not exist.")
+
+
+def _given(path: str | Path | None) -> bool:
+    return path is not None and str(path) not in ("", ".")
+
+
+@dataclass
+class WorkflowState:
+    """What the steps of one run have published so far."""
+
+    volumes: dict[str, Any]  # modality -> current volume node (reference first)
+    reference: str  # the reference modality
+    mask_node: Any | None = None  # the region for features (user's, else the segmentation)
+    transforms: dict[str, Any] = field(default_factory=dict)
+    registration_metrics: dict[str, dict] = field(default_factory=dict)
+    fused: Any | None = None
+    segmentation: nodes.SegmentationNodes | None = None
+    features: Any | None = None
+    prediction: Any | None = None
+
+
+def workflow_steps(
+    volumes: Sequence[tuple[Any, str]],
+    settings: WorkflowSettings,
+    *,
+    mask_node: Any | None = None,
+    stages: Sequence[str] = STAGES,
+    scene: Any | None = None,
+) -> tuple[list[tuple[str, Callable[[], Any]]], WorkflowState]:
+    """The steps of one run over volumes loaded in Slicer, and the state they fill.
+
+    Args:
+        volumes: ``(volume node, modality)`` pairs; the first is the reference (fixed) volume.
+        settings: the pipeline's settings.
+        mask_node: a segmentation/labelmap to measure (default: the segmentation step's output).
+        stages: which of :data:`STAGES` to run.
+        scene: where new nodes go (default: the reference volume's scene).
+
+    Returns:
+        ``(steps, state)``: give ``steps`` to :class:`jobs.StepRunner`; read ``state`` after.
+    """
+    settings.check()
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {sorted(unknown)}: use {', '.join(STAGES)}.")
+    if not volumes or volumes[0][0] is None:
+        raise MMAError("no reference volume was selected: choose one in Inputs.")
+    modalities = [canonical_modality(m) for _, m in volumes]
+    duplicated = {m for m in modalities if modalities.count(m) > 1}
+    if duplicated:
+        raise ConfigError(
+            f"several input volumes have modality {', '.join(sorted(duplicated))}: give each "
+            "volume its own modality (or 'other' names them by volume)."
+        )
+    state = WorkflowState(
+        {m: node for (node, _), m in zip(volumes, modalities, strict=True)}, modalities[0],
+        mask_node,
+    )
+    target = scene or volumes[0][0].GetScene()
+    steps: list[tuple[str, Callable[[], Any]]] = []
+
+    def then(task_factory: Callable[[], nodes.NodeTask], keep: Callable[[Any], None]):
+        """A factory whose task also records what it published in ``state``."""
+
+        def factory() -> nodes.NodeTask:
+            task = task_factory()
+            publish = task.publish_result
+
+            def publish_and_keep(result: Any) -> Any:
+                published = publish(result)
+                keep(published)
+                return published
+
+            return nodes.NodeTask(task.name, task.compute_images, publish_and_keep)
+
+        return factory
+
+    if "preprocess" in stages and settings.preprocess:
+        for modality in modalities:
+            steps.append((f"preprocess {modality}", then(
+                lambda m=modality: nodes.preprocess_task(state.volumes[m], m, scene=target),
+                lambda node, m=modality: state.volumes.__setitem__(m, node),
+            )))
+    if "register" in stages and settings.registration_type != "none":
+        for modality in modalities[1:]:
+            steps.append((f"register {modality}", then(
+                lambda m=modality: nodes.register_task(
+                    state.volumes[state.reference], state.volumes[m],
+                    transform=settings.registration_type, metric=settings.registration_metric,
+                    device=settings.device, fixed_modality=state.reference, moving_modality=m,
+                    scene=target,
+                ),
+                lambda out, m=modality: _keep_registration(state, m, out),
+            )))
+    if "fuse" in stages and settings.fusion_method and len(modalities) > 1:
+        steps.append(("fuse", then(
+            lambda: nodes.fuse_task(list(state.volumes.values()), method=settings.fusion_method,
+                                    scene=target),
+            lambda node: setattr(state, "fused", node),
+        )))
+    if "segment" in stages and settings.segmentation_method:
+        steps.append(("segment", then(
+            lambda: nodes.segment_task(
+                dict(state.volumes), method=settings.segmentation_method,
+                classes=settings.segmentation_classes,
+                model=settings.segmentation_model if _given(settings.segmentation_model) else None,
+                device=settings.device, show_3d=settings.show_3d, scene=target,
+            ),
+            lambda out: setattr(state, "segmentation", out),
+        )))
+    if "features" in stages:
+        steps.append(("features", then(
+            lambda: nodes.extract_features_task(
+                dict(state.volumes), _region_node(state),
+                settings=settings.feature_settings if _given(settings.feature_settings) else None,
+                device=settings.device, case_id=settings.case_id, scene=target,
+            ),
+            lambda node: setattr(state, "features", node),
+        )))
+    if "classify" in stages and _given(settings.classifier):
+        steps.append(("classify", then(
+            lambda: nodes.classify_task(state.features, settings.classifier, scene=target),
+            lambda node: setattr(state, "prediction", node),
+        )))
+    return steps, state
+
+
+def _keep_registration(state: WorkflowState, modality: str, out: nodes.RegistrationNodes):
+    state.volumes[modality] = out.warped_node
+    state.transforms[modality] = out.transform_node
+    state.registration_metrics[modality] = out.metrics
+
+
+def _region_node(state: WorkflowState) -> Any:
+    if state.mask_node is not None:
+        return state.mask_node
+    if state.segmentation is not None:
+        return state.segmentation.segmentation_node
+    raise MMAError(
+        "features need a region: run the segmentation step, or choose a segmentation (for "
+        "example the expert contour) as the features' mask."
+    )
+
+
+# ---------------------------------------------------------------------------------- batch
+
+
+def batch_task(
+    case_folders: Sequence[str | Path],
+    settings: WorkflowSettings,
+    *,
+    modalities: Sequence[str],
+    mask_name: str | None = None,
+    scene: Any,
+    name: str = "batch features",
+) -> nodes.NodeTask:
+    """Run the pipeline over case folders (STS layout) and publish one table, a row per case.
+
+    Each case is loaded, preprocessed, registered to its first modality, segmented (or its own
+    mask named ``mask_name`` is used), measured and, with a classifier, predicted. No node is
+    created per case; a case that fails is reported in an ``error`` column and the batch goes
+    on, so one bad scan does not lose a cohort's run.
+    """
+    settings.check()
+    folders = [Path(f) for f in case_folders]
+    if not folders:
+        raise MMAError("no case folder was given for the batch.")
+    wanted = [canonical_modality(m) for m in modalities]
+
+    def compute(progress: Progress, cancel: threading.Event | None) -> Any:
+        import pandas as pd
+
+        rows = []
+        for i, folder in enumerate(folders):
+            check_cancel(cancel, "the batch")
+            step = progress.sub(i / len(folders), (i + 1) / len(folders))
+            try:
+                rows.append(_run_case(folder, wanted, mask_name, settings, step, cancel))
+            except OperationCancelled:
+                raise
+            except MMAError as error:
+                rows.append({"case_id": folder.name, "error": str(error)})
+        table = pd.DataFrame(rows)
+        if _given(settings.classifier) and "error" not in table.columns:
+            table = _add_predictions(table, settings.classifier)
+        return table
+
+    def publish(table: Any) -> Any:
+        return mrml.table_node_from_dataframe(table, scene, name)
+
+    return nodes.NodeTask(f"batch of {len(folders)} cases", compute, publish)
+
+
+def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -> dict:
+    from MultiModalAnalysisLib.case import load_case
+    from MultiModalAnalysisLib.features import extract_features
+    from MultiModalAnalysisLib.preprocess import apply_modality_preset, resample_to_reference
+
+    case = load_case(folder, modalities)
+    reference = modalities[0]
+    images = dict(case.images)
+    if settings.preprocess:
+        for m in modalities:
+            images[m] = apply_modality_preset(images[m], m, cancel=cancel)
+    progress(0.2, f"{case.case_id}: preprocessed")
+    fixed = images[reference]
+    for m in modalities[1:]:
+        if settings.registration_type == "none":
+            images[m] = resample_to_reference(images[m], fixed, name=m)
+        else:
+            from MultiModalAnalysisLib.registration import register
+
+            images[m] = register(
+                fixed, images[m], transform=settings.registration_type,
+                metric=settings.registration_metric, device=settings.device,
+                fixed_modality=reference, moving_modality=m, cancel=cancel,
+            ).warped
+    progress(0.5, f"{case.case_id}: registered")
+    if mask_name:
+        mask = resample_to_reference(case.mask(mask_name), fixed, is_label=True, name=mask_name)
+    else:
+        from MultiModalAnalysisLib.segmentation import segment
+
+        mask = segment(images, method=settings.segmentation_method,
+                       classes=settings.segmentation_classes, device=settings.device,
+                       cancel=cancel).labels
+    import SimpleITK as sitk
+
+    region = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+    features = extract_features(
+        images, region,
+        settings=settings.feature_settings if _given(settings.feature_settings) else None,
+        device=settings.device, cancel=cancel,
+    )
+    progress(1.0, f"{case.case_id}: measured")
+    return {"case_id": case.case_id, **features}
+
+
+def _add_predictions(table: Any, classifier_path: str) -> Any:
+    from MultiModalAnalysisLib.classification import load_classifier
+
+    classifier = load_classifier(classifier_path)
+    probabilities = classifier.predict_proba(table[classifier.feature_names])
+    table = table.copy()
+    table["prediction"] = probabilities.argmax(axis=1)
+    table["probability"] = probabilities[:, 1]
+    return table

@@ -1,0 +1,271 @@
+"""Node-level pipeline on a real MRML scene with the bundled patient (STS_002: CT, PET, MR-T1).
+
+Preprocessing, resampling, classification of a features table and the background step runner
+are tested now. Registration, fusion, segmentation and feature extraction call the engine
+modules of issues 3-5; their tests skip until those modules are merged, then run as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib import mrml, nodes
+from MultiModalAnalysisLib.case import load_case
+from MultiModalAnalysisLib.errors import MMAError, OperationCancelled
+from MultiModalAnalysisLib.jobs import StepRunner
+from MultiModalAnalysisLib.metrics import dice, transform_distance
+from MultiModalAnalysisLib.preprocess import apply_modality_preset, resample_to_reference
+
+pytest.importorskip("slicer", reason="needs the slicer-core wheel (test extra)")
+
+
+@pytest.fixture(scope="module")
+def sts002(request):
+    """The bundled patient as engine images (loaded once for the module)."""
+    from MultiModalAnalysisLib.sample_data import sample_case_dir
+
+    return load_case(sample_case_dir())
+
+
+@pytest.fixture
+def patient(mrml_scene, sts002):
+    """The bundled patient's volumes and CT tumour mask as nodes in a fresh scene."""
+    volume = {m: mrml.volume_node_from_image(sts002.image(m), mrml_scene, m)
+              for m in ("CT", "PET", "MR_T1")}
+    volume["tumour"] = mrml.segmentation_node_from_labels(
+        sts002.mask("CT_mask"), mrml_scene, names={1: "tumour"}, reference_node=volume["CT"],
+        name="expert GTV",
+    )
+    return volume
+
+
+def array(node) -> np.ndarray:
+    return sitk.GetArrayFromImage(mrml.image_from_volume_node(node))
+
+
+# ---------------------------------------------------------------------- tested now
+
+
+def test_preprocess_node_gives_the_engine_preset_result_in_a_new_node(patient, sts002):
+    ct = patient["CT"]
+    before = array(ct).copy()
+    out = nodes.preprocess_volume(ct, "CT")
+
+    assert out is not ct and out.GetName() == "CT preprocessed"
+    expected = sitk.GetArrayFromImage(apply_modality_preset(sts002.image("CT"), "CT"))
+    assert np.array_equal(array(out), expected)
+    assert array(out).min() >= -1024.0  # the CT preset clips air padding
+    assert np.array_equal(array(ct), before)  # the input node is untouched
+
+
+def test_resample_node_puts_pet_on_the_ct_grid_like_the_engine(patient, sts002):
+    pet_on_ct = nodes.resample_volume(patient["PET"], patient["CT"])
+
+    image = mrml.image_from_volume_node(pet_on_ct)
+    assert image.GetSize() == sts002.image("CT").GetSize()
+    assert np.allclose(image.GetOrigin(), sts002.image("CT").GetOrigin(), atol=1e-6)
+    expected = resample_to_reference(sts002.image("PET"), sts002.image("CT"))
+    assert np.allclose(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected))
+    # Bright PET uptake sits inside the CT tumour mask on the CT grid.
+    tumour = sitk.GetArrayFromImage(sts002.mask("CT_mask")) > 0
+    values = sitk.GetArrayFromImage(image)
+    assert values[tumour].mean() > 2 * values[~tumour].mean()
+
+
+def test_resample_through_a_transform_node_and_labelmaps_use_nearest_neighbour(patient,
+                                                                                sts002):
+    shift = sitk.TranslationTransform(3, (4.0, 0.0, 0.0))
+    transform_node = mrml.transform_node_from_transform(shift, patient["CT"].GetScene())
+    mask_node = mrml.volume_node_from_image(sts002.mask("CT_mask"), patient["CT"].GetScene(),
+                                            "mask", labelmap=True)
+    moved = nodes.resample_volume(mask_node, patient["CT"], transform_node=transform_node)
+
+    assert moved.IsA("vtkMRMLLabelMapVolumeNode")
+    values = array(moved)
+    assert set(np.unique(values)) <= {0, 1}
+    expected = resample_to_reference(sts002.mask("CT_mask"), sts002.image("CT"),
+                                     transform=shift, is_label=True)
+    assert np.array_equal(values, sitk.GetArrayFromImage(expected))
+
+
+def test_step_runner_runs_node_steps_in_the_background_and_publishes_in_order(patient):
+    published = []
+    runner = StepRunner(
+        [
+            ("preprocess CT", lambda: nodes.preprocess_task(patient["CT"], "CT")),
+            # Built only when its turn comes: it reads the node the first step published.
+            ("PET on CT", lambda: nodes.resample_task(patient["PET"],
+                                                      runner.outputs["preprocess CT"])),
+        ],
+        on_published=lambda name, node: published.append((name, node.GetName())),
+    )
+    outputs = runner.run_to_end()
+
+    assert [name for name, _ in published] == ["preprocess CT", "PET on CT"]
+    assert outputs["PET on CT"].GetName() == "PET on CT preprocessed"
+    assert runner.progress[0] == 1.0 and set(runner.timings) == {"preprocess CT", "PET on CT"}
+
+
+def test_cancel_stops_a_running_node_step_and_skips_the_rest(patient):
+    started = threading.Event()
+
+    def slow_compute(progress, cancel):
+        started.set()
+        for i in range(200):
+            progress(i / 200, "working")  # raises once cancelled
+            time.sleep(0.01)
+        return None
+
+    slow = nodes.NodeTask("slow", slow_compute, lambda result: result)
+    never = []
+    runner = StepRunner([("slow", lambda: slow), ("next", lambda: never.append(1))])
+    runner.poll()
+    assert started.wait(5)
+    runner.cancel()
+    start = time.perf_counter()
+    while not runner.poll(0.05):
+        pass
+    assert time.perf_counter() - start < 1.0
+    assert runner.cancelled and isinstance(runner.error, OperationCancelled)
+    assert never == []
+
+
+def test_classify_table_adds_prediction_and_probability_per_row(mrml_scene):
+    class ThresholdModel:
+        """A stand-in with the classifier interface of issue 5."""
+
+        feature_names = ["PET_stat_max"]
+        metadata = {"label_column": "LungMets"}
+
+        def predict_proba(self, features):
+            p = 1 / (1 + np.exp(-(features["PET_stat_max"].to_numpy() - 5.0)))
+            return np.column_stack([1 - p, p])
+
+    table = mrml.table_node_from_dataframe(
+        pd.DataFrame({"case_id": ["a", "b"], "segment": ["tumour"] * 2,
+                      "PET_stat_max": [2.0, 9.0], "CT_stat_mean": [40.0, 30.0]}),
+        mrml_scene, "features",
+    )
+    result = mrml.dataframe_from_table_node(nodes.classify_table(table, ThresholdModel()))
+
+    assert result["case_id"].tolist() == ["a", "b"]
+    assert result["prediction"].tolist() == [0, 1]
+    assert result["probability"].tolist() == pytest.approx([1 / (1 + math.e ** 3),
+                                                            1 / (1 + math.e ** -4)])
+    assert result["label"].tolist() == ["LungMets = 0", "LungMets = 1"]
+
+    class NeedsMore(ThresholdModel):
+        feature_names = ["PET_stat_max", "MR_T1_glcm_contrast"]
+
+    with pytest.raises(MMAError, match="MR_T1_glcm_contrast"):
+        nodes.classify_table(table, NeedsMore())
+
+
+def test_missing_inputs_are_refused_with_a_message(patient):
+    with pytest.raises(MMAError, match="no reference volume"):
+        nodes.resample_task(patient["PET"], None)
+    with pytest.raises(MMAError, match="at least two volumes"):
+        nodes.fuse_task([patient["CT"]])
+
+
+# ---------------------------------------------------- waiting for the engine branches
+
+
+def moved_rigidly(image: sitk.Image, rigid: sitk.Euler3DTransform) -> sitk.Image:
+    """The same voxels, placed where ``rigid`` sends them (geometry only, no resampling)."""
+    moved = sitk.Image(image)
+    matrix = np.array(rigid.GetMatrix()).reshape(3, 3)
+    moved.SetOrigin(rigid.TransformPoint(image.GetOrigin()))
+    moved.SetDirection((matrix @ np.array(image.GetDirection()).reshape(3, 3)).ravel().tolist())
+    return moved
+
+
+@pytest.mark.slow
+def test_register_mr_to_ct_recovers_a_known_rigid_move_and_hardens_onto_the_tumour(
+    mrml_scene, sts002
+):
+    pytest.importorskip("MultiModalAnalysisLib.registration")
+    ct = sts002.image("CT")
+    centre = ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()])
+    truth = sitk.Euler3DTransform(centre, 0.05, -0.04, 0.08, (6.0, -4.0, 3.0))
+    fixed = mrml.volume_node_from_image(ct, mrml_scene, "CT")
+    moving = mrml.volume_node_from_image(moved_rigidly(sts002.image("MR_T1"), truth), mrml_scene,
+                                         "MR moved")
+    mr_mask = mrml.volume_node_from_image(moved_rigidly(sts002.mask("MR_T1_mask"), truth),
+                                          mrml_scene, "MR mask moved", labelmap=True)
+
+    result = nodes.register_volumes(fixed, moving, transform="rigid", fixed_modality="CT",
+                                    moving_modality="MR_T1")
+
+    recovered = mrml.transform_from_transform_node(result.transform_node)
+    tumour = sitk.GetArrayFromImage(sts002.mask("CT_mask")) > 0
+    points = [ct.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]])
+              for idx in np.argwhere(tumour)[::50]]
+    error = transform_distance(recovered, truth, points)
+    assert error.mean() < 2.0, f"mean registration error in the tumour {error.mean():.2f} mm"
+
+    # Hardened in Slicer, the moved MR mask lands back on the CT tumour.
+    mr_mask.SetAndObserveTransformNodeID(result.transform_node.GetID())
+    import slicer
+
+    assert slicer.vtkSlicerTransformLogic.hardenTransform(mr_mask)
+    on_ct = resample_to_reference(mrml.image_from_volume_node(mr_mask), ct, is_label=True)
+    assert dice(on_ct, sts002.mask("CT_mask")) > 0.8
+    # ... and the moving volume, hardened, matches the engine's warped output.
+    moving.SetAndObserveTransformNodeID(result.transform_node.GetID())
+    assert slicer.vtkSlicerTransformLogic.hardenTransform(moving)
+    hardened = resample_to_reference(mrml.image_from_volume_node(moving), ct, default_value=0.0)
+    warped = sitk.GetArrayFromImage(mrml.image_from_volume_node(result.warped_node))
+    difference = np.abs(sitk.GetArrayFromImage(hardened) - warped)
+    scale = np.percentile(np.abs(warped[tumour]), 99)
+    assert np.median(difference[tumour]) < 0.05 * scale
+
+def test_fuse_nodes_on_the_first_volume_grid(patient):
+    pytest.importorskip("MultiModalAnalysisLib.fusion")
+    fused = nodes.fuse_volumes([patient["CT"], patient["PET"]], method="average")
+    image = mrml.image_from_volume_node(fused)
+    assert image.GetSize() == mrml.image_from_volume_node(patient["CT"]).GetSize()
+    assert np.isfinite(sitk.GetArrayFromImage(image)).all()
+
+
+@pytest.mark.slow
+def test_segment_nodes_gives_named_segments_on_the_reference_grid(patient):
+    pytest.importorskip("MultiModalAnalysisLib.segmentation")
+    result = nodes.segment_volumes({"CT": patient["CT"], "PET": patient["PET"]}, method="kmeans",
+                                   classes=3, mask_node=None, show_3d=False)
+
+    names = set(mrml.segment_names(result.segmentation_node).values())
+    assert names, "the segmentation has no segment"
+    assert names <= set(result.label_names.values()) | {f"label {v}" for v in range(1, 10)}
+    labels = mrml.labels_from_segmentation_node(result.segmentation_node, patient["CT"])
+    assert labels.GetSize() == mrml.image_from_volume_node(patient["CT"]).GetSize()
+    assert len(np.unique(sitk.GetArrayFromImage(labels))) >= 3  # background + >= 2 classes
+
+
+@pytest.mark.slow
+def test_features_of_the_tumour_segment_go_to_a_table_node_like_the_engine(patient, sts002):
+    pytest.importorskip("MultiModalAnalysisLib.features")
+    from MultiModalAnalysisLib.features import extract_features
+
+    settings = {"families": ["stat", "morph", "cm"]}  # a texture family, and test time kept short
+    table = nodes.extract_features_to_table({"CT": patient["CT"], "PET": patient["PET"]},
+                                            patient["tumour"], case_id="STS_002",
+                                            settings=settings)
+    frame = mrml.dataframe_from_table_node(table)
+    assert frame["case_id"].tolist() == ["STS_002"] and frame["segment"].tolist() == ["tumour"]
+    ct = sts002.image("CT")
+    expected = extract_features(
+        {"CT": ct, "PET": resample_to_reference(sts002.image("PET"), ct)},
+        sitk.Cast(sts002.mask("CT_mask") > 0, sitk.sitkUInt8), settings=settings,
+    )
+    assert len(expected) > 10
+    assert any(name.startswith("PET_cm_") for name in expected)
+    for name, value in expected.items():
+        assert frame[name].iloc[0] == pytest.approx(value, rel=1e-5, abs=1e-8, nan_ok=True), name

@@ -1,0 +1,127 @@
+""""Run all" and "Run batch" of the module, on a real MRML scene with the bundled patient."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib import mrml
+from MultiModalAnalysisLib.case import load_case
+from MultiModalAnalysisLib.errors import ConfigError, MMAError
+from MultiModalAnalysisLib.jobs import StepRunner
+from MultiModalAnalysisLib.sample_data import sample_case_dir
+from MultiModalAnalysisLib.workflow import WorkflowSettings, batch_task, workflow_steps
+
+pytest.importorskip("slicer", reason="needs the slicer-core wheel (test extra)")
+
+
+@pytest.fixture(scope="module")
+def sts002():
+    return load_case(sample_case_dir())
+
+
+@pytest.fixture
+def few_features(tmp_path) -> str:
+    """Feature settings with three families, to keep the tests short."""
+    path = tmp_path / "features.json"
+    path.write_text(json.dumps({"families": ["stat", "morph", "cm"]}))
+    return str(path)
+
+
+@pytest.fixture
+def inputs(mrml_scene, sts002):
+    ct = mrml.volume_node_from_image(sts002.image("CT"), mrml_scene, "CT")
+    pet = mrml.volume_node_from_image(sts002.image("PET"), mrml_scene, "PET")
+    gtv = mrml.segmentation_node_from_labels(sts002.mask("CT_mask"), mrml_scene,
+                                             names={1: "GTV"}, reference_node=ct)
+    return [(ct, "CT"), (pet, "PET")], gtv
+
+
+def test_run_all_preprocess_stage_replaces_each_input_by_its_preprocessed_node(inputs):
+    volumes, _ = inputs
+    steps, state = workflow_steps(volumes, WorkflowSettings(), stages=("preprocess",))
+    assert [name for name, _ in steps] == ["preprocess CT", "preprocess PET"]
+
+    StepRunner(steps).run_to_end()
+    assert state.volumes["CT"].GetName() == "CT preprocessed"
+    assert state.volumes["PET"].GetName() == "PET preprocessed"
+    ct = sitk.GetArrayFromImage(mrml.image_from_volume_node(state.volumes["CT"]))
+    assert ct.min() >= -1024.0
+
+
+def test_run_all_lists_every_stage_in_order_and_skips_what_is_switched_off(inputs, tmp_path):
+    volumes, gtv = inputs
+    classifier = tmp_path / "model.joblib"
+    classifier.write_bytes(b"")
+    settings = WorkflowSettings(fusion_method="average", classifier=str(classifier))
+    steps, _ = workflow_steps(volumes, settings, mask_node=gtv)
+    assert [name for name, _ in steps] == [
+        "preprocess CT", "preprocess PET", "register PET", "fuse", "segment", "features",
+        "classify",
+    ]
+    quiet = WorkflowSettings(preprocess=False, registration_type="none", segmentation_method="")
+    steps, _ = workflow_steps(volumes, quiet, mask_node=gtv)
+    assert [name for name, _ in steps] == ["features"]
+
+
+def test_run_all_refuses_bad_settings_before_any_work(inputs):
+    volumes, _ = inputs
+    with pytest.raises(ConfigError, match="registration type"):
+        workflow_steps(volumes, WorkflowSettings(registration_type="bspline-ish"))
+    with pytest.raises(ConfigError, match="needs a model file"):
+        workflow_steps(volumes, WorkflowSettings(segmentation_method="model"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        workflow_steps(volumes, WorkflowSettings(classifier="/no/such/model.joblib"))
+    with pytest.raises(ConfigError, match="own modality"):
+        workflow_steps([volumes[0], (volumes[1][0], "CT")], WorkflowSettings())
+    with pytest.raises(MMAError, match="reference volume"):
+        workflow_steps([(None, "CT")], WorkflowSettings())
+
+
+def test_features_without_segmentation_or_mask_explain_what_is_missing(inputs):
+    volumes, _ = inputs
+    settings = WorkflowSettings(preprocess=False, registration_type="none",
+                                segmentation_method="")
+    steps, _ = workflow_steps(volumes, settings, stages=("features",))
+    runner = StepRunner(steps)
+    with pytest.raises(MMAError, match="features need a region"):
+        runner.run_to_end()
+
+
+@pytest.mark.slow
+def test_run_all_on_the_bundled_patient_registers_segments_and_measures(inputs, few_features):
+    for module in ("registration", "segmentation", "features"):
+        pytest.importorskip(f"MultiModalAnalysisLib.{module}")
+    volumes, gtv = inputs
+    settings = WorkflowSettings(preprocess=False, segmentation_method="kmeans", show_3d=False,
+                                feature_settings=few_features)
+    steps, state = workflow_steps(volumes, settings, mask_node=gtv)
+    StepRunner(steps).run_to_end()
+
+    assert state.transforms["PET"].IsA("vtkMRMLLinearTransformNode")
+    assert state.segmentation is not None
+    frame = mrml.dataframe_from_table_node(state.features)
+    assert frame["segment"].tolist() == ["GTV"]
+    pet_columns = [c for c in frame.columns if c.startswith("PET_")]
+    assert pet_columns and np.isfinite(frame[pet_columns].to_numpy(dtype=float)).any()
+
+
+@pytest.mark.slow
+def test_batch_measures_every_case_and_reports_a_broken_one_without_stopping(
+    mrml_scene, tmp_path, few_features
+):
+    pytest.importorskip("MultiModalAnalysisLib.features")
+    broken = tmp_path / "STS_999"
+    broken.mkdir()
+    (broken / "CT_image.nii.gz").write_bytes(b"not an image")
+    settings = WorkflowSettings(preprocess=False, registration_type="none",
+                                feature_settings=few_features)
+    task = batch_task([sample_case_dir(), broken], settings, modalities=["CT", "PET"],
+                      mask_name="CT_mask", scene=mrml_scene)
+    frame = mrml.dataframe_from_table_node(task.run())
+    assert frame["case_id"].tolist() == ["STS_002", "STS_999"]
+    assert frame.loc[0, "error"] == "" and "STS_999" in frame.loc[1, "error"]
+    assert any(c.startswith("PET_") for c in frame.columns)
