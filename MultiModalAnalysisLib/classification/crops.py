@@ -29,8 +29,9 @@ class CropSettings:
     include_mask: bool = True
 
     def __post_init__(self) -> None:
-        if self.size < 8:
-            raise ConfigError(f"crop size must be at least 8 voxels, got {self.size}.")
+        if self.size < 16:
+            # The networks halve the resolution four times before their global pooling.
+            raise ConfigError(f"crop size must be at least 16 voxels, got {self.size}.")
         if self.margin_mm < 0:
             raise ConfigError(f"crop margin must be >= 0 mm, got {self.margin_mm}.")
 

@@ -10,6 +10,7 @@ only: nothing learnt from a test fold can leak into the figures.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -39,8 +40,11 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "logistic_l1": {"classify__C": [0.1, 1.0, 10.0]},
     "svm": {"classify__C": [0.1, 1.0, 10.0], "classify__kernel": ["linear", "rbf"]},
     "random_forest": {"classify__min_samples_leaf": [1, 3]},
-    "gradient_boosting": {"classify__learning_rate": [0.05, 0.2]},
+    "gradient_boosting": {"classify__learning_rate": [0.1, 0.3]},
 }
+
+# The candidates of classifier="auto", tried in the inner loop.
+AUTO_CANDIDATES = ("logistic_l2", "logistic_l1", "svm", "random_forest", "gradient_boosting")
 
 # The parameter of each selector that sets how many features it keeps.
 _N_FEATURES_PARAM = {
@@ -127,7 +131,7 @@ def make_classifier(settings: ClassifierSettings) -> BaseEstimator:
         return SVC(C=1.0, class_weight=weight, random_state=seed)
     if name == "random_forest":
         return RandomForestClassifier(
-            n_estimators=150,
+            n_estimators=100,
             class_weight="balanced_subsample" if weight else None,
             random_state=seed,
             n_jobs=settings.n_jobs,
@@ -137,7 +141,7 @@ def make_classifier(settings: ClassifierSettings) -> BaseEstimator:
         # and binning overhead for a few dozen cases, which hundreds of inner fits cannot
         # afford. Class weights go through RebalancedClassifier (see build_pipeline).
         return GradientBoostingClassifier(
-            n_estimators=100, max_depth=2, min_samples_leaf=2, subsample=0.8,
+            n_estimators=60, max_depth=2, min_samples_leaf=2, subsample=0.8,
             random_state=seed,
         )
     raise ValueError(f"unknown classifier {name}")  # settings validated the name
@@ -173,10 +177,11 @@ def build_pipeline(settings: ClassifierSettings) -> Pipeline:
     threshold = settings.correlation_threshold
     if settings.selection == "correlation" and threshold is None:
         threshold = 0.9
-    classifier = make_classifier(settings)
-    strategy = _rebalancing(settings)
-    if strategy:
-        classifier = RebalancedClassifier(classifier, strategy, settings.random_state)
+    if settings.classifier == "auto":
+        # A placeholder: the inner search puts each candidate classifier here.
+        classifier = classifier_step(replace(settings, classifier=AUTO_CANDIDATES[0]))
+    else:
+        classifier = classifier_step(settings)
     return Pipeline(
         [
             # keep_empty_features: a column missing in every training case stays (as a
@@ -191,8 +196,30 @@ def build_pipeline(settings: ClassifierSettings) -> Pipeline:
     )
 
 
-def default_param_grid(settings: ClassifierSettings) -> dict[str, list[Any]]:
-    """The hyper-parameter grid searched in the inner loop (classifier + n_features)."""
+def classifier_step(settings: ClassifierSettings) -> BaseEstimator:
+    """The pipeline's last step: the classifier, wrapped for class imbalance if needed."""
+    classifier = make_classifier(settings)
+    strategy = _rebalancing(settings)
+    if strategy:
+        classifier = RebalancedClassifier(classifier, strategy, settings.random_state)
+    return classifier
+
+
+def default_param_grid(
+    settings: ClassifierSettings,
+) -> dict[str, list[Any]] | list[dict[str, list[Any]]]:
+    """The hyper-parameter grid searched in the inner loop (classifier + n_features).
+
+    With ``classifier="auto"`` a list of grids, one per candidate classifier: the inner
+    loop then chooses the classifier too, so the choice cannot leak into the figures.
+    """
+    if settings.classifier == "auto":
+        grids = []
+        for name in AUTO_CANDIDATES:
+            candidate = replace(settings, classifier=name)
+            grids.append({"classify": [classifier_step(candidate)],
+                          **default_param_grid(candidate)})
+        return grids
     grid = dict(settings.param_grid or DEFAULT_GRIDS[settings.classifier])
     if _rebalancing(settings):
         # The classifier sits inside RebalancedClassifier: address its parameters there.
@@ -316,7 +343,11 @@ class TunedClassifier(ClassifierMixin, BaseEstimator):
             columns = list(X.columns)
             if columns != list(self.feature_names_in_):
                 raise ValueError("the feature columns differ from those seen in fit.")
-        return np.asarray(X, dtype=float)
+        X = np.array(X, dtype=float)
+        # An infinite feature value (e.g. a ratio over an empty bin) is treated as missing
+        # and imputed like a NaN, rather than stopping the whole pipeline.
+        X[np.isinf(X)] = np.nan
+        return X
 
     def predict_proba(self, X) -> np.ndarray:
         """[P(negative), P(positive)] per case. A model without probabilities (an
@@ -365,3 +396,14 @@ def build_model(settings: ClassifierSettings) -> TunedClassifier:
         threshold=settings.threshold,
         random_state=settings.random_state,
     )
+
+
+def describe_param(value: Any) -> Any:
+    """A JSON-friendly view of a hyper-parameter value (an estimator becomes its name)."""
+    if isinstance(value, RebalancedClassifier):
+        return f"{type(value.estimator).__name__} ({value.strategy})"
+    if hasattr(value, "get_params"):
+        return type(value).__name__
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    return repr(value)

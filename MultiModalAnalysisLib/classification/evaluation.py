@@ -25,6 +25,7 @@ from sklearn.model_selection import RepeatedStratifiedKFold
 from MultiModalAnalysisLib.classification.estimators import (
     TunedClassifier,
     build_model,
+    describe_param,
     selected_features,
 )
 from MultiModalAnalysisLib.classification.folds import outer_folds
@@ -174,7 +175,7 @@ def _count_params(fold_params: list[dict[str, Any]]) -> dict[str, dict[str, int]
     counts: dict[str, Counter] = {}
     for params in fold_params:
         for key, value in params.items():
-            counts.setdefault(key, Counter())[repr(value)] += 1
+            counts.setdefault(key, Counter())[str(describe_param(value))] += 1
     return {key: dict(counter.most_common()) for key, counter in counts.items()}
 
 

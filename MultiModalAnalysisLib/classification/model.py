@@ -26,6 +26,7 @@ import pandas as pd
 from MultiModalAnalysisLib.classification.estimators import (
     TunedClassifier,
     build_model,
+    describe_param,
     selected_features,
 )
 from MultiModalAnalysisLib.classification.evaluation import CVResult, evaluate_cv
@@ -254,8 +255,7 @@ def train_classifier(
         },
         "settings": settings.to_dict(),
         "model": {
-            "best_params": {k: repr(v) if not isinstance(v, int | float | str | None) else v
-                            for k, v in estimator.best_params_.items()},
+            "best_params": {k: describe_param(v) for k, v in estimator.best_params_.items()},
             "calibrated": bool(estimator.calibrated_),
             "threshold": estimator.threshold_,
             "notes": estimator.notes_,

@@ -10,7 +10,9 @@ from typing import Any
 
 from MultiModalAnalysisLib.errors import ConfigError
 
-CLASSIFIERS = ("logistic_l2", "logistic_l1", "svm", "random_forest", "gradient_boosting")
+CLASSIFIERS = (
+    "logistic_l2", "logistic_l1", "svm", "random_forest", "gradient_boosting", "auto",
+)
 SELECTIONS = ("none", "univariate", "l1", "mrmr", "correlation")
 IMPUTATIONS = ("median", "mean", "most_frequent")
 SCALINGS = ("standard", "robust", "none")
@@ -23,7 +25,8 @@ class ClassifierSettings:
     """How a classifier is built, tuned and validated.
 
     Attributes:
-        classifier: one of ``CLASSIFIERS``.
+        classifier: one of ``CLASSIFIERS``; ``"auto"`` lets the inner CV choose among
+            the others (each with its default grid).
         selection: feature selection inside the pipeline: ``univariate`` (ANOVA F, k best),
             ``l1`` (k largest L1-logistic coefficients), ``mrmr`` (minimum redundancy,
             maximum relevance), ``correlation`` (redundancy filter only) or ``none``.
@@ -90,6 +93,11 @@ class ClassifierSettings:
                 raise ConfigError(
                     f"unknown {name} '{value}': use one of {', '.join(allowed)}."
                 )
+        if self.classifier == "auto" and self.param_grid:
+            raise ConfigError(
+                "param_grid cannot be combined with classifier='auto' (each candidate "
+                "classifier is tuned on its default grid); name one classifier instead."
+            )
         if self.class_weight not in ("balanced", None):
             raise ConfigError(
                 f"class_weight must be 'balanced' or None, got {self.class_weight!r}."

@@ -23,10 +23,13 @@ from MultiModalAnalysisLib.classification import (
     CorrelationFilter,
     MRMRSelector,
     RebalancedClassifier,
+    TunedClassifier,
     build_model,
+    build_pipeline,
     encode_labels,
     evaluate_cv,
 )
+from MultiModalAnalysisLib.classification.estimators import default_param_grid
 from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.metrics import (
     binary_classification_metrics,
@@ -163,6 +166,35 @@ def test_calibration_brings_balanced_weights_back_to_the_true_prevalence(rng):
     assert uncalibrated > prevalence + 0.15  # class weights inflate the probabilities
     assert abs(calibrated - prevalence) < 0.05
     assert model.threshold_ == pytest.approx(y[train].mean())  # "auto": the prevalence
+
+
+def test_missing_and_infinite_feature_values_are_imputed_inside_the_model(rng):
+    X, y = feature_cohort(n_cases=30, n_positive=10, n_noise=4, effect=3.0)
+    X.iloc[0, 0], X.iloc[1, 1], X.iloc[2, 2] = np.nan, np.inf, -np.inf
+    X["CT_all_missing"] = np.nan
+    model = build_model(ClassifierSettings(selection="none")).fit(X, y)
+    probabilities = model.predict_proba(X)[:, 1]
+    assert np.isfinite(probabilities).all()
+    assert roc_auc(y, probabilities) > 0.9
+
+
+def test_auto_lets_the_inner_loop_choose_the_classifier_itself():
+    settings = ClassifierSettings(classifier="auto", n_features=[3])
+    grids = default_param_grid(settings)
+    kinds = [type(grid["classify"][0]).__name__ for grid in grids]
+    assert kinds == ["LogisticRegression", "LogisticRegression", "SVC",
+                     "RandomForestClassifier", "RebalancedClassifier"]
+    assert all(grid["select__n_features"] == [3] for grid in grids)
+    # A circle: only the RBF SVM can separate it, and the inner search must find that.
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.uniform(-1, 1, size=(80, 2)))
+    y = (np.hypot(X[0], X[1]) < 0.6).astype(int).to_numpy()
+    svm_grid = {**grids[2], "classify__kernel": ["rbf"], "classify__C": [10.0]}
+    model = TunedClassifier(build_pipeline(settings), [grids[0], svm_grid],
+                            calibration="none").fit(X, y)
+    assert type(model.best_params_["classify"]).__name__ == "SVC"
+    with pytest.raises(ConfigError, match="auto"):
+        ClassifierSettings(classifier="auto", param_grid={"classify__C": [1.0]})
 
 
 def test_tuning_and_calibration_adapt_to_a_training_set_with_one_positive(rng):
