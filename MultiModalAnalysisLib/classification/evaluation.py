@@ -70,6 +70,7 @@ class CVResult:
     feature_selection_counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     runtime_s: float = 0.0
+    nested: bool = True  # selection/tuning inside the training folds (TunedClassifier)
 
     @property
     def n_positive(self) -> int:
@@ -79,8 +80,8 @@ class CVResult:
         """The figures as a JSON-ready dictionary (what ``train-classifier`` writes)."""
         n_fits = self.folds * self.repeats
         return {
-            "validation": f"repeated stratified nested cross-validation, {self.folds} folds x "
-            f"{self.repeats} repeats",
+            "validation": f"repeated stratified {'nested ' if self.nested else ''}"
+            f"cross-validation, {self.folds} folds x {self.repeats} repeats",
             "n_cases": len(self.case_ids),
             "n_positive": self.n_positive,
             "classes": self.class_names,
@@ -114,7 +115,8 @@ class CVResult:
         """A few lines for a terminal."""
         lo, hi = self.auc_ci
         lines = [
-            f"{self.folds}-fold stratified nested CV x {self.repeats} repeats on "
+            f"{self.folds}-fold stratified {'nested ' if self.nested else ''}CV x "
+            f"{self.repeats} repeats on "
             f"{len(self.case_ids)} cases ({self.n_positive} positive = "
             f"{self.class_names[1]!r}):",
             f"  AUC {self.auc:.3f} ({100 * self.confidence:.0f}% CI {lo:.3f}-{hi:.3f}; "
@@ -286,4 +288,5 @@ def evaluate_cv(
         feature_selection_counts=dict(selection_counts),
         notes=notes,
         runtime_s=time.perf_counter() - start,
+        nested=isinstance(model, TunedClassifier),
     )

@@ -47,7 +47,11 @@ class FeatureTable:
 
 
 def image_path_columns(table: pd.DataFrame) -> list[str]:
-    """Columns whose values are (mostly) image file paths: the mark of an image manifest."""
+    """Columns whose values are (mostly) image file paths: the mark of an image manifest.
+
+    Any such column makes the CSV an image manifest (``mma features`` writes no paths into
+    its tables), which keeps the rule predictable rather than guessing from the numbers.
+    """
     columns = []
     for column in table.columns:
         values = table[column].dropna()

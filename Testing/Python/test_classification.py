@@ -293,6 +293,28 @@ def test_cv_result_is_written_as_json_csv_and_figures(tmp_path):
         assert picture.shape[0] > 300 and picture[..., :3].std() > 0.05
 
 
+def test_cross_validation_reports_progress_and_can_be_cancelled():
+    import threading
+
+    from MultiModalAnalysisLib.errors import OperationCancelled
+
+    X, y = feature_cohort(n_cases=20, n_positive=5, n_noise=3)
+    settings = ClassifierSettings(cv_repeats=2, n_bootstrap=200, selection="none",
+                                  param_grid={"classify__C": [1.0]})
+    reports: list[float] = []
+    evaluate_cv(X, y, settings, progress=lambda f, m: reports.append(f))
+    assert len(reports) == 10 and reports[-1] == pytest.approx(1.0)
+    assert reports == sorted(reports)
+    cancel = threading.Event()
+
+    def cancel_after_two_folds(fraction: float, message: str) -> None:
+        if fraction >= 0.2:
+            cancel.set()
+
+    with pytest.raises(OperationCancelled):
+        evaluate_cv(X, y, settings, progress=cancel_after_two_folds, cancel=cancel)
+
+
 def test_an_estimator_is_refitted_on_each_training_fold_only():
     X, y = feature_cohort(n_cases=20, n_positive=5, n_noise=3)
     seen: list[int] = []

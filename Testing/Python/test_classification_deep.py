@@ -113,8 +113,11 @@ def test_cli_trains_and_applies_a_deep_classifier(cohorts, tmp_path, capsys):
     status = main(["-q", "train-classifier", "--kind", "deep", "--manifest", str(cohorts[0]),
                    "--label-column", "Outcome", "--modalities", "CT,PET", "--mask-column",
                    "mask", "--epochs", "2", "--crop-size", "16", "--device", "cpu",
-                   "--output", str(model)])
+                   "--cv", "2", "--output", str(model)])
     assert status == 0, capsys.readouterr().err
+    figures = json.loads((model / "cv_metrics.json").read_text())
+    assert figures["folds"] == 2 and figures["n_cases"] == 16
+    assert figures["validation"].startswith("repeated stratified cross-validation")
     status = main(["-q", "classify", "--model", str(model), "--manifest", str(cohorts[1]),
                    "--output", str(tmp_path / "pred.csv")])
     assert status == 0
