@@ -233,6 +233,17 @@ def default_param_grid(
     return grid
 
 
+def _calibration_increases(calibrated: CalibratedClassifierCV) -> bool:
+    """True when the calibration map of a fitted (ensemble=False) calibrated classifier
+    increases with the score. A sigmoid is ``expit(-(a * score + b))``: increasing iff
+    a < 0. Isotonic maps are non-decreasing by construction; a flat one is refused too."""
+    calibrator = calibrated.calibrated_classifiers_[0].calibrators[0]
+    if hasattr(calibrator, "a_"):
+        return float(calibrator.a_) < 0
+    values = np.asarray(getattr(calibrator, "y_thresholds_", [0.0, 1.0]), dtype=float)
+    return values.size > 1 and values[-1] > values[0]
+
+
 class TunedClassifier(ClassifierMixin, BaseEstimator):
     """A pipeline whose hyper-parameters are chosen by an inner stratified CV, then
     calibrated, with a decision threshold: the complete training recipe as one estimator.
@@ -249,6 +260,9 @@ class TunedClassifier(ClassifierMixin, BaseEstimator):
         scoring: scikit-learn scorer used for tuning.
         calibration: ``"sigmoid"``, ``"isotonic"`` or ``"none"``.
         calibration_folds: folds of the calibration CV (upper bound).
+        calibration_min_cases: calibrate only when the rarer class has at least this many
+            training cases; below, the calibration CV's scores are too noisy to fit a map
+            (it would mostly add noise to the probabilities) and the model stays as it is.
         threshold: a probability, or ``"auto"`` (training prevalence when calibrated,
             else 0.5).
         random_state: seed of the inner shuffles.
@@ -268,6 +282,7 @@ class TunedClassifier(ClassifierMixin, BaseEstimator):
         scoring: str = "roc_auc",
         calibration: str = "sigmoid",
         calibration_folds: int = 3,
+        calibration_min_cases: int = 10,
         threshold: float | str = "auto",
         random_state: int = 0,
     ) -> None:
@@ -277,6 +292,7 @@ class TunedClassifier(ClassifierMixin, BaseEstimator):
         self.scoring = scoring
         self.calibration = calibration
         self.calibration_folds = calibration_folds
+        self.calibration_min_cases = calibration_min_cases
         self.threshold = threshold
         self.random_state = random_state
 
@@ -296,9 +312,11 @@ class TunedClassifier(ClassifierMixin, BaseEstimator):
         self.best_params_ = self._tune(X, y, minority)
         model = clone(self.pipeline).set_params(**self.best_params_)
         folds = usable_folds(self.calibration_folds, minority)
-        self.calibrated_ = self.calibration != "none" and folds >= 2
+        enough = folds >= 2 and minority >= self.calibration_min_cases
+        self.calibrated_ = self.calibration != "none" and enough
         if self.calibration != "none" and not self.calibrated_:
-            self.notes_.append(f"not calibrated: only {minority} minority-class case(s)")
+            self.notes_.append(f"not calibrated: only {minority} case(s) of the rarer class "
+                               f"(calibration needs {max(self.calibration_min_cases, 2)})")
         if self.calibrated_:
             model = CalibratedClassifierCV(
                 model,
@@ -307,6 +325,14 @@ class TunedClassifier(ClassifierMixin, BaseEstimator):
                 ensemble=False,
             )
         self.estimator_ = model.fit(X, y)
+        if self.calibrated_ and not _calibration_increases(self.estimator_):
+            # On a few dozen cases the calibration CV's scores can anti-correlate with the
+            # labels by chance, and the fitted map then inverts the model's ranking. A
+            # calibration must increase with the score: otherwise keep the model as it is.
+            self.notes_.append("not calibrated: the fitted calibration did not increase with "
+                               "the model's score")
+            self.estimator_ = self.estimator_.calibrated_classifiers_[0].estimator
+            self.calibrated_ = False
         if self.threshold == "auto":
             self.threshold_ = float(np.mean(y == self.classes_[1])) if self.calibrated_ else 0.5
         else:
@@ -393,6 +419,7 @@ def build_model(settings: ClassifierSettings) -> TunedClassifier:
         scoring=settings.scoring,
         calibration=settings.calibration,
         calibration_folds=settings.calibration_folds,
+        calibration_min_cases=settings.calibration_min_cases,
         threshold=settings.threshold,
         random_state=settings.random_state,
     )

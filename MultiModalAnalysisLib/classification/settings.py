@@ -46,6 +46,8 @@ class ClassifierSettings:
             classifier's default grid (see ``estimators.default_param_grid``).
         inner_folds: folds of the inner (tuning) cross-validation.
         calibration_folds: folds of the calibration cross-validation.
+        calibration_min_cases: calibrate only when the training set holds at least this
+            many cases of the rarer class (fewer: probabilities left uncalibrated, noted).
         scoring: scikit-learn scorer name used to pick hyper-parameters.
         threshold: decision threshold on the positive-class probability: a number, or
             ``"auto"`` (the training prevalence when calibrated, else 0.5).
@@ -68,6 +70,7 @@ class ClassifierSettings:
     param_grid: dict[str, list[Any]] | None = None
     inner_folds: int = 3
     calibration_folds: int = 3
+    calibration_min_cases: int = 10
     scoring: str = "roc_auc"
     threshold: float | str = "auto"
     cv_folds: int = 5

@@ -168,6 +168,32 @@ def test_calibration_brings_balanced_weights_back_to_the_true_prevalence(rng):
     assert model.threshold_ == pytest.approx(y[train].mean())  # "auto": the prevalence
 
 
+def test_a_calibration_that_would_invert_the_ranking_is_refused(rng):
+    from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.pipeline import Pipeline
+
+    class Contrary(ClassifierMixin, BaseEstimator):
+        """Scores that fall as the positive class becomes likelier."""
+
+        def fit(self, X, y):
+            self.classes_ = np.unique(y)
+            return self
+
+        def decision_function(self, X):
+            return -np.asarray(X)[:, 0]
+
+        def predict(self, X):
+            return self.classes_[(self.decision_function(X) > 0).astype(int)]
+
+    X = pd.DataFrame(rng.normal(size=(60, 2)))
+    y = (X[0] > 0).astype(int).to_numpy()
+    model = TunedClassifier(Pipeline([("classify", Contrary())]), calibration="sigmoid",
+                            calibration_min_cases=2).fit(X, y)
+    assert not model.calibrated_
+    assert any("did not increase" in note for note in model.notes_)
+    assert roc_auc(y, model.predict_proba(X)[:, 1]) == 0.0  # its own ranking, kept as is
+
+
 def test_missing_and_infinite_feature_values_are_imputed_inside_the_model(rng):
     X, y = feature_cohort(n_cases=30, n_positive=10, n_noise=4, effect=3.0)
     X.iloc[0, 0], X.iloc[1, 1], X.iloc[2, 2] = np.nan, np.inf, -np.inf
