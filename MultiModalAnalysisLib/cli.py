@@ -16,6 +16,12 @@ from pathlib import Path
 from MultiModalAnalysisLib import __version__
 from MultiModalAnalysisLib.errors import MMAError, OperationCancelled
 
+# Repeated here (not imported) so that building the parser does not import scikit-learn.
+CLASSIFIER_CHOICES = (
+    "logistic_l2", "logistic_l1", "svm", "random_forest", "gradient_boosting", "auto",
+)
+SELECTION_CHOICES = ("none", "univariate", "l1", "mrmr", "correlation")
+
 
 class ProgressBar:
     """A tqdm bar driven by ``progress(fraction, message)`` callbacks."""
@@ -155,7 +161,158 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_add_demo, _add_preprocess, _add_manifest, _add_info)
+def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train-classifier",
+        help="cross-validate a classifier, then fit it on every case and save it",
+        description="Radiomics (default): the manifest is a FEATURE TABLE: case_id, one "
+        "numeric column per feature (as `mma features` writes them) and the label column. "
+        "Prints and writes (CLF/cv_metrics.json) the figures of a repeated stratified nested "
+        "cross-validation, then fits the model on every case and saves the folder CLF. "
+        "--kind deep trains a CNN on ROI crops instead; its manifest holds image paths "
+        "(one column per modality) and a mask column.",
+    )
+    parser.add_argument("--manifest", type=Path, required=True, help="cohort CSV")
+    parser.add_argument("--label-column", required=True, help="the outcome column")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="model folder")
+    parser.add_argument("--cv", type=int, default=None, metavar="K",
+                        help="outer CV folds (default 5 radiomics, 0 deep; 0 skips the CV)")
+    parser.add_argument("--repeats", type=int, default=None, help="CV repeats (default 10)")
+    parser.add_argument("--positive-label", default=None,
+                        help="label value of the positive class (default: the larger)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    parser.add_argument("--kind", choices=("radiomics", "deep"), default="radiomics")
+    radiomics = parser.add_argument_group("radiomics classifier")
+    radiomics.add_argument("--settings", type=Path, help="ClassifierSettings as JSON")
+    radiomics.add_argument("--classifier", choices=CLASSIFIER_CHOICES, default=None)
+    radiomics.add_argument("--selection", choices=SELECTION_CHOICES, default=None)
+    radiomics.add_argument("--n-features", type=int, nargs="+", default=None,
+                           help="numbers of selected features to try (inner CV)")
+    radiomics.add_argument("--exclude", nargs="+", default=(), metavar="COLUMN",
+                           help="columns that are not features (e.g. other outcomes)")
+    radiomics.add_argument("--features", dest="feature_pattern", default=None,
+                           metavar="REGEX", help="use only feature columns matching this")
+    deep = parser.add_argument_group("deep classifier (--kind deep)")
+    deep.add_argument("--modalities", default=None, help="input channels in order, e.g. CT,PET")
+    deep.add_argument("--mask-column", default="mask", help="the lesion mask column")
+    deep.add_argument("--epochs", type=int, default=40)
+    deep.add_argument("--architecture", choices=("densenet", "resnet"), default="densenet")
+    deep.add_argument("--crop-size", type=int, default=32, help="crop side in voxels")
+    deep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.set_defaults(func=_run_train_classifier)
+
+
+def _classifier_settings(args: argparse.Namespace):
+    from MultiModalAnalysisLib.classification import load_settings
+
+    settings = load_settings(args.settings).to_dict()
+    overrides = {
+        "classifier": args.classifier, "selection": args.selection,
+        "n_features": args.n_features, "cv_folds": args.cv or None,
+        "cv_repeats": args.repeats, "random_state": args.seed,
+    }
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return load_settings(settings)
+
+
+def _run_train_classifier(args: argparse.Namespace) -> int:
+    if args.kind == "deep":
+        return _train_deep_classifier(args)
+    from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
+
+    settings = _classifier_settings(args)
+    table = read_feature_table(args.manifest, args.label_column, exclude=args.exclude,
+                               feature_pattern=args.feature_pattern)
+    print(f"{len(table)} cases, {table.features.shape[1]} features from {args.manifest}"
+          + (f"; left out {len(table.excluded_cases)} case(s) without a label"
+             if table.excluded_cases else ""))
+    with ProgressBar("train-classifier", enabled=not args.quiet) as bar:
+        model = train_classifier(table, settings=settings, positive_label=args.positive_label,
+                                 evaluate=args.cv != 0, output=args.output, progress=bar)
+    if model.cv_result is not None:
+        print(model.cv_result.describe())
+        print(f"cross-validated figures: {args.output / 'cv_metrics.json'}")
+    print(f"final model: {settings.classifier}, {len(model.used_features)} of "
+          f"{len(model.feature_names)} features used ({', '.join(model.used_features[:8])}"
+          f"{' ...' if len(model.used_features) > 8 else ''}); saved to {args.output}")
+    return 0
+
+
+def _train_deep_classifier(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.classification.crops import CropSettings
+    from MultiModalAnalysisLib.classification.deep import train_deep_classifier
+    from MultiModalAnalysisLib.errors import ConfigError
+
+    if not args.modalities:
+        raise ConfigError("--kind deep needs --modalities (e.g. CT,PET,MR_T1).")
+    network = {"architecture": args.architecture, "epochs": args.epochs}
+    if args.seed is not None:
+        network["random_state"] = args.seed
+    with ProgressBar("train-classifier (deep)", enabled=not args.quiet) as bar:
+        model = train_deep_classifier(
+            args.manifest, args.label_column, args.modalities.split(","), args.mask_column,
+            crop=CropSettings(size=args.crop_size), network=network, cv_folds=args.cv or 0,
+            cv_repeats=args.repeats or 1, positive_label=args.positive_label,
+            device=args.device, output=args.output, progress=bar,
+        )
+    if model.cv_result is not None:
+        print(model.cv_result.describe())
+    losses = model.metadata["model"]["loss_history"]
+    print(f"trained {args.architecture} on {model.metadata['training_cohort']['n_cases']} "
+          f"cases ({args.epochs} epochs, final loss {losses[-1]:.3f}); saved to {args.output}")
+    return 0
+
+
+def _add_classify(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "classify",
+        help="per-case probabilities from a saved classifier",
+        description="Radiomics models read a FEATURE TABLE (case_id + the features the model "
+        "was trained on); deep models read a manifest of image paths with the model's mask "
+        "column. Writes case_id, probability_<positive class>, prediction, threshold.",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="model folder")
+    parser.add_argument("--manifest", type=Path, required=True, help="cohort CSV")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="predictions CSV")
+    parser.set_defaults(func=_run_classify)
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.classification import load_classifier
+
+    model = load_classifier(args.model)
+    predictions = model.predict_manifest(args.manifest)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(args.output, index=False)
+    positive = model.class_names[1]
+    print(f"{len(predictions)} cases: {int((predictions['prediction'] == positive).sum())} "
+          f"predicted {positive}; wrote {args.output}")
+    _print_external_auc(args.manifest, model, predictions)
+    return 0
+
+
+def _print_external_auc(manifest: Path, model, predictions) -> None:
+    """When the manifest holds the model's label column, say how well it did there."""
+    import pandas as pd
+
+    from MultiModalAnalysisLib.metrics import roc_auc
+
+    column = model.metadata["label"]["column"]
+    table = pd.read_csv(manifest, dtype={"case_id": str})
+    if column not in table.columns:
+        return
+    truth = table.set_index(table["case_id"].astype(str).str.strip())[column]
+    truth = truth.reindex(predictions["case_id"])
+    known = truth.notna().to_numpy()
+    labels = (truth[known].astype(str) == str(model.class_names[1])).astype(int).to_numpy()
+    if known.sum() and 0 < labels.sum() < len(labels):
+        auc = roc_auc(labels, predictions.iloc[:, 1].to_numpy()[known])
+        print(f"AUC against {column} in the manifest ({int(known.sum())} cases): {auc:.3f}")
+
+
+COMMANDS = (
+    _add_demo, _add_preprocess, _add_manifest, _add_info, _add_train_classifier, _add_classify,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

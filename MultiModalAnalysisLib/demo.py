@@ -96,6 +96,55 @@ def _resample(state: DemoState, progress: Progress, cancel: threading.Event | No
 # against the expert mask), features and classification are further steps inserted here.
 
 
+def _classify(state: DemoState, progress: Progress, cancel: threading.Event | None) -> str:
+    """P(lung metastases) of the sample patient from the shipped classifier and the tumour
+    features of the features step (``state.outputs["features"]``)."""
+    from MultiModalAnalysisLib.classification import load_classifier, read_feature_table
+    from MultiModalAnalysisLib.classification.shipped import (
+        SHIPPED_CLASSIFIER,
+        shipped_classifier_dir,
+    )
+
+    folder = shipped_classifier_dir()
+    if folder is None:
+        return (f"skipped: no shipped classifier (Resources/Models/{SHIPPED_CLASSIFIER}; "
+                "`benchmarks/classification.py --ship` trains it)")
+    if "features" not in state.outputs:
+        return "skipped: the demo computed no tumour features to classify"
+    model = load_classifier(folder)
+    table = read_feature_table(state.outputs["features"])
+    probability = float(model.predict_proba(table.features)[0, 1])
+    label = model.metadata["label"]
+    cv = model.metadata.get("cross_validation") or {}
+    facts = {"model": str(folder), "label": label["column"], "probability": probability,
+             "cv_auc": cv.get("auc"), "cv_auc_ci": cv.get("auc_ci")}
+    summary = f"P({label['column']} = {label['positive']}) = {probability:.2f}"
+    cohort = model.metadata["training_cohort"]
+    if state.fused.case_id in cohort["case_ids"]:
+        # The patient was a training case: the in-sample probability flatters the model;
+        # its out-of-fold probability from the cross-validation is the honest one.
+        oof = _out_of_fold_probability(folder, state.fused.case_id)
+        facts["out_of_fold_probability"] = oof
+        summary += (f" (in-sample: {state.fused.case_id} is one of the {cohort['n_cases']} "
+                    "training patients" + (f"; out-of-fold {oof:.2f}" if oof is not None
+                                           else "") + ")")
+    if cv:
+        summary += f"; model CV AUC {cv['auc']:.2f} ({cv['auc_ci'][0]:.2f}-{cv['auc_ci'][1]:.2f})"
+    state.facts["classification"] = facts
+    progress(1.0, "classified")
+    return summary
+
+
+def _out_of_fold_probability(folder: Path, case_id: str) -> float | None:
+    import pandas as pd
+
+    path = folder / "cv_predictions.csv"
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path, dtype={"case_id": str}).set_index("case_id")
+    return float(table.loc[case_id, "probability_mean"]) if case_id in table.index else None
+
+
 def _write_volumes(state: DemoState, progress: Progress, cancel: threading.Event | None) -> str:
     written = []
     for i, modality in enumerate(MODALITIES):
@@ -128,6 +177,7 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("load", 0.05, _load),
     DemoStep("preprocess", 0.5, _preprocess),
     DemoStep("resample", 0.1, _resample),
+    DemoStep("classify", 0.02, _classify),  # after the features step, which it reads
     DemoStep("write", 0.1, _write_volumes),
     DemoStep("montage", 0.25, _montage),
 ]

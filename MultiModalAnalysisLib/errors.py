@@ -51,3 +51,7 @@ class ManifestError(MMAError):
 
 class OperationCancelled(MMAError):
     """The user cancelled a long-running step."""
+
+
+class FeatureSetError(MMAError):
+    """The features given to a trained classifier do not match the ones it was trained on."""

@@ -151,3 +151,118 @@ def folding_statistics(
         "jacobian_max": float(values.max()),
         "folding_percent": float(100.0 * np.mean(values <= 0)),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Classification metrics (used by classification/ and its benchmark)
+# ---------------------------------------------------------------------------------------
+
+
+def _binary_labels(labels: Sequence[int] | np.ndarray) -> np.ndarray:
+    y = np.asarray(labels)
+    values = np.unique(y)
+    if not set(values.tolist()) <= {0, 1}:
+        raise ValueError(f"labels must be 0/1, got values {values[:5].tolist()}.")
+    return y.astype(bool)
+
+
+def roc_auc(labels: Sequence[int] | np.ndarray, scores: np.ndarray) -> float | np.ndarray:
+    """Area under the ROC curve of ``scores`` for 0/1 ``labels`` (ties count one half).
+
+    ``scores`` may carry leading axes (e.g. [repeat, bootstrap, case]); the AUC is computed
+    along the last one. This is the Mann-Whitney U statistic from average ranks: unlike
+    ``sklearn.metrics.roc_auc_score`` it is vectorised over those axes, which makes a
+    bootstrap over thousands of replicates and several CV repeats a single call.
+
+    Raises:
+        ValueError: ``labels`` hold a single class (the AUC is undefined).
+    """
+    from scipy.stats import rankdata
+
+    y = _binary_labels(labels)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("the AUC needs both classes among the labels.")
+    scores = np.asarray(scores, dtype=float)
+    ranks = rankdata(scores, axis=-1)
+    u = ranks[..., y].sum(axis=-1) - n_pos * (n_pos + 1) / 2.0
+    auc = u / (n_pos * n_neg)
+    return float(auc) if np.ndim(auc) == 0 else auc
+
+
+def bootstrap_auc(
+    labels: Sequence[int] | np.ndarray,
+    scores: np.ndarray,
+    *,
+    n_bootstrap: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, np.ndarray]:
+    """Percentile bootstrap confidence interval of the AUC, resampling cases.
+
+    Cases are drawn with replacement within each class (stratified), so every replicate
+    holds both classes in the original numbers. ``scores`` of shape [repeat, case] (one row
+    per cross-validation repeat) give the interval of the AUC averaged over repeats.
+
+    Returns:
+        (lower, upper, replicates): the interval and the replicate AUCs.
+    """
+    y = _binary_labels(labels)
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    rng = np.random.default_rng(seed)
+    positives, negatives = np.flatnonzero(y), np.flatnonzero(~y)
+    draws = np.concatenate(
+        [
+            rng.choice(positives, size=(n_bootstrap, positives.size)),
+            rng.choice(negatives, size=(n_bootstrap, negatives.size)),
+        ],
+        axis=1,
+    )
+    resampled_labels = np.r_[np.ones(positives.size, int), np.zeros(negatives.size, int)]
+    replicates = roc_auc(resampled_labels, scores[:, draws]).mean(axis=0)  # [bootstrap]
+    alpha = (1.0 - confidence) / 2.0
+    lower, upper = np.quantile(replicates, [alpha, 1.0 - alpha])
+    return float(lower), float(upper), replicates
+
+
+def confusion_counts(
+    labels: Sequence[int] | np.ndarray, predicted: Sequence[int] | np.ndarray
+) -> dict[str, int]:
+    """True/false positives and negatives of 0/1 predictions."""
+    y = _binary_labels(labels)
+    p = _binary_labels(predicted)
+    if y.shape != p.shape:
+        raise ValueError("labels and predicted must have the same length.")
+    return {
+        "tn": int(np.sum(~y & ~p)),
+        "fp": int(np.sum(~y & p)),
+        "fn": int(np.sum(y & ~p)),
+        "tp": int(np.sum(y & p)),
+    }
+
+
+def binary_classification_metrics(
+    labels: Sequence[int] | np.ndarray, predicted: Sequence[int] | np.ndarray
+) -> dict[str, float]:
+    """Sensitivity, specificity, balanced accuracy, precision, F1 and accuracy.
+
+    A ratio whose denominator is zero (e.g. precision with no positive prediction) is 0,
+    as in scikit-learn's ``zero_division=0``.
+    """
+    c = confusion_counts(labels, predicted)
+
+    def ratio(num: int, den: int) -> float:
+        return num / den if den else 0.0
+
+    sensitivity = ratio(c["tp"], c["tp"] + c["fn"])
+    specificity = ratio(c["tn"], c["tn"] + c["fp"])
+    precision = ratio(c["tp"], c["tp"] + c["fp"])
+    return {
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "balanced_accuracy": (sensitivity + specificity) / 2.0,
+        "precision": precision,
+        "f1": ratio(2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"]),
+        "accuracy": ratio(c["tp"] + c["tn"], sum(c.values())),
+    }

@@ -1,0 +1,157 @@
+"""The settings of a radiomics classifier and of its cross-validation, as one dataclass that
+round-trips through JSON (it is stored in every model file)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from MultiModalAnalysisLib.errors import ConfigError
+
+CLASSIFIERS = (
+    "logistic_l2", "logistic_l1", "svm", "random_forest", "gradient_boosting", "auto",
+)
+SELECTIONS = ("none", "univariate", "l1", "mrmr", "correlation")
+IMPUTATIONS = ("median", "mean", "most_frequent")
+SCALINGS = ("standard", "robust", "none")
+CALIBRATIONS = ("sigmoid", "isotonic", "none")
+RESAMPLINGS = ("none", "oversample")
+
+
+@dataclass
+class ClassifierSettings:
+    """How a classifier is built, tuned and validated.
+
+    Attributes:
+        classifier: one of ``CLASSIFIERS``; ``"auto"`` lets the inner CV choose among
+            the others (each with its default grid).
+        selection: feature selection inside the pipeline: ``univariate`` (ANOVA F, k best),
+            ``l1`` (k largest L1-logistic coefficients), ``mrmr`` (minimum redundancy,
+            maximum relevance), ``correlation`` (redundancy filter only) or ``none``.
+        n_features: candidate numbers of selected features, tuned in the inner loop.
+        correlation_threshold: before selection, drop one of every pair of features whose
+            absolute Spearman correlation exceeds this (``None``: no filter; always applied
+            when ``selection="correlation"``).
+        imputation: how missing feature values are filled (fitted on the training cases).
+        scaling: feature scaling.
+        class_weight: ``"balanced"`` weighs each class by the inverse of its frequency;
+            ``None`` leaves the classes as they are.
+        resampling: ``"oversample"`` duplicates random minority-class cases up to balance,
+            at fit time only (so only inside the training folds).
+        calibration: probability calibration of the tuned model (Platt ``sigmoid``,
+            ``isotonic`` or ``none``), by an inner cross-validation.
+        param_grid: hyper-parameter candidates (``classify__C``, ...); ``None`` uses the
+            classifier's default grid (see ``estimators.default_param_grid``).
+        inner_folds: folds of the inner (tuning) cross-validation.
+        calibration_folds: folds of the calibration cross-validation.
+        calibration_min_cases: calibrate only when the training set holds at least this
+            many cases of the rarer class (fewer: probabilities left uncalibrated, noted).
+        scoring: scikit-learn scorer name used to pick hyper-parameters.
+        threshold: decision threshold on the positive-class probability: a number, or
+            ``"auto"`` (the training prevalence when calibrated, else 0.5).
+        cv_folds: folds of the outer (evaluation) cross-validation.
+        cv_repeats: repeats of the outer cross-validation with different shuffles.
+        n_bootstrap: bootstrap replicates for the AUC confidence interval.
+        random_state: seed of every shuffle and randomised model.
+        n_jobs: parallel jobs for the random forest.
+    """
+
+    classifier: str = "logistic_l2"
+    selection: str = "mrmr"
+    n_features: list[int] = field(default_factory=lambda: [3, 5, 10])
+    correlation_threshold: float | None = None
+    imputation: str = "median"
+    scaling: str = "standard"
+    class_weight: str | None = "balanced"
+    resampling: str = "none"
+    calibration: str = "sigmoid"
+    param_grid: dict[str, list[Any]] | None = None
+    inner_folds: int = 3
+    calibration_folds: int = 3
+    calibration_min_cases: int = 10
+    scoring: str = "roc_auc"
+    threshold: float | str = "auto"
+    cv_folds: int = 5
+    cv_repeats: int = 10
+    n_bootstrap: int = 2000
+    random_state: int = 0
+    n_jobs: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_features, int):
+            self.n_features = [self.n_features]
+        self.n_features = [int(n) for n in self.n_features]
+        for name, allowed in (
+            ("classifier", CLASSIFIERS),
+            ("selection", SELECTIONS),
+            ("imputation", IMPUTATIONS),
+            ("scaling", SCALINGS),
+            ("calibration", CALIBRATIONS),
+            ("resampling", RESAMPLINGS),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(
+                    f"unknown {name} '{value}': use one of {', '.join(allowed)}."
+                )
+        if self.classifier == "auto" and self.param_grid:
+            raise ConfigError(
+                "param_grid cannot be combined with classifier='auto' (each candidate "
+                "classifier is tuned on its default grid); name one classifier instead."
+            )
+        if self.class_weight not in ("balanced", None):
+            raise ConfigError(
+                f"class_weight must be 'balanced' or None, got {self.class_weight!r}."
+            )
+        if not self.n_features or min(self.n_features) < 1:
+            raise ConfigError(f"n_features must be positive integers, got {self.n_features}.")
+        if self.correlation_threshold is not None and not 0 < self.correlation_threshold <= 1:
+            raise ConfigError(
+                f"correlation_threshold must be in (0, 1], got {self.correlation_threshold}."
+            )
+        for name in ("inner_folds", "calibration_folds", "cv_folds"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"{name} must be at least 2, got {getattr(self, name)}.")
+        if self.cv_repeats < 1 or self.n_bootstrap < 100:
+            raise ConfigError("cv_repeats must be >= 1 and n_bootstrap >= 100.")
+        if isinstance(self.threshold, str) and self.threshold != "auto":
+            raise ConfigError(f"threshold must be a number or 'auto', got '{self.threshold}'.")
+        if not isinstance(self.threshold, str) and not 0 < float(self.threshold) < 1:
+            raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ClassifierSettings:
+        """Settings from a dictionary; unknown keys are an error naming the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown classifier setting(s) {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(known))}."
+            )
+        return cls(**values)
+
+
+def load_settings(source: ClassifierSettings | dict | str | Path | None) -> ClassifierSettings:
+    """Settings from an object, a dictionary, a JSON file, or the defaults (``None``)."""
+    if source is None:
+        return ClassifierSettings()
+    if isinstance(source, ClassifierSettings):
+        return source
+    if isinstance(source, dict):
+        return ClassifierSettings.from_dict(source)
+    path = Path(source)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"classifier settings file {path} does not exist.") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"classifier settings file {path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"classifier settings file {path} must hold a JSON object.")
+    return ClassifierSettings.from_dict(values)

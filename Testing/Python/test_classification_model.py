@@ -1,0 +1,205 @@
+"""Classifier model files and the command line: train -> save -> load -> predict, the
+feature-set checks, and `mma train-classifier` / `mma classify` on a feature table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from synthetic_cohort import feature_cohort
+
+from MultiModalAnalysisLib.classification import (
+    CLASSIFIERS,
+    SELECTIONS,
+    ClassifierSettings,
+    load_classifier,
+    read_feature_table,
+    train_classifier,
+)
+from MultiModalAnalysisLib.cli import CLASSIFIER_CHOICES, SELECTION_CHOICES, main
+from MultiModalAnalysisLib.errors import ConfigError, FeatureSetError, ManifestError
+
+QUICK = ClassifierSettings(cv_folds=4, cv_repeats=1, n_bootstrap=200, n_features=[3],
+                           param_grid={"classify__C": [0.1, 1.0]})
+
+
+@pytest.fixture(autouse=True)
+def _quiet_convergence():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A classifier trained (and cross-validated) on a synthetic cohort, saved once."""
+    folder = tmp_path_factory.mktemp("model") / "CLF"
+    X, y = feature_cohort(n_cases=24, n_positive=8, n_informative=2, n_noise=12, effect=3.0)
+    model = train_classifier(X, y, QUICK, label_column="LungMets", output=folder,
+                             source="synthetic")
+    return model, folder, X, y
+
+
+def test_saved_classifier_predicts_exactly_as_before_saving(trained):
+    model, folder, X, _ = trained
+    loaded = load_classifier(folder)
+    np.testing.assert_allclose(loaded.predict_proba(X), model.predict_proba(X), atol=1e-12)
+    assert loaded.feature_names == list(X.columns)
+    assert loaded.predict_proba(X).shape == (len(X), 2)
+
+
+def test_model_folder_holds_metadata_card_and_cv_figures(trained):
+    model, folder, X, y = trained
+    for name in ("classifier.joblib", "classifier.json", "MODEL_CARD.md", "cv_metrics.json",
+                 "cv_predictions.csv", "roc_curve.png", "confusion_matrix.png"):
+        assert (folder / name).is_file(), name
+    meta = json.loads((folder / "classifier.json").read_text())
+    assert meta["features"]["input"] == list(X.columns)
+    assert set(meta["features"]["used"]) <= set(X.columns) and len(meta["features"]["used"]) == 3
+    assert meta["label"] == {"column": "LungMets", "classes": ["0", "1"], "positive": "1"}
+    assert meta["training_cohort"]["n_cases"] == 24 and meta["training_cohort"]["n_positive"] == 8
+    assert meta["settings"]["classifier"] == "logistic_l2"
+    assert {"scikit-learn", "numpy", "python"} <= set(meta["versions"])
+    assert meta["cross_validation"]["auc"] >= 0.85
+    assert len(meta["model_file"]["sha256"]) == 64 and "pickle" in meta["model_file"]["caveat"]
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "AUC" in card and "24 cases" in card
+
+
+def test_missing_features_the_model_uses_are_named_in_the_error(trained):
+    model, folder, X, _ = trained
+    loaded = load_classifier(folder)
+    used = loaded.used_features[0]
+    with pytest.raises(FeatureSetError, match=used):
+        loaded.predict_proba(X.drop(columns=[used]))
+    with pytest.raises(FeatureSetError, match="DataFrame"):
+        loaded.predict_proba(X.to_numpy())
+
+
+def test_unused_missing_extra_and_reordered_columns_do_not_change_predictions(trained, caplog):
+    model, _, X, _ = trained
+    unused = [c for c in X.columns if c not in model.used_features]
+    shuffled = X[X.columns[::-1]].drop(columns=unused[:2]).assign(Unrelated_column=1.0)
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_allclose(model.predict_proba(shuffled), model.predict_proba(X))
+    assert "Unrelated_column" in caplog.text
+
+
+def test_non_numeric_feature_values_are_refused(trained):
+    model, _, X, _ = trained
+    broken = X.astype(object)
+    broken.iloc[0, broken.columns.get_loc(model.used_features[0])] = "n/a"
+    with pytest.raises(FeatureSetError, match="non-numeric"):
+        model.predict_proba(broken)
+
+
+def test_a_modified_weights_file_is_detected(trained, tmp_path):
+    import shutil
+
+    _, folder, _, _ = trained
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    with open(copy / "classifier.joblib", "ab") as stream:
+        stream.write(b"tampered")
+    with pytest.raises(ConfigError, match="checksum"):
+        load_classifier(copy)
+    with pytest.raises(ConfigError, match="no classifier"):
+        load_classifier(tmp_path / "nowhere")
+
+
+def test_feature_table_leaves_out_text_columns_and_unlabelled_cases(tmp_path):
+    table = pd.DataFrame({
+        "case_id": ["a", "b", "c", "d"],
+        "PET_stat_max": [1.0, 2.0, 3.0, 4.0],
+        "CT_stat_mean": [0.1, np.nan, 0.3, 0.4],
+        "comment": ["x", "y", "z", "w"],
+        "OtherOutcome": [0, 1, 1, 0],
+        "LungMets": [0, 1, np.nan, 1],
+    })
+    path = tmp_path / "features.csv"
+    table.to_csv(path, index=False)
+    result = read_feature_table(path, "LungMets", exclude=["OtherOutcome"])
+    assert list(result.features.columns) == ["PET_stat_max", "CT_stat_mean"]
+    assert result.case_ids == ["a", "b", "d"]
+    assert result.excluded_cases == {"c": "no LungMets value"}
+    assert result.dropped_columns["comment"] == "not numeric"
+    assert np.isnan(result.features.loc["b", "CT_stat_mean"])  # imputed later, in the folds
+
+
+def test_an_image_manifest_is_refused_with_what_to_do(tmp_path):
+    path = tmp_path / "cases.csv"
+    pd.DataFrame({"case_id": ["a", "b"], "CT": ["a/CT.nii.gz", "b/CT.nii.gz"],
+                  "mask": ["a/m.nii.gz", "b/m.nii.gz"], "LungMets": [0, 1]}).to_csv(path)
+    with pytest.raises(ManifestError, match="mma features"):
+        read_feature_table(path, "LungMets")
+
+
+def test_cli_choices_are_the_engine_choices():
+    assert CLASSIFIER_CHOICES == CLASSIFIERS and SELECTION_CHOICES == SELECTIONS
+
+
+def test_cli_trains_writes_cv_figures_and_classifies_new_cases(tmp_path, capsys):
+    X, y = feature_cohort(n_cases=24, n_positive=8, n_informative=2, n_noise=10, effect=3.0)
+    table = X.assign(LungMets=y).reset_index()
+    table.iloc[:18].to_csv(tmp_path / "train.csv", index=False)
+    table.iloc[18:].to_csv(tmp_path / "new.csv", index=False)
+    model = tmp_path / "CLF"
+    status = main(["-q", "train-classifier", "--manifest", str(tmp_path / "train.csv"),
+                   "--label-column", "LungMets", "--output", str(model), "--cv", "3",
+                   "--repeats", "2", "--n-features", "2", "--classifier", "logistic_l1"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "AUC" in out and "sensitivity" in out
+    figures = json.loads((model / "cv_metrics.json").read_text())
+    assert figures["folds"] == 3 and figures["repeats"] == 2 and figures["auc"] >= 0.8
+
+    status = main(["-q", "classify", "--model", str(model), "--manifest",
+                   str(tmp_path / "new.csv"), "--output", str(tmp_path / "pred.csv")])
+    out = capsys.readouterr().out
+    assert status == 0
+    predictions = pd.read_csv(tmp_path / "pred.csv", dtype={"case_id": str})
+    assert predictions["case_id"].tolist() == table["case_id"].iloc[18:].tolist()
+    assert predictions["probability_1"].between(0, 1).all()
+    assert set(predictions["prediction"].astype(str)) <= {"0", "1"}
+    assert "AUC against LungMets" in out  # the new table carries the label: checked
+
+
+def test_cli_refuses_a_table_without_the_model_features_in_one_line(trained, tmp_path, capsys):
+    _, folder, X, _ = trained
+    X.drop(columns=X.columns[:4]).reset_index().to_csv(tmp_path / "partial.csv", index=False)
+    status = main(["-q", "classify", "--model", str(folder), "--manifest",
+                   str(tmp_path / "partial.csv"), "--output", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "lacks" in err and "Traceback" not in err
+
+
+def test_demo_classify_step_reports_the_probability_and_the_out_of_fold_one(
+    trained, tmp_path, monkeypatch
+):
+    from MultiModalAnalysisLib import demo
+    from MultiModalAnalysisLib.case import Case
+    from MultiModalAnalysisLib.classification import shipped
+    from MultiModalAnalysisLib.progress import Progress
+
+    _, folder, X, _ = trained
+    training_case = X.index[3]
+    features_csv = tmp_path / "features.csv"
+    X.iloc[[3]].reset_index().to_csv(features_csv, index=False)
+    state = demo.DemoState(tmp_path, tmp_path, fused=Case(training_case),
+                           outputs={"features": features_csv})
+
+    monkeypatch.setattr(shipped, "shipped_classifier_dir", lambda: None)
+    assert demo._classify(state, Progress(), None).startswith("skipped")
+
+    monkeypatch.setattr(shipped, "shipped_classifier_dir", lambda: folder)
+    summary = demo._classify(state, Progress(), None)
+    facts = state.facts["classification"]
+    assert 0.0 <= facts["probability"] <= 1.0
+    assert f"{facts['probability']:.2f}" in summary and "in-sample" in summary
+    oof = pd.read_csv(folder / "cv_predictions.csv").set_index("case_id")
+    assert facts["out_of_fold_probability"] == pytest.approx(
+        oof.loc[training_case, "probability_mean"])
