@@ -23,7 +23,7 @@ TORCH_VERSION_RANGE = ">=2.3,<2.14"
 #: the engine was not tested with.
 PIP_REQUIREMENTS = (
     "monai>=1.3,<1.7",
-    "scikit-learn>=1.3,<1.10",
+    "scikit-learn>=1.8,<1.10",
     "pandas>=2.0,<3.2",
     "scikit-image>=0.22,<0.27",
     "matplotlib>=3.7,<3.12",
