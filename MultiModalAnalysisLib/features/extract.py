@@ -107,6 +107,8 @@ def image_features(
         check_cancel(cancel, "feature extraction")
         report(number / len(families), f"{name}: {family}")
         values.update(FAMILY_STEPS[family](context))
+    if settings.features is not None:
+        values = {k: v for k, v in values.items() if settings.wants_feature(k)}
     floats = _to_floats(values)
     _warn_undefined(floats, name, int(roi.intensity_mask.sum()))
     return floats
@@ -116,7 +118,8 @@ class _Context:
     """What the family steps share for one image, computed on first use."""
 
     def __init__(self, roi: RegionOfInterest, settings: FeatureSettings) -> None:
-        self.roi = roi
+        self.roi_with_margin = roi  # the local-intensity sphere reaches beyond the mask
+        self.roi = roi.cropped_to_mask()
         self.settings = settings
         self._grey: tuple[torch.Tensor, int] | None = None
         self._zones: dict[str, object] = {}
@@ -140,17 +143,19 @@ class _Context:
             return None
         if level not in self._zones:
             in_plane = level == "2D"
-            distance = border_distance(self.roi.morphology_mask, in_plane)
+            distance = None
+            if self.settings.wants("dzm"):  # only distance zones need the distance map
+                distance = border_distance(self.roi.morphology_mask, in_plane)
             self._zones[level] = find_zones(self.grey[0], distance, in_plane)
         return self._zones[level]
 
 
 def _morphology(c: _Context):
-    return morphology_feature_values(c.roi, c.settings.non_standard_features)
+    return morphology_feature_values(c.roi, c.settings.non_standard_features, c.settings)
 
 
 def _local_intensity(c: _Context):
-    return local_intensity_feature_values(c.roi)
+    return local_intensity_feature_values(c.roi_with_margin)
 
 
 def _statistics(c: _Context):
@@ -158,9 +163,11 @@ def _statistics(c: _Context):
 
 
 def _intensity_histogram(c: _Context):
-    grey, n_levels = discretise(
-        c.roi.image, c.roi.intensity_mask, c.settings.intensity_histogram, c.roi.name
-    )
+    scheme = c.settings.intensity_histogram
+    if scheme == c.settings.texture:
+        grey, n_levels = c.grey
+    else:
+        grey, n_levels = discretise(c.roi.image, c.roi.intensity_mask, scheme, c.roi.name)
     return intensity_histogram_feature_values(grey[c.roi.intensity_mask], n_levels)
 
 

@@ -11,51 +11,62 @@ import torch
 
 from MultiModalAnalysisLib.features.aggregation import compute_variants, directional_variants
 from MultiModalAnalysisLib.features.matrix_features import entropy_terms
-from MultiModalAnalysisLib.features.neighbours import (
-    out_of_plane_directions,
-    pad,
-    shifted,
-    unique_directions,
-)
+from MultiModalAnalysisLib.features.neighbours import pad, shifted, unique_directions
 
 
 def cooccurrence_counts(
-    grey: torch.Tensor, n_levels: int, directions: list[tuple[int, int, int]], distance: int
+    grey: torch.Tensor,
+    n_levels: int,
+    directions: list[tuple[int, int, int]],
+    distance: int,
+    by_slice: bool,
 ) -> torch.Tensor:
-    """Symmetric pair counts ``[slices, directions, Ng, Ng]`` (by the first voxel's slice).
+    """Symmetric pair counts ``[slices, directions, Ng, Ng]`` (or ``[directions, Ng, Ng]``).
+
+    Every voxel of the box is paired with its neighbour, grey level 0 (outside) included,
+    into an ``(Ng + 1) x (Ng + 1)`` histogram whose row and column 0 are then dropped:
+    cheaper than selecting the pairs inside the ROI first.
 
     Args:
         grey: grey levels 1..Ng inside the ROI, 0 outside (``[z, y, x]``).
         n_levels: Ng.
-        directions: unit offsets ``(dz, dy, dx)``.
-        distance: the Chebyshev distance: offsets are ``distance * direction``.
+        directions: unit offsets ``(dz, dy, dx)``; the pair offset is ``distance`` times it.
+        distance: the Chebyshev distance.
+        by_slice: keep one matrix per axial slice (pairs filed under the first voxel's).
     """
-    slices = grey.shape[0]
+    side = n_levels + 1
+    slices = grey.shape[0] if by_slice else 1
+    wide = slices * side * side >= 2**31
+    grey = grey.to(torch.int64 if wide else torch.int32)
     padded = pad(grey, distance)
-    z_index = torch.arange(slices, device=grey.device).view(-1, 1, 1).expand_as(grey)
-    keys = []
-    for number, direction in enumerate(directions):
-        neighbour = shifted(padded, tuple(distance * c for c in direction), distance)
-        pair = (grey > 0) & (neighbour > 0)
-        i = grey[pair] - 1
-        j = neighbour[pair] - 1
-        keys.append(((z_index[pair] * len(directions) + number) * n_levels + i) * n_levels + j)
-    size = slices * len(directions) * n_levels * n_levels
-    counts = torch.bincount(torch.cat(keys), minlength=size)
-    counts = counts.view(slices, len(directions), n_levels, n_levels)
-    return counts + counts.transpose(-1, -2)
+    first = grey * side
+    if by_slice:
+        z = torch.arange(slices, device=grey.device, dtype=grey.dtype).view(-1, 1, 1)
+        first = first + z * side * side
+    counts = torch.stack(
+        [
+            torch.bincount(
+                (first + shifted(padded, tuple(distance * c for c in d), distance)).reshape(-1),
+                minlength=slices * side * side,
+            )
+            for d in directions
+        ]
+    )
+    counts = counts.view(len(directions), slices, side, side).transpose(0, 1)[..., 1:, 1:]
+    counts = counts + counts.transpose(-1, -2)
+    return counts if by_slice else counts[0]
 
 
 def glcm_feature_values(
     grey: torch.Tensor, n_levels: int, aggregation: tuple[str, ...], distance: int = 1
 ) -> dict[str, torch.Tensor]:
     """Every GLCM feature for the requested aggregation levels (``"2D"``, ``"2.5D"``, ``"3D"``)."""
-    in_plane = cooccurrence_counts(grey, n_levels, unique_directions(True), distance)
-    per_slice = (in_plane,) if ("2D" in aggregation or "2.5D" in aggregation) else None
-    volume = None
+    per_slice = volume = None
+    if "2D" in aggregation or "2.5D" in aggregation:
+        in_plane = cooccurrence_counts(grey, n_levels, unique_directions(True), distance, True)
+        per_slice = (in_plane,)
     if "3D" in aggregation:
-        across = cooccurrence_counts(grey, n_levels, out_of_plane_directions(), distance)
-        volume = (torch.cat([in_plane.sum(0), across.sum(0)]),)
+        volume = (cooccurrence_counts(grey, n_levels, unique_directions(False), distance, False),)
     variants = directional_variants(per_slice, volume)
     if "2D" not in aggregation:
         variants = {k: v for k, v in variants.items() if not k.startswith("2D")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from scipy.fft import next_fast_len
 
 from MultiModalAnalysisLib.features.roi import PEAK_RADIUS_MM, RegionOfInterest
 
@@ -31,7 +32,8 @@ def local_means(image: torch.Tensor, spacing: tuple[float, float, float]) -> tor
 
 def _convolve(volume: torch.Tensor, kernel: torch.Tensor, reach: list[int]) -> torch.Tensor:
     """Zero-padded 'same' convolution of a volume with a symmetric kernel, via FFT."""
-    shape = [n + 2 * r for n, r in zip(volume.shape, reach, strict=True)]
+    # linear (not circular) convolution needs n + 2r; a 5-smooth size keeps the FFT fast
+    shape = [next_fast_len(n + 2 * r, real=True) for n, r in zip(volume.shape, reach, strict=True)]
     spectrum = torch.fft.rfftn(volume, s=shape) * torch.fft.rfftn(kernel, s=shape)
     full = torch.fft.irfftn(spectrum, s=shape)
     z, y, x = volume.shape

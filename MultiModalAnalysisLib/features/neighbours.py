@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +38,17 @@ def neighbourhood(distance: int, in_plane: bool) -> list[tuple[int, int, int]]:
     ]
 
 
+def flat_positions(flags: torch.Tensor) -> torch.Tensor:
+    """Flat indices (int64, ascending) of the non-zero entries of a 1-D tensor.
+
+    On the CPU numpy's ``flatnonzero`` is several times faster than ``torch.nonzero``
+    and shares the memory, so it is used there.
+    """
+    if flags.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(flags.numpy()))
+    return torch.nonzero(flags).squeeze(1)
+
+
 def pad(volume: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
     """``volume`` padded by ``width`` voxels on every side with ``value``."""
     if volume.dtype == torch.bool:
@@ -51,3 +63,34 @@ def shifted(padded: torch.Tensor, offset: tuple[int, int, int], width: int) -> t
     return padded[
         width + dz : width + dz + z, width + dy : width + dy + y, width + dx : width + dx + x
     ]
+
+
+class FlatVolume:
+    """A zero-padded volume flattened, with the flat indices of its non-zero (ROI) voxels.
+
+    Neighbours of every ROI voxel along any offset are then one gather, whatever the
+    offset: the texture families work on the ROI's voxels only, not the whole box.
+    """
+
+    def __init__(self, volume: torch.Tensor, width: int) -> None:
+        self.width = width
+        padded = pad(volume, width)
+        self.shape = padded.shape
+        self.flat = padded.reshape(-1)
+        self.index = flat_positions(self.flat != 0)
+        self.values = self.flat[self.index]
+
+    def step(self, offset: tuple[int, int, int]) -> int:
+        """The flat index difference of an offset ``(dz, dy, dx)``."""
+        _, y, x = self.shape
+        return (offset[0] * y + offset[1]) * x + offset[2]
+
+    def neighbours(self, offsets: list[tuple[int, int, int]]) -> torch.Tensor:
+        """``[voxels, offsets]``: the value at each ROI voxel plus each offset (0 outside)."""
+        steps = torch.tensor([self.step(o) for o in offsets], device=self.flat.device)
+        return self.flat[self.index.unsqueeze(1) + steps]
+
+    def slices(self) -> torch.Tensor:
+        """The (unpadded) axial slice of every ROI voxel."""
+        _, y, x = self.shape
+        return torch.div(self.index, y * x, rounding_mode="floor") - self.width

@@ -11,7 +11,7 @@ import torch
 
 from MultiModalAnalysisLib.features.aggregation import compute_variants, zone_variants
 from MultiModalAnalysisLib.features.matrix_features import grey_count_features, rename
-from MultiModalAnalysisLib.features.neighbours import neighbourhood, pad, shifted
+from MultiModalAnalysisLib.features.neighbours import FlatVolume, neighbourhood
 
 IBSI_NAMES = {
     "short": "lde", "long": "hde", "low": "lgce", "high": "hgce", "short_low": "ldlge",
@@ -25,16 +25,13 @@ def dependence_counts(
     grey: torch.Tensor, n_levels: int, distance: int, coarseness: float, in_plane: bool
 ) -> torch.Tensor:
     """Counts ``[slices, Ng, K]`` of voxels by grey level and dependence count 1..K."""
-    inside = grey > 0
+    volume = FlatVolume(grey, distance)
     offsets = neighbourhood(distance, in_plane)
-    padded = pad(grey, distance)
-    dependence = torch.ones_like(grey)
-    for offset in offsets:
-        neighbour = shifted(padded, offset, distance)
-        dependence += ((neighbour > 0) & ((neighbour - grey).abs() <= coarseness)).to(grey.dtype)
+    neighbours = volume.neighbours(offsets)
+    similar = (neighbours > 0) & ((neighbours - volume.values.unsqueeze(1)).abs() <= coarseness)
+    dependence = similar.sum(1) + 1
     n_counts = len(offsets) + 1
-    z_index = torch.arange(grey.shape[0], device=grey.device).view(-1, 1, 1).expand_as(grey)
-    keys = (z_index[inside] * n_levels + grey[inside] - 1) * n_counts + dependence[inside] - 1
+    keys = (volume.slices() * n_levels + volume.values - 1) * n_counts + dependence - 1
     counts = torch.bincount(keys, minlength=grey.shape[0] * n_levels * n_counts)
     return counts.view(grey.shape[0], n_levels, n_counts)
 

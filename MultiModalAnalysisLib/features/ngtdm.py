@@ -1,8 +1,8 @@
 """Neighbourhood grey tone difference matrix (NGTDM) features, IBSI 1 section 3.10.
 
 For each ROI voxel, the mean grey level of its neighbours inside the ROI (Chebyshev
-distance ``delta``, the voxel itself excluded; in a slice for 2-D) is found by summing
-shifted copies of the volume; voxels without any ROI neighbour are left out, as IBSI does.
+distance ``delta``, the voxel itself excluded; in a slice for 2-D) comes from one gather of
+all neighbours; voxels without any ROI neighbour are left out, as IBSI does.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from MultiModalAnalysisLib.features.aggregation import compute_variants, zone_variants
-from MultiModalAnalysisLib.features.neighbours import neighbourhood, pad, shifted
+from MultiModalAnalysisLib.features.neighbours import FlatVolume, neighbourhood
 
 
 def tone_differences(
@@ -20,20 +20,15 @@ def tone_differences(
 
     For 3-D work (``in_plane=False``) sum over slices to get the volume's matrix.
     """
-    inside = grey > 0
-    values = grey.to(torch.float64)
-    padded_values = pad(values, distance)
-    padded_inside = pad(inside, distance)
-    total = torch.zeros_like(values)
-    count = torch.zeros_like(values)
-    for offset in neighbourhood(distance, in_plane):
-        neighbour_inside = shifted(padded_inside, offset, distance)
-        total += torch.where(neighbour_inside, shifted(padded_values, offset, distance), 0.0)
-        count += neighbour_inside
-    valid = inside & (count > 0)
-    difference = (values - total / count.clamp(min=1)).abs()[valid]
-    z_index = torch.arange(grey.shape[0], device=grey.device).view(-1, 1, 1).expand_as(grey)
-    keys = z_index[valid] * n_levels + grey[valid] - 1
+    volume = FlatVolume(grey, distance)
+    neighbours = volume.neighbours(neighbourhood(distance, in_plane))
+    inside = neighbours > 0
+    count = inside.sum(1)
+    total = neighbours.sum(1, dtype=torch.float64)
+    valid = count > 0
+    levels = volume.values[valid]
+    difference = (levels - total[valid] / count[valid]).abs()
+    keys = volume.slices()[valid] * n_levels + levels - 1
     size = grey.shape[0] * n_levels
     s = torch.zeros(size, dtype=torch.float64, device=grey.device).index_add_(0, keys, difference)
     n = torch.bincount(keys, minlength=size).to(torch.float64)

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from MultiModalAnalysisLib.errors import EmptyImageError, GeometryError
+from MultiModalAnalysisLib.errors import EmptyImageError, GeometryError, LabelError
+from MultiModalAnalysisLib.features.neighbours import flat_positions
 from MultiModalAnalysisLib.features.settings import FeatureSettings
-from MultiModalAnalysisLib.images import overlap_fraction, same_grid, validate_image, validate_mask
+from MultiModalAnalysisLib.images import overlap_fraction, same_grid, validate_image
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class RegionOfInterest:
     intensity_mask: torch.Tensor
     spacing: tuple[float, float, float]
     name: str = "image"
+    _values: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -60,11 +62,38 @@ class RegionOfInterest:
     @property
     def values(self) -> torch.Tensor:
         """The intensities inside the intensity mask (1-D)."""
-        return self.image[self.intensity_mask]
+        if self._values is None:
+            self._values = self.image[self.intensity_mask]
+        return self._values
 
     @property
     def voxel_volume(self) -> float:
         return float(np.prod(self.spacing))
+
+    def cropped_to_mask(self) -> RegionOfInterest:
+        """The same region on the morphological mask's bounding box (no margin).
+
+        Every family but local intensity looks only inside the masks; a tight box keeps
+        their work (shifts, FFTs, labelling) small.
+        """
+        box = bounding_box(self.morphology_mask)
+        return RegionOfInterest(
+            self.image[box].contiguous(),
+            self.morphology_mask[box].contiguous(),
+            self.intensity_mask[box].contiguous(),
+            self.spacing,
+            self.name,
+        )
+
+
+def bounding_box(mask: torch.Tensor) -> tuple[slice, slice, slice]:
+    """The smallest box holding every set voxel of a (non-empty) 3-D mask."""
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        used = flat_positions(mask.any(dim=others))
+        box.append(slice(int(used[0]), int(used[-1]) + 1))
+    return tuple(box)
 
 
 def prepare_roi(
@@ -79,37 +108,76 @@ def prepare_roi(
     Raises:
         EmptyImageError: the mask is empty, lies outside the image, or re-segmentation
             leaves no voxel.
-        GeometryError: mask on another grid with ``mask_grid_mismatch="error"``, or no
-            physical overlap.
+        LabelError: the mask has several labels or non-integer values.
+        GeometryError: mask on another grid with ``mask_grid_mismatch="error"``.
     """
     image = validate_image(image, name)
-    mask = _mask_on_image_grid(image, mask, settings, name)
+    inside = binary_mask(mask, f"mask of {name}")
+    if not same_grid(mask, image):
+        mask = _mask_on_image_grid(image, _as_image(inside, mask), settings, name)
+        inside = sitk.GetArrayViewFromImage(mask) > 0
     if settings.new_spacing is not None:
-        image, mask = _interpolate(image, mask, settings)
-    image_array = sitk.GetArrayViewFromImage(image)
-    mask_array = sitk.GetArrayViewFromImage(mask) > 0
-    if not mask_array.any():
+        image, mask = _interpolate(image, _as_image(inside, image), settings)
+        inside = sitk.GetArrayViewFromImage(mask) > 0
+    if not inside.any():
         raise EmptyImageError(
             f"the mask of {name} selects no voxel on the image's grid (after interpolation). "
             "Check that the mask belongs to this image."
         )
-    crop = _crop_box(mask_array, image.GetSpacing()[::-1])
+    crop = _crop_box(inside, image.GetSpacing()[::-1])
+    image_array = sitk.GetArrayViewFromImage(image)
     intensities = torch.as_tensor(
         np.ascontiguousarray(image_array[crop], dtype=np.float64), device=device
     )
     if settings.intensity_rounding:
         intensities = torch.round(intensities)
-    morphology = torch.as_tensor(np.ascontiguousarray(mask_array[crop]), device=device)
+    morphology = torch.as_tensor(np.ascontiguousarray(inside[crop]), device=device)
     intensity_mask = resegment(intensities, morphology, settings, name)
     return RegionOfInterest(
         intensities, morphology, intensity_mask, tuple(image.GetSpacing()[::-1]), name
     )
 
 
+def binary_mask(mask: sitk.Image, name: str = "mask") -> np.ndarray:
+    """The mask's voxels that are set, as a boolean ``[z, y, x]`` array.
+
+    Raises:
+        ImageDimensionError: not a 3-D scalar image. EmptyImageError: nothing set.
+        LabelError: non-integer values, or more than one non-zero label.
+    """
+    validate_image(mask, name)
+    array = sitk.GetArrayViewFromImage(mask)
+    inside = array != 0
+    # the distinct labels of the set voxels only: far fewer values to sort than the image
+    labels = np.unique(array[inside])
+    if labels.size == 0:
+        raise EmptyImageError(f"{name} is empty: no voxel is set. Draw or select a region.")
+    if np.any(np.mod(labels, 1) != 0):
+        raise LabelError(
+            f"{name} holds non-integer values (e.g. {labels[np.mod(labels, 1) != 0][:3]}); a "
+            "mask must be a label image. Was an intensity image given as the mask?"
+        )
+    if labels.size > 1:
+        raise LabelError(
+            f"{name} holds {labels.size} different labels ({labels[:6].tolist()}); a binary "
+            "mask (0 outside, one value inside) is needed. Select one label first."
+        )
+    return inside
+
+
+def _as_image(inside: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(inside.astype(np.uint8))
+    image.CopyInformation(reference)
+    return image
+
+
 def resegment(
     image: torch.Tensor, mask: torch.Tensor, settings: FeatureSettings, name: str = "image"
 ) -> torch.Tensor:
-    """The IBSI intensity mask: ``mask`` restricted to the range and without outliers."""
+    """The IBSI intensity mask: ``mask`` restricted to the range and without outliers.
+
+    Outliers are judged by the mean and standard deviation over the whole ``mask``.
+    """
     keep = mask.clone()
     if settings.resegmentation_range is not None:
         low, high = settings.resegmentation_range
@@ -118,8 +186,7 @@ def resegment(
         if high is not None:
             keep &= image <= high
     if settings.resegmentation_outlier_sigma is not None:
-        # IBSI: mean and sd over the ROI as it is before outlier filtering
-        values = image[keep if keep.any() else mask]
+        values = image[mask]
         mean, sd = values.mean(), values.std(unbiased=False)
         sigma = settings.resegmentation_outlier_sigma
         keep &= (image >= mean - sigma * sd) & (image <= mean + sigma * sd)
@@ -135,9 +202,7 @@ def resegment(
 def _mask_on_image_grid(
     image: sitk.Image, mask: sitk.Image, settings: FeatureSettings, name: str
 ) -> sitk.Image:
-    mask = validate_mask(mask, f"mask of {name}")
-    if same_grid(mask, image):
-        return mask
+    """A binary mask on another grid, resampled onto the image's (or refused)."""
     if overlap_fraction(mask, image) <= 0.0:
         raise EmptyImageError(
             f"the mask lies outside {name}: they share no physical space. Check that the "

@@ -37,6 +37,8 @@ key                                default             meaning
 ``ngldm_coarseness``               ``0``               NGLDM coarseness alpha
 ``families``                       all                 morph, loc, stat, ih, ivh, cm, rlm, szm,
                                                        dzm, ngt, ngl
+``features``                       ``null``            only these IBSI tags (glob patterns
+                                                       allowed, e.g. ``cm_*_3D_avg``); null: all
 ``non_standard_features``          ``true``            also OMBB/MVEE densities and IVH AUC,
                                                        which IBSI lists but does not standardise
 ``mask_grid_mismatch``             ``"resample"``      mask on another grid: resample it onto
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,7 @@ class FeatureSettings:
     ngldm_distance: int = 1
     ngldm_coarseness: float = 0.0
     families: tuple[str, ...] = FAMILIES
+    features: tuple[str, ...] | None = None
     non_standard_features: bool = True
     mask_grid_mismatch: str = "resample"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -152,7 +156,17 @@ class FeatureSettings:
 
     def wants(self, family: str) -> bool:
         """True when ``family`` (e.g. ``"cm"``) is to be computed."""
-        return family in self.families
+        if family not in self.families:
+            return False
+        if self.features is None:
+            return True
+        return any(p.startswith(family + "_") or p[:1] in "*?[" for p in self.features)
+
+    def wants_feature(self, tag: str) -> bool:
+        """True when the feature ``tag`` (e.g. ``"morph_moran_i"``) is to be reported."""
+        if not self.wants(tag.split("_", 1)[0]):
+            return False
+        return self.features is None or any(fnmatchcase(tag, p) for p in self.features)
 
     # -- checks --------------------------------------------------------------------------
     def validate(self) -> None:
@@ -205,6 +219,10 @@ class FeatureSettings:
         self.texture_aggregation = tuple(str(a).upper() for a in self.texture_aggregation)
         for level in self.texture_aggregation:
             _choose("texture_aggregation", level, AGGREGATIONS)
+        if self.features is not None:
+            if isinstance(self.features, str):
+                self.features = (self.features,)
+            self.features = tuple(str(f) for f in self.features)
         self.families = tuple(str(f).lower() for f in self.families)
         for family in self.families:
             _choose("families", family, FAMILIES)
@@ -244,7 +262,7 @@ class FeatureSettings:
             raise ConfigError(f"{source} must hold a mapping of setting names to values.")
         known = {k: v for k, v in values.items() if k in SETTING_NAMES}
         unknown = {k: v for k, v in values.items() if k not in SETTING_NAMES}
-        for key in ("texture_aggregation", "families"):
+        for key in ("texture_aggregation", "families", "features"):
             if isinstance(known.get(key), str):
                 known[key] = (known[key],)
         try:
