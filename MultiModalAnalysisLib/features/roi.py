@@ -126,9 +126,8 @@ def prepare_roi(
         )
     crop = _crop_box(inside, image.GetSpacing()[::-1])
     image_array = sitk.GetArrayViewFromImage(image)
-    intensities = torch.as_tensor(
-        np.ascontiguousarray(image_array[crop], dtype=np.float64), device=device
-    )
+    # a copy: SimpleITK's array view is read-only and torch wants writable memory
+    intensities = torch.as_tensor(np.array(image_array[crop], dtype=np.float64), device=device)
     if settings.intensity_rounding:
         intensities = torch.round(intensities)
     morphology = torch.as_tensor(np.ascontiguousarray(inside[crop]), device=device)
