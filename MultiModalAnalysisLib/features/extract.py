@@ -10,9 +10,11 @@ are NaN, with one warning per image naming them.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
 import SimpleITK as sitk
@@ -32,7 +34,12 @@ from MultiModalAnalysisLib.features.morphology import morphology_feature_values
 from MultiModalAnalysisLib.features.ngldm import ngldm_feature_values
 from MultiModalAnalysisLib.features.ngtdm import ngtdm_feature_values
 from MultiModalAnalysisLib.features.roi import RegionOfInterest, prepare_roi
-from MultiModalAnalysisLib.features.settings import FeatureSettings, load_settings
+from MultiModalAnalysisLib.features.settings import (
+    FAMILIES,
+    TEXTURE_FAMILIES,
+    FeatureSettings,
+    load_settings,
+)
 from MultiModalAnalysisLib.features.statistics import statistics_feature_values
 from MultiModalAnalysisLib.features.zones import border_distance, find_zones
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
@@ -51,6 +58,7 @@ def extract_features(
     device: str | torch.device = "auto",
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    workers: int | None = None,
 ) -> dict[str, float]:
     """IBSI features of each image inside ``mask``.
 
@@ -63,6 +71,8 @@ def extract_features(
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         progress: ``progress(fraction, message)``.
         cancel: stops the work between families when set.
+        workers: threads computing feature families side by side (default: one per CPU
+            core, at most 4; 1 for strictly sequential work).
 
     Returns:
         ``{"<image>_<IBSI tag>": value}`` for every image and feature.
@@ -81,7 +91,7 @@ def extract_features(
         part = report.sub(number / len(images), (number + 1) / len(images))
 
         def work(target: torch.device, name=name, image=image, part=part) -> dict[str, float]:
-            return image_features(image, mask, settings, target, name, part, cancel)
+            return image_features(image, mask, settings, target, name, part, cancel, workers)
 
         with _cpu_threads(1):
             features = run_with_device_fallback(work, device, f"feature extraction for {name}")
@@ -98,22 +108,51 @@ def image_features(
     name: str = "image",
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    workers: int | None = None,
 ) -> dict[str, float]:
-    """IBSI features of one image, keyed by bare IBSI tag (``stat_max``...)."""
+    """IBSI features of one image, keyed by bare IBSI tag (``stat_max``...).
+
+    ``workers`` threads compute the families side by side (default: one per CPU core).
+    """
     report = as_progress(progress)
     roi = prepare_roi(image, mask, settings, device, name)
-    families = [f for f in FAMILY_STEPS if settings.wants(f)]
-    values: dict[str, torch.Tensor | float] = {}
+    families = sorted((f for f in FAMILY_STEPS if settings.wants(f)), key=FAMILY_ORDER.index)
     context = _Context(roi, settings)
-    for number, family in enumerate(families):
-        check_cancel(cancel, "feature extraction")
-        report(number / len(families), f"{name}: {family}")
-        values.update(FAMILY_STEPS[family](context))
+    if any(f in families for f in ("ih", *TEXTURE_FAMILIES)):
+        _ = context.grey  # shared by the threads below: computed once, up front
+    values: dict[str, torch.Tensor | float] = {}
+    workers = max(1, min(workers or _default_workers(), len(families)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="features") as pool:
+        futures = {pool.submit(_run_family, f, context, cancel): f for f in families}
+        try:
+            for done, future in enumerate(as_completed(futures)):
+                values.update(future.result())
+                report((done + 1) / len(families), f"{name}: {futures[future]} done")
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
     if settings.features is not None:
         values = {k: v for k, v in values.items() if settings.wants_feature(k)}
-    floats = _to_floats(values)
+    floats = _to_floats({k: values[k] for k in sorted(values, key=_tag_order)})
     _warn_undefined(floats, name, int(roi.intensity_mask.sum()))
     return floats
+
+
+def _run_family(family: str, context: _Context, cancel: threading.Event | None):
+    check_cancel(cancel, "feature extraction")
+    return FAMILY_STEPS[family](context)
+
+
+def _default_workers() -> int:
+    """Families run in parallel threads, one per core (up to 4): numpy, torch, scipy and
+    scikit-image release the GIL in their compiled loops, so two cores halve the time."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def _tag_order(tag: str) -> int:
+    """Output order: IBSI's family order (a stable sort keeps each family's own order)."""
+    return FAMILIES.index(tag.split("_", 1)[0])
 
 
 @contextmanager
@@ -142,6 +181,7 @@ class _Context:
         self.settings = settings
         self._grey: tuple[torch.Tensor, int] | None = None
         self._zones: dict[str, object] = {}
+        self._zones_lock = threading.Lock()  # GLSZM and GLDZM share the zones
 
     @property
     def grey(self) -> tuple[torch.Tensor, int]:
@@ -160,6 +200,10 @@ class _Context:
         """Grey-level zones of the 2-D (per slice) or 3-D ROI, with border distances."""
         if level not in self.aggregation and not (level == "2D" and "2.5D" in self.aggregation):
             return None
+        with self._zones_lock:
+            return self._find_zones(level)
+
+    def _find_zones(self, level: str):
         if level not in self._zones:
             in_plane = level == "2D"
             distance = None
@@ -222,6 +266,8 @@ def _ngldm(c: _Context):
     )
 
 
+# Heaviest first, so that the last family to start is a short one.
+FAMILY_ORDER = ("rlm", "morph", "szm", "dzm", "cm", "ngl", "ngt", "loc", "ih", "ivh", "stat")
 FAMILY_STEPS: dict[str, Callable[[_Context], Mapping[str, torch.Tensor | float]]] = {
     "morph": _morphology,
     "loc": _local_intensity,
@@ -242,7 +288,10 @@ def _to_floats(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
     tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
     result = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
     if tensors:
-        stacked = torch.stack([t.to(torch.float64).reshape(()) for t in tensors.values()])
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack(
+            [t.to(device=device, dtype=torch.float64).reshape(()) for t in tensors.values()]
+        )
         result.update(zip(tensors, stacked.cpu().tolist(), strict=True))
     return {k: result[k] for k in values}
 

@@ -3,9 +3,14 @@
 Runs are found without a loop over voxels or lines. In the zero-padded volume, flattened,
 a step along direction ``d`` is a fixed index step ``F``; laying the flat array out as
 ``[K, F]`` and transposing puts every line along ``d`` in one row, lines separated by
-padding zeros. All directions' rows go one after another into one 1-D tensor, where a run
+padding zeros. All directions' rows go one after another into one 1-D array, where a run
 starts where the value changes and ends where the next one differs; starts and ends
 alternate, so the k-th start pairs with the k-th end.
+
+The run lists are index bookkeeping over about a million entries, not arithmetic: they are
+built with numpy on the host (3-5 times faster than torch's CPU kernels here, whose large
+temporaries are costly to allocate) from the small grey-level volume, and only the count
+matrices go to the torch device for the feature arithmetic, as for the zone labelling.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 
 from MultiModalAnalysisLib.features.aggregation import compute_variants, directional_variants
 from MultiModalAnalysisLib.features.matrix_features import grey_count_features, rename
-from MultiModalAnalysisLib.features.neighbours import pad, unique_directions
+from MultiModalAnalysisLib.features.neighbours import unique_directions
 
 IBSI_NAMES = {
     "short": "sre", "long": "lre", "low": "lgre", "high": "hgre", "short_low": "srlge",
@@ -26,77 +31,59 @@ IBSI_NAMES = {
 
 
 def _line_layout(
-    grey: torch.Tensor, directions: list[tuple[int, int, int]]
-) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
-    """Every direction's lines, one after another, in one 1-D tensor.
+    grey: np.ndarray, directions: list[tuple[int, int, int]]
+) -> tuple[np.ndarray, list[int], list[int], list[int]]:
+    """Every direction's lines, one after another, in one 1-D array.
 
     Returns the lines, and per direction its first position, its flat step and its number
     of rows (to map a position back to a voxel).
     """
-    # grey levels fit in 16 bits: a quarter of the memory traffic of int64 for the copies
-    small = grey.to(torch.int16) if int(grey.max()) < 2**15 else grey
-    flat = pad(small, 1).reshape(-1)
+    flat = np.pad(grey, 1).reshape(-1)
     _, y, x = (n + 2 for n in grey.shape)
     steps = [(d[0] * y + d[1]) * x + d[2] for d in directions]
-    rows = [-(-flat.numel() // step) for step in steps]
-    starts = [0]
-    for step, n_rows in zip(steps, rows, strict=True):
-        starts.append(starts[-1] + step * n_rows)
-    lines = torch.zeros(starts[-1], dtype=flat.dtype, device=flat.device)
-    for step, n_rows, first in zip(steps, rows, starts, strict=False):
-        extended = torch.nn.functional.pad(flat, (0, step * n_rows - flat.numel()))
-        lines[first : first + step * n_rows].view(step, n_rows).copy_(
-            extended.view(n_rows, step).t()
-        )
-    return lines, starts[:-1], steps, rows
+    rows = [-(-flat.size // step) for step in steps]
+    firsts = np.concatenate([[0], np.cumsum([s * r for s, r in zip(steps, rows, strict=True)])])
+    lines = np.zeros(int(firsts[-1]), dtype=flat.dtype)
+    extended = np.zeros(max(s * r for s, r in zip(steps, rows, strict=True)), flat.dtype)
+    extended[: flat.size] = flat
+    for step, n_rows, first in zip(steps, rows, firsts, strict=False):
+        block = extended[: step * n_rows].reshape(n_rows, step)
+        lines[first : first + step * n_rows].reshape(step, n_rows)[...] = block.T
+    return lines, firsts[:-1].tolist(), steps, rows
 
 
 def find_runs(
-    grey: torch.Tensor, directions: list[tuple[int, int, int]], with_slice: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    grey: np.ndarray, directions: list[tuple[int, int, int]], with_slice: bool = True
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Every run along every (lexicographically positive) direction.
 
+    Args:
+        grey: grey levels (0 outside the ROI), ``[z, y, x]``.
+
     Returns:
-        Each run's grey level, length, direction number and (``with_slice``) the axial
-        slice it starts in.
+        Per direction: each run's grey level, length and (``with_slice``) the axial slice
+        it starts in.
     """
     lines, firsts, steps, rows = _line_layout(grey, directions)
-    starts, ends = _run_bounds(lines)
-    lengths = ends - starts + 1
-    device = grey.device
-    first_of = torch.tensor(firsts, device=device)
-    per_direction = torch.diff(
-        torch.searchsorted(starts, torch.tensor([*firsts, lines.numel()], device=device))
-    )
-    direction = torch.repeat_interleave(torch.arange(len(directions), device=device), per_direction)
-    levels = lines[starts].to(torch.int64)
-    if not with_slice:
-        return levels, lengths, direction, None
-    # position q of a direction's lines holds flat[(q % rows) * step + q // rows]
-    q = starts - first_of[direction]
-    n_rows = torch.tensor(rows, device=device)[direction]
-    step = torch.tensor(steps, device=device)[direction]
-    origin = torch.remainder(q, n_rows) * step + torch.div(q, n_rows, rounding_mode="floor")
+    # where the value changes: a run ends just before, or starts just after (or both)
+    change = np.flatnonzero(lines[1:] != lines[:-1])
+    starts = change[lines[change + 1] != 0] + 1
+    ends = change[lines[change] != 0]
+    bounds = np.searchsorted(starts, [*firsts, lines.size])
     _, y, x = (n + 2 for n in grey.shape)
-    return levels, lengths, direction, torch.div(origin, y * x, rounding_mode="floor") - 1
-
-
-def _run_bounds(lines: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions where runs start and end in the 1-D ``lines`` (0 = outside, never a run).
-
-    On the CPU the comparisons run in numpy on the same memory: torch's CPU comparison
-    kernels (tensor -> bool) are about ten times slower here and dominated the GLRLM.
-    """
-    if lines.device.type == "cpu":
-        values = lines.numpy()
-        changed = values[1:] != values[:-1]
-        starts = np.flatnonzero(changed & (values[1:] != 0)) + 1
-        ends = np.flatnonzero(changed & (values[:-1] != 0))
-        return torch.from_numpy(starts), torch.from_numpy(ends)
-    changed = lines[1:] != lines[:-1]
-    starts = torch.nonzero(changed & (lines[1:] != 0)).squeeze(1) + 1
-    ends = torch.nonzero(changed & (lines[:-1] != 0)).squeeze(1)
-    return starts, ends
+    runs = []
+    for number, (first, step, n_rows) in enumerate(zip(firsts, steps, rows, strict=True)):
+        begin, stop = (
+            starts[bounds[number] : bounds[number + 1]],
+            ends[bounds[number] : bounds[number + 1]],
+        )
+        slices = None
+        if with_slice:
+            # position q of a direction's lines holds flat[(q % rows) * step + q // rows]
+            q = begin - first
+            slices = ((q % n_rows) * step + q // n_rows) // (y * x) - 1
+        runs.append((lines[begin], stop - begin + 1, slices))
+    return runs
 
 
 def run_length_counts(
@@ -108,10 +95,18 @@ def run_length_counts(
     """
     slices = grey.shape[0] if by_slice else 1
     longest = max(grey.shape)
-    levels, lengths, direction, start_slice = find_runs(grey, directions, by_slice)
-    matrix = direction if start_slice is None else start_slice * len(directions) + direction
-    keys = (matrix * n_levels + levels - 1) * longest + lengths - 1
-    counts = torch.bincount(keys, minlength=slices * len(directions) * n_levels * longest)
+    # grey levels fit in 16 bits: a quarter of the memory traffic of int64 for the copies
+    host = grey.cpu().numpy().astype(np.int16 if n_levels < 2**15 else np.int64)
+    size = n_levels * longest
+    counts = np.zeros((slices, len(directions), size), np.int64)
+    for number, (levels, lengths, start_slice) in enumerate(find_runs(host, directions, by_slice)):
+        keys = (levels.astype(np.int64) - 1) * longest + lengths - 1
+        if start_slice is None:
+            counts[0, number] = np.bincount(keys, minlength=size)
+        else:
+            flat = np.bincount(start_slice * size + keys, minlength=slices * size)
+            counts[:, number] = flat.reshape(slices, size)
+    counts = torch.as_tensor(counts, device=grey.device)
     counts = counts.view(slices, len(directions), n_levels, longest)
     return counts if by_slice else counts[0]
 
