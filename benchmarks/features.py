@@ -371,6 +371,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=20, help="number of STS patients")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks/results/features")
     args = parser.parse_args()
     data = development_data_dir()
@@ -383,8 +384,12 @@ def main() -> None:
     table, summary = compliance()
     table.to_csv(args.output / "ibsi_phantom.csv", index=False)
     print(f"IBSI phantom: {int(table['matched'].sum())} / {len(table)} matched", flush=True)
-    agree = agreement(cohort, cases)
-    agree.to_csv(args.output / "pyradiomics_agreement.csv", index=False)
+    agreement_file = args.output / "pyradiomics_agreement.csv"
+    if args.skip_agreement and agreement_file.is_file():
+        agree = pd.read_csv(agreement_file)
+    else:
+        agree = agreement(cohort, cases)
+        agree.to_csv(agreement_file, index=False)
     timing = {
         "per_case": {"ours": [math.nan], "pyradiomics": [math.nan]},
         "whole_process": {"ours": math.nan, "pyradiomics": math.nan},

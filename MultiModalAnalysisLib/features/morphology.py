@@ -77,12 +77,59 @@ def ellipsoid_area(semi_axes: np.ndarray, terms: int = 20) -> float:
     return 4 * math.pi * a * b * total
 
 
-def principal_axes(points_mm: np.ndarray) -> np.ndarray:
-    """Eigenvalues of the points' covariance (unbiased), largest first."""
-    if points_mm.shape[0] < 2:
+def moments(
+    weights: torch.Tensor, spacing: tuple[float, float, float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Total, centre (mm) and second central moments (3x3, mm^2) of a weighted volume.
+
+    From the volume's sums along its axes and planes: no list of voxel positions is built.
+    Coordinates are taken from the box centre, which keeps the sums well conditioned.
+    """
+    w = weights.to(torch.float64)
+    axes = [
+        (torch.arange(n, dtype=torch.float64, device=w.device) - (n - 1) / 2) * step
+        for n, step in zip(w.shape, spacing, strict=True)
+    ]
+    z, y, x = axes
+    total = w.sum()
+    zy, zx, yx = w.sum(2), w.sum(1), w.sum(0)
+    first = torch.stack([zy.sum(1) @ z, zy.sum(0) @ y, zx.sum(0) @ x])
+    second = torch.empty(3, 3, dtype=torch.float64, device=w.device)
+    second[0, 0] = zy.sum(1) @ z**2
+    second[1, 1] = zy.sum(0) @ y**2
+    second[2, 2] = zx.sum(0) @ x**2
+    second[0, 1] = second[1, 0] = z @ zy @ y
+    second[0, 2] = second[2, 0] = z @ zx @ x
+    second[1, 2] = second[2, 1] = y @ yx @ x
+    centre = first / total
+    return total, centre, second - total * torch.outer(centre, centre)
+
+
+def principal_axes(mask: torch.Tensor, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Eigenvalues of the voxel positions' covariance (unbiased), largest first."""
+    count, _, central = moments(mask, spacing)
+    if float(count) < 2:
         return np.full(3, np.nan)
-    eigenvalues = np.linalg.eigvalsh(np.cov(points_mm, rowvar=False))
+    eigenvalues = np.linalg.eigvalsh((central / (count - 1)).cpu().numpy())
     return np.clip(eigenvalues[::-1], 0.0, None)
+
+
+def hull_candidates(vertices: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """The mesh vertices that can be corners of its convex hull.
+
+    On each line along x (same z and y) only the two ends can be hull corners; the others
+    lie between them. The mesh's vertices sit on a half-voxel lattice, so lines are found
+    exactly, and the hull is built from a fraction of the vertices.
+    """
+    lattice = np.rint(vertices / (np.asarray(spacing) / 2)).astype(np.int64)
+    width = int(lattice[:, 1].max()) + 1
+    row = lattice[:, 0] * width + lattice[:, 1]
+    x = lattice[:, 2]
+    low = np.full(int(row.max()) + 1, np.iinfo(np.int64).max)
+    high = np.full_like(low, np.iinfo(np.int64).min)
+    np.minimum.at(low, row, x)
+    np.maximum.at(high, row, x)
+    return vertices[(x == low[row]) | (x == high[row])]
 
 
 def minimum_volume_ellipsoid(points: np.ndarray, tolerance: float = 1e-7) -> np.ndarray:
@@ -245,12 +292,11 @@ def morphology_feature_values(
         "morph_asphericity": ratio ** (-1 / 3) - 1,
     }
     values.update(_centre_of_mass_shift(roi))
-    hull = ConvexHull(vertices)
-    hull_points = vertices[hull.vertices]
+    hull = ConvexHull(hull_candidates(vertices, spacing))
+    hull_points = hull.points[hull.vertices]
     values["morph_diam"] = float(pdist(hull_points).max()) if len(hull_points) > 1 else 0.0
 
-    positions = np.argwhere(morph) * np.asarray(spacing)
-    eigenvalues = principal_axes(positions)
+    eigenvalues = principal_axes(roi.morphology_mask, spacing)
     major, minor, least = 4 * np.sqrt(eigenvalues)
     ratio_minor, ratio_least = (
         (math.sqrt(eigenvalues[1] / eigenvalues[0]), math.sqrt(eigenvalues[2] / eigenvalues[0]))
@@ -293,11 +339,9 @@ def morphology_feature_values(
 
 def _centre_of_mass_shift(roi: RegionOfInterest) -> dict[str, torch.Tensor]:
     """Distance (mm) between the mask's centre and the intensity-weighted centre."""
-    spacing = torch.tensor(roi.spacing, dtype=torch.float64, device=roi.device)
-    geometric = torch.nonzero(roi.morphology_mask).to(torch.float64).mean(0) * spacing
-    positions = torch.nonzero(roi.intensity_mask).to(torch.float64) * spacing
-    weights = roi.values
-    weighted = (positions * weights.unsqueeze(1)).sum(0) / weights.sum()
+    _, geometric, _ = moments(roi.morphology_mask, roi.spacing)
+    intensities = torch.where(roi.intensity_mask, roi.image, torch.zeros_like(roi.image))
+    _, weighted, _ = moments(intensities, roi.spacing)
     return {"morph_com": torch.linalg.norm(geometric - weighted)}
 
 
