@@ -80,16 +80,18 @@ def compute_variants(
     n_parts = len(variants[tags[0]])
     batch = [torch.cat([variants[t][k] for t in tags]) for k in range(n_parts)]
     values = features(*batch, **options)
+    names = list(values)
+    table = torch.stack([values[n] for n in names])  # [features, matrices]
     result: dict[str, torch.Tensor] = {}
-    for name, column in values.items():
-        for tag, chunk in zip(tags, column.split(sizes), strict=True):
-            result[f"{prefix}_{name}_{tag}"] = nanmean(chunk)
+    for tag, chunk in zip(tags, table.split(sizes, dim=1), strict=True):
+        for name, mean in zip(names, nanmean(chunk).unbind(), strict=True):
+            result[f"{prefix}_{name}_{tag}"] = mean
     return result
 
 
 def nanmean(values: torch.Tensor) -> torch.Tensor:
-    """Mean of the finite entries; NaN when there are none."""
+    """Mean of the finite entries along the last axis; NaN where there are none."""
     finite = torch.isfinite(values)
-    count = finite.sum()
-    total = torch.where(finite, values, torch.zeros_like(values)).sum()
+    count = finite.sum(-1)
+    total = torch.where(finite, values, torch.zeros_like(values)).sum(-1)
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))

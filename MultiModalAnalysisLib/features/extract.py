@@ -122,16 +122,21 @@ def image_features(
         _ = context.grey  # shared by the threads below: computed once, up front
     values: dict[str, torch.Tensor | float] = {}
     workers = max(1, min(workers or _default_workers(), len(families)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="features") as pool:
-        futures = {pool.submit(_run_family, f, context, cancel): f for f in families}
-        try:
-            for done, future in enumerate(as_completed(futures)):
-                values.update(future.result())
-                report((done + 1) / len(families), f"{name}: {futures[future]} done")
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    if workers == 1:
+        for done, family in enumerate(families):
+            values.update(_run_family(family, context, cancel))
+            report((done + 1) / len(families), f"{name}: {family} done")
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="features") as pool:
+            futures = {pool.submit(_run_family, f, context, cancel): f for f in families}
+            try:
+                for done, future in enumerate(as_completed(futures)):
+                    values.update(future.result())
+                    report((done + 1) / len(families), f"{name}: {futures[future]} done")
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
     if settings.features is not None:
         values = {k: v for k, v in values.items() if settings.wants_feature(k)}
     floats = _to_floats({k: values[k] for k in sorted(values, key=_tag_order)})

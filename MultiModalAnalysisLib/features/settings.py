@@ -51,9 +51,11 @@ the re-segmentation range when one is given, as IBSI recommends for CT and PET.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
-from fnmatch import fnmatchcase
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,7 @@ class FeatureSettings:
         """True when the feature ``tag`` (e.g. ``"morph_moran_i"``) is to be reported."""
         if not self.wants(tag.split("_", 1)[0]):
             return False
-        return self.features is None or any(fnmatchcase(tag, p) for p in self.features)
+        return self.features is None or _pattern(self.features).match(tag) is not None
 
     # -- checks --------------------------------------------------------------------------
     def validate(self) -> None:
@@ -300,6 +302,12 @@ def load_settings(source: FeatureSettings | dict | str | Path | None = None) -> 
     except Exception as error:  # json and yaml raise their own error types
         raise ConfigError(f"settings file {path} could not be parsed: {error}") from None
     return FeatureSettings.from_dict(values, source=f"settings file {path}")
+
+
+@lru_cache(maxsize=32)
+def _pattern(patterns: tuple[str, ...]) -> re.Pattern:
+    """One compiled regular expression for a tuple of glob patterns."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
 
 
 def _yaml(path: Path):
