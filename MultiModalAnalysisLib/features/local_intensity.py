@@ -13,11 +13,18 @@ import math
 import torch
 from scipy.fft import next_fast_len
 
-from MultiModalAnalysisLib.features.roi import PEAK_RADIUS_MM, RegionOfInterest
+from MultiModalAnalysisLib.features.roi import PEAK_RADIUS_MM, RegionOfInterest, bounding_box
 
 
-def local_means(image: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
-    """Mean intensity within :data:`PEAK_RADIUS_MM` of every voxel centre."""
+def local_means(
+    image: torch.Tensor, spacing: tuple[float, float, float], where: torch.Tensor
+) -> torch.Tensor:
+    """Mean intensity within :data:`PEAK_RADIUS_MM` of each voxel centre selected by ``where``.
+
+    The mean covers the sphere's voxels inside ``image``: where every selected voxel's
+    sphere lies inside, that is the sphere's voxel count, and only near the edge does it
+    need a second convolution (of ones).
+    """
     reach = [int(math.floor(PEAK_RADIUS_MM / s)) for s in spacing]
     axes = [
         torch.arange(-r, r + 1, dtype=torch.float64, device=image.device) * s
@@ -25,8 +32,15 @@ def local_means(image: torch.Tensor, spacing: tuple[float, float, float]) -> tor
     ]
     dz, dy, dx = torch.meshgrid(*axes, indexing="ij")
     ball = ((dz**2 + dy**2 + dx**2) <= PEAK_RADIUS_MM**2 + 1e-9).to(torch.float64)
-    sums = _convolve(image.to(torch.float64), ball, reach)
-    counts = _convolve(torch.ones_like(image, dtype=torch.float64), ball, reach)
+    sums = _convolve(image.to(torch.float64), ball, reach)[where]
+    selected = bounding_box(where)
+    clear = all(
+        part.start >= r and part.stop <= n - r
+        for part, r, n in zip(selected, reach, image.shape, strict=True)
+    )
+    if clear:
+        return sums / ball.sum()
+    counts = _convolve(torch.ones_like(image, dtype=torch.float64), ball, reach)[where]
     return sums / counts.clamp(min=0.5)
 
 
@@ -43,7 +57,7 @@ def _convolve(volume: torch.Tensor, kernel: torch.Tensor, reach: list[int]) -> t
 
 def local_intensity_feature_values(roi: RegionOfInterest) -> dict[str, torch.Tensor]:
     """``loc_peak_loc`` (peak around the hottest voxel) and ``loc_peak_glob`` (highest peak)."""
-    means = local_means(roi.image, roi.spacing)[roi.intensity_mask]
+    means = local_means(roi.image, roi.spacing, roi.intensity_mask)
     values = roi.values
     hottest = values == values.max()
     return {"loc_peak_loc": means[hottest].max(), "loc_peak_glob": means.max()}

@@ -6,6 +6,7 @@ Volumes are ``[z, y, x]``; 2-D work happens in axial (z) slices, as IBSI defines
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -94,3 +95,32 @@ class FlatVolume:
         """The (unpadded) axial slice of every ROI voxel."""
         _, y, x = self.shape
         return torch.div(self.index, y * x, rounding_mode="floor") - self.width
+
+
+def accumulate_neighbours(
+    grey: torch.Tensor,
+    distance: int,
+    levels: tuple[str, ...],
+    combine: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Sums over each voxel's neighbours (Chebyshev ``distance``) of ``combine(grey, nb)``.
+
+    ``levels`` holds ``"2D"`` (neighbours in the slice) and/or ``"3D"`` (all): the 3-D sums
+    continue the in-slice ones, so both cost one pass over the offsets. Works on the whole
+    box with shifted views, whose memory stays that of a few volumes.
+    """
+    padded = pad(grey, distance)
+    in_plane = neighbourhood(distance, in_plane=True)
+    across = [o for o in neighbourhood(distance, in_plane=False) if o[0] != 0]
+    totals: tuple[torch.Tensor, ...] | None = None
+    result = {}
+    for offset in in_plane + (across if "3D" in levels else []):
+        terms = combine(grey, shifted(padded, offset, distance))
+        totals = (
+            terms if totals is None else tuple(t + u for t, u in zip(totals, terms, strict=True))
+        )
+        if offset == in_plane[-1] and "2D" in levels:
+            result["2D"] = totals
+    if "3D" in levels:
+        result["3D"] = totals
+    return result

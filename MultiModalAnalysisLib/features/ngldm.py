@@ -2,7 +2,7 @@
 
 A voxel's dependence count is one plus the number of its ROI neighbours (Chebyshev
 distance ``delta``; in a slice for 2-D) whose grey level differs by at most the coarseness
-``alpha``.
+``alpha``, summed over shifted views of the volume.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from MultiModalAnalysisLib.features.aggregation import compute_variants, zone_variants
 from MultiModalAnalysisLib.features.matrix_features import grey_count_features, rename
-from MultiModalAnalysisLib.features.neighbours import FlatVolume, neighbourhood
+from MultiModalAnalysisLib.features.neighbours import accumulate_neighbours
 
 IBSI_NAMES = {
     "short": "lde", "long": "hde", "low": "lgce", "high": "hgce", "short_low": "ldlge",
@@ -22,18 +22,29 @@ IBSI_NAMES = {
 
 
 def dependence_counts(
-    grey: torch.Tensor, n_levels: int, distance: int, coarseness: float, in_plane: bool
-) -> torch.Tensor:
-    """Counts ``[slices, Ng, K]`` of voxels by grey level and dependence count 1..K."""
-    volume = FlatVolume(grey, distance)
-    offsets = neighbourhood(distance, in_plane)
-    neighbours = volume.neighbours(offsets)
-    similar = (neighbours > 0) & ((neighbours - volume.values.unsqueeze(1)).abs() <= coarseness)
-    dependence = similar.sum(1) + 1
-    n_counts = len(offsets) + 1
-    keys = (volume.slices() * n_levels + volume.values - 1) * n_counts + dependence - 1
-    counts = torch.bincount(keys, minlength=grey.shape[0] * n_levels * n_counts)
-    return counts.view(grey.shape[0], n_levels, n_counts)
+    grey: torch.Tensor, n_levels: int, distance: int, coarseness: float, levels: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Counts ``[slices, Ng, K]`` of voxels by grey level and dependence count 1..K.
+
+    Keyed ``"2D"`` (neighbourhoods in the slice, K = 9 for distance 1) and ``"3D"`` (K = 27).
+    """
+    values = grey.to(torch.int32)
+
+    def similar(centre: torch.Tensor, nb: torch.Tensor) -> tuple[torch.Tensor]:
+        if coarseness == 0:  # the usual case: equal grey levels (centre > 0 in the ROI)
+            return ((nb == centre).to(torch.int32),)
+        return (((nb > 0) & ((nb - centre).abs() <= coarseness)).to(torch.int32),)
+
+    sums = accumulate_neighbours(values, distance, levels, similar)
+    inside = values > 0
+    z_index = torch.arange(grey.shape[0], device=grey.device).view(-1, 1, 1).expand_as(grey)
+    result = {}
+    for level, (count,) in sums.items():
+        n_counts = (2 * distance + 1) ** (2 if level == "2D" else 3)
+        keys = (z_index[inside] * n_levels + values[inside] - 1) * n_counts + count[inside]
+        counts = torch.bincount(keys, minlength=grey.shape[0] * n_levels * n_counts)
+        result[level] = counts.view(grey.shape[0], n_levels, n_counts)
+    return result
 
 
 def ngldm_feature_values(
@@ -45,12 +56,14 @@ def ngldm_feature_values(
 ) -> dict[str, torch.Tensor]:
     """Every NGLDM feature (``ngl_*``) for the requested aggregation levels."""
     voxels = (grey > 0).sum((1, 2))
-    per_slice = volume = None
-    if "2D" in aggregation or "2.5D" in aggregation:
-        per_slice = (dependence_counts(grey, n_levels, distance, coarseness, True), voxels)
-    if "3D" in aggregation:
-        counts = dependence_counts(grey, n_levels, distance, coarseness, False).sum(0)
-        volume = (counts, voxels.sum())
+    levels = tuple(
+        level
+        for level, wanted in (("2D", {"2D", "2.5D"}), ("3D", {"3D"}))
+        if wanted & set(aggregation)
+    )
+    counts = dependence_counts(grey, n_levels, distance, coarseness, levels)
+    per_slice = (counts["2D"], voxels) if "2D" in counts else None
+    volume = (counts["3D"].sum(0), voxels.sum()) if "3D" in counts else None
     variants = zone_variants(per_slice, volume)
     variants = {k: v for k, v in variants.items() if k.replace("_", ".") in aggregation}
     # 2-D and 3-D matrices have different widths (9 or 27 counts): pad to the wider one

@@ -1,8 +1,8 @@
 """Neighbourhood grey tone difference matrix (NGTDM) features, IBSI 1 section 3.10.
 
 For each ROI voxel, the mean grey level of its neighbours inside the ROI (Chebyshev
-distance ``delta``, the voxel itself excluded; in a slice for 2-D) comes from one gather of
-all neighbours; voxels without any ROI neighbour are left out, as IBSI does.
+distance ``delta``, the voxel itself excluded; in a slice for 2-D) comes from sums of
+shifted views of the volume; voxels without any ROI neighbour are left out, as IBSI does.
 """
 
 from __future__ import annotations
@@ -10,29 +10,35 @@ from __future__ import annotations
 import torch
 
 from MultiModalAnalysisLib.features.aggregation import compute_variants, zone_variants
-from MultiModalAnalysisLib.features.neighbours import FlatVolume, neighbourhood
+from MultiModalAnalysisLib.features.neighbours import accumulate_neighbours
 
 
 def tone_differences(
-    grey: torch.Tensor, n_levels: int, distance: int, in_plane: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+    grey: torch.Tensor, n_levels: int, distance: int, levels: tuple[str, ...]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per slice ``s[slices, Ng]`` (sum of |i - neighbourhood mean|) and ``n[slices, Ng]``.
 
-    For 3-D work (``in_plane=False``) sum over slices to get the volume's matrix.
+    Keyed ``"2D"`` (neighbourhoods in the slice) and ``"3D"``; sum the 3-D ones over slices
+    to get the volume's matrix.
     """
-    volume = FlatVolume(grey, distance)
-    neighbours = volume.neighbours(neighbourhood(distance, in_plane))
-    inside = neighbours > 0
-    count = inside.sum(1)
-    total = neighbours.sum(1, dtype=torch.float64)
-    valid = count > 0
-    levels = volume.values[valid]
-    difference = (levels - total[valid] / count[valid]).abs()
-    keys = volume.slices()[valid] * n_levels + levels - 1
+    values = grey.to(torch.int32)
+    sums = accumulate_neighbours(
+        values, distance, levels, lambda centre, nb: (nb, nb.clamp(max=1))
+    )  # neighbour grey levels (0 outside) and the number of neighbours inside
+    inside = values > 0
+    z_index = torch.arange(grey.shape[0], device=grey.device).view(-1, 1, 1).expand_as(grey)
     size = grey.shape[0] * n_levels
-    s = torch.zeros(size, dtype=torch.float64, device=grey.device).index_add_(0, keys, difference)
-    n = torch.bincount(keys, minlength=size).to(torch.float64)
-    return s.view(-1, n_levels), n.view(-1, n_levels)
+    result = {}
+    for level, (total, count) in sums.items():
+        valid = inside & (count > 0)
+        centre = values[valid]
+        difference = (centre - total[valid].to(torch.float64) / count[valid]).abs()
+        keys = z_index[valid] * n_levels + centre - 1
+        s = torch.zeros(size, dtype=torch.float64, device=grey.device)
+        s.index_add_(0, keys, difference)
+        n = torch.bincount(keys, minlength=size).to(torch.float64)
+        result[level] = (s.view(-1, n_levels), n.view(-1, n_levels))
+    return result
 
 
 def ngtdm_features(s: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,12 +87,14 @@ def ngtdm_feature_values(
     grey: torch.Tensor, n_levels: int, aggregation: tuple[str, ...], distance: int = 1
 ) -> dict[str, torch.Tensor]:
     """Every NGTDM feature (``ngt_*``) for the requested aggregation levels."""
-    per_slice = volume = None
-    if "2D" in aggregation or "2.5D" in aggregation:
-        per_slice = tone_differences(grey, n_levels, distance, in_plane=True)
-    if "3D" in aggregation:
-        s, n = tone_differences(grey, n_levels, distance, in_plane=False)
-        volume = (s.sum(0), n.sum(0))
+    levels = tuple(
+        level
+        for level, wanted in (("2D", {"2D", "2.5D"}), ("3D", {"3D"}))
+        if wanted & set(aggregation)
+    )
+    sums = tone_differences(grey, n_levels, distance, levels)
+    per_slice = sums.get("2D")
+    volume = None if "3D" not in sums else tuple(t.sum(0) for t in sums["3D"])
     variants = zone_variants(per_slice, volume)
     variants = {k: v for k, v in variants.items() if k.replace("_", ".") in aggregation}
     return compute_variants(variants, ngtdm_features, "ngt")

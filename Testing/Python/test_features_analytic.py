@@ -193,7 +193,7 @@ def test_zones_and_border_distances_match_scipy(rng):
 
 def test_neighbourhood_tone_differences_match_a_loop(rng):
     grey = random_grey(rng, (4, 6, 5), levels=3)
-    s, n = tone_differences(grey, 3, 1, in_plane=False)
+    s, n = tone_differences(grey, 3, 1, ("3D",))["3D"]
     expected_s, expected_n = np.zeros(3), np.zeros(3)
     g = np.pad(grey.numpy(), 1)
     for z, y, x in itertools.product(*(range(1, k + 1) for k in grey.shape)):
