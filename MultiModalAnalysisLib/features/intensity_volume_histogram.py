@@ -30,14 +30,13 @@ def ivh_feature_values(
         chosen = volume[gamma >= fraction - 1e-12]
         return chosen.max() if chosen.numel() else nan
 
+    step = levels[1] - levels[0] if levels.numel() > 1 else 1.0
+
     def intensity_at(fraction: float) -> torch.Tensor:
         chosen = levels[volume <= fraction + 1e-12]
-        # no level holds so little volume: IBSI takes the level just above the range
-        return (
-            chosen.min()
-            if chosen.numel()
-            else levels[-1] + (levels[-1] - levels[-2] if levels.numel() > 1 else 1)
-        )
+        # even the highest level holds more than the fraction: the next level up, as
+        # IBSI's reference implementation does
+        return chosen.min() if chosen.numel() else levels[-1] + step
 
     v10, v90 = volume_at(0.10), volume_at(0.90)
     i10, i90 = intensity_at(0.10), intensity_at(0.90)
