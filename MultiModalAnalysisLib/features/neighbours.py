@@ -24,11 +24,6 @@ def unique_directions(in_plane: bool) -> list[tuple[int, int, int]]:
     return directions
 
 
-def out_of_plane_directions() -> list[tuple[int, int, int]]:
-    """The 9 of the 13 3-D directions that leave the slice."""
-    return [d for d in unique_directions(False) if d[0] != 0]
-
-
 def neighbourhood(distance: int, in_plane: bool) -> list[tuple[int, int, int]]:
     """All offsets within Chebyshev ``distance`` (both signs), without (0, 0, 0)."""
     span = range(-distance, distance + 1)
@@ -64,37 +59,6 @@ def shifted(padded: torch.Tensor, offset: tuple[int, int, int], width: int) -> t
     return padded[
         width + dz : width + dz + z, width + dy : width + dy + y, width + dx : width + dx + x
     ]
-
-
-class FlatVolume:
-    """A zero-padded volume flattened, with the flat indices of its non-zero (ROI) voxels.
-
-    Neighbours of every ROI voxel along any offset are then one gather, whatever the
-    offset: the texture families work on the ROI's voxels only, not the whole box.
-    """
-
-    def __init__(self, volume: torch.Tensor, width: int) -> None:
-        self.width = width
-        padded = pad(volume, width)
-        self.shape = padded.shape
-        self.flat = padded.reshape(-1)
-        self.index = flat_positions(self.flat != 0)
-        self.values = self.flat[self.index]
-
-    def step(self, offset: tuple[int, int, int]) -> int:
-        """The flat index difference of an offset ``(dz, dy, dx)``."""
-        _, y, x = self.shape
-        return (offset[0] * y + offset[1]) * x + offset[2]
-
-    def neighbours(self, offsets: list[tuple[int, int, int]]) -> torch.Tensor:
-        """``[voxels, offsets]``: the value at each ROI voxel plus each offset (0 outside)."""
-        steps = torch.tensor([self.step(o) for o in offsets], device=self.flat.device)
-        return self.flat[self.index.unsqueeze(1) + steps]
-
-    def slices(self) -> torch.Tensor:
-        """The (unpadded) axial slice of every ROI voxel."""
-        _, y, x = self.shape
-        return torch.div(self.index, y * x, rounding_mode="floor") - self.width
 
 
 def accumulate_neighbours(

@@ -25,8 +25,9 @@ key                                default             meaning
 ``ih_discretisation_*``            ``null``            the intensity histogram's own method,
                                                        bin number, width, lower bound (null: as
                                                        for texture)
-``ivh_discretisation_method``      ``"none"``          intensity-volume histogram: none (grey
-                                                       levels / intensities as they are),
+``ivh_discretisation_method``      ``"none"``          intensity-volume histogram: none (whole-
+                                                       number intensities as they are, e.g.
+                                                       CT HU; others get fixed_bin_number),
                                                        fixed_bin_number or fixed_bin_size
 ``ivh_discretisation_bin_number``  ``1000``            bins for the IVH (fixed_bin_number)
 ``ivh_discretisation_bin_width``   ``null``            bin width for the IVH (fixed_bin_size)
