@@ -44,23 +44,25 @@ def find_zones(grey: torch.Tensor, distance_map: torch.Tensor | None, in_plane: 
         labels = label(spaced, background=0, connectivity=2)[::2]
     else:
         labels = label(array, background=0, connectivity=3)
-    labels = torch.as_tensor(np.ascontiguousarray(labels), device=grey.device).to(torch.int64)
-    inside = grey > 0
-    ids = labels[inside]
-    n_zones = int(ids.max()) + 1 if ids.numel() else 1
-    z_index = torch.arange(grey.shape[0], device=grey.device).view(-1, 1, 1).expand_as(grey)
-    levels = torch.zeros(n_zones, dtype=torch.int64, device=grey.device)
-    levels.scatter_(0, ids, grey[inside])
-    slices = torch.zeros_like(levels).scatter_(0, ids, z_index[inside])
-    sizes = torch.bincount(ids, minlength=n_zones)
-    if distance_map is None:
-        distances = torch.zeros_like(levels)
-    else:
-        far = torch.full_like(levels, torch.iinfo(torch.int64).max)
-        distances = far.scatter_reduce(0, ids, distance_map[inside].to(torch.int64), "amin")
+    # per-zone values by writing every voxel's value at its zone (all equal within a zone),
+    # on the host next to the labels: no boolean selection of the ROI's voxels
+    ids = np.ascontiguousarray(labels).reshape(-1)
+    sizes = np.bincount(ids)
+    levels = np.zeros(sizes.size, dtype=np.int64)
+    levels[ids] = array.reshape(-1)
+    slices = np.zeros_like(levels)
+    slices[ids] = np.repeat(np.arange(array.shape[0]), array[0].size)
+    distances = np.zeros_like(levels)
+    if distance_map is not None:
+        distances[:] = np.iinfo(np.int64).max
+        np.minimum.at(distances, ids, distance_map.cpu().numpy().reshape(-1).astype(np.int64))
     keep = sizes > 0
     keep[0] = False  # label 0 is the background
-    return Zones(levels[keep], sizes[keep], distances[keep], slices[keep])
+
+    def tensor(values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values[keep], device=grey.device)
+
+    return Zones(tensor(levels), tensor(sizes), tensor(distances), tensor(slices))
 
 
 def border_distance(mask: torch.Tensor, in_plane: bool) -> torch.Tensor:
