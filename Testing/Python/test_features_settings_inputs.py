@@ -174,3 +174,11 @@ def test_cancel_stops_feature_extraction(lesion):
     cancel.set()
     with pytest.raises(OperationCancelled):
         extract_features({"CT": image}, mask, FAST, cancel=cancel)
+
+
+def test_families_in_parallel_threads_give_the_sequential_values(lesion):
+    image, mask = lesion
+    sequential = extract_features({"CT": image}, mask, device="cpu", workers=1)
+    parallel = extract_features({"CT": image}, mask, device="cpu", workers=3)
+    assert list(parallel) == list(sequential)  # same order: IBSI's family order
+    assert all(parallel[k] == pytest.approx(sequential[k], nan_ok=True) for k in sequential)
