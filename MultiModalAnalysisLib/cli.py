@@ -142,6 +142,78 @@ def _run_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_features(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "features",
+        help="IBSI radiomics features of images in a mask (one row per case)",
+        description="Compute the IBSI-1 feature families (morphology, intensity, histogram, "
+        "IVH, GLCM, GLRLM, GLSZM, GLDZM, NGTDM, NGLDM) of each image inside the mask; "
+        "columns are <image>_<IBSI tag>. Either one case (--image ... --mask) or a cohort "
+        "(--manifest --mask-column --modalities). A mask on another grid than an image is "
+        "resampled onto it with a warning.",
+    )
+    single = parser.add_argument_group("one case")
+    single.add_argument("--image", action="append", default=[], metavar="NAME=PATH",
+                        help="an image and its name (repeat for several: CT=ct.nii.gz)")
+    single.add_argument("--mask", type=Path, help="the region of interest")
+    single.add_argument("--case-id", help="the case's id in the table (default: the mask's "
+                        "folder name)")
+    cohort = parser.add_argument_group("a cohort")
+    cohort.add_argument("--manifest", type=Path, help="cohort manifest CSV (one row per case)")
+    cohort.add_argument("--mask-column", help="the manifest column holding each case's mask")
+    cohort.add_argument("--modalities", help="comma-separated image columns, e.g. CT,PET,MR_T1")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="features CSV")
+    parser.add_argument("--settings", type=Path,
+                        help="JSON or YAML file of IBSI settings (see FeatureSettings)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.set_defaults(func=_run_features)
+
+
+def _run_features(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from MultiModalAnalysisLib.errors import ConfigError
+    from MultiModalAnalysisLib.features import (
+        extract_cohort_features,
+        extract_features,
+        load_settings,
+    )
+    from MultiModalAnalysisLib.io import read_image
+
+    settings = load_settings(args.settings)
+    if args.manifest:
+        if args.image or args.mask:
+            raise ConfigError("give either --manifest or --image/--mask, not both.")
+        if not args.mask_column or not args.modalities:
+            raise ConfigError("--manifest needs --mask-column and --modalities (e.g. CT,PET).")
+        modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+        with ProgressBar("features", enabled=not args.quiet) as bar:
+            table = extract_cohort_features(
+                args.manifest, modalities, args.mask_column, settings, args.device, bar
+            )
+    else:
+        if not args.image or not args.mask:
+            raise ConfigError(
+                "give --image NAME=PATH (one or more) and --mask, or --manifest with "
+                "--mask-column and --modalities."
+            )
+        images = {}
+        for item in args.image:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--image {item!r}: write NAME=PATH, e.g. CT=ct.nii.gz.")
+            images[name] = read_image(path, name=f"{name} ({path})")
+        mask = read_image(args.mask, name=f"mask {args.mask}")
+        with ProgressBar("features", enabled=not args.quiet) as bar:
+            values = extract_features(images, mask, settings, args.device, bar)
+        case_id = args.case_id or args.mask.resolve().parent.name
+        table = pd.DataFrame([{"case_id": case_id, **values}])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.output, index=False)
+    print(f"wrote {args.output}: {len(table)} case(s), {table.shape[1] - 1} features each")
+    return 0
+
+
 def _add_info(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("info", help="print versions and the compute device")
     parser.set_defaults(func=_run_info)
@@ -311,7 +383,8 @@ def _print_external_auc(manifest: Path, model, predictions) -> None:
 
 
 COMMANDS = (
-    _add_demo, _add_preprocess, _add_manifest, _add_info, _add_train_classifier, _add_classify,
+    _add_demo, _add_preprocess, _add_manifest, _add_info, _add_features, _add_train_classifier,
+    _add_classify,
 )
 
 

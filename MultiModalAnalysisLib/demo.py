@@ -95,6 +95,54 @@ def _resample(state: DemoState, progress: Progress, cancel: threading.Event | No
 # Registration (rigid recovery of a perturbed MR), segmentation (the shipped model, Dice
 # against the expert mask), features and classification are further steps inserted here.
 
+# Discretisation per modality, as IBSI recommends: fixed bin sizes in physical units for CT
+# (HU) and PET (SUV), a fixed bin number for MR (arbitrary units after normalisation).
+DEMO_FEATURE_SETTINGS = {
+    "CT": {"discretisation_method": "fixed_bin_size", "discretisation_bin_width": 25.0},
+    "PET": {"discretisation_method": "fixed_bin_size", "discretisation_bin_width": 0.5},
+    "MR_T1": {"discretisation_method": "fixed_bin_number", "discretisation_bin_number": 32},
+}
+MAIN_FEATURES = {
+    "volume (mL)": ("CT", "morph_volume", 1e-3),
+    "sphericity": ("CT", "morph_sphericity", 1.0),
+    "max 3-D diameter (mm)": ("CT", "morph_diam", 1.0),
+    "CT mean (HU)": ("CT", "stat_mean", 1.0),
+    "SUVmax": ("PET", "stat_max", 1.0),
+    "SUVpeak": ("PET", "loc_peak_glob", 1.0),
+    "MR-T1 GLCM joint entropy": ("MR_T1", "cm_joint_entr_3D_avg", 1.0),
+    "PET GLSZM zone size entropy": ("PET", "szm_zs_entr_3D", 1.0),
+    "CT NGTDM coarseness": ("CT", "ngt_coarseness_3D", 1.0),
+}
+
+
+def _features(state: DemoState, progress: Progress, cancel: threading.Event | None) -> str:
+    import pandas as pd
+
+    from MultiModalAnalysisLib.features import extract_features
+
+    fused, values = state.fused, {"case_id": state.fused.case_id}
+    for i, modality in enumerate(MODALITIES):
+        settings = {**DEMO_FEATURE_SETTINGS[modality], "texture_aggregation": ["3D"]}
+        values.update(
+            extract_features(
+                {modality: fused.image(modality)},
+                fused.mask(TUMOUR_MASK),
+                settings,
+                progress=progress.sub(i / len(MODALITIES), (i + 1) / len(MODALITIES)),
+                cancel=cancel,
+            )
+        )
+    path = state.output_dir / "features.csv"
+    pd.DataFrame([values]).to_csv(path, index=False)
+    state.outputs["features"] = path
+    table = {
+        label: round(values[f"{modality}_{tag}"] * scale, 4)
+        for label, (modality, tag, scale) in MAIN_FEATURES.items()
+    }
+    state.facts["features"] = table
+    lines = "\n".join(f"{'':14}{label:<30} {value:>10.4g}" for label, value in table.items())
+    return f"{len(values) - 1} IBSI features of the tumour -> {path.name}:\n{lines}"
+
 
 def _classify(state: DemoState, progress: Progress, cancel: threading.Event | None) -> str:
     """P(lung metastases) of the sample patient from the shipped classifier and the tumour
@@ -177,6 +225,7 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("load", 0.05, _load),
     DemoStep("preprocess", 0.5, _preprocess),
     DemoStep("resample", 0.1, _resample),
+    DemoStep("features", 0.15, _features),
     DemoStep("classify", 0.02, _classify),  # after the features step, which it reads
     DemoStep("write", 0.1, _write_volumes),
     DemoStep("montage", 0.25, _montage),

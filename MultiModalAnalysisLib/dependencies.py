@@ -28,6 +28,7 @@ PIP_REQUIREMENTS = (
     "scikit-image>=0.22,<0.27",
     "matplotlib>=3.7,<3.12",
     "tqdm>=4.60,<5",
+    "pyyaml>=5.4,<7",
 )
 
 

@@ -33,6 +33,9 @@ def test_mma_demo_runs_end_to_end_and_writes_its_outputs(tmp_path):
         assert volume.GetSize() == (161, 143, 48)  # every modality on the CT grid
     mr = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "MR_T1_preprocessed_on_CT.nii.gz")))
     assert np.isfinite(mr).all()
+    features = (out / "features.csv").read_text().splitlines()
+    assert len(features) == 2 and "PET_stat_max" in features[0]  # one row: the tumour
+    assert 1.0 < report["facts"]["features"]["SUVmax"] < 100.0
     montage = matplotlib.image.imread(out / "montage.png")
     assert montage.shape[0] > 800 and montage.shape[1] > 800
     assert montage[..., :3].std() > 0.1  # not a blank picture

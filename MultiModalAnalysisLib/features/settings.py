@@ -1,0 +1,332 @@
+"""Feature-extraction settings: the IBSI-1 image-processing chain and feature parameters.
+
+The names follow the IBSI reference manual (chapter 2, "image processing", and the
+parameters of each feature family), in snake case. A settings file (JSON or YAML) holds any
+subset of these keys; what it leaves out keeps its default. The defaults:
+
+=================================  ==================  =========================================
+key                                default             meaning
+=================================  ==================  =========================================
+``new_spacing``                    ``null``            resample to this voxel spacing (x, y, z mm;
+                                                       one number: isotropic); null keeps the grid
+``interpolation_method``           ``"linear"``        image interpolator: nearest, linear, bspline
+``roi_interpolation_method``       ``"linear"``        mask interpolator (then thresholded)
+``roi_partial_volume_threshold``   ``0.5``             interpolated mask value that stays inside
+``intensity_rounding``             ``false``           round intensities after interpolation (CT)
+``resegmentation_range``           ``null``            [low, high] intensities kept in the
+                                                       intensity mask (null end: open)
+``resegmentation_outlier_sigma``   ``null``            drop voxels beyond mean +- sigma * sd
+``discretisation_method``          ``"fixed_bin_number"``  texture grey levels: fixed_bin_number,
+                                                       fixed_bin_size or none (use as-is)
+``discretisation_bin_number``      ``32``              bins for fixed_bin_number
+``discretisation_bin_width``       ``25.0``            bin width for fixed_bin_size
+``discretisation_lower_bound``     ``null``            fixed_bin_size's first bin edge (default:
+                                                       re-segmentation low end, else ROI minimum)
+``ih_discretisation_*``            ``null``            the intensity histogram's own method,
+                                                       bin number, width, lower bound (null: as
+                                                       for texture)
+``ivh_discretisation_method``      ``"none"``          intensity-volume histogram: none (whole-
+                                                       number intensities as they are, e.g.
+                                                       CT HU; others get fixed_bin_number),
+                                                       fixed_bin_number or fixed_bin_size
+``ivh_discretisation_bin_number``  ``1000``            bins for the IVH (fixed_bin_number)
+``ivh_discretisation_bin_width``   ``null``            bin width for the IVH (fixed_bin_size)
+``texture_aggregation``            ``["2D", "2.5D", "3D"]``  IBSI aggregation levels computed
+``glcm_distance``                  ``1``               GLCM neighbour distance (Chebyshev)
+``ngtdm_distance``                 ``1``               NGTDM neighbourhood distance
+``ngldm_distance``                 ``1``               NGLDM neighbourhood distance
+``ngldm_coarseness``               ``0``               NGLDM coarseness alpha
+``families``                       all                 morph, loc, stat, ih, ivh, cm, rlm, szm,
+                                                       dzm, ngt, ngl
+``features``                       ``null``            only these IBSI tags (glob patterns
+                                                       allowed, e.g. ``cm_*_3D_avg``); null: all
+``non_standard_features``          ``true``            also OMBB/MVEE densities and IVH AUC,
+                                                       which IBSI lists but does not standardise
+``mask_grid_mismatch``             ``"resample"``      mask on another grid: resample it onto
+                                                       the image (with a warning) or ``error``
+=================================  ==================  =========================================
+
+A fixed_bin_size discretisation (and an IVH with ``none`` on non-integer intensities) uses
+the re-segmentation range when one is given, as IBSI recommends for CT and PET.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from MultiModalAnalysisLib.errors import ConfigError
+
+FAMILIES = ("morph", "loc", "stat", "ih", "ivh", "cm", "rlm", "szm", "dzm", "ngt", "ngl")
+TEXTURE_FAMILIES = ("cm", "rlm", "szm", "dzm", "ngt", "ngl")
+AGGREGATIONS = ("2D", "2.5D", "3D")
+DISCRETISATION_METHODS = ("fixed_bin_number", "fixed_bin_size", "none")
+INTERPOLATION_METHODS = ("nearest", "linear", "bspline")
+GRID_MISMATCH_POLICIES = ("resample", "error")
+
+
+@dataclass(frozen=True)
+class Discretisation:
+    """One discretisation: method, bin number or width, and the first bin's lower edge."""
+
+    method: str = "fixed_bin_number"
+    bin_number: int = 32
+    bin_width: float = 25.0
+    lower_bound: float | None = None
+
+
+@dataclass
+class FeatureSettings:
+    """Every parameter of feature extraction; see the module docstring for each key."""
+
+    new_spacing: tuple[float, float, float] | None = None
+    interpolation_method: str = "linear"
+    roi_interpolation_method: str = "linear"
+    roi_partial_volume_threshold: float = 0.5
+    intensity_rounding: bool = False
+    resegmentation_range: tuple[float | None, float | None] | None = None
+    resegmentation_outlier_sigma: float | None = None
+    discretisation_method: str = "fixed_bin_number"
+    discretisation_bin_number: int = 32
+    discretisation_bin_width: float = 25.0
+    discretisation_lower_bound: float | None = None
+    ih_discretisation_method: str | None = None
+    ih_discretisation_bin_number: int | None = None
+    ih_discretisation_bin_width: float | None = None
+    ih_discretisation_lower_bound: float | None = None
+    ivh_discretisation_method: str = "none"
+    ivh_discretisation_bin_number: int = 1000
+    ivh_discretisation_bin_width: float | None = None
+    texture_aggregation: tuple[str, ...] = AGGREGATIONS
+    glcm_distance: int = 1
+    ngtdm_distance: int = 1
+    ngldm_distance: int = 1
+    ngldm_coarseness: float = 0.0
+    families: tuple[str, ...] = FAMILIES
+    features: tuple[str, ...] | None = None
+    non_standard_features: bool = True
+    mask_grid_mismatch: str = "resample"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived views -------------------------------------------------------------------
+    @property
+    def texture(self) -> Discretisation:
+        """The discretisation of the texture families."""
+        return Discretisation(
+            self.discretisation_method,
+            int(self.discretisation_bin_number),
+            float(self.discretisation_bin_width),
+            self._lower_bound(self.discretisation_lower_bound),
+        )
+
+    @property
+    def intensity_histogram(self) -> Discretisation:
+        """The intensity histogram's discretisation (the texture one unless overridden)."""
+        texture = self.texture
+        return Discretisation(
+            self.ih_discretisation_method or texture.method,
+            int(self.ih_discretisation_bin_number or texture.bin_number),
+            float(self.ih_discretisation_bin_width or texture.bin_width),
+            self._lower_bound(self.ih_discretisation_lower_bound)
+            if self.ih_discretisation_lower_bound is not None
+            else texture.lower_bound,
+        )
+
+    @property
+    def intensity_volume_histogram(self) -> Discretisation:
+        """The IVH's discretisation."""
+        return Discretisation(
+            self.ivh_discretisation_method,
+            int(self.ivh_discretisation_bin_number),
+            float(self.ivh_discretisation_bin_width or 0.0),
+            self._lower_bound(None),
+        )
+
+    def _lower_bound(self, explicit: float | None) -> float | None:
+        if explicit is not None:
+            return float(explicit)
+        if self.resegmentation_range is not None and self.resegmentation_range[0] is not None:
+            return float(self.resegmentation_range[0])
+        return None
+
+    def wants(self, family: str) -> bool:
+        """True when ``family`` (e.g. ``"cm"``) is to be computed."""
+        if family not in self.families:
+            return False
+        if self.features is None:
+            return True
+        return any(p.startswith(family + "_") or p[:1] in "*?[" for p in self.features)
+
+    def wants_feature(self, tag: str) -> bool:
+        """True when the feature ``tag`` (e.g. ``"morph_moran_i"``) is to be reported."""
+        if not self.wants(tag.split("_", 1)[0]):
+            return False
+        return self.features is None or _pattern(self.features).match(tag) is not None
+
+    # -- checks --------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Normalise types and raise :class:`ConfigError` on an out-of-range value."""
+        if self.extra:
+            raise ConfigError(
+                f"unknown feature setting(s): {', '.join(sorted(self.extra))}. Known: "
+                f"{', '.join(SETTING_NAMES)}."
+            )
+        if self.new_spacing is not None:
+            spacing = self.new_spacing
+            if isinstance(spacing, (int, float)):
+                spacing = (spacing,) * 3
+            spacing = tuple(float(s) for s in spacing)
+            if len(spacing) != 3 or min(spacing) <= 0:
+                raise ConfigError(
+                    f"new_spacing must be one positive number or three (x, y, z mm), not "
+                    f"{self.new_spacing!r}."
+                )
+            self.new_spacing = spacing
+        _choose("interpolation_method", self.interpolation_method, INTERPOLATION_METHODS)
+        _choose("roi_interpolation_method", self.roi_interpolation_method, INTERPOLATION_METHODS)
+        if not 0.0 < float(self.roi_partial_volume_threshold) <= 1.0:
+            raise ConfigError("roi_partial_volume_threshold must lie in (0, 1].")
+        if self.resegmentation_range is not None:
+            low, high = _pair(self.resegmentation_range, "resegmentation_range")
+            if low is not None and high is not None and low > high:
+                raise ConfigError(f"resegmentation_range [{low}, {high}] is empty (low > high).")
+            self.resegmentation_range = (low, high)
+        if self.resegmentation_outlier_sigma is not None and self.resegmentation_outlier_sigma <= 0:
+            raise ConfigError("resegmentation_outlier_sigma must be positive (e.g. 3).")
+        for prefix in ("", "ih_", "ivh_"):
+            method = getattr(self, f"{prefix}discretisation_method")
+            if method is not None:
+                _choose(f"{prefix}discretisation_method", method, DISCRETISATION_METHODS)
+            number = getattr(self, f"{prefix}discretisation_bin_number")
+            if number is not None and int(number) < 1:
+                raise ConfigError(f"{prefix}discretisation_bin_number must be at least 1.")
+            width = getattr(self, f"{prefix}discretisation_bin_width")
+            if width is not None and float(width) <= 0:
+                raise ConfigError(f"{prefix}discretisation_bin_width must be positive.")
+        if (
+            self.ivh_discretisation_method == "fixed_bin_size"
+            and not self.ivh_discretisation_bin_width
+        ):
+            raise ConfigError(
+                "ivh_discretisation_method fixed_bin_size needs ivh_discretisation_bin_width "
+                "(e.g. 1 HU for CT, 0.1 SUV for PET)."
+            )
+        self.texture_aggregation = tuple(str(a).upper() for a in self.texture_aggregation)
+        for level in self.texture_aggregation:
+            _choose("texture_aggregation", level, AGGREGATIONS)
+        if self.features is not None:
+            if isinstance(self.features, str):
+                self.features = (self.features,)
+            self.features = tuple(str(f) for f in self.features)
+        self.families = tuple(str(f).lower() for f in self.families)
+        for family in self.families:
+            _choose("families", family, FAMILIES)
+        for name in ("glcm_distance", "ngtdm_distance", "ngldm_distance"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a whole number of voxels, at least 1.")
+        if float(self.ngldm_coarseness) < 0:
+            raise ConfigError("ngldm_coarseness must not be negative.")
+        _choose("mask_grid_mismatch", self.mask_grid_mismatch, GRID_MISMATCH_POLICIES)
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-ready values (tuples become lists)."""
+        values = asdict(self)
+        values.pop("extra")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the settings as JSON, or YAML when the suffix is .yaml/.yml."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            yaml = _yaml(path)
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def updated(self, **changes: Any) -> FeatureSettings:
+        """A copy with some settings changed (validated)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "settings") -> FeatureSettings:
+        """Settings from a mapping of IBSI parameter names; unknown names are an error."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source} must hold a mapping of setting names to values.")
+        known = {k: v for k, v in values.items() if k in SETTING_NAMES}
+        unknown = {k: v for k, v in values.items() if k not in SETTING_NAMES}
+        for key in ("texture_aggregation", "families", "features"):
+            if isinstance(known.get(key), str):
+                known[key] = (known[key],)
+        try:
+            return cls(**known, extra=unknown)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{source}: a setting has the wrong type ({error}).") from None
+
+
+SETTING_NAMES = tuple(f.name for f in fields(FeatureSettings) if f.name != "extra")
+
+
+def load_settings(source: FeatureSettings | dict | str | Path | None = None) -> FeatureSettings:
+    """Feature settings from a :class:`FeatureSettings`, a dict, a JSON/YAML file, or defaults.
+
+    Raises:
+        ConfigError: unreadable file, unknown key or out-of-range value.
+    """
+    if source is None:
+        return FeatureSettings()
+    if isinstance(source, FeatureSettings):
+        return source
+    if isinstance(source, dict):
+        return FeatureSettings.from_dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"settings file {path} does not exist.")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            values = _yaml(path).safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as error:  # json and yaml raise their own error types
+        raise ConfigError(f"settings file {path} could not be parsed: {error}") from None
+    return FeatureSettings.from_dict(values, source=f"settings file {path}")
+
+
+@lru_cache(maxsize=32)
+def _pattern(patterns: tuple[str, ...]) -> re.Pattern:
+    """One compiled regular expression for a tuple of glob patterns."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+def _yaml(path: Path):
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - pyyaml is a dependency
+        raise ConfigError(f"{path}: reading YAML needs PyYAML; use a .json file.") from None
+    return yaml
+
+
+def _choose(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: '{value}' is not one of {', '.join(choices)}.")
+
+
+def _pair(value: Any, name: str) -> tuple[float | None, float | None]:
+    try:
+        low, high = value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be [low, high] (null for an open end).") from None
+    return (None if low is None else float(low)), (None if high is None else float(high))

@@ -1,0 +1,72 @@
+"""``mma features``: one case, a cohort manifest, settings files and user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from synthetic import make_image
+
+from MultiModalAnalysisLib.cli import main
+
+PHANTOM = Path(__file__).resolve().parents[1] / "Data" / "ibsi_digital_phantom"
+
+
+def test_features_of_one_case_make_one_row_named_by_image_and_ibsi_tag(tmp_path):
+    out = tmp_path / "features.csv"
+    status = main(["-q", "features", "--image", f"phantom={PHANTOM / 'phantom.nii.gz'}",
+                   "--mask", str(PHANTOM / "mask.nii.gz"), "--output", str(out)])
+    assert status == 0
+    table = pd.read_csv(out)
+    assert len(table) == 1 and table["case_id"][0] == "ibsi_digital_phantom"
+    assert table["phantom_morph_vol_approx"][0] == 592.0  # 74 voxels of 8 mm^3
+    assert table["phantom_stat_max"][0] == 6.0
+    assert "phantom_cm_joint_max_3D_comb" in table.columns
+
+
+def write_case(folder: Path, rng, shift: float) -> None:
+    folder.mkdir(parents=True)
+    array = rng.normal(100 + shift, 20, (12, 14, 14)).astype(np.float32)
+    mask = np.zeros(array.shape, np.uint8)
+    mask[3:9, 4:10, 4:10] = 1
+    sitk.WriteImage(make_image(array), str(folder / "CT_image.nii.gz"))
+    sitk.WriteImage(make_image(array * 0.01), str(folder / "PET_image.nii.gz"))
+    sitk.WriteImage(make_image(mask), str(folder / "CT_mask.nii.gz"))
+
+
+def test_features_over_a_manifest_write_one_row_per_case_with_settings(tmp_path, rng):
+    for number, shift in enumerate((0.0, 50.0)):
+        write_case(tmp_path / f"case_{number}", rng, shift)
+    manifest = tmp_path / "cases.csv"
+    assert main(["manifest", str(tmp_path), "--output", str(manifest)]) == 0
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"families": ["stat", "szm"], "texture_aggregation": "3D"}))
+    out = tmp_path / "features.csv"
+    status = main(["-q", "features", "--manifest", str(manifest), "--mask-column", "CT_mask",
+                   "--modalities", "CT,PET", "--settings", str(settings), "--output", str(out)])
+    assert status == 0
+    table = pd.read_csv(out)
+    assert table["case_id"].tolist() == ["case_0", "case_1"]
+    assert {"CT_stat_mean", "PET_stat_mean", "CT_szm_sze_3D"} <= set(table.columns)
+    assert not any(c.startswith("CT_cm_") for c in table.columns)
+    assert table["CT_stat_mean"][1] - table["CT_stat_mean"][0] > 40  # the shifted case
+
+
+def test_features_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys):
+    status = main(["-q", "features", "--image", "CT", "--mask", str(PHANTOM / "mask.nii.gz"),
+                   "--output", str(tmp_path / "f.csv")])
+    assert status == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    bad = tmp_path / "settings.json"
+    bad.write_text(json.dumps({"discretisation_method": "quantiles"}))
+    status = main(["-q", "features", "--image", f"p={PHANTOM / 'phantom.nii.gz'}",
+                   "--mask", str(PHANTOM / "mask.nii.gz"), "--settings", str(bad),
+                   "--output", str(tmp_path / "f.csv")])
+    err = capsys.readouterr().err
+    assert status == 2 and "quantiles" in err and "Traceback" not in err
+    status = main(["-q", "features", "--manifest", str(tmp_path / "none.csv"),
+                   "--output", str(tmp_path / "f.csv")])
+    assert status == 2

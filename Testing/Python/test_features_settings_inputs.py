@@ -1,0 +1,184 @@
+"""Feature settings (files, checks) and what extract_features does with bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from synthetic import make_image
+
+from MultiModalAnalysisLib.errors import ConfigError, EmptyImageError, GeometryError, LabelError
+from MultiModalAnalysisLib.features import (
+    FeatureSettings,
+    UndefinedFeatureWarning,
+    extract_features,
+    load_settings,
+)
+
+
+@pytest.fixture
+def lesion(rng):
+    """A textured 16^3 volume with a 6x8x8 box lesion, 1 x 1 x 2 mm voxels."""
+    array = rng.normal(50, 15, (16, 16, 16)).astype(np.float32)
+    mask = np.zeros(array.shape, np.uint8)
+    mask[5:11, 4:12, 4:12] = 1
+    return make_image(array, (1.0, 1.0, 2.0)), make_image(mask, (1.0, 1.0, 2.0))
+
+
+FAST = {"families": ["morph", "stat", "cm"], "texture_aggregation": ["3D"]}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_settings_file_round_trip_keeps_every_value(tmp_path, suffix):
+    settings = FeatureSettings(
+        new_spacing=(1.0, 1.0, 1.0), resegmentation_range=(-100, None),
+        resegmentation_outlier_sigma=3.0, discretisation_method="fixed_bin_size",
+        discretisation_bin_width=12.5, texture_aggregation=("3D",), families=("stat", "cm"),
+        features=("cm_*_3D_avg",), mask_grid_mismatch="error",
+    )  # fmt: skip
+    path = settings.save(tmp_path / f"settings{suffix}")
+    loaded = load_settings(path)
+    assert loaded == settings
+    assert loaded.texture.lower_bound == -100.0  # fixed bin size starts at the range's low end
+
+
+def test_settings_file_with_a_subset_keeps_the_other_defaults(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"discretisation_bin_number": 64}))
+    loaded = load_settings(path)
+    assert loaded.discretisation_bin_number == 64
+    assert loaded.texture_aggregation == ("2D", "2.5D", "3D")
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"bin_count": 3}, "unknown feature setting"),
+        ({"discretisation_method": "equal_width"}, "not one of"),
+        ({"discretisation_bin_number": 0}, "at least 1"),
+        ({"resegmentation_range": [100, -100]}, "empty"),
+        ({"families": ["glcm"]}, "not one of"),
+        ({"new_spacing": [1, 2]}, "three"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_message_naming_them(values, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(values)
+
+
+def test_unparsable_settings_file_is_a_config_error(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="could not be parsed"):
+        load_settings(path)
+
+
+def test_features_are_named_image_then_ibsi_tag_for_each_image(lesion):
+    image, mask = lesion
+    values = extract_features({"CT": image, "PET": image}, mask, FAST, device="cpu")
+    assert values["CT_stat_max"] == values["PET_stat_max"]
+    assert "MR_T1_cm_joint_max_3D_comb" not in values
+    assert {"CT_cm_joint_max_3D_comb", "PET_cm_joint_max_3D_avg"} <= values.keys()
+    assert all(np.isfinite(v) for v in values.values())
+
+
+def test_feature_selection_reports_only_the_requested_tags(lesion):
+    image, mask = lesion
+    settings = {"features": ["stat_max", "cm_*_3D_avg"], "texture_aggregation": ["3D"]}
+    values = extract_features({"CT": image}, mask, settings, device="cpu")
+    assert values.keys() == {"CT_stat_max"} | {k for k in values if k.endswith("_3D_avg")}
+    assert len(values) == 1 + 25
+
+
+def test_empty_mask_is_refused(lesion):
+    image, mask = lesion
+    with pytest.raises(EmptyImageError, match="empty"):
+        extract_features({"CT": image}, mask * 0, FAST, device="cpu")
+
+
+def test_mask_outside_the_image_is_refused(lesion):
+    image, mask = lesion
+    far = sitk.Image(mask)
+    far.SetOrigin((500.0, 500.0, 500.0))
+    with pytest.raises(EmptyImageError, match="outside"):
+        extract_features({"CT": image}, far, FAST, device="cpu")
+
+
+def test_multi_label_mask_is_refused(lesion):
+    image, mask = lesion
+    with pytest.raises(LabelError, match="labels"):
+        extract_features({"CT": image}, mask + (mask > 2) + sitk.Cast(image > 60, sitk.sitkUInt8),
+                         FAST, device="cpu")
+
+
+def test_mask_on_another_grid_is_resampled_with_a_warning(lesion, caplog):
+    image, mask = lesion
+    fine = sitk.Resample(mask, [32, 32, 32], sitk.Transform(), sitk.sitkNearestNeighbor,
+                         (-0.25, -0.25, -0.5), (0.5, 0.5, 1.0), mask.GetDirection())
+    with caplog.at_level(logging.WARNING):
+        resampled = extract_features({"CT": image}, fine, FAST, device="cpu")
+    assert "not on CT's grid" in caplog.text
+    same = extract_features({"CT": image}, mask, FAST, device="cpu")
+    assert resampled["CT_morph_vol_approx"] == pytest.approx(same["CT_morph_vol_approx"])
+    assert resampled["CT_stat_mean"] == pytest.approx(same["CT_stat_mean"])
+
+
+def test_mask_on_another_grid_can_be_refused(lesion):
+    image, mask = lesion
+    shifted = sitk.Image(mask)
+    shifted.SetOrigin((0.5, 0.0, 0.0))
+    with pytest.raises(GeometryError, match="grid"):
+        extract_features({"CT": image}, shifted, {**FAST, "mask_grid_mismatch": "error"}, "cpu")
+
+
+def test_single_voxel_lesion_gives_nan_texture_with_a_warning_not_a_crash(lesion):
+    image, mask = lesion
+    single = make_image(np.zeros((16, 16, 16), np.uint8), (1.0, 1.0, 2.0))
+    single[8, 8, 8] = 1
+    with pytest.warns(UndefinedFeatureWarning, match="single voxel"):
+        values = extract_features({"CT": image}, single, device="cpu")
+    assert values["CT_morph_vol_approx"] == pytest.approx(2.0)
+    assert values["CT_stat_mean"] == pytest.approx(image[8, 8, 8])
+    assert math.isnan(values["CT_cm_joint_max_3D_avg"])
+    assert math.isnan(values["CT_morph_pca_elongation"])
+    assert values["CT_rlm_sre_3D_avg"] == 1.0  # one run of length 1 in each direction
+
+
+def test_resegmentation_range_that_leaves_nothing_is_refused(lesion):
+    image, mask = lesion
+    with pytest.raises(EmptyImageError, match="re-segmentation"):
+        extract_features({"CT": image}, mask, {**FAST, "resegmentation_range": [1000, None]})
+
+
+def test_resegmentation_and_resampling_change_the_region_as_expected(lesion):
+    image, mask = lesion
+    cut = extract_features({"CT": image}, mask, {**FAST, "resegmentation_range": [40, 60]})
+    assert cut["CT_stat_min"] >= 40 and cut["CT_stat_max"] <= 60
+    plain = extract_features({"CT": image}, mask, FAST)
+    assert cut["CT_morph_vol_approx"] == plain["CT_morph_vol_approx"]  # the shape is kept
+    iso = extract_features({"CT": image}, mask, {**FAST, "new_spacing": [1.0, 1.0, 1.0]})
+    assert iso["CT_morph_vol_approx"] == pytest.approx(plain["CT_morph_vol_approx"], rel=0.05)
+
+
+def test_cancel_stops_feature_extraction(lesion):
+    import threading
+
+    from MultiModalAnalysisLib.errors import OperationCancelled
+
+    image, mask = lesion
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(OperationCancelled):
+        extract_features({"CT": image}, mask, FAST, cancel=cancel)
+
+
+def test_families_in_parallel_threads_give_the_sequential_values(lesion):
+    image, mask = lesion
+    sequential = extract_features({"CT": image}, mask, device="cpu", workers=1)
+    parallel = extract_features({"CT": image}, mask, device="cpu", workers=3)
+    assert list(parallel) == list(sequential)  # same order: IBSI's family order
+    assert all(parallel[k] == pytest.approx(sequential[k], nan_ok=True) for k in sequential)
