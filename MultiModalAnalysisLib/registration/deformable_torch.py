@@ -59,7 +59,7 @@ class TorchDeformableSettings:
     learning_rate_mm: float = 0.5
     regulariser: str = "bending"
     weight: float = 2.0
-    samples: int = 30000
+    samples: int = 10000
     scaling_steps: int = 6
     seed: int = 20240611
 

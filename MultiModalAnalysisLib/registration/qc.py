@@ -43,6 +43,8 @@ def registration_qc_figure(
     *,
     centre_mm: Sequence[float] | None = None,
     title: str = "",
+    valid_before: sitk.Image | None = None,
+    valid_after: sitk.Image | None = None,
 ) -> Path:
     """Write a PNG: rows = checkerboard before/after and edge overlay before/after; columns =
     axial, coronal and sagittal slices through ``centre_mm`` (the fixed image's centre by
@@ -55,6 +57,8 @@ def registration_qc_figure(
         path: the PNG to write.
         centre_mm: the physical point the slices pass through.
         title: figure title.
+        valid_before, valid_after: where the moving image has data on the fixed grid; edges
+            are only drawn there (not along the border of its field of view).
     """
     import matplotlib
 
@@ -68,7 +72,10 @@ def registration_qc_figure(
     index = oriented.TransformPhysicalPointToIndex([float(c) for c in centre_mm])
     index = [int(np.clip(i, 0, s - 1)) for i, s in zip(index, oriented.GetSize(), strict=True)]
     arrays = {}
-    for name, image in (("fixed", fixed), ("before", before), ("after", after)):
+    for name, image in (("fixed", fixed), ("before", before), ("after", after),
+                        ("valid_before", valid_before), ("valid_after", valid_after)):
+        if image is None:
+            continue
         array, spacing = _lps_array(sitk.Cast(image, sitk.sitkFloat32))
         arrays[name] = array
     fig, axes = plt.subplots(4, 3, figsize=(10.5, 13.2), squeeze=False)
@@ -86,7 +93,10 @@ def registration_qc_figure(
             _style(ax, f"checkerboard {stage} - {view}")
             ax = axes[2 + row, col]
             ax.imshow(fixed_slice, cmap="gray", aspect=aspect, interpolation="bilinear")
-            edges = np.ma.masked_where(~_edges(moving_slice), np.ones_like(moving_slice))
+            drawn = _edges(moving_slice)
+            if f"valid_{stage}" in arrays:
+                drawn &= _slice(arrays[f"valid_{stage}"], view, index) > 0.5
+            edges = np.ma.masked_where(~drawn, np.ones_like(moving_slice))
             ax.imshow(edges, cmap="autumn", vmin=0, vmax=1, aspect=aspect,
                       interpolation="nearest", alpha=0.9)
             _style(ax, f"moving edges on fixed, {stage} - {view}")

@@ -74,9 +74,26 @@ class RegistrationResult:
                                        transform=self.initial_transform, name="moving image")
         return registration_qc_figure(
             self.fixed, before, self.warped, path,
+            valid_before=self._valid_region(self.initial_transform),
+            valid_after=self._valid_region(self.transform),
             title=f"{self.metrics.get('transform_type', '')} registration: before (top of "
             "each pair) and after",
         )
+
+
+    def _valid_region(self, transform: sitk.Transform | None) -> sitk.Image:
+        """Where the moving image shows the patient, on the fixed grid (its field of view,
+        minus constant fill), so the QC edges are anatomy rather than the edge of a scan."""
+        from MultiModalAnalysisLib.registration.prepare import fill_mask
+
+        valid = fill_mask(self.moving)
+        if valid is None:
+            valid = sitk.Image(self.moving.GetSize(), sitk.sitkUInt8) + 1
+            valid.CopyInformation(self.moving)
+        on_fixed = sitk.Resample(sitk.Cast(valid, sitk.sitkFloat32), self.fixed,
+                                 transform or sitk.Transform(3, sitk.sitkIdentity),
+                                 sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        return sitk.BinaryErode(sitk.Cast(on_fixed > 0.99, sitk.sitkUInt8), [2, 2, 1])
 
 
 def _jsonable(value: Any) -> Any:
