@@ -15,7 +15,6 @@ import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.metrics import folding_statistics, jacobian_of_displacement
-from MultiModalAnalysisLib.preprocess import resample_to_reference
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 from MultiModalAnalysisLib.registration.deformable_bspline import (
     BSplineSettings,
@@ -165,8 +164,6 @@ def register(
 
     check_cancel(cancel, "the registration")
     after = evaluate_metric(finest, sitk_metric, result_transform)
-    warped = resample_to_reference(moving, fixed, transform=result_transform,
-                                   name="the moving image")
     metrics.update({
         "metric": metric_label(sitk_metric),
         "metric_before": _rounded(before),
@@ -181,8 +178,8 @@ def register(
         log.warning(message)
         warnings.warn(message, RegistrationWarning, stacklevel=2)
     report(1.0, f"{kind} registration done")
-    return RegistrationResult(result_transform, warped, metrics, fixed, moving,
-                              initial_transform, warnings_found)
+    return RegistrationResult(result_transform, metrics, fixed, moving, initial_transform,
+                              warnings_found)
 
 
 def _deformable(fixed, moving, linear, metric, fixed_region, moving_region, backend, device,

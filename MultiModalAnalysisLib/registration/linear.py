@@ -25,7 +25,13 @@ import SimpleITK as sitk
 from MultiModalAnalysisLib.errors import GeometryError
 from MultiModalAnalysisLib.progress import Progress, check_cancel
 from MultiModalAnalysisLib.registration.prepare import Level, centre_of_mass, image_centre
-from MultiModalAnalysisLib.registration.search import search_rigid_start
+from MultiModalAnalysisLib.registration.search import (
+    Poses,
+    SearchSpace,
+    compass,
+    compass_affine,
+    search_rigid_start,
+)
 from MultiModalAnalysisLib.registration.similarity import set_sitk_metric
 from MultiModalAnalysisLib.registration.transforms import compose_linear, matrix_offset
 
@@ -42,7 +48,8 @@ class LinearSettings:
         affine_iterations: per level for the affine stage (``None`` skips that level).
         samples: metric samples per level (random, fixed seed), capped by the voxel count.
         search: run the coarse rotation search.
-        search_shift_mm, search_angle_deg: grid steps of the search (two steps each way).
+        search_shift_mm, search_angle_deg: grid steps of the search (two shift steps and
+            one angle step each way).
         search_samples: metric samples per search point.
         search_keep: how many of the best search candidates are optimised locally.
         seed: random sampling seed (results are reproducible).
@@ -50,13 +57,13 @@ class LinearSettings:
 
     spacings_mm: tuple[float, ...] = (8.0, 4.0, 2.0)
     rigid_iterations: tuple[int, ...] = (60, 40, 25)
-    affine_iterations: tuple[int | None, ...] = (None, 40, 25)
-    samples: tuple[int, ...] = (20000, 20000, 20000)
+    affine_iterations: tuple[int | None, ...] = (None, 40, 40)
+    samples: tuple[int, ...] = (20000, 10000, 10000)
     search: bool = True
     search_shift_mm: float = 8.0
     search_angle_deg: float = 10.0
-    search_samples: int = 3000
-    search_keep: int = 4
+    search_samples: int = 1000
+    search_keep: int = 10
     seed: int = 20240611
 
 
@@ -181,8 +188,8 @@ def starting_transforms(level: Level, centre: np.ndarray) -> list[sitk.Euler3DTr
                   - centre_of_mass(level.fixed, level.fixed_mask))
     starts: list[sitk.Euler3DTransform] = []
     for shift in shifts:
-        if any(np.linalg.norm(shift - np.array(s.GetTranslation())) < 2.0 for s in starts):
-            continue  # a start within 2 mm of another adds nothing
+        if any(np.linalg.norm(shift - np.array(s.GetTranslation())) < 10.0 for s in starts):
+            continue  # the search grid around a start already covers 10 mm
         transform = sitk.Euler3DTransform()
         transform.SetCenter(centre.tolist())
         transform.SetTranslation(shift.tolist())
@@ -272,28 +279,75 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
     first_rigid = 0
     if settings.search and (initial_transform is None or initial_transform.IsLinear()):
         found = search_rigid_start(
-            coarse, levels[fine], starts, moving_initial=initial_transform,
-            shift_mm=settings.search_shift_mm, angle_deg=settings.search_angle_deg,
-            keep=settings.search_keep, samples=settings.search_samples, seed=settings.seed,
-            cancel=cancel)
+            coarse, levels[fine], centre, [s.GetParameters() for s in starts],
+            moving_initial=initial_transform, shift_mm=settings.search_shift_mm,
+            angle_deg=settings.search_angle_deg, keep=settings.search_keep,
+            samples=settings.search_samples, seed=settings.seed, cancel=cancel)
         if found:
-            transform, first_rigid = found[0][1], fine + 1
+            # Polish the two best on the finer levels with the search's own score (compass
+            # search), keeping the better: a gradient optimiser of Mattes MI started here
+            # wandered several mm along the flat directions these crops have.
+            first_rigid = len(levels)
+            finalists = [t for _, t in found[:2]]
+            for index in range(fine + 1, len(levels)):
+                space = SearchSpace.from_level(levels[index], settings.samples[index],
+                                               settings.seed)
+                polished = [polish_rigid(space, levels[index], t, initial_transform, cancel)
+                            for t in finalists]
+                finalists = [max(polished, key=lambda t, space=space: space.score_transforms(
+                    [_then(initial_transform, t)])[0])]
+            transform = finalists[0]
     report(0.3, "search for a start done")
 
-    stages = [("rigid", settings.rigid_iterations, first_rigid)]
+    if first_rigid < len(levels):  # no search: classic multi-resolution optimisation
+        for index in range(first_rigid, len(levels)):
+            start = 0.3 + 0.4 * (index - first_rigid) / (len(levels) - first_rigid)
+            transform, _ = optimise(levels[index], metric, transform, initial_transform,
+                                    settings.rigid_iterations[index], settings.samples[index],
+                                    settings.seed, cancel, report.sub(start, start + 0.1))
+    report(0.7, "rigid stage done")
     if kind == "affine":
-        stages.append(("affine", settings.affine_iterations, 1))
-    work = [(stage, iterations, index) for stage, iterations, first in stages
-            for index in range(first, len(levels)) if iterations[index] is not None]
-    for n, (stage, iterations, index) in enumerate(work):
-        if stage == "affine" and not isinstance(transform, sitk.AffineTransform):
-            transform = rigid_to_affine(transform)
-        start = 0.6 + 0.4 * n / len(work)
-        transform, _ = optimise(levels[index], metric, transform, initial_transform,
-                                iterations[index], settings.samples[index], settings.seed,
-                                cancel, report.sub(start, start + 0.4 / len(work)))
+        transform = _affine_stage(levels, transform, initial_transform, settings, cancel)
     report(1.0, f"{kind} registration done")
     return _then(initial_transform, transform)
+
+
+def _affine_stage(levels: Sequence[Level], rigid: sitk.Euler3DTransform,
+                  initial: sitk.Transform | None, settings: LinearSettings,
+                  cancel: threading.Event | None) -> sitk.AffineTransform:
+    """The rigid result freed to an affine one by compass search of normalised MI on the
+    levels that have affine iterations (a gradient optimiser of Mattes MI wandered)."""
+    centre = np.array(rigid.GetCenter())
+    matrix = np.array(rigid.GetMatrix()).reshape(3, 3)
+    translation = np.array(rigid.GetTranslation())
+    outer = matrix_offset(initial) if initial is not None else None
+    for index, level in enumerate(levels):
+        if settings.affine_iterations[index] is None:
+            continue
+        space = SearchSpace.from_level(level, settings.samples[index], settings.seed)
+        matrix, translation, _ = compass_affine(
+            space, matrix, centre, translation, step_mm=level.spacing_mm / 2,
+            min_step_mm=level.spacing_mm / 16, iterations=settings.affine_iterations[index],
+            initial=outer, cancel=cancel)
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(centre.tolist())
+    affine.SetMatrix(matrix.ravel().tolist())
+    affine.SetTranslation(translation.tolist())
+    return affine
+
+
+def polish_rigid(space: SearchSpace, level: Level, transform: sitk.Euler3DTransform,
+                 initial: sitk.Transform | None, cancel: threading.Event | None = None,
+                 ) -> sitk.Euler3DTransform:
+    """Compass search of normalised MI on one level from ``transform`` (half-voxel steps
+    down to 1/16 voxel)."""
+    poses = Poses(np.array(transform.GetCenter()),
+                  matrix_offset(initial) if initial is not None else None)
+    params = np.array([transform.GetParameters()])
+    params, _ = compass(space, poses, params, space.score_poses(poses, params),
+                        step_mm=level.spacing_mm / 2, min_step_mm=level.spacing_mm / 16,
+                        iterations=30, cancel=cancel)
+    return poses.transform(params[0])
 
 
 def _euler_at(centre: np.ndarray) -> sitk.Euler3DTransform:

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import MMAError
 from MultiModalAnalysisLib.io import write_image
+from MultiModalAnalysisLib.preprocess import resample_to_reference
 
 
 @dataclass
@@ -21,7 +22,8 @@ class RegistrationResult:
         transform: maps a point of the fixed image's physical space to the moving image's
             (ITK convention); linear for rigid/affine, a composite (affine then a dense
             displacement field or B-spline) for deformable.
-        warped: the moving image resampled on the fixed grid through ``transform``.
+        warped: the moving image resampled on the fixed grid through ``transform``
+            (a property, computed on first use).
         metrics: runtime_s, metric, metric_before, metric_after (lower is better), and for
             deformable jacobian_min, jacobian_max, folding_percent; tre_mm_* when landmarks
             were given; warnings.
@@ -30,12 +32,22 @@ class RegistrationResult:
     """
 
     transform: sitk.Transform
-    warped: sitk.Image
     metrics: dict[str, Any]
     fixed: sitk.Image
     moving: sitk.Image
     initial_transform: sitk.Transform | None = None
     warnings: list[str] = field(default_factory=list)
+    _warped: sitk.Image | None = field(default=None, repr=False)
+
+    @property
+    def warped(self) -> sitk.Image:
+        """The moving image resampled on the fixed grid (computed on first use, so a caller
+        that only needs the transform does not pay for a full-resolution resampling)."""
+        if self._warped is None:
+            self._warped = resample_to_reference(self.moving, self.fixed,
+                                                 transform=self.transform,
+                                                 name="the moving image")
+        return self._warped
 
     @property
     def transform_filename(self) -> str:
@@ -67,7 +79,6 @@ class RegistrationResult:
 
     def qc_figure(self, path: str | Path) -> Path:
         """Checkerboard and edge overlay of fixed vs moving, before and after (a PNG)."""
-        from MultiModalAnalysisLib.preprocess import resample_to_reference
         from MultiModalAnalysisLib.registration.qc import registration_qc_figure
 
         before = resample_to_reference(self.moving, self.fixed,

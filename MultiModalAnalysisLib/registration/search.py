@@ -1,17 +1,25 @@
-"""Global search for a rigid starting point: many candidate transforms scored at once.
+"""Global search for a rigid starting point: thousands of candidate poses scored at once.
 
 Written here rather than with SimpleITK's exhaustive optimiser: that scores one transform
 at a time with Mattes mutual information, whose estimate is biased upwards when fewer
 samples land inside the other image, so on tightly cropped volumes the best-scored
-candidates were often ones that slid the images apart. Here hundreds of candidates are
-scored in one batched pass (trilinear sampling of the other image at the sample points
-mapped by every candidate, ``scipy.ndimage.map_coordinates``) by normalised mutual
-information, ``(H(F) + H(M)) / H(F, M)``, which does not reward shrinking the overlap;
-candidates that keep fewer than half the samples inside the other image are dropped.
+candidates were often ones that slid the images apart. Here candidates are rows of Euler
+parameters, scored in one vectorised pass (trilinear sampling of the other image at the
+sample points mapped by every candidate, ``scipy.ndimage.map_coordinates``) by normalised
+mutual information, ``(H(F) + H(M)) / H(F, M)``, which does not reward shrinking the
+overlap; candidates that keep fewer than half the samples inside the other image are
+dropped.
+
+The search itself: a joint grid of rotations and shifts on a coarse level shortlists poses
+(rotation and shift must be searched together: with a 10 degree rotation error, the right
+shift scores worse than a wrong one), compass searches refine the shortlist on the coarse
+level and then on a finer one, where the final choice is made (the coarse optimum can sit
+several millimetres from the fine one).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Sequence
@@ -23,10 +31,53 @@ from scipy.ndimage import map_coordinates
 
 from MultiModalAnalysisLib.progress import check_cancel
 from MultiModalAnalysisLib.registration.prepare import Level
-from MultiModalAnalysisLib.registration.transforms import compose, matrix_offset
+from MultiModalAnalysisLib.registration.transforms import matrix_offset
 
 BINS = 16
 MIN_OVERLAP = 0.5
+
+
+def euler_matrices(angles: np.ndarray) -> np.ndarray:
+    """Rotation matrices (K, 3, 3) of ITK's ``Euler3DTransform`` for angles (K, 3) about x,
+    y, z (ITK composes them as Rz Rx Ry)."""
+    cx, cy, cz = np.cos(angles).T
+    sx, sy, sz = np.sin(angles).T
+    matrices = np.empty((len(angles), 3, 3))
+    matrices[:, 0, 0] = cz * cy - sz * sx * sy
+    matrices[:, 0, 1] = -sz * cx
+    matrices[:, 0, 2] = cz * sy + sz * sx * cy
+    matrices[:, 1, 0] = sz * cy + cz * sx * sy
+    matrices[:, 1, 1] = cz * cx
+    matrices[:, 1, 2] = sz * sy - cz * sx * cy
+    matrices[:, 2, 0] = -cx * sy
+    matrices[:, 2, 1] = sx
+    matrices[:, 2, 2] = cx * cy
+    return matrices
+
+
+@dataclass
+class Poses:
+    """Rigid poses ``x -> R(x - c) + c + t`` about one centre, applied after (inside) an
+    optional linear initial transform: ``T(x) = initial(R(x - c) + c + t)``."""
+
+    centre: np.ndarray
+    initial: tuple[np.ndarray, np.ndarray] | None = None  # (matrix, offset)
+
+    def affine(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Matrices (K, 3, 3) and offsets (K, 3) of the fixed -> moving maps."""
+        rotations = euler_matrices(params[:, :3])
+        offsets = self.centre + params[:, 3:] - rotations @ self.centre
+        if self.initial is not None:
+            matrix, offset = self.initial
+            rotations = matrix @ rotations
+            offsets = offsets @ matrix.T + offset
+        return rotations, offsets
+
+    def transform(self, params: Sequence[float]) -> sitk.Euler3DTransform:
+        result = sitk.Euler3DTransform()
+        result.SetCenter(self.centre.tolist())
+        result.SetParameters([float(p) for p in params])
+        return result
 
 
 @dataclass
@@ -38,7 +89,7 @@ class SearchSpace:
     candidates then map either fixed samples forward or moving samples back.
     """
 
-    points: np.ndarray  # N x 3 physical sample points (float32)
+    points: np.ndarray  # N x 3 physical sample points
     sample_bins: np.ndarray  # N intensity bins of the sampled image
     target: np.ndarray  # [z, y, x] the other image's intensities scaled to [0, BINS)
     target_valid: np.ndarray | None  # [z, y, x] 1 inside the other image's mask
@@ -60,11 +111,18 @@ class SearchSpace:
         index = np.argwhere(keep)  # z, y, x
         rng = np.random.default_rng(seed)
         if len(index) > samples:
-            index = index[rng.choice(len(index), samples, replace=False)]
+            # Half the samples uniform, half where the image has edges: homogeneous regions
+            # say little about alignment, so edge samples sharpen the score for their cost.
+            gradient = np.sqrt(sum(g ** 2 for g in np.gradient(array)))[tuple(index.T)]
+            weight = 0.5 / len(index) + 0.5 * gradient / max(gradient.sum(), 1e-12)
+            index = index[rng.choice(len(index), samples, replace=False, p=weight / weight.sum())]
+        # Sub-voxel jitter, so that samples do not all sit on the voxel grid (which favours
+        # grid-aligned poses).
+        jittered = index + rng.uniform(-0.5, 0.5, index.shape)
         direction = np.array(source.GetDirection()).reshape(3, 3)
         points = (np.array(source.GetOrigin())
-                  + (index[:, ::-1] * np.array(source.GetSpacing())) @ direction.T)
-        values = array[tuple(index.T)]
+                  + (jittered[:, ::-1] * np.array(source.GetSpacing())) @ direction.T)
+        values = map_coordinates(array, jittered.T, order=1, mode="nearest")
         target_array = sitk.GetArrayFromImage(target).astype(np.float32)
         target_valid = None
         if target_mask is not None:
@@ -75,32 +133,37 @@ class SearchSpace:
                    _scale(target_array), target_valid, to_index, np.array(target.GetOrigin()),
                    from_moving)
 
-    def score(self, transforms: Sequence[sitk.Transform]) -> np.ndarray:
-        """Normalised mutual information of each (linear) fixed -> moving transform, higher
-        is better; -inf when fewer than ``MIN_OVERLAP`` of the samples overlap."""
-        count, n = len(transforms), len(self.points)
-        matrices = np.empty((count, 3, 3))
-        offsets = np.empty((count, 3))
-        for k, transform in enumerate(transforms):
-            matrix, offset = matrix_offset(transform)
-            if self.from_moving:  # samples are moving points: apply the inverse
-                matrix = np.linalg.inv(matrix)
-                offset = -matrix @ offset
-            # Composed with physical -> target voxel index, as (z, y, x) rows.
-            matrices[k] = (self.to_index @ matrix)[::-1]
-            offsets[k] = (self.to_index @ (offset - self.origin))[::-1]
-        index = (np.einsum("kij,nj->ikn", matrices.astype(np.float32), self.points)
-                 + offsets.T.astype(np.float32)[:, :, None]).reshape(3, -1)
+    def score(self, matrices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Normalised mutual information of each fixed -> moving map ``x -> A x + b``
+        (matrices (K, 3, 3), offsets (K, 3)); higher is better, -inf when fewer than
+        ``MIN_OVERLAP`` of the samples overlap."""
+        count, n = len(matrices), len(self.points)
+        if self.from_moving:  # samples are moving points: apply the inverse maps
+            matrices = np.linalg.inv(matrices)
+            offsets = -np.einsum("kij,kj->ki", matrices, offsets)
+        # Compose with physical -> target voxel index, rows as (z, y, x).
+        to_index = self.to_index[::-1]
+        total_matrix = np.einsum("ij,kjl->kil", to_index, matrices).astype(np.float32)
+        total_offset = ((offsets - self.origin) @ to_index.T).astype(np.float32)
+        index = (np.einsum("kij,nj->ikn", total_matrix, self.points)
+                 + total_offset.T[:, :, None]).reshape(3, -1)
         values = map_coordinates(self.target, index, order=1, mode="constant", cval=-1.0)
         valid = values >= 0
         if self.target_valid is not None:
             valid &= map_coordinates(self.target_valid, index, order=0, mode="constant",
                                      cval=0.0) > 0.5
-        bins = np.clip(values, 0, BINS - 1).astype(np.int64)
-        joint_index = (np.repeat(np.arange(count) * BINS * BINS, n)
-                       + np.tile(self.sample_bins * BINS, count) + bins)
-        joint = np.bincount(joint_index[valid], minlength=count * BINS * BINS)
-        joint = joint.reshape(count, BINS, BINS).astype(float)
+        # Soft binning of the interpolated intensity (each sample split between its two
+        # nearest bins): the score then changes smoothly with the pose, with no plateaus
+        # for a compass search to stall on.
+        values = np.clip(values, 0.0, BINS - 1.0)
+        lower = np.minimum(values.astype(np.int64), BINS - 2)
+        upper_weight = (values - lower)[valid]
+        base = (np.repeat(np.arange(count) * BINS * BINS, n)
+                + np.tile(self.sample_bins * BINS, count) + lower)[valid]
+        size = count * BINS * BINS
+        joint = (np.bincount(base, weights=1.0 - upper_weight, minlength=size)
+                 + np.bincount(base + 1, weights=upper_weight, minlength=size))
+        joint = joint.reshape(count, BINS, BINS)
         total = joint.sum(axis=(1, 2))
         scores = np.full(count, -np.inf)
         ok = total >= MIN_OVERLAP * n
@@ -110,6 +173,19 @@ class SearchSpace:
         scores[ok] = (_entropy(p.sum(axis=2)) + _entropy(p.sum(axis=1))) / _entropy(
             p.reshape(p.shape[0], -1))
         return scores
+
+    def score_poses(self, poses: Poses, params: np.ndarray, chunk: int = 400) -> np.ndarray:
+        """Scores of many poses (K, 6), in chunks to bound memory."""
+        scores = []
+        for start in range(0, len(params), chunk):
+            matrices, offsets = poses.affine(params[start:start + chunk])
+            scores.append(self.score(matrices, offsets))
+        return np.concatenate(scores) if scores else np.empty(0)
+
+    def score_transforms(self, transforms: Sequence[sitk.Transform]) -> np.ndarray:
+        """Scores of linear SimpleITK transforms (for checks and diagnostics)."""
+        pairs = [matrix_offset(t) for t in transforms]
+        return self.score(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
 
 
 def _volume(image: sitk.Image) -> float:
@@ -132,132 +208,143 @@ def _to_bins(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, BINS - 1).astype(np.int64)
 
 
-def grid_around(start: sitk.Euler3DTransform, angle_rad: float, angle_steps: int,
-                shift_mm: float, shift_steps: int) -> list[sitk.Euler3DTransform]:
-    """Rigid transforms on a grid around ``start``: ``angle_steps`` rotations each way about
-    every axis and ``shift_steps`` shifts each way along every axis."""
-    base = np.array(start.GetParameters())
+def grid(base: np.ndarray, angle_rad: float, angle_steps: int, shift_mm: float,
+         shift_steps: int) -> np.ndarray:
+    """Poses on a joint grid around each row of ``base`` (B, 6): ``angle_steps`` rotations
+    each way about every axis and ``shift_steps`` shifts each way along every axis."""
     angles = np.arange(-angle_steps, angle_steps + 1) * angle_rad
     shifts = np.arange(-shift_steps, shift_steps + 1) * shift_mm
-    grid = []
-    for ax in angles:
-        for ay in angles:
-            for az in angles:
-                for tx in shifts:
-                    for ty in shifts:
-                        for tz in shifts:
-                            transform = sitk.Euler3DTransform(start)
-                            transform.SetParameters(
-                                (base + np.array([ax, ay, az, tx, ty, tz])).tolist())
-                            grid.append(transform)
-    return grid
+    offsets = np.array(list(itertools.product(angles, angles, angles, shifts, shifts, shifts)))
+    return (np.asarray(base)[:, None, :] + offsets[None]).reshape(-1, 6)
 
 
-def best_distinct(transforms: Sequence[sitk.Euler3DTransform], scores: np.ndarray, keep: int,
-                  min_angle_deg: float = 8.0, min_shift_mm: float = 4.0,
-                  ) -> list[tuple[float, sitk.Euler3DTransform]]:
-    """The ``keep`` best-scored transforms, skipping near-duplicates of better ones."""
-    chosen: list[tuple[float, sitk.Euler3DTransform]] = []
+def best_distinct(params: np.ndarray, scores: np.ndarray, keep: int,
+                  min_angle_deg: float = 6.0, min_shift_mm: float = 4.0,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``keep`` best-scored poses, skipping near-duplicates of better ones."""
+    chosen: list[int] = []
+    limit = math.radians(min_angle_deg)
     for k in np.argsort(-scores):
         if not math.isfinite(scores[k]):
             break
-        params = np.array(transforms[k].GetParameters())
-        if any(np.all(np.abs(params[:3] - np.array(c.GetParameters())[:3])
-                      < math.radians(min_angle_deg))
-               and np.linalg.norm(params[3:] - np.array(c.GetParameters())[3:]) < min_shift_mm
-               for _, c in chosen):
+        if any(np.all(np.abs(params[k, :3] - params[j, :3]) < limit)
+               and np.linalg.norm(params[k, 3:] - params[j, 3:]) < min_shift_mm
+               for j in chosen):
             continue
-        chosen.append((float(scores[k]), transforms[k]))
+        chosen.append(int(k))
         if len(chosen) == keep:
             break
-    return chosen
+    return params[chosen], scores[chosen]
 
 
-def refine(space: SearchSpace, start: sitk.Euler3DTransform, score: float, *,
-           step_mm: float, min_step_mm: float, radius_mm: float = 50.0,
-           iterations: int = 60, cancel: threading.Event | None = None,
-           moving_initial: sitk.Transform | None = None,
-           ) -> tuple[float, sitk.Euler3DTransform]:
-    """Compass search: try a step each way along every parameter, move to the best that
-    improves the score, halve the step when none does.
+def compass(space: SearchSpace, poses: Poses, params: np.ndarray, scores: np.ndarray, *,
+            step_mm: float, min_step_mm: float, radius_mm: float = 50.0,
+            iterations: int = 25, cancel: threading.Event | None = None,
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Compass search from every row of ``params`` at once: try a step each way along
+    every parameter, move to the best that improves the score, halve the step when none
+    does. Derivative-free, so a rough, noisy score cannot throw it off the way a gradient
+    step can; rotation steps are the angle that moves a point ``radius_mm`` from the centre
+    by the shift step."""
+    params, scores = params.copy(), scores.copy()
+    steps = np.full(len(params), float(step_mm))
+    directions = np.concatenate([np.eye(6), -np.eye(6)])
+    for _ in range(iterations):
+        active = np.flatnonzero(steps >= min_step_mm)
+        if len(active) == 0:
+            break
+        check_cancel(cancel, "the registration")
+        moves = directions[None] * np.where(np.arange(6) < 3, 1.0 / radius_mm, 1.0)
+        moves = moves * steps[active, None, None]
+        candidates = (params[active, None, :] + moves).reshape(-1, 6)
+        values = space.score_poses(poses, candidates).reshape(len(active), len(directions))
+        best = values.argmax(axis=1)
+        better = values[np.arange(len(active)), best] > scores[active]
+        for row, k in enumerate(active):
+            if better[row]:
+                params[k] = candidates[row * len(directions) + best[row]]
+                scores[k] = values[row, best[row]]
+            else:
+                steps[k] /= 2
+    return params, scores
 
-    Derivative-free, so it is not thrown off by a rough, noisy metric landscape the way a
-    gradient step can be. Rotation steps are the angle that moves a point ``radius_mm`` from
-    the centre by the shift step.
+
+def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
+                       starts: Sequence[Sequence[float]], *,
+                       moving_initial: sitk.Transform | None = None, shift_mm: float = 8.0,
+                       angle_deg: float = 10.0, keep: int = 10, fine_keep: int = 3,
+                       samples: int = 1000, fine_samples: int = 8000, seed: int = 0,
+                       cancel: threading.Event | None = None,
+                       ) -> list[tuple[float, sitk.Euler3DTransform]]:
+    """Best rigid starting poses, best first (score: normalised MI on the ``fine`` level).
+
+    Args:
+        coarse, fine: two pyramid levels (e.g. 8 and 4 mm).
+        centre: the centre of rotation (fixed space).
+        starts: Euler parameters (angles, shift) of the starting poses.
+        moving_initial: a linear fixed -> moving transform applied first.
+        shift_mm, angle_deg: steps of the coarse joint grid (two shift steps and one angle
+            step each way).
+        keep: poses shortlisted from the grid and refined on the coarse level.
+        fine_keep: of those, how many are refined again on the fine level.
+        samples, fine_samples: metric samples on the two levels.
     """
-    current, best, step = start, score, step_mm
+    initial = matrix_offset(moving_initial) if moving_initial is not None else None
+    poses = Poses(np.asarray(centre, dtype=float), initial)
+    space = SearchSpace.from_level(coarse, samples, seed)
+    check_cancel(cancel, "the registration")
+    candidates = grid(np.asarray(starts, dtype=float), math.radians(angle_deg), 1, shift_mm, 2)
+    params, scores = best_distinct(candidates, space.score_poses(poses, candidates), keep)
+    params, scores = compass(space, poses, params, scores, step_mm=shift_mm / 2,
+                             min_step_mm=coarse.spacing_mm / 4, cancel=cancel)
+    params, _ = best_distinct(params, scores, fine_keep)
+    fine_space = SearchSpace.from_level(fine, fine_samples, seed)
+    params, scores = compass(fine_space, poses, params, fine_space.score_poses(poses, params),
+                             step_mm=fine.spacing_mm, min_step_mm=fine.spacing_mm / 8,
+                             cancel=cancel)
+    order = np.argsort(-scores)
+    return [(float(scores[k]), poses.transform(params[k])) for k in order]
+
+
+def compass_affine(space: SearchSpace, matrix: np.ndarray, centre: np.ndarray,
+                   translation: np.ndarray, *, step_mm: float, min_step_mm: float,
+                   radius_mm: float = 50.0, iterations: int = 40,
+                   initial: tuple[np.ndarray, np.ndarray] | None = None,
+                   cancel: threading.Event | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Compass search over the 12 parameters of ``x -> M (x - c) + c + t``: matrix entries
+    step by ``step / radius_mm`` (a ``step`` mm move ``radius_mm`` from the centre), the
+    shift by ``step`` mm. Returns the matrix, the translation and the score."""
+
+    def maps(matrices: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        offsets = centre + shifts - matrices @ centre
+        if initial is not None:
+            outer, outer_offset = initial
+            return outer @ matrices, offsets @ outer.T + outer_offset
+        return matrices, offsets
+
+    best = float(space.score(*maps(matrix[None], translation[None]))[0])
+    step = float(step_mm)
     for _ in range(iterations):
         if step < min_step_mm:
             break
         check_cancel(cancel, "the registration")
-        base = np.array(current.GetParameters())
-        deltas = np.concatenate([np.eye(6), -np.eye(6)])
-        deltas[:, :3] *= step / radius_mm
-        deltas[:, 3:] *= step
-        neighbours = []
-        for delta in deltas:
-            candidate = sitk.Euler3DTransform(current)
-            candidate.SetParameters((base + delta).tolist())
-            neighbours.append(candidate)
-        scores = _score(space, neighbours, moving_initial)
-        k = int(np.argmax(scores))
-        if scores[k] > best:
-            current, best = neighbours[k], float(scores[k])
+        matrices, shifts = [], []
+        for sign in (1.0, -1.0):
+            for entry in range(9):
+                moved = matrix.copy()
+                moved.flat[entry] += sign * step / radius_mm
+                matrices.append(moved)
+                shifts.append(translation)
+            for axis in range(3):
+                moved_shift = translation.copy()
+                moved_shift[axis] += sign * step
+                matrices.append(matrix)
+                shifts.append(moved_shift)
+        values = space.score(*maps(np.array(matrices), np.array(shifts)))
+        k = int(np.argmax(values))
+        if values[k] > best:
+            matrix, translation, best = matrices[k], shifts[k], float(values[k])
         else:
             step /= 2
-    return best, current
-
-
-def _score(space: SearchSpace, candidates: Sequence[sitk.Transform],
-           moving_initial: sitk.Transform | None) -> np.ndarray:
-    if moving_initial is None:
-        return space.score(candidates)
-    return space.score([_then(moving_initial, c) for c in candidates])
-
-
-def search_rigid_start(coarse: Level, fine: Level, starts: Sequence[sitk.Euler3DTransform], *,
-                       moving_initial: sitk.Transform | None = None, shift_mm: float = 8.0,
-                       angle_deg: float = 10.0, keep: int = 4, samples: int = 3000,
-                       fine_samples: int = 8000, seed: int = 0,
-                       cancel: threading.Event | None = None,
-                       ) -> list[tuple[float, sitk.Euler3DTransform]]:
-    """Best rigid starting points, best first (score: normalised MI on the ``fine`` level).
-
-    On the ``coarse`` level, three grids, each around the best few points of the one before:
-    shifts of up to two ``shift_mm`` steps each way (the largest error), rotations of up to
-    two ``angle_deg`` steps about each axis, shifts on a grid twice as fine. The best
-    ``keep`` points are refined by compass search on the coarse level, the best half of
-    them again on the ``fine`` level, where a smoothed-away structure can no longer mislead.
-    """
-    space = SearchSpace.from_level(coarse, samples, seed)
-
-    def scored(candidates: list[sitk.Euler3DTransform]) -> np.ndarray:
-        check_cancel(cancel, "the registration")
-        return _score(space, candidates, moving_initial)
-
-    angle = math.radians(angle_deg)
-    candidates = [t for s in starts for t in grid_around(s, 0.0, 0, shift_mm, 2)]
-    best = best_distinct(candidates, scored(candidates), 2)
-    candidates = [t for _, s in best for t in grid_around(s, angle, 2, 0.0, 0)]
-    best = best_distinct(candidates, scored(candidates), keep)
-    candidates = [t for _, s in best for t in grid_around(s, 0.0, 0, shift_mm / 2, 1)]
-    best = best_distinct(candidates, scored(candidates), keep)
-    best = [refine(space, t, v, step_mm=shift_mm / 2, min_step_mm=coarse.spacing_mm / 4,
-                   iterations=12, cancel=cancel, moving_initial=moving_initial)
-            for v, t in best]
-    best = best_distinct([t for _, t in best], np.array([v for v, _ in best]), 2)
-    fine_space = SearchSpace.from_level(fine, fine_samples, seed)
-    step = fine.spacing_mm / 2
-    refined = []
-    for _, point in best:
-        grid = grid_around(point, 0.0, 0, step, 1)
-        _, point = best_distinct(grid, _score(fine_space, grid, moving_initial), 1)[0]
-        grid = grid_around(point, math.radians(3.0), 1, 0.0, 0)
-        value, point = best_distinct(grid, _score(fine_space, grid, moving_initial), 1)[0]
-        refined.append(refine(fine_space, point, value, step_mm=step, min_step_mm=step / 4,
-                              iterations=12, cancel=cancel, moving_initial=moving_initial))
-    return sorted(refined, key=lambda item: -item[0])
-
-
-def _then(initial: sitk.Transform, transform: sitk.Transform) -> sitk.Transform:
-    return compose(initial, transform)
+    return matrix, translation, best
