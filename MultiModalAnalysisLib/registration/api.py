@@ -126,7 +126,7 @@ def register(
         moving_region = fill_mask(moving_image)
         eroded = 1 if moving_region is not None else 0
     concrete = choose_metric(metric, fixed_modality, moving_modality)
-    settings = linear_settings or LinearSettings()
+    settings = linear_settings or _levels_for(LinearSettings(), fixed_image, moving_image)
 
     landmark_points = None
     if landmarks is not None:
@@ -264,6 +264,27 @@ def _choice(value: str, choices: Sequence[str], what: str) -> str:
 
 def _rounded(value: float) -> float | None:
     return round(float(value), 6) if math.isfinite(value) else None
+
+
+def _levels_for(settings: LinearSettings, fixed: sitk.Image, moving: sitk.Image,
+                ) -> LinearSettings:
+    """Drop pyramid levels much finer than the coarser image can support (a 2 mm level
+    adds nothing to a PET of 5 mm voxels but time); at least two levels stay."""
+    from dataclasses import replace
+
+    coarsest = max(sorted(image.GetSpacing())[1] for image in (fixed, moving))  # in-plane
+    keep = [i for i, s in enumerate(settings.spacings_mm) if s >= 0.7 * coarsest]
+    keep = keep if len(keep) >= 2 else list(range(min(2, len(settings.spacings_mm))))
+    if len(keep) == len(settings.spacings_mm):
+        return settings
+
+    def pick(values):
+        return tuple(values[i] for i in keep)
+
+    return replace(settings, spacings_mm=pick(settings.spacings_mm),
+                   rigid_iterations=pick(settings.rigid_iterations),
+                   affine_iterations=pick(settings.affine_iterations),
+                   samples=pick(settings.samples))
 
 
 def _narrow(settings: LinearSettings) -> LinearSettings:
