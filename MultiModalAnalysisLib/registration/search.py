@@ -96,9 +96,21 @@ class SearchSpace:
     to_index: np.ndarray  # 3 x 3: physical offset -> target continuous index (x, y, z)
     origin: np.ndarray
     from_moving: bool  # samples are moving points (candidates are applied inverted)
+    bins: int = BINS
 
     @classmethod
-    def from_level(cls, level: Level, samples: int, seed: int) -> SearchSpace:
+    def from_level(cls, level: Level, samples: int, seed: int, *, bins: int = BINS,
+                   edge_weighted: bool = True) -> SearchSpace:
+        """Samples of ``level`` for scoring.
+
+        Args:
+            samples: how many (all voxels when fewer).
+            seed: sampling seed.
+            bins: histogram bins per image.
+            edge_weighted: draw half the samples where the image has edges (sharper scores
+                for a coarse search); uniform sampling otherwise (an unbiased estimate of
+                the image-wide mutual information, for the final polish).
+        """
         from_moving = _volume(level.moving) < _volume(level.fixed)
         source, source_mask = ((level.moving, level.moving_mask) if from_moving
                                else (level.fixed, level.fixed_mask))
@@ -110,7 +122,9 @@ class SearchSpace:
             keep = sitk.GetArrayFromImage(source_mask) > 0
         index = np.argwhere(keep)  # z, y, x
         rng = np.random.default_rng(seed)
-        if len(index) > samples:
+        if len(index) > samples and not edge_weighted:
+            index = index[rng.choice(len(index), samples, replace=False)]
+        elif len(index) > samples:
             # Half the samples uniform, half where the image has edges: homogeneous regions
             # say little about alignment, so edge samples sharpen the score for their cost.
             gradient = np.sqrt(sum(g ** 2 for g in np.gradient(array)))[tuple(index.T)]
@@ -129,15 +143,15 @@ class SearchSpace:
             target_valid = (sitk.GetArrayFromImage(target_mask) > 0).astype(np.float32)
         t_direction = np.array(target.GetDirection()).reshape(3, 3)
         to_index = np.linalg.inv(t_direction @ np.diag(target.GetSpacing()))
-        return cls(points.astype(np.float32), _to_bins(values, array[keep]),
-                   _scale(target_array), target_valid, to_index, np.array(target.GetOrigin()),
-                   from_moving)
+        return cls(points.astype(np.float32), _to_bins(values, array[keep], bins),
+                   _scale(target_array, bins), target_valid, to_index,
+                   np.array(target.GetOrigin()), from_moving, bins)
 
     def score(self, matrices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Normalised mutual information of each fixed -> moving map ``x -> A x + b``
         (matrices (K, 3, 3), offsets (K, 3)); higher is better, -inf when fewer than
         ``MIN_OVERLAP`` of the samples overlap."""
-        count, n = len(matrices), len(self.points)
+        count, n, bins = len(matrices), len(self.points), self.bins
         if self.from_moving:  # samples are moving points: apply the inverse maps
             matrices = np.linalg.inv(matrices)
             offsets = -np.einsum("kij,kj->ki", matrices, offsets)
@@ -155,15 +169,15 @@ class SearchSpace:
         # Soft binning of the interpolated intensity (each sample split between its two
         # nearest bins): the score then changes smoothly with the pose, with no plateaus
         # for a compass search to stall on.
-        values = np.clip(values, 0.0, BINS - 1.0)
-        lower = np.minimum(values.astype(np.int64), BINS - 2)
+        values = np.clip(values, 0.0, bins - 1.0)
+        lower = np.minimum(values.astype(np.int64), bins - 2)
         upper_weight = (values - lower)[valid]
-        base = (np.repeat(np.arange(count) * BINS * BINS, n)
-                + np.tile(self.sample_bins * BINS, count) + lower)[valid]
-        size = count * BINS * BINS
+        base = (np.repeat(np.arange(count) * bins * bins, n)
+                + np.tile(self.sample_bins * bins, count) + lower)[valid]
+        size = count * bins * bins
         joint = (np.bincount(base, weights=1.0 - upper_weight, minlength=size)
                  + np.bincount(base + 1, weights=upper_weight, minlength=size))
-        joint = joint.reshape(count, BINS, BINS)
+        joint = joint.reshape(count, bins, bins)
         total = joint.sum(axis=(1, 2))
         scores = np.full(count, -np.inf)
         ok = total >= MIN_OVERLAP * n
@@ -197,15 +211,15 @@ def _entropy(p: np.ndarray) -> np.ndarray:
         return -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=-1)
 
 
-def _scale(array: np.ndarray) -> np.ndarray:
+def _scale(array: np.ndarray, bins: int) -> np.ndarray:
     low, high = float(array.min()), float(array.max())
-    return ((array - low) / max(high - low, 1e-12) * (BINS - 1e-3)).astype(np.float32)
+    return ((array - low) / max(high - low, 1e-12) * (bins - 1e-3)).astype(np.float32)
 
 
-def _to_bins(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def _to_bins(values: np.ndarray, reference: np.ndarray, bins: int) -> np.ndarray:
     low, high = float(reference.min()), float(reference.max())
-    scaled = (values - low) / max(high - low, 1e-12) * (BINS - 1e-3)
-    return np.clip(scaled, 0, BINS - 1).astype(np.int64)
+    scaled = (values - low) / max(high - low, 1e-12) * (bins - 1e-3)
+    return np.clip(scaled, 0, bins - 1).astype(np.int64)
 
 
 def grid(base: np.ndarray, angle_rad: float, angle_steps: int, shift_mm: float,
@@ -274,6 +288,7 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
                        moving_initial: sitk.Transform | None = None, shift_mm: float = 8.0,
                        angle_deg: float = 10.0, keep: int = 10, fine_keep: int = 3,
                        samples: int = 1000, fine_samples: int = 8000, seed: int = 0,
+                       bins: int = BINS, edge_weighted: bool = True,
                        cancel: threading.Event | None = None,
                        ) -> list[tuple[float, sitk.Euler3DTransform]]:
     """Best rigid starting poses, best first (score: normalised MI on the ``fine`` level).
@@ -288,17 +303,19 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
         keep: poses shortlisted from the grid and refined on the coarse level.
         fine_keep: of those, how many are refined again on the fine level.
         samples, fine_samples: metric samples on the two levels.
+        bins, edge_weighted: see :meth:`SearchSpace.from_level`.
     """
     initial = matrix_offset(moving_initial) if moving_initial is not None else None
     poses = Poses(np.asarray(centre, dtype=float), initial)
-    space = SearchSpace.from_level(coarse, samples, seed)
+    space = SearchSpace.from_level(coarse, samples, seed, bins=bins, edge_weighted=edge_weighted)
     check_cancel(cancel, "the registration")
     candidates = grid(np.asarray(starts, dtype=float), math.radians(angle_deg), 1, shift_mm, 2)
     params, scores = best_distinct(candidates, space.score_poses(poses, candidates), keep)
     params, scores = compass(space, poses, params, scores, step_mm=shift_mm / 2,
                              min_step_mm=coarse.spacing_mm / 4, cancel=cancel)
     params, _ = best_distinct(params, scores, fine_keep)
-    fine_space = SearchSpace.from_level(fine, fine_samples, seed)
+    fine_space = SearchSpace.from_level(fine, fine_samples, seed, bins=bins,
+                                        edge_weighted=edge_weighted)
     params, scores = compass(fine_space, poses, params, fine_space.score_poses(poses, params),
                              step_mm=fine.spacing_mm, min_step_mm=fine.spacing_mm / 8,
                              cancel=cancel)
