@@ -382,9 +382,151 @@ def _print_external_auc(manifest: Path, model, predictions) -> None:
         print(f"AUC against {column} in the manifest ({int(known.sum())} cases): {auc:.3f}")
 
 
+def _add_register(subparsers: argparse._SubParsersAction) -> None:
+    from MultiModalAnalysisLib.device import DEVICE_CHOICES
+    from MultiModalAnalysisLib.registration import BACKENDS, METRICS, TRANSFORM_TYPES
+
+    parser = subparsers.add_parser(
+        "register",
+        help="register MOVING onto FIXED (rigid, affine or deformable)",
+        description="Register the moving image onto the fixed one and write the moving image "
+        "resampled on the fixed grid (warped.nii.gz), the transform (transform.tfm for rigid/"
+        "affine, transform.h5 for deformable; fixed-space point -> moving-space point, readable "
+        "by SimpleITK.ReadTransform), metrics.json and a QC figure (qc.png).",
+    )
+    parser.add_argument("fixed", type=Path, help="the fixed (reference) image")
+    parser.add_argument("moving", type=Path, help="the image to move onto the fixed one")
+    parser.add_argument("--transform", choices=TRANSFORM_TYPES, required=True)
+    parser.add_argument("--output-dir", type=Path, required=True, help="where to write")
+    parser.add_argument("--metric", choices=METRICS, default="auto",
+                        help="similarity (auto: by modality pair; default)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help="torch device of the deformable torch backend")
+    parser.add_argument("--fixed-mask", type=Path, help="region of the fixed image to match")
+    parser.add_argument("--moving-mask", type=Path, help="region of the moving image to use")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="deformable backend (auto: torch)")
+    parser.add_argument("--fixed-modality", help="e.g. CT (default: from the file name)")
+    parser.add_argument("--moving-modality", help="e.g. PET, MR_T1 (default: from the name)")
+    parser.add_argument("--landmarks", type=Path,
+                        help="CSV of paired points (fixed_x,fixed_y,fixed_z,moving_x,moving_y,"
+                        "moving_z in LPS mm): initial transform and TRE report")
+    parser.add_argument("--initial-transform", type=Path,
+                        help="transform file (fixed -> moving) to start from")
+    parser.add_argument("--no-qc", action="store_true", help="do not write qc.png")
+    parser.set_defaults(func=_run_register)
+
+
+def _run_register(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.io import read_image, read_mask
+    from MultiModalAnalysisLib.registration import read_landmarks_csv, register
+
+    fixed = read_image(args.fixed)
+    moving = read_image(args.moving)
+    fixed_mask = read_mask(args.fixed_mask) if args.fixed_mask else None
+    moving_mask = read_mask(args.moving_mask) if args.moving_mask else None
+    landmarks = read_landmarks_csv(args.landmarks) if args.landmarks else None
+    initial = _read_transform(args.initial_transform) if args.initial_transform else None
+    fixed_modality = args.fixed_modality or _modality_from_name(args.fixed)
+    moving_modality = args.moving_modality or _modality_from_name(args.moving)
+    with ProgressBar("register", enabled=not args.quiet) as bar:
+        result = register(
+            fixed, moving, args.transform, metric=args.metric, fixed_mask=fixed_mask,
+            moving_mask=moving_mask, initial_transform=initial, device=args.device,
+            backend=args.backend, fixed_modality=fixed_modality,
+            moving_modality=moving_modality, progress=bar, landmarks=landmarks)
+    paths = result.save(args.output_dir, qc=not args.no_qc)
+    metrics = result.metrics
+    print(f"{args.transform} registration of {args.moving.name} onto {args.fixed.name} in "
+          f"{metrics['runtime_s']:.1f} s; {metrics['metric']}: {metrics['metric_before']} -> "
+          f"{metrics['metric_after']}")
+    if "folding_percent" in metrics:
+        print(f"Jacobian determinant {metrics['jacobian_min']} .. {metrics['jacobian_max']}, "
+              f"{metrics['folding_percent']}% folded voxels")
+    if "tre_mm_mean" in metrics:
+        print(f"landmark TRE: mean {metrics['tre_mm_mean']} mm, max {metrics['tre_mm_max']} mm")
+    for message in result.warnings:
+        print(f"mma register: warning: {message}", file=sys.stderr)
+    for name, path in paths.items():
+        print(f"  {name:<10} {path}")
+    return 0
+
+
+def _read_transform(path: Path):
+    import SimpleITK as sitk
+
+    from MultiModalAnalysisLib.errors import ImageReadError
+
+    try:
+        return sitk.ReadTransform(str(path))
+    except RuntimeError:
+        raise ImageReadError(f"{path} could not be read as a transform file (.tfm, .txt, "
+                             ".h5, .mat).") from None
+
+
+def _modality_from_name(path: Path) -> str | None:
+    """The modality a file name announces (``CT_image.nii.gz`` -> CT), or None."""
+    from MultiModalAnalysisLib.io import IMAGE_SUFFIXES
+    from MultiModalAnalysisLib.modalities import FAMILIES, canonical_modality
+
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    stem = name[: -len("_image")] if name.lower().endswith("_image") else name
+    modality = canonical_modality(stem)
+    return modality if modality in FAMILIES else None
+
+
+def _add_fuse(subparsers: argparse._SubParsersAction) -> None:
+    from MultiModalAnalysisLib.fusion import FUSION_METHODS
+
+    parser = subparsers.add_parser(
+        "fuse",
+        help="fuse co-registered images into one (average, maximum, wavelet, ...)",
+        description="Fuse images that are already in one frame (e.g. after mma register) on "
+        "the REFERENCE grid. Intensities are scaled to [0, 1] per image first (wavelet: "
+        "[0, 255], as in Vallieres et al. 2015).",
+    )
+    parser.add_argument("reference", type=Path, help="the image whose grid the result takes")
+    parser.add_argument("images", type=Path, nargs="+", help="images to fuse with it")
+    parser.add_argument("--method", choices=FUSION_METHODS, required=True)
+    parser.add_argument("--output", "-o", type=Path, required=True, help="F.nii.gz")
+    parser.add_argument("--weights", type=float, nargs="+", help="average: one per image")
+    parser.add_argument("--weight", type=float, default=0.5,
+                        help="wavelet: weight of the second image (default 0.5)")
+    parser.add_argument("--wavelet", default="sym8", help="wavelet: PyWavelets name")
+    parser.add_argument("--level", type=int, default=1, help="wavelet: decomposition levels")
+    parser.add_argument("--mask", type=Path, help="wavelet: region of interest")
+    parser.add_argument("--square-mm", type=float, default=10.0, help="checkerboard cube size")
+    parser.add_argument("--colormap", default="hot", help="overlay: matplotlib colour map")
+    parser.add_argument("--pyramid-levels", type=int, default=3, help="laplacian: levels")
+    parser.set_defaults(func=_run_fuse)
+
+
+def _run_fuse(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.fusion import fuse
+    from MultiModalAnalysisLib.io import read_image, read_mask, write_image
+
+    images = [read_image(args.reference)] + [read_image(path) for path in args.images]
+    options = {
+        "average": {"weights": args.weights},
+        "checkerboard": {"square_mm": args.square_mm},
+        "overlay": {"colormap": args.colormap},
+        "laplacian": {"levels": args.pyramid_levels},
+        "wavelet": {"weight_b": args.weight, "wavelet": args.wavelet, "level": args.level,
+                    "mask": read_mask(args.mask) if args.mask else None},
+    }.get(args.method, {})
+    fused = fuse(images, args.method, **options)
+    print(f"wrote {write_image(fused, args.output)} ({args.method} fusion of "
+          f"{len(images)} images on the grid of {args.reference.name})")
+    return 0
+
+
 COMMANDS = (
-    _add_demo, _add_preprocess, _add_manifest, _add_info, _add_features, _add_train_classifier,
-    _add_classify,
+    _add_demo, _add_preprocess, _add_manifest, _add_info, _add_register, _add_fuse,
+    _add_features, _add_train_classifier, _add_classify,
 )
 
 

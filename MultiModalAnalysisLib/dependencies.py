@@ -29,6 +29,7 @@ PIP_REQUIREMENTS = (
     "matplotlib>=3.7,<3.12",
     "tqdm>=4.60,<5",
     "pyyaml>=5.4,<7",
+    "PyWavelets>=1.5,<2",
 )
 
 

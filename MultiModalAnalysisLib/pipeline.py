@@ -12,11 +12,7 @@ from dataclasses import dataclass
 
 from MultiModalAnalysisLib.case import Case
 from MultiModalAnalysisLib.modalities import canonical_modality
-from MultiModalAnalysisLib.preprocess import (
-    apply_modality_preset,
-    resample_to_reference,
-    resample_to_spacing,
-)
+from MultiModalAnalysisLib.preprocess import apply_modality_preset
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 
 
@@ -71,8 +67,9 @@ def resample_case_to_reference(
 ) -> Case:
     """Resample every image (linear) and mask (nearest neighbour) onto one modality's grid.
 
-    Assumes the images already share a physical frame (as scanner-aligned PET/CT, or after
-    registration); ``fusion`` resamples through registration transforms.
+    Assumes the images already share a physical frame (as scanner-aligned PET/CT); to
+    resample through registration transforms, use ``fusion.resample_case`` (this is that
+    function without transforms).
 
     Args:
         case: the input case (not modified).
@@ -81,23 +78,7 @@ def resample_case_to_reference(
         progress: ``progress(fraction, message)`` callback.
         cancel: stops the work when set.
     """
-    report = as_progress(progress)
-    reference = case.image(reference_modality)
-    if target_spacing is not None:
-        reference = resample_to_spacing(reference, target_spacing)
-    ref_name = canonical_modality(reference_modality)
-    images, masks = {}, {}
-    total = len(case.images) + len(case.masks)
-    for i, (name, image) in enumerate(case.images.items()):
-        check_cancel(cancel, f"resampling of case {case.case_id}")
-        images[name] = (
-            reference
-            if name == ref_name
-            else resample_to_reference(image, reference, name=f"{name} of {case.case_id}")
-        )
-        report((i + 1) / total, f"resampled {name} onto the {ref_name} grid")
-    for j, (name, mask) in enumerate(case.masks.items()):
-        check_cancel(cancel, f"resampling of case {case.case_id}")
-        masks[name] = resample_to_reference(mask, reference, is_label=True, name=name)
-        report((len(images) + j + 1) / total, f"resampled {name} onto the {ref_name} grid")
-    return case.replace(images=images, masks=masks)
+    from MultiModalAnalysisLib.fusion import resample_case
+
+    return resample_case(case, reference_modality, target_spacing=target_spacing,
+                         progress=progress, cancel=cancel)

@@ -1,0 +1,300 @@
+"""``register``: one call for rigid, affine and deformable registration, with quality checks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.errors import ConfigError
+from MultiModalAnalysisLib.metrics import folding_statistics, jacobian_of_displacement
+from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
+from MultiModalAnalysisLib.registration.deformable_bspline import (
+    BSplineSettings,
+    register_deformable_bspline,
+)
+from MultiModalAnalysisLib.registration.deformable_torch import (
+    TorchDeformableSettings,
+    register_deformable_torch,
+)
+from MultiModalAnalysisLib.registration.landmarks import register_landmarks, validate_landmarks
+from MultiModalAnalysisLib.registration.linear import (
+    LinearSettings,
+    evaluate_metric,
+    register_linear,
+)
+from MultiModalAnalysisLib.registration.prepare import (
+    build_pyramid,
+    fill_mask,
+    registration_image,
+    registration_mask,
+)
+from MultiModalAnalysisLib.registration.result import RegistrationResult
+from MultiModalAnalysisLib.registration.similarity import choose_metric, metric_label
+from MultiModalAnalysisLib.registration.transforms import compose, matrix_offset
+
+log = logging.getLogger(__name__)
+
+TRANSFORM_TYPES = ("rigid", "affine", "deformable")
+BACKENDS = ("auto", "torch", "bspline")
+
+
+class RegistrationWarning(UserWarning):
+    """A registration finished but its result is doubtful (e.g. the metric got worse)."""
+
+
+def register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: str = "rigid",
+    metric: str = "auto",
+    fixed_mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
+    initial_transform: sitk.Transform | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    fixed_modality: str | None = None,
+    moving_modality: str | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    *,
+    landmarks: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]]] | None = None,
+    search: bool | None = None,
+    ignore_fill: bool = True,
+    linear_settings: LinearSettings | None = None,
+    torch_settings: TorchDeformableSettings | None = None,
+    bspline_settings: BSplineSettings | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed``.
+
+    Args:
+        fixed, moving: 3-D scalar volumes (never modified).
+        transform: "rigid", "affine" or "deformable" (an affine stage, then a dense
+            deformation).
+        metric: "auto" (by modality pair: mutual information across modalities or when
+            unknown, NCC within one, local NCC for a deformable stage within one), "mi",
+            "ncc", "lncc", or "mind" (MIND-SSC; torch backend).
+        fixed_mask: the region of the fixed image the metric looks at (e.g. the body or a
+            box around the tumour); any grid.
+        moving_mask: the region of the moving image that may be used.
+        initial_transform: fixed -> moving transform to start from (e.g. from
+            :func:`register_landmarks`); the search then looks for a correction around it.
+        device: torch device for the torch backend ("auto", "cpu", "cuda").
+        backend: deformable backend: "torch" (stationary velocity field, scaling and
+            squaring), "bspline" (SimpleITK free-form deformation) or "auto" (torch).
+        fixed_modality, moving_modality: modality names used by ``metric="auto"``.
+        progress: ``progress(fraction, message)`` callback.
+        cancel: stops the registration when set.
+        landmarks: (fixed points, moving points), paired, LPS mm: reported as TRE, and used
+            for the initial transform (rigid, >= 3 pairs) when none is given.
+        search: run the coarse search for a starting pose (default: yes, unless an initial
+            transform or landmarks are given, when a narrower search is run).
+        ignore_fill: leave constant fill (corners outside a resampled scan's original field
+            of view) of the moving image out of the metric.
+        linear_settings, torch_settings, bspline_settings: expert settings per stage.
+
+    Returns:
+        A :class:`RegistrationResult`: ``transform`` (fixed -> moving), ``warped`` (moving on
+        the fixed grid), ``metrics`` and ``save(output_dir)``.
+
+    Raises:
+        ImageDimensionError: a 2-D/4-D or vector image.
+        EmptyImageError: an empty mask.
+        ConstantImageError: an image without contrast.
+        GeometryError: the images do not overlap, even after initialisation.
+        ConfigError: unknown transform type, metric, backend or device.
+        OperationCancelled: ``cancel`` was set.
+    """
+    started = time.perf_counter()
+    kind = _choice(transform, TRANSFORM_TYPES, "transform type")
+    backend = _choice(backend, BACKENDS, "deformable backend")
+    report = as_progress(progress)
+    check_cancel(cancel, "the registration")
+    fixed_image = registration_image(fixed, "the fixed image")
+    moving_image = registration_image(moving, "the moving image")
+    fixed_region = registration_mask(fixed_mask, fixed_image, "the fixed mask")
+    moving_region = registration_mask(moving_mask, moving_image, "the moving mask")
+    eroded = 0
+    if moving_region is None and ignore_fill:
+        moving_region = fill_mask(moving_image)
+        eroded = 1 if moving_region is not None else 0
+    concrete = choose_metric(metric, fixed_modality, moving_modality)
+    settings = linear_settings or _levels_for(LinearSettings(), fixed_image, moving_image)
+
+    landmark_points = None
+    if landmarks is not None:
+        landmark_points = validate_landmarks(*landmarks)
+        if initial_transform is None and len(landmark_points[0]) >= 3:
+            initial_transform = register_landmarks(*landmark_points, transform="rigid")
+    if search is None:
+        search = True
+    if initial_transform is not None and settings.search:
+        # Trust a given start: search a narrower neighbourhood around it.
+        settings = _narrow(settings)
+    if not search:
+        settings = _without_search(settings)
+
+    levels = build_pyramid(fixed_image, moving_image, settings.spacings_mm, fixed_region,
+                           moving_region, erode_moving=eroded)
+    finest = levels[-1]
+    sitk_metric = "mi" if concrete == "mind" else concrete
+    before = evaluate_metric(finest, sitk_metric, initial_transform or sitk.Transform())
+    linear_kind = "rigid" if kind == "rigid" else "affine"
+    linear_share = 1.0 if kind != "deformable" else 0.4
+    result_transform = register_linear(
+        levels, linear_kind, sitk_metric, initial_transform, settings,
+        progress=report.sub(0.0, linear_share * 0.95), cancel=cancel)
+    metrics: dict[str, Any] = {"transform_type": kind}
+
+    if kind == "deformable":
+        deformable_metric = choose_metric(metric, fixed_modality, moving_modality,
+                                          deformable=True)
+        result_transform, extra = _deformable(
+            fixed_image, moving_image, result_transform, deformable_metric, fixed_region,
+            moving_region, backend, device, torch_settings, bspline_settings,
+            report.sub(linear_share * 0.95, 0.95), cancel)
+        metrics.update(extra)
+
+    check_cancel(cancel, "the registration")
+    after = evaluate_metric(finest, sitk_metric, result_transform)
+    metrics.update({
+        "metric": metric_label(sitk_metric),
+        "metric_before": _rounded(before),
+        "metric_after": _rounded(after),
+    })
+    warnings_found = _check_divergence(before, after)
+    if landmark_points is not None:
+        metrics.update(_tre(result_transform, *landmark_points))
+    metrics["runtime_s"] = round(time.perf_counter() - started, 3)
+    metrics["warnings"] = warnings_found
+    for message in warnings_found:
+        log.warning(message)
+        warnings.warn(message, RegistrationWarning, stacklevel=2)
+    report(1.0, f"{kind} registration done")
+    return RegistrationResult(result_transform, metrics, fixed, moving, initial_transform,
+                              warnings_found)
+
+
+def _deformable(fixed, moving, linear, metric, fixed_region, moving_region, backend, device,
+                torch_settings, bspline_settings, progress, cancel):
+    """Run the deformable stage; returns the composite transform and its metrics."""
+    from MultiModalAnalysisLib.device import run_with_device_fallback
+
+    chosen = "torch" if backend == "auto" else backend
+    if chosen == "torch":
+        field = run_with_device_fallback(
+            lambda dev: register_deformable_torch(
+                fixed, moving, linear, metric, fixed_mask=fixed_region,
+                moving_mask=moving_region, settings=torch_settings, device=dev,
+                progress=progress, cancel=cancel),
+            device, what="deformable registration")
+        array = sitk.GetArrayFromImage(field.GetDisplacementField())
+        grid = field.GetDisplacementField()
+        reference = sitk.Image(grid.GetSize(), sitk.sitkUInt8)
+        reference.CopyInformation(grid)
+        deformation = field
+    else:
+        deformation = register_deformable_bspline(
+            fixed, moving, linear, "mi" if metric == "mind" else metric,
+            fixed_mask=fixed_region, moving_mask=moving_region, settings=bspline_settings,
+            progress=progress, cancel=cancel)
+        reference = _jacobian_grid(fixed)
+        to_field = sitk.TransformToDisplacementFieldFilter()
+        to_field.SetReferenceImage(reference)
+        to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
+        array = sitk.GetArrayFromImage(to_field.Execute(deformation))
+    jacobian = jacobian_of_displacement(array, reference)
+    stats = folding_statistics(jacobian)
+    linear_det = float(np.linalg.det(matrix_offset(linear)[0]))
+    return compose(linear, deformation), {
+        "backend": chosen,
+        # The whole transform's Jacobian is the linear part's (a constant) times the
+        # deformation's; folding only depends on the latter.
+        "jacobian_min": round(stats["jacobian_min"] * linear_det, 4),
+        "jacobian_max": round(stats["jacobian_max"] * linear_det, 4),
+        "folding_percent": round(stats["folding_percent"], 4),
+        "jacobian_grid_mm": round(float(reference.GetSpacing()[0]), 2),
+    }
+
+
+def _jacobian_grid(fixed: sitk.Image, spacing: float = 2.0) -> sitk.Image:
+    from MultiModalAnalysisLib.registration.prepare import downsample
+
+    return downsample(fixed, [spacing] * 3)
+
+
+def _check_divergence(before: float, after: float) -> list[str]:
+    if not math.isfinite(after):
+        return ["the registered images no longer overlap enough to compute the metric: the "
+                "registration diverged. Check the images, or give masks or landmarks."]
+    if math.isfinite(before) and after > before + 0.02 * abs(before) + 1e-6:
+        return [f"the metric got worse during registration ({before:.4f} -> {after:.4f}, "
+                "lower is better): the result is likely wrong. Check the QC figure; give an "
+                "initial transform (e.g. from landmarks) or masks around the region of "
+                "interest."]
+    return []
+
+
+def _tre(transform: sitk.Transform, fixed_points: np.ndarray, moving_points: np.ndarray,
+         ) -> dict[str, Any]:
+    from MultiModalAnalysisLib.metrics import target_registration_error
+
+    errors = target_registration_error(transform, fixed_points, moving_points)
+    return {
+        "tre_mm_mean": round(float(errors.mean()), 3),
+        "tre_mm_median": round(float(np.median(errors)), 3),
+        "tre_mm_max": round(float(errors.max()), 3),
+        "landmark_pairs": int(len(errors)),
+    }
+
+
+def _choice(value: str, choices: Sequence[str], what: str) -> str:
+    name = str(value).strip().lower()
+    if name not in choices:
+        raise ConfigError(f"unknown {what} '{value}': use one of {', '.join(choices)}.")
+    return name
+
+
+def _rounded(value: float) -> float | None:
+    return round(float(value), 6) if math.isfinite(value) else None
+
+
+def _levels_for(settings: LinearSettings, fixed: sitk.Image, moving: sitk.Image,
+                ) -> LinearSettings:
+    """Drop pyramid levels much finer than the coarser image can support (a 2 mm level
+    adds nothing to a PET of 5 mm voxels but time); at least two levels stay."""
+    from dataclasses import replace
+
+    coarsest = max(sorted(image.GetSpacing())[1] for image in (fixed, moving))  # in-plane
+    keep = [i for i, s in enumerate(settings.spacings_mm) if s >= 0.7 * coarsest]
+    keep = keep if len(keep) >= 2 else list(range(min(2, len(settings.spacings_mm))))
+    if len(keep) == len(settings.spacings_mm):
+        return settings
+
+    def pick(values):
+        return tuple(values[i] for i in keep)
+
+    return replace(settings, spacings_mm=pick(settings.spacings_mm),
+                   rigid_iterations=pick(settings.rigid_iterations),
+                   affine_iterations=pick(settings.affine_iterations),
+                   samples=pick(settings.samples))
+
+
+def _narrow(settings: LinearSettings) -> LinearSettings:
+    from dataclasses import replace
+
+    return replace(settings, search_shift_mm=settings.search_shift_mm / 2,
+                   search_angle_deg=settings.search_angle_deg / 2)
+
+
+def _without_search(settings: LinearSettings) -> LinearSettings:
+    from dataclasses import replace
+
+    return replace(settings, search=False)

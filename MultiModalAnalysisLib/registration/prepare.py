@@ -1,0 +1,186 @@
+"""Images as the optimisers see them: validated, float, outliers clipped, and a pyramid of
+smoothed, coarser copies (one per resolution level), with masks to match."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.errors import EmptyImageError
+from MultiModalAnalysisLib.images import as_float32, same_grid, validate_image, validate_mask
+from MultiModalAnalysisLib.preprocess import resample_to_reference, resample_to_spacing
+
+# Clipping to these percentiles keeps metal, hot spots and noise spikes from squeezing the
+# useful intensities into a few histogram bins (mutual information) or dominating NCC.
+CLIP_PERCENTILES = (0.5, 99.5)
+
+
+def registration_image(image: sitk.Image, name: str) -> sitk.Image:
+    """A float32 copy of ``image`` with intensities clipped to robust percentiles.
+
+    Raises:
+        ImageDimensionError, EmptyImageError, NonFiniteImageError, ConstantImageError.
+    """
+    image = validate_image(image, name, require_contrast=True)
+    array = sitk.GetArrayViewFromImage(image)
+    step = max(1, array.size // 200_000)  # percentiles of a subsample are plenty
+    low, high = np.percentile(array.ravel()[::step], CLIP_PERCENTILES)
+    if high <= low:
+        low, high = float(array.min()), float(array.max())
+    return sitk.Clamp(as_float32(image), sitk.sitkFloat32, float(low), float(high))
+
+
+def registration_mask(mask: sitk.Image | None, image: sitk.Image, name: str) -> sitk.Image | None:
+    """A binary UInt8 mask on ``image``'s grid (resampled if it is on another grid).
+
+    Raises:
+        EmptyImageError: the mask selects no voxel (also after resampling).
+        LabelError: a multi-label or non-integer mask.
+    """
+    if mask is None:
+        return None
+    binary = validate_mask(mask, name)
+    if not same_grid(binary, image):
+        binary = resample_to_reference(binary, image, is_label=True, name=name)
+        if not sitk.GetArrayViewFromImage(binary).any():
+            raise EmptyImageError(
+                f"{name} selects no voxel of the image it belongs to (it lies outside that "
+                "image's field of view). Check that the mask belongs to this image."
+            )
+    return binary
+
+
+def fill_mask(image: sitk.Image, min_fraction: float = 0.01) -> sitk.Image | None:
+    """Where ``image`` shows the patient rather than constant fill, or None if it has none.
+
+    Volumes resampled into another frame (an MR aligned to a CT, a perturbed copy) carry
+    regions of constant fill outside their original field of view. Left in, the metric tries
+    to line the edges of that fill up with edges of the other image. Fill is taken to be a
+    region that is flat at the image minimum and touches the border; real air has noise, so
+    it is rarely exactly flat. The mask is returned on a grid of about 3 mm (enough for the
+    pyramid levels, and fast); ``build_pyramid`` resamples it per level.
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    at_min = array == array.min()
+    if at_min.mean() < min_fraction:
+        return None
+    at_min_image = sitk.GetImageFromArray(at_min.astype(np.float32))
+    at_min_image.CopyInformation(image)
+    factors = [max(1, int(round(3.0 / s))) for s in image.GetSpacing()]
+    flat = sitk.BinShrink(at_min_image, factors) > 0.999
+    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(flat))
+    border = np.unique(np.concatenate([
+        components[[0, -1]].ravel(), components[:, [0, -1]].ravel(),
+        components[:, :, [0, -1]].ravel()]))
+    fill = np.isin(components, border[border != 0])
+    if fill.mean() < min_fraction:
+        return None
+    valid = sitk.GetImageFromArray((~fill).astype(np.uint8))
+    valid.CopyInformation(flat)
+    return valid
+
+
+@dataclass
+class Level:
+    """One resolution level: the fixed and moving images and masks on coarser grids."""
+
+    spacing_mm: float
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_mask: sitk.Image | None
+    moving_mask: sitk.Image | None
+
+    @property
+    def fixed_voxels(self) -> int:
+        if self.fixed_mask is not None:
+            return int(sitk.GetArrayViewFromImage(self.fixed_mask).sum())
+        return int(np.prod(self.fixed.GetSize()))
+
+
+def level_spacing(image: sitk.Image, spacing_mm: float) -> list[float]:
+    """The spacing of ``image`` at a level: ``spacing_mm`` but never finer than the image."""
+    return [max(float(spacing_mm), s) for s in image.GetSpacing()]
+
+
+def downsample(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
+    """``image`` smoothed and resampled to ``spacing`` (unchanged if it already has it)."""
+    if np.allclose(spacing, image.GetSpacing(), rtol=0.02):
+        return image
+    return resample_to_spacing(image, list(spacing))
+
+
+def downsample_mask(mask: sitk.Image | None, image: sitk.Image, erode: int = 0,
+                    ) -> sitk.Image | None:
+    """A mask on a level image's grid: linear resampling then a generous threshold, so thin
+    regions do not vanish on a coarse grid; then ``erode`` voxels peeled off its edge."""
+    if mask is None:
+        return None
+    fraction = resample_to_reference(sitk.Cast(mask, sitk.sitkFloat32), image, default_value=0)
+    level_mask = sitk.Cast(fraction > 0.25, sitk.sitkUInt8)
+    if not sitk.GetArrayViewFromImage(level_mask).any():
+        level_mask = sitk.Cast(fraction > 0.0, sitk.sitkUInt8)
+    if erode:
+        eroded = sitk.BinaryErode(level_mask, [erode] * 3, sitk.sitkBall, 0, 1)
+        if sitk.GetArrayViewFromImage(eroded).any():
+            level_mask = eroded
+    return level_mask
+
+
+def build_pyramid(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    spacings_mm: Sequence[float],
+    fixed_mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
+    *,
+    erode_fixed: int = 0,
+    erode_moving: int = 0,
+) -> list[Level]:
+    """One :class:`Level` per spacing, returned coarse to fine.
+
+    ``erode_*`` peel voxels off a mask's edge on every level: for masks of the valid field
+    of view, so that no sample sits where smoothing or the gradient mixes in the fill.
+    """
+    # Finest level first, each coarser one from the one before: the full-resolution images
+    # are smoothed only once.
+    levels = []
+    f, m = fixed, moving
+    for spacing in sorted(spacings_mm):
+        # The fixed grid is isotropic even where that means finer slices than the scan:
+        # with both images on the same slice positions (common after a resampling),
+        # samples on the fixed slices favour shifts by whole slices (the interpolation
+        # artefact of mutual information); off-grid samples do not.
+        f = downsample(f, [float(spacing)] * 3)
+        m = downsample(m, level_spacing(m, spacing))
+        levels.append(
+            Level(float(spacing), f, m, downsample_mask(fixed_mask, f, erode_fixed),
+                  downsample_mask(moving_mask, m, erode_moving))
+        )
+    return levels[::-1]
+
+
+def image_centre(image: sitk.Image) -> np.ndarray:
+    """Physical centre of the image's voxel grid."""
+    return np.array(
+        image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
+    )
+
+
+def centre_of_mass(image: sitk.Image, mask: sitk.Image | None = None) -> np.ndarray:
+    """Intensity-weighted physical centre (intensities shifted to start at 0), in ``mask``."""
+    array = sitk.GetArrayViewFromImage(image).astype(np.float64)
+    weights = array - array.min()
+    if mask is not None:
+        weights = weights * (sitk.GetArrayViewFromImage(mask) > 0)
+    total = weights.sum()
+    if total <= 0:
+        return image_centre(image)
+    index = [
+        float((weights.sum(axis=tuple(a for a in range(3) if a != axis))
+               * np.arange(weights.shape[axis])).sum() / total)
+        for axis in (2, 1, 0)
+    ]
+    return np.array(image.TransformContinuousIndexToPhysicalPoint(index))

@@ -1,0 +1,367 @@
+"""Global search for a rigid starting point: thousands of candidate poses scored at once.
+
+Written here rather than with SimpleITK's exhaustive optimiser: that scores one transform
+at a time with Mattes mutual information, whose estimate is biased upwards when fewer
+samples land inside the other image, so on tightly cropped volumes the best-scored
+candidates were often ones that slid the images apart. Here candidates are rows of Euler
+parameters, scored in one vectorised pass (trilinear sampling of the other image at the
+sample points mapped by every candidate, ``scipy.ndimage.map_coordinates``) by normalised
+mutual information, ``(H(F) + H(M)) / H(F, M)``, which does not reward shrinking the
+overlap; candidates that keep fewer than half the samples inside the other image are
+dropped.
+
+The search itself: a joint grid of rotations and shifts on a coarse level shortlists poses
+(rotation and shift must be searched together: with a 10 degree rotation error, the right
+shift scores worse than a wrong one), compass searches refine the shortlist on the coarse
+level and then on a finer one, where the final choice is made (the coarse optimum can sit
+several millimetres from the fine one).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy.ndimage import map_coordinates
+
+from MultiModalAnalysisLib.progress import check_cancel
+from MultiModalAnalysisLib.registration.prepare import Level
+from MultiModalAnalysisLib.registration.transforms import matrix_offset
+
+BINS = 16
+MIN_OVERLAP = 0.5
+
+
+def euler_matrices(angles: np.ndarray) -> np.ndarray:
+    """Rotation matrices (K, 3, 3) of ITK's ``Euler3DTransform`` for angles (K, 3) about x,
+    y, z (ITK composes them as Rz Rx Ry)."""
+    cx, cy, cz = np.cos(angles).T
+    sx, sy, sz = np.sin(angles).T
+    matrices = np.empty((len(angles), 3, 3))
+    matrices[:, 0, 0] = cz * cy - sz * sx * sy
+    matrices[:, 0, 1] = -sz * cx
+    matrices[:, 0, 2] = cz * sy + sz * sx * cy
+    matrices[:, 1, 0] = sz * cy + cz * sx * sy
+    matrices[:, 1, 1] = cz * cx
+    matrices[:, 1, 2] = sz * sy - cz * sx * cy
+    matrices[:, 2, 0] = -cx * sy
+    matrices[:, 2, 1] = sx
+    matrices[:, 2, 2] = cx * cy
+    return matrices
+
+
+@dataclass
+class Poses:
+    """Rigid poses ``x -> R(x - c) + c + t`` about one centre, applied after (inside) an
+    optional linear initial transform: ``T(x) = initial(R(x - c) + c + t)``."""
+
+    centre: np.ndarray
+    initial: tuple[np.ndarray, np.ndarray] | None = None  # (matrix, offset)
+
+    def affine(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Matrices (K, 3, 3) and offsets (K, 3) of the fixed -> moving maps."""
+        rotations = euler_matrices(params[:, :3])
+        offsets = self.centre + params[:, 3:] - rotations @ self.centre
+        if self.initial is not None:
+            matrix, offset = self.initial
+            rotations = matrix @ rotations
+            offsets = offsets @ matrix.T + offset
+        return rotations, offsets
+
+    def transform(self, params: Sequence[float]) -> sitk.Euler3DTransform:
+        result = sitk.Euler3DTransform()
+        result.SetCenter(self.centre.tolist())
+        result.SetParameters([float(p) for p in params])
+        return result
+
+
+@dataclass
+class SearchSpace:
+    """Samples of one image and the other image of a level, ready for batched scoring.
+
+    The samples come from the image with the smaller physical volume (usually the moving
+    one, cropped tighter), so that nearly all of them can land inside the other image;
+    candidates then map either fixed samples forward or moving samples back.
+    """
+
+    points: np.ndarray  # N x 3 physical sample points
+    sample_bins: np.ndarray  # N intensity bins of the sampled image
+    target: np.ndarray  # [z, y, x] the other image's intensities scaled to [0, BINS)
+    target_valid: np.ndarray | None  # [z, y, x] 1 inside the other image's mask
+    to_index: np.ndarray  # 3 x 3: physical offset -> target continuous index (x, y, z)
+    origin: np.ndarray
+    from_moving: bool  # samples are moving points (candidates are applied inverted)
+    bins: int = BINS
+
+    @classmethod
+    def from_level(cls, level: Level, samples: int, seed: int, *, bins: int = BINS,
+                   edge_weighted: bool = True) -> SearchSpace:
+        """Samples of ``level`` for scoring.
+
+        Args:
+            samples: how many (all voxels when fewer).
+            seed: sampling seed.
+            bins: histogram bins per image.
+            edge_weighted: draw half the samples where the image has edges (sharper scores
+                for a coarse search); uniform sampling otherwise (an unbiased estimate of
+                the image-wide mutual information, for the final polish).
+        """
+        from_moving = _volume(level.moving) < _volume(level.fixed)
+        source, source_mask = ((level.moving, level.moving_mask) if from_moving
+                               else (level.fixed, level.fixed_mask))
+        target, target_mask = ((level.fixed, level.fixed_mask) if from_moving
+                               else (level.moving, level.moving_mask))
+        array = sitk.GetArrayFromImage(source).astype(np.float32)
+        keep = np.ones(array.shape, bool)
+        if source_mask is not None:
+            keep = sitk.GetArrayFromImage(source_mask) > 0
+        index = np.argwhere(keep)  # z, y, x
+        rng = np.random.default_rng(seed)
+        if len(index) > samples and not edge_weighted:
+            index = index[rng.choice(len(index), samples, replace=False)]
+        elif len(index) > samples:
+            # Half the samples uniform, half where the image has edges: homogeneous regions
+            # say little about alignment, so edge samples sharpen the score for their cost.
+            gradient = np.sqrt(sum(g ** 2 for g in np.gradient(array)))[tuple(index.T)]
+            weight = 0.5 / len(index) + 0.5 * gradient / max(gradient.sum(), 1e-12)
+            index = index[rng.choice(len(index), samples, replace=False, p=weight / weight.sum())]
+        # Sub-voxel jitter, so that samples do not all sit on the voxel grid (which favours
+        # grid-aligned poses).
+        jittered = index + rng.uniform(-0.5, 0.5, index.shape)
+        direction = np.array(source.GetDirection()).reshape(3, 3)
+        points = (np.array(source.GetOrigin())
+                  + (jittered[:, ::-1] * np.array(source.GetSpacing())) @ direction.T)
+        values = map_coordinates(array, jittered.T, order=1, mode="nearest")
+        target_array = sitk.GetArrayFromImage(target).astype(np.float32)
+        target_valid = None
+        if target_mask is not None:
+            target_valid = (sitk.GetArrayFromImage(target_mask) > 0).astype(np.float32)
+        t_direction = np.array(target.GetDirection()).reshape(3, 3)
+        to_index = np.linalg.inv(t_direction @ np.diag(target.GetSpacing()))
+        return cls(points.astype(np.float32), _to_bins(values, array[keep], bins),
+                   _scale(target_array, bins), target_valid, to_index,
+                   np.array(target.GetOrigin()), from_moving, bins)
+
+    def score(self, matrices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Normalised mutual information of each fixed -> moving map ``x -> A x + b``
+        (matrices (K, 3, 3), offsets (K, 3)); higher is better, -inf when fewer than
+        ``MIN_OVERLAP`` of the samples overlap."""
+        count, n, bins = len(matrices), len(self.points), self.bins
+        if self.from_moving:  # samples are moving points: apply the inverse maps
+            matrices = np.linalg.inv(matrices)
+            offsets = -np.einsum("kij,kj->ki", matrices, offsets)
+        # Compose with physical -> target voxel index, rows as (z, y, x).
+        to_index = self.to_index[::-1]
+        total_matrix = np.einsum("ij,kjl->kil", to_index, matrices).astype(np.float32)
+        total_offset = ((offsets - self.origin) @ to_index.T).astype(np.float32)
+        index = (np.einsum("kij,nj->ikn", total_matrix, self.points)
+                 + total_offset.T[:, :, None]).reshape(3, -1)
+        values = map_coordinates(self.target, index, order=1, mode="constant", cval=-1.0)
+        valid = values >= 0
+        if self.target_valid is not None:
+            valid &= map_coordinates(self.target_valid, index, order=0, mode="constant",
+                                     cval=0.0) > 0.5
+        # Soft binning of the interpolated intensity (each sample split between its two
+        # nearest bins): the score then changes smoothly with the pose, with no plateaus
+        # for a compass search to stall on.
+        values = np.clip(values, 0.0, bins - 1.0)
+        lower = np.minimum(values.astype(np.int64), bins - 2)
+        upper_weight = (values - lower)[valid]
+        base = (np.repeat(np.arange(count) * bins * bins, n)
+                + np.tile(self.sample_bins * bins, count) + lower)[valid]
+        size = count * bins * bins
+        joint = (np.bincount(base, weights=1.0 - upper_weight, minlength=size)
+                 + np.bincount(base + 1, weights=upper_weight, minlength=size))
+        joint = joint.reshape(count, bins, bins)
+        total = joint.sum(axis=(1, 2))
+        scores = np.full(count, -np.inf)
+        ok = total >= MIN_OVERLAP * n
+        if not ok.any():
+            return scores
+        p = joint[ok] / total[ok, None, None]
+        scores[ok] = (_entropy(p.sum(axis=2)) + _entropy(p.sum(axis=1))) / _entropy(
+            p.reshape(p.shape[0], -1))
+        return scores
+
+    def score_poses(self, poses: Poses, params: np.ndarray, chunk: int = 400) -> np.ndarray:
+        """Scores of many poses (K, 6), in chunks to bound memory."""
+        scores = []
+        for start in range(0, len(params), chunk):
+            matrices, offsets = poses.affine(params[start:start + chunk])
+            scores.append(self.score(matrices, offsets))
+        return np.concatenate(scores) if scores else np.empty(0)
+
+    def score_transforms(self, transforms: Sequence[sitk.Transform]) -> np.ndarray:
+        """Scores of linear SimpleITK transforms (for checks and diagnostics)."""
+        pairs = [matrix_offset(t) for t in transforms]
+        return self.score(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+
+
+def _volume(image: sitk.Image) -> float:
+    return float(np.prod(np.array(image.GetSize()) * np.array(image.GetSpacing())))
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=-1)
+
+
+def _scale(array: np.ndarray, bins: int) -> np.ndarray:
+    low, high = float(array.min()), float(array.max())
+    return ((array - low) / max(high - low, 1e-12) * (bins - 1e-3)).astype(np.float32)
+
+
+def _to_bins(values: np.ndarray, reference: np.ndarray, bins: int) -> np.ndarray:
+    low, high = float(reference.min()), float(reference.max())
+    scaled = (values - low) / max(high - low, 1e-12) * (bins - 1e-3)
+    return np.clip(scaled, 0, bins - 1).astype(np.int64)
+
+
+def grid(base: np.ndarray, angle_rad: float, angle_steps: int, shift_mm: float,
+         shift_steps: int) -> np.ndarray:
+    """Poses on a joint grid around each row of ``base`` (B, 6): ``angle_steps`` rotations
+    each way about every axis and ``shift_steps`` shifts each way along every axis."""
+    angles = np.arange(-angle_steps, angle_steps + 1) * angle_rad
+    shifts = np.arange(-shift_steps, shift_steps + 1) * shift_mm
+    offsets = np.array(list(itertools.product(angles, angles, angles, shifts, shifts, shifts)))
+    return (np.asarray(base)[:, None, :] + offsets[None]).reshape(-1, 6)
+
+
+def best_distinct(params: np.ndarray, scores: np.ndarray, keep: int,
+                  min_angle_deg: float = 6.0, min_shift_mm: float = 4.0,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``keep`` best-scored poses, skipping near-duplicates of better ones."""
+    chosen: list[int] = []
+    limit = math.radians(min_angle_deg)
+    for k in np.argsort(-scores):
+        if not math.isfinite(scores[k]):
+            break
+        if any(np.all(np.abs(params[k, :3] - params[j, :3]) < limit)
+               and np.linalg.norm(params[k, 3:] - params[j, 3:]) < min_shift_mm
+               for j in chosen):
+            continue
+        chosen.append(int(k))
+        if len(chosen) == keep:
+            break
+    return params[chosen], scores[chosen]
+
+
+def compass(space: SearchSpace, poses: Poses, params: np.ndarray, scores: np.ndarray, *,
+            step_mm: float, min_step_mm: float, radius_mm: float = 50.0,
+            iterations: int = 25, cancel: threading.Event | None = None,
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Compass search from every row of ``params`` at once: try a step each way along
+    every parameter, move to the best that improves the score, halve the step when none
+    does. Derivative-free, so a rough, noisy score cannot throw it off the way a gradient
+    step can; rotation steps are the angle that moves a point ``radius_mm`` from the centre
+    by the shift step."""
+    params, scores = params.copy(), scores.copy()
+    steps = np.full(len(params), float(step_mm))
+    directions = np.concatenate([np.eye(6), -np.eye(6)])
+    for _ in range(iterations):
+        active = np.flatnonzero(steps >= min_step_mm)
+        if len(active) == 0:
+            break
+        check_cancel(cancel, "the registration")
+        moves = directions[None] * np.where(np.arange(6) < 3, 1.0 / radius_mm, 1.0)
+        moves = moves * steps[active, None, None]
+        candidates = (params[active, None, :] + moves).reshape(-1, 6)
+        values = space.score_poses(poses, candidates).reshape(len(active), len(directions))
+        best = values.argmax(axis=1)
+        better = values[np.arange(len(active)), best] > scores[active]
+        for row, k in enumerate(active):
+            if better[row]:
+                params[k] = candidates[row * len(directions) + best[row]]
+                scores[k] = values[row, best[row]]
+            else:
+                steps[k] /= 2
+    return params, scores
+
+
+def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
+                       starts: Sequence[Sequence[float]], *,
+                       moving_initial: sitk.Transform | None = None, shift_mm: float = 8.0,
+                       angle_deg: float = 10.0, keep: int = 10, fine_keep: int = 3,
+                       samples: int = 1000, fine_samples: int = 8000, seed: int = 0,
+                       bins: int = BINS, edge_weighted: bool = True,
+                       cancel: threading.Event | None = None,
+                       ) -> list[tuple[float, sitk.Euler3DTransform]]:
+    """Best rigid starting poses, best first (score: normalised MI on the ``fine`` level).
+
+    Args:
+        coarse, fine: two pyramid levels (e.g. 8 and 4 mm).
+        centre: the centre of rotation (fixed space).
+        starts: Euler parameters (angles, shift) of the starting poses.
+        moving_initial: a linear fixed -> moving transform applied first.
+        shift_mm, angle_deg: steps of the coarse joint grid (two shift steps and one angle
+            step each way).
+        keep: poses shortlisted from the grid and refined on the coarse level.
+        fine_keep: of those, how many are refined again on the fine level.
+        samples, fine_samples: metric samples on the two levels.
+        bins, edge_weighted: see :meth:`SearchSpace.from_level`.
+    """
+    initial = matrix_offset(moving_initial) if moving_initial is not None else None
+    poses = Poses(np.asarray(centre, dtype=float), initial)
+    space = SearchSpace.from_level(coarse, samples, seed, bins=bins, edge_weighted=edge_weighted)
+    check_cancel(cancel, "the registration")
+    candidates = grid(np.asarray(starts, dtype=float), math.radians(angle_deg), 1, shift_mm, 2)
+    params, scores = best_distinct(candidates, space.score_poses(poses, candidates), keep)
+    params, scores = compass(space, poses, params, scores, step_mm=shift_mm / 2,
+                             min_step_mm=coarse.spacing_mm / 4, cancel=cancel)
+    params, _ = best_distinct(params, scores, fine_keep)
+    fine_space = SearchSpace.from_level(fine, fine_samples, seed, bins=bins,
+                                        edge_weighted=edge_weighted)
+    params, scores = compass(fine_space, poses, params, fine_space.score_poses(poses, params),
+                             step_mm=fine.spacing_mm, min_step_mm=fine.spacing_mm / 8,
+                             cancel=cancel)
+    order = np.argsort(-scores)
+    return [(float(scores[k]), poses.transform(params[k])) for k in order]
+
+
+def compass_affine(space: SearchSpace, matrix: np.ndarray, centre: np.ndarray,
+                   translation: np.ndarray, *, step_mm: float, min_step_mm: float,
+                   radius_mm: float = 50.0, iterations: int = 40,
+                   initial: tuple[np.ndarray, np.ndarray] | None = None,
+                   cancel: threading.Event | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Compass search over the 12 parameters of ``x -> M (x - c) + c + t``: matrix entries
+    step by ``step / radius_mm`` (a ``step`` mm move ``radius_mm`` from the centre), the
+    shift by ``step`` mm. Returns the matrix, the translation and the score."""
+
+    def maps(matrices: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        offsets = centre + shifts - matrices @ centre
+        if initial is not None:
+            outer, outer_offset = initial
+            return outer @ matrices, offsets @ outer.T + outer_offset
+        return matrices, offsets
+
+    best = float(space.score(*maps(matrix[None], translation[None]))[0])
+    step = float(step_mm)
+    for _ in range(iterations):
+        if step < min_step_mm:
+            break
+        check_cancel(cancel, "the registration")
+        matrices, shifts = [], []
+        for sign in (1.0, -1.0):
+            for entry in range(9):
+                moved = matrix.copy()
+                moved.flat[entry] += sign * step / radius_mm
+                matrices.append(moved)
+                shifts.append(translation)
+            for axis in range(3):
+                moved_shift = translation.copy()
+                moved_shift[axis] += sign * step
+                matrices.append(matrix)
+                shifts.append(moved_shift)
+        values = space.score(*maps(np.array(matrices), np.array(shifts)))
+        k = int(np.argmax(values))
+        if values[k] > best:
+            matrix, translation, best = matrices[k], shifts[k], float(values[k])
+        else:
+            step /= 2
+    return matrix, translation, best
