@@ -238,8 +238,10 @@ def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
         "train-classifier",
         help="cross-validate a classifier, then fit it on every case and save it",
         description="Radiomics (default): the manifest is a FEATURE TABLE: case_id, one "
-        "numeric column per feature (as `mma features` writes them) and the label column. "
-        "Prints and writes (CLF/cv_metrics.json) the figures of a repeated stratified nested "
+        "numeric column per feature (as `mma features` writes them) and the label column; "
+        "or an IMAGE MANIFEST (one path column per modality, a mask column, the label "
+        "column), whose IBSI features are computed first (--modalities, --mask-column, "
+        "--feature-settings) and remembered by the model for `mma classify`. Prints and writes (CLF/cv_metrics.json) the figures of a repeated stratified nested "
         "cross-validation, then fits the model on every case and saves the folder CLF. "
         "--kind deep trains a CNN on ROI crops instead; its manifest holds image paths "
         "(one column per modality) and a mask column.",
@@ -260,13 +262,20 @@ def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
     radiomics.add_argument("--selection", choices=SELECTION_CHOICES, default=None)
     radiomics.add_argument("--n-features", type=int, nargs="+", default=None,
                            help="numbers of selected features to try (inner CV)")
+    radiomics.add_argument("--feature-settings", type=Path, default=None,
+                           help="IBSI feature settings (JSON/YAML) for an image manifest")
     radiomics.add_argument("--exclude", nargs="+", default=(), metavar="COLUMN",
                            help="columns that are not features (e.g. other outcomes)")
     radiomics.add_argument("--features", dest="feature_pattern", default=None,
                            metavar="REGEX", help="use only feature columns matching this")
     deep = parser.add_argument_group("deep classifier (--kind deep)")
-    deep.add_argument("--modalities", default=None, help="input channels in order, e.g. CT,PET")
-    deep.add_argument("--mask-column", default="mask", help="the lesion mask column")
+    images = parser.add_argument_group("image manifests (deep, or radiomics from images)")
+    images.add_argument("--modalities", default=None,
+                        help="image columns in order, e.g. CT,PET (default radiomics: every "
+                        "image column that is not a mask)")
+    images.add_argument("--mask-column", default=None,
+                        help="the lesion mask column (default: 'mask', or the only mask-like "
+                        "column)")
     deep.add_argument("--epochs", type=int, default=40)
     deep.add_argument("--architecture", choices=("densenet", "resnet"), default="densenet")
     deep.add_argument("--crop-size", type=int, default=32, help="crop side in voxels")
@@ -293,8 +302,12 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
 
     settings = _classifier_settings(args)
-    table = read_feature_table(args.manifest, args.label_column, exclude=args.exclude,
-                               feature_pattern=args.feature_pattern)
+    with ProgressBar("features", enabled=not args.quiet) as bar:
+        table = read_feature_table(
+            args.manifest, args.label_column, exclude=args.exclude,
+            feature_pattern=args.feature_pattern, mask_column=args.mask_column,
+            modalities=args.modalities.split(",") if args.modalities else None,
+            feature_settings=args.feature_settings, device=args.device, progress=bar)
     print(f"{len(table)} cases, {table.features.shape[1]} features from {args.manifest}"
           + (f"; left out {len(table.excluded_cases)} case(s) without a label"
              if table.excluded_cases else ""))
@@ -322,7 +335,8 @@ def _train_deep_classifier(args: argparse.Namespace) -> int:
         network["random_state"] = args.seed
     with ProgressBar("train-classifier (deep)", enabled=not args.quiet) as bar:
         model = train_deep_classifier(
-            args.manifest, args.label_column, args.modalities.split(","), args.mask_column,
+            args.manifest, args.label_column, args.modalities.split(","),
+            args.mask_column or "mask",
             crop=CropSettings(size=args.crop_size), network=network, cv_folds=args.cv or 0,
             cv_repeats=args.repeats or 1, positive_label=args.positive_label,
             device=args.device, output=args.output, progress=bar,
@@ -340,7 +354,8 @@ def _add_classify(subparsers: argparse._SubParsersAction) -> None:
         "classify",
         help="per-case probabilities from a saved classifier",
         description="Radiomics models read a FEATURE TABLE (case_id + the features the model "
-        "was trained on); deep models read a manifest of image paths with the model's mask "
+        "was trained on), or an image manifest when the model was trained from images (its "
+        "features are then computed as in training); deep models read a manifest of image paths with the model's mask "
         "column. Writes case_id, probability_<positive class>, prediction, threshold.",
     )
     parser.add_argument("--model", type=Path, required=True, help="model folder")
@@ -353,7 +368,8 @@ def _run_classify(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.classification import load_classifier
 
     model = load_classifier(args.model)
-    predictions = model.predict_manifest(args.manifest)
+    with ProgressBar("classify", enabled=not args.quiet) as bar:
+        predictions = model.predict_manifest(args.manifest, progress=bar)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(args.output, index=False)
     positive = model.class_names[1]

@@ -153,9 +153,12 @@ class TrainedClassifier:
         proba = self.predict_proba(self.check_features(table.features, source=table.source))
         return prediction_frame(table.case_ids, proba[:, 1], self.threshold, self.class_names)
 
-    def predict_manifest(self, path: str | Path) -> pd.DataFrame:
-        """Per-case probabilities for a feature-table CSV (``mma classify``)."""
-        return self.predict_table(read_feature_table(path))
+    def predict_manifest(self, path: str | Path, **extraction: Any) -> pd.DataFrame:
+        """Per-case probabilities for a feature-table CSV or an image manifest (``mma
+        classify``). For an image manifest the features are computed as at training time
+        (the model's ``extraction`` metadata) unless ``extraction`` says otherwise."""
+        options = {**(self.metadata.get("extraction") or {}), **extraction}
+        return self.predict_table(read_feature_table(path, **options))
 
     def save(self, folder: str | Path) -> Path:
         """Write the model folder (see the module docstring); returns the folder."""
@@ -219,8 +222,10 @@ def train_classifier(
         The :class:`TrainedClassifier` fitted on all cases.
     """
     excluded: dict[str, str] = {}
+    extraction = None
     if isinstance(features, FeatureTable):
         table = features
+        extraction = table.extraction
         features, labels = table.features, table.labels
         label_column = table.label_column or label_column
         source = source or table.source
@@ -272,6 +277,8 @@ def train_classifier(
         "cross_validation": cv_result.summary() if cv_result else None,
         "versions": library_versions(),
     }
+    if extraction is not None:  # trained from images: classify computes features alike
+        metadata["extraction"] = extraction
     model = TrainedClassifier(estimator, metadata, cv_result)
     report(1.0, "trained")
     if output is not None:

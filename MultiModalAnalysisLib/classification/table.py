@@ -3,9 +3,9 @@
 In this version ``mma train-classifier`` and ``mma classify`` take a FEATURE TABLE: a CSV
 with ``case_id``, numeric feature columns (as ``mma features`` writes them:
 ``<image>_<IBSI tag>``) and, for training, the label column. Non-numeric columns are left
-out (and listed). A manifest of image paths is recognised and routed to
-:func:`features_from_image_manifest`, the single place where image manifests will be
-turned into features.
+out (and listed). A manifest of image paths (one column per modality and a mask column)
+is recognised and routed to :func:`features_from_image_manifest`, which computes the IBSI
+features of each case first.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class FeatureTable:
     source: str = "table"
     dropped_columns: dict[str, str] = field(default_factory=dict)  # column -> why
     excluded_cases: dict[str, str] = field(default_factory=dict)  # case_id -> why
+    # how the features were computed from images (image manifests only): modalities,
+    # mask column and IBSI settings, stored with a model so it computes them alike later
+    extraction: dict[str, Any] | None = None
 
     @property
     def case_ids(self) -> list[str]:
@@ -141,7 +144,8 @@ def read_feature_table(
         extraction: options for :func:`features_from_image_manifest` (image manifests).
 
     Raises:
-        ManifestError: unreadable CSV, missing columns, or an image manifest (for now).
+        ManifestError: unreadable CSV, missing columns, or an image manifest without a
+            clear mask column.
     """
     manifest = read_manifest(path)
     if image_path_columns(manifest.table):
@@ -155,25 +159,90 @@ def read_feature_table(
     )
 
 
+MASK_WORDS = ("mask", "label", "seg", "roi", "gtv")
+
+
+def _is_mask_column(column: str) -> bool:
+    return any(word in column.lower() for word in MASK_WORDS)
+
+
 def features_from_image_manifest(
-    manifest: Manifest, label_column: str | None = None, **options: Any
+    manifest: Manifest,
+    label_column: str | None = None,
+    *,
+    exclude: Sequence[str] = (),
+    feature_pattern: str | None = None,
+    modalities: Sequence[str] | None = None,
+    mask_column: str | None = None,
+    feature_settings: Any = None,
+    device: str = "auto",
+    progress: Any = None,
+    cancel: Any = None,
 ) -> FeatureTable:
     """Features for a manifest of IMAGE PATHS (+ a mask column): the single place where the
-    radiomics extractor will be called.
+    radiomics extractor is called for a classifier.
 
-    To come (once ``MultiModalAnalysisLib.features`` is part of the engine): for each case,
-    ``manifest.load_case(case_id, modalities, [mask_column])``, then
-    ``features.extract_features(case.images, case.mask(mask_column), settings)``, one row
-    per case, then :func:`feature_table_from_frame` on the result plus the label column.
-    Until then an image manifest is refused with a message saying what to do.
+    Each case's images and mask are read, :func:`features.extract_features` computes the
+    IBSI features of every image inside the mask (columns ``<image>_<IBSI tag>``, as
+    ``mma features`` writes them), and the label and other non-path columns of the manifest
+    are carried over.
+
+    Args:
+        manifest: the image manifest (``case_id``, one path column per modality, a mask
+            column, the label column).
+        label_column, exclude, feature_pattern: see :func:`feature_table_from_frame`.
+        modalities: the image columns to use (default: every path column that is not a mask).
+        mask_column: the ROI column (default: ``mask`` if present, else the only mask-like
+            path column).
+        feature_settings: IBSI settings (:class:`features.FeatureSettings`, dict or file).
+        device, progress, cancel: as for :func:`features.extract_features`.
 
     Raises:
-        ManifestError: always, for now.
+        ManifestError: no mask column (or several to choose from), no image column.
     """
-    columns = image_path_columns(manifest.table)
-    raise ManifestError(
-        f"{manifest.path} is a manifest of image paths (columns {', '.join(columns)}); this "
-        "command takes a feature table: case_id, one numeric column per feature (as written "
-        "by `mma features`) and the label column. Compute the features first with "
-        "`mma features`, then pass that CSV."
+    from MultiModalAnalysisLib.features import extract_cohort_features
+
+    table = manifest.table
+    paths = image_path_columns(table)
+    if mask_column is None:
+        candidates = [c for c in paths if c.lower() == "mask"] or [
+            c for c in paths if _is_mask_column(c)]
+        if len(candidates) != 1:
+            raise ManifestError(
+                f"{manifest.path} is a manifest of image paths; say which column holds the "
+                f"region of interest (--mask-column / mask_column="
+                f"{'one of ' + ', '.join(candidates) if candidates else 'a column of masks'})."
+            )
+        mask_column = candidates[0]
+    if modalities is None:
+        modalities = [c for c in paths if c != mask_column and not _is_mask_column(c)]
+    modalities = [str(m).strip() for m in modalities if str(m).strip()]
+    if not modalities:
+        raise ManifestError(
+            f"{manifest.path} has no image column besides the mask '{mask_column}'; give the "
+            "modalities (--modalities CT,PET)."
+        )
+    log.info("%s: computing the features of %s inside %s for %d case(s)", manifest.path,
+             ", ".join(modalities), mask_column, len(manifest.case_ids))
+    frame = extract_cohort_features(manifest, modalities, mask_column, feature_settings,
+                                    device, progress, cancel)
+    carried = [c for c in table.columns
+               if c != "case_id" and c not in paths and c not in frame.columns]
+    if carried:
+        extra = table[["case_id", *carried]].copy()
+        extra["case_id"] = extra["case_id"].astype(str).str.strip()
+        frame = frame.merge(extra, on="case_id", how="left")
+    not_features = [c for c in carried if c != label_column and c not in exclude]
+    result = feature_table_from_frame(
+        frame, label_column, exclude=[*exclude, *not_features], feature_pattern=feature_pattern,
+        source=f"{manifest.path} (features of {', '.join(modalities)} in {mask_column})",
     )
+    result.extraction = {"modalities": list(modalities), "mask_column": mask_column,
+                         "feature_settings": _settings_dict(feature_settings)}
+    return result
+
+
+def _settings_dict(settings: Any) -> dict[str, Any]:
+    from MultiModalAnalysisLib.features import load_settings
+
+    return load_settings(settings).to_dict()

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic_cohort import feature_cohort
+from synthetic_cohort import feature_cohort, image_cohort
 
 from MultiModalAnalysisLib.classification import (
     CLASSIFIERS,
@@ -129,12 +129,59 @@ def test_feature_table_leaves_out_text_columns_and_unlabelled_cases(tmp_path):
     assert np.isnan(result.features.loc["b", "CT_stat_mean"])  # imputed later, in the folds
 
 
-def test_an_image_manifest_is_refused_with_what_to_do(tmp_path):
+def test_an_image_manifest_without_a_clear_mask_column_says_which_to_choose(tmp_path):
     path = tmp_path / "cases.csv"
     pd.DataFrame({"case_id": ["a", "b"], "CT": ["a/CT.nii.gz", "b/CT.nii.gz"],
-                  "mask": ["a/m.nii.gz", "b/m.nii.gz"], "LungMets": [0, 1]}).to_csv(path)
-    with pytest.raises(ManifestError, match="mma features"):
+                  "CT_mask": ["a/m.nii.gz", "b/m.nii.gz"],
+                  "PET_mask": ["a/p.nii.gz", "b/p.nii.gz"], "LungMets": [0, 1]}).to_csv(path)
+    with pytest.raises(ManifestError, match="CT_mask, PET_mask"):
         read_feature_table(path, "LungMets")
+
+
+@pytest.fixture(scope="module")
+def image_manifest(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("image_cohort")
+    manifest = image_cohort(folder, n_cases=16, n_positive=6, seed=3, label_column="LungMets")
+    table = pd.read_csv(manifest)
+    table["Death"] = 1 - table["LungMets"]  # another outcome: must never become a feature
+    table.to_csv(manifest, index=False)
+    return manifest
+
+
+FEATURE_SETTINGS = {"families": ["stat", "ih"],
+                    "discretisation_method": "fixed_bin_number",
+                    "discretisation_bin_number": 16}
+
+
+def test_an_image_manifest_is_turned_into_features_then_classified_alike(image_manifest,
+                                                                          tmp_path):
+    table = read_feature_table(image_manifest, "LungMets", feature_settings=FEATURE_SETTINGS,
+                               device="cpu")
+    assert len(table) == 16 and table.labels.sum() == 6
+    columns = list(table.features.columns)
+    assert columns and all(c.startswith(("CT_", "PET_")) for c in columns)
+    assert "PET_stat_max" in columns and "Death" not in columns
+    # the features are the extractor's own values
+    from MultiModalAnalysisLib.features import extract_features
+    from MultiModalAnalysisLib.io import read_image
+
+    folder = image_manifest.parent
+    one = extract_features({"PET": read_image(folder / "case_000/PET.nii.gz")},
+                           read_image(folder / "case_000/mask.nii.gz"), FEATURE_SETTINGS,
+                           "cpu")
+    assert table.features.loc["case_000", "PET_stat_max"] == pytest.approx(one["PET_stat_max"])
+
+    model = train_classifier(table, settings={"classifier": "logistic_l2", "n_features": [2],
+                                              "cv_folds": 3, "cv_repeats": 1},
+                             evaluate=False, output=tmp_path / "CLF")
+    assert model.metadata["extraction"]["modalities"] == ["CT", "PET"]
+    assert model.metadata["extraction"]["mask_column"] == "mask"
+    loaded = load_classifier(tmp_path / "CLF")
+    predictions = loaded.predict_manifest(image_manifest)  # features computed as in training
+    labels = pd.read_csv(image_manifest)["LungMets"].to_numpy()
+    probability = predictions["probability_1"].to_numpy()
+    # the hot PET core makes the classes separable: training-set ranking is near perfect
+    assert probability[labels == 1].min() > np.median(probability[labels == 0])
 
 
 def test_cli_choices_are_the_engine_choices():
@@ -203,3 +250,22 @@ def test_demo_classify_step_reports_the_probability_and_the_out_of_fold_one(
     oof = pd.read_csv(folder / "cv_predictions.csv").set_index("case_id")
     assert facts["out_of_fold_probability"] == pytest.approx(
         oof.loc[training_case, "probability_mean"])
+
+
+def test_cli_trains_from_an_image_manifest_and_classifies_it(image_manifest, tmp_path, capsys):
+    settings = tmp_path / "features.json"
+    settings.write_text(json.dumps(FEATURE_SETTINGS))
+    model = tmp_path / "CLF"
+    status = main(["-q", "train-classifier", "--manifest", str(image_manifest),
+                   "--label-column", "LungMets", "--output", str(model), "--cv", "3",
+                   "--repeats", "1", "--n-features", "2", "--classifier", "logistic_l2",
+                   "--feature-settings", str(settings), "--modalities", "PET",
+                   "--mask-column", "mask", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert status == 0 and "16 cases" in out
+    assert json.loads((model / "classifier.json").read_text())["extraction"]["modalities"] == [
+        "PET"]
+    status = main(["-q", "classify", "--model", str(model), "--manifest", str(image_manifest),
+                   "--output", str(tmp_path / "pred.csv")])
+    assert status == 0 and "AUC against LungMets" in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "pred.csv")) == 16
