@@ -241,7 +241,8 @@ def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
         "numeric column per feature (as `mma features` writes them) and the label column; "
         "or an IMAGE MANIFEST (one path column per modality, a mask column, the label "
         "column), whose IBSI features are computed first (--modalities, --mask-column, "
-        "--feature-settings) and remembered by the model for `mma classify`. Prints and writes (CLF/cv_metrics.json) the figures of a repeated stratified nested "
+        "--feature-settings) and remembered by the model for `mma classify`. Prints and "
+        "writes (CLF/cv_metrics.json) the figures of a repeated stratified nested "
         "cross-validation, then fits the model on every case and saves the folder CLF. "
         "--kind deep trains a CNN on ROI crops instead; its manifest holds image paths "
         "(one column per modality) and a mask column.",
@@ -355,7 +356,8 @@ def _add_classify(subparsers: argparse._SubParsersAction) -> None:
         help="per-case probabilities from a saved classifier",
         description="Radiomics models read a FEATURE TABLE (case_id + the features the model "
         "was trained on), or an image manifest when the model was trained from images (its "
-        "features are then computed as in training); deep models read a manifest of image paths with the model's mask "
+        "features are then computed as in training); deep models read a manifest of image "
+        "paths with the model's mask "
         "column. Writes case_id, probability_<positive class>, prediction, threshold.",
     )
     parser.add_argument("--model", type=Path, required=True, help="model folder")
