@@ -51,3 +51,7 @@ class ManifestError(MMAError):
 
 class OperationCancelled(MMAError):
     """The user cancelled a long-running step."""
+
+
+class ModelError(MMAError):
+    """A model file or folder is missing, unreadable, or does not fit the given inputs."""
