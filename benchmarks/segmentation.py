@@ -72,29 +72,36 @@ def scores(labels: sitk.Image, truth: sitk.Image) -> dict[str, float]:
     return result
 
 
-def pet_threshold(images: dict[str, sitk.Image]) -> sitk.Image:
-    """(a) 40 % of SUVmax, on the CT grid (PET interpolated linearly)."""
-    return segment({"CT": images["CT"], "PET": images["PET"]}, "threshold",
+def pet_threshold(images: dict[str, sitk.Image], voi: sitk.Image | None = None) -> sitk.Image:
+    """(a) 40 % of SUVmax, on the CT grid (PET interpolated linearly), in the whole crop or
+    in a volume of interest."""
+    return segment({"CT": images["CT"], "PET": images["PET"]}, "threshold", mask=voi,
                    threshold="suv_fraction", channel="PET", fraction=0.4).labels
 
 
-def gmm_in_box(images: dict[str, sitk.Image]) -> sitk.Image:
+def seeded_voi(truth: sitk.Image) -> sitk.Image:
+    """The expert GTV grown by 10 mm: a stand-in for a user's click on the lesion."""
+    radius = [max(int(round(10.0 / s)), 1) for s in truth.GetSpacing()]
+    return sitk.Cast(sitk.BinaryDilate(sitk.Cast(truth, sitk.sitkUInt8), radius), sitk.sitkUInt8)
+
+
+def gmm_in_box(images: dict[str, sitk.Image], voi: sitk.Image | None = None) -> sitk.Image:
     """(b) A 3-class GMM on CT, PET and MR-T1 inside a box around the PET maximum.
 
-    The box is the 40 %-of-SUVmax region's bounding box grown by 20 mm; the tumour is the
-    class with the highest PET mean, as the component holding the PET maximum, holes
-    filled.
+    The box is the 40 %-of-SUVmax region's bounding box (SUVmax in the whole crop, or in
+    ``voi``) grown by 20 mm; the tumour is the class with the highest PET mean, as the
+    component holding that maximum, holes filled.
     """
     ct = images["CT"]
     pet = resample_to_reference(images["PET"], ct, name="PET")
-    hot, _ = suv_fraction_threshold(pet, 0.4)
+    hot, _ = suv_fraction_threshold(pet, 0.4, voi)
     box = crop_to_mask(ct, hot, margin_mm=GMM_BOX_MARGIN_MM)
     region = resample_to_reference(sitk.Cast(box * 0 + 1, sitk.sitkUInt8), ct, is_label=True,
                                    default_value=0)
     result = segment(images, "gmm", 3, mask=validate_mask(region), order_by="PET")
     tumour = sitk.Cast(sitk.Equal(result.labels, 3), sitk.sitkUInt8)
     values = sitk.GetArrayFromImage(pet)
-    values[sitk.GetArrayViewFromImage(region) == 0] = -np.inf
+    values[sitk.GetArrayViewFromImage(hot) == 0] = -np.inf  # the maximum the box is around
     peak = np.unravel_index(int(np.argmax(values)), values.shape)[::-1]
     tumour = component_at(tumour, peak)
     return clean_labels(tumour, fill=True)
@@ -115,9 +122,12 @@ def run_baselines(args) -> None:
         images = {m: case.image(m) for m in MODALITIES}
         truth = case.mask(LABEL)
         row = {}
-        for name, method in (("pet40", pet_threshold), ("gmm", gmm_in_box)):
+        voi = seeded_voi(truth)
+        for name, method, region in (("pet40", pet_threshold, None), ("gmm", gmm_in_box, None),
+                                     ("pet40_seeded", pet_threshold, voi),
+                                     ("gmm_seeded", gmm_in_box, voi)):
             start = time.perf_counter()
-            labels = method(images)
+            labels = method(images, region)
             row[name] = {**scores(labels, truth), "seconds": time.perf_counter() - start}
         results[case_id] = row
         print(case_id, {k: round(v["dice"], 3) for k, v in row.items()}, flush=True)
@@ -131,13 +141,14 @@ def run_fold(args) -> None:
     case_ids = sorted(p.name for p in args.data.iterdir() if p.is_dir())
     test_ids = folds(case_ids)[args.fold]
     train_ids = [c for c in case_ids if c not in test_ids]
-    fold_dir = args.work / f"fold{args.fold}"
+    fold_dir = args.work / f"{args.tag}fold{args.fold}"
     model_path = fold_dir / "model"
+    recipe = {**RECIPE, **{k: json.loads(v) for k, v in (o.split("=", 1) for o in args.set)}}
     if not args.skip_training:
         result = train_segmentation(
             args.work / "sts_cases.csv", MODALITIES, LABEL, model_path, cases=train_ids,
             validation_cases=test_ids, validate_every=args.validate_every, keep_best=False,
-            patience=None, device="cpu", cache_dir=args.work / "cases", **RECIPE,
+            patience=None, device="cpu", cache_dir=args.work / "cases", **recipe,
         )
         (fold_dir / "training.json").write_text(json.dumps(
             {"runtime_s": result.runtime_s, "history": result.history, "threads": args.threads},
@@ -154,59 +165,69 @@ def run_fold(args) -> None:
     (fold_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
 
 
-def run_report(args) -> None:
-    case_ids = sorted(p.name for p in args.data.iterdir() if p.is_dir())
-    baselines = json.loads((args.work / "baselines.json").read_text())
-    lines = [
-        "| fold | patients | PET 40 % Dice | GMM Dice | model Dice | PET 40 % HD95 | GMM HD95 "
-        "| model HD95 | training (min) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    every = {"pet40": [], "gmm": [], "model": []}
-    times, trainings = [], []
+METHODS = {
+    "pet40": "PET 40 %",
+    "gmm": "GMM in box",
+    "pet40_seeded": "PET 40 %, seeded",
+    "gmm_seeded": "GMM, seeded",
+    "model": "**model**",
+}
+
+
+def _fold_rows(args, case_ids, baselines):
+    """Per fold: (test ids, {method: [per-case result]}, training minutes, inference s)."""
     for k, test_ids in enumerate(folds(case_ids)):
         fold_dir = args.work / f"fold{k}"
         if not (fold_dir / "evaluation.json").is_file():
-            lines.append(f"| {k} | {', '.join(test_ids)} | (not run) |||||||")
+            yield k, test_ids, None, None, None
             continue
         model = json.loads((fold_dir / "evaluation.json").read_text())
         training = json.loads((fold_dir / "training.json").read_text())
-        trainings.append(training["runtime_s"] / 60)
-        cells = {}
-        for name in every:
-            rows = [model[c] if name == "model" else baselines[c][name] for c in test_ids]
-            every[name] += rows
-            cells[name] = (np.mean([r["dice"] for r in rows]),
-                           np.nanmean([r["hd95_mm"] for r in rows]))
-        times += [model[c]["seconds"] for c in test_ids]
-        lines.append(
-            f"| {k} | {', '.join(c.replace('STS_', '') for c in test_ids)} | "
-            + " | ".join(f"{cells[n][0]:.3f}" for n in every) + " | "
-            + " | ".join(f"{cells[n][1]:.1f}" for n in every)
-            + f" | {trainings[-1]:.1f} |"
-        )
+        rows = {n: [model[c] if n == "model" else baselines[c][n] for c in test_ids]
+                for n in METHODS}
+        yield (k, test_ids, rows, training["runtime_s"] / 60,
+               [model[c]["seconds"] for c in test_ids])
+
+
+def _table(title, key, fmt, folds_done, every):
+    head = f"| fold | patients | {' | '.join(METHODS.values())} |"
+    lines = [f"{title}", "", head, "|---|---|" + "---|" * len(METHODS)]
+    for k, test_ids, rows, _, _ in folds_done:
+        patients = ", ".join(c.replace("STS_", "") for c in test_ids)
+        if rows is None:
+            lines.append(f"| {k} | {patients} |" + " (not run) |" * len(METHODS))
+            continue
+        cells = [fmt.format(np.nanmean([r[key] for r in rows[n]])) for n in METHODS]
+        lines.append(f"| {k} | {patients} | " + " | ".join(cells) + " |")
+    if every["model"]:
+        cells = [f"**{fmt.format(np.nanmean([r[key] for r in every[n]]))}** +- "
+                 + fmt.format(np.nanstd([r[key] for r in every[n]])) for n in METHODS]
+        lines.append(f"| all | {len(every['model'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def run_report(args) -> None:
+    case_ids = sorted(p.name for p in args.data.iterdir() if p.is_dir())
+    baselines = json.loads((args.work / "baselines.json").read_text())
+    done = list(_fold_rows(args, case_ids, baselines))
+    every = {n: [r for _, _, rows, _, _ in done if rows for r in rows[n]] for n in METHODS}
+    trainings = [t for *_, t, _ in done if t is not None]
+    times = [s for *_, seconds in done if seconds for s in seconds]
+    lines = _table("Dice (mean over the fold's patients)", "dice", "{:.3f}", done, every)
+    lines += [""] + _table("HD95 in mm (mean)", "hd95_mm", "{:.1f}", done, every)
     if times:
-        lines.append(
-            "| **all** | " + str(len(times)) + " | "
-            + " | ".join(f"**{np.mean([r['dice'] for r in every[n]]):.3f}** +- "
-                         f"{np.std([r['dice'] for r in every[n]]):.3f}" for n in every) + " | "
-            + " | ".join(f"{np.nanmean([r['hd95_mm'] for r in every[n]]):.1f}" for n in every)
-            + f" | {np.mean(trainings):.1f} |"
-        )
-        lines.append("")
-        lines.append(f"Model inference per case (CPU, presets + TTA): median "
-                     f"{np.median(times):.1f} s, max {np.max(times):.1f} s.")
-    per_case = ["", "| patient | PET 40 % | GMM | model |", "|---|---|---|---|"]
-    for k, test_ids in enumerate(folds(case_ids)):
-        path = args.work / f"fold{k}" / "evaluation.json"
-        model = json.loads(path.read_text()) if path.is_file() else {}
-        for c in test_ids:
-            m = f"{model[c]['dice']:.3f}" if c in model else "-"
-            per_case.append(f"| {c} (fold {k}) | {baselines[c]['pet40']['dice']:.3f} | "
-                            f"{baselines[c]['gmm']['dice']:.3f} | {m} |")
+        lines += ["", f"Model training per fold: {', '.join(f'{t:.1f}' for t in trainings)} "
+                  f"min; inference per case (CPU, presets + TTA + clean-up): median "
+                  f"{np.median(times):.1f} s, max {np.max(times):.1f} s."]
+    lines += ["", "| patient | fold | " + " | ".join(METHODS.values()) + " |",
+              "|---|---|" + "---|" * len(METHODS)]
+    for k, test_ids, rows, _, _ in done:
+        for i, c in enumerate(test_ids):
+            cells = [f"{rows[n][i]['dice']:.3f}" if rows else "-" for n in METHODS]
+            lines.append(f"| {c} | {k} | " + " | ".join(cells) + " |")
     header = (f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, no GPU; "
               f"{datetime.date.today().isoformat()}.")
-    text = "\n".join([header, "", *lines, *per_case])
+    text = "\n".join([header, "", *lines])
     (args.work / "report.md").write_text(text + "\n")
     print(text)
 
@@ -224,6 +245,9 @@ def main() -> None:
     fold.add_argument("fold", type=int, choices=range(FOLDS))
     fold.add_argument("--validate-every", type=int, default=5)
     fold.add_argument("--skip-training", action="store_true")
+    fold.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                      help="override a recipe setting (experiments), e.g. epochs=60")
+    fold.add_argument("--tag", default="", help="prefix of the fold folder (experiments)")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.data is None or not args.data.is_dir():

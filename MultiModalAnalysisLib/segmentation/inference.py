@@ -81,9 +81,11 @@ def predict_probabilities(
             check_cancel(cancel, "segmentation with the model")
             with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
                 source = torch.flip(volume, dims) if dims else volume
+                # Volumes smaller than a window are padded by repeating their edge, as the
+                # training patches were; zeros would read as mid-window intensities.
                 logits = sliding_window_inference(
                     source, list(patch_size_zyx), sw_batch_size, network, overlap=overlap,
-                    mode="gaussian",
+                    mode="gaussian", padding_mode="replicate",
                 )
                 probabilities = torch.softmax(logits.float(), dim=1)
                 if dims:

@@ -140,6 +140,26 @@ class SegmentationModel:
         return weights
 
 
+def shipped_model_path(name: str = "sts_gtv") -> Path:
+    """The folder of a model shipped with the extension (``Resources/Models/<name>``).
+
+    Raises:
+        ModelError: it is not there (a checkout without the models, or a wrong name).
+    """
+    root = Path(__file__).resolve().parents[2]
+    candidates = [
+        root / "Resources" / "Models" / name,
+        root / "MultiModalAnalysis" / "Resources" / "Models" / name,  # inside Slicer
+    ]
+    for candidate in candidates:
+        if (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    raise ModelError(
+        f"the shipped model '{name}' was not found (looked in "
+        f"{', '.join(map(str, candidates))})."
+    )
+
+
 def load_segmentation_model(path: str | Path, device: str = "cpu") -> SegmentationModel:
     """Read a model written by :meth:`SegmentationModel.save` (a ``.pt`` file or its folder).
 

@@ -69,7 +69,8 @@ def suv_fraction_threshold(
     Args:
         pet: a PET image in SUV (or any uptake unit).
         fraction: of the maximum, in (0, 1].
-        mask: where to look for the maximum (the whole image by default).
+        mask: the volume of interest: SUVmax is taken, and the contour drawn, inside it
+            (the whole image by default).
         name: how to call the image in messages.
 
     Returns:
