@@ -104,12 +104,12 @@ def _segment(state: DemoState, progress: Progress, cancel: threading.Event | Non
     from MultiModalAnalysisLib.segmentation.model_file import shipped_model_path
 
     model = shipped_model_path("sts_gtv")
-    # The preprocessed images on their own grids are what the model was trained on; the
-    # labels come back on the CT grid (the first image). No test-time flips: the demo stays
-    # fast.
+    # The model prepares the loaded images as in its training (presets on its own grid);
+    # the labels come back on the CT grid (the first image). No test-time flips: the demo
+    # stays fast.
     result = segment(
-        {m: state.preprocessed.image(m) for m in MODALITIES}, "model", model=model,
-        device="cpu", tta=False, presets_applied=True, progress=progress, cancel=cancel,
+        {m: state.case.image(m) for m in MODALITIES}, "model", model=model, device="cpu",
+        tta=False, progress=progress, cancel=cancel,
     )
     tumour = result.mask(1)
     expert = state.fused.mask(TUMOUR_MASK)

@@ -105,7 +105,7 @@ def predict_probabilities(
     return mean, variance.astype(np.float32)
 
 
-def resolve_model(model: Any, device: str = "auto"):
+def resolve_model(model: Any):
     """A loaded model from what the user gave: a model, a model path, or a bundle folder."""
     from MultiModalAnalysisLib.segmentation.bundle import (
         MonaiBundle,
@@ -171,7 +171,7 @@ def segment_with_model(
     """
     require_images(images)
     report = as_progress(progress)
-    model = resolve_model(model, device)
+    model = resolve_model(model)
     if not isinstance(model, SegmentationModel):
         from MultiModalAnalysisLib.segmentation.bundle import segment_with_bundle
 

@@ -23,7 +23,7 @@ from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 from MultiModalAnalysisLib.segmentation.model_inputs import onto_grid, prepare_channels
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
