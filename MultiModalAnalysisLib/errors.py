@@ -55,3 +55,7 @@ class OperationCancelled(MMAError):
 
 class FeatureSetError(MMAError):
     """The features given to a trained classifier do not match the ones it was trained on."""
+
+
+class ModelError(MMAError):
+    """A model file or folder is missing, unreadable, or does not fit the given inputs."""

@@ -336,7 +336,7 @@ class DeepClassifier:
             self.cv_result.save(folder, title=f"{self.metadata['label']['column']}: deep "
                                 f"{self.estimator.architecture}")
         write_metadata(folder, self.metadata)
-        (folder / "MODEL_CARD.md").write_text(model_card(self.metadata))
+        (folder / "MODEL_CARD.md").write_text(model_card(self.metadata), encoding="utf-8")
         return folder
 
 

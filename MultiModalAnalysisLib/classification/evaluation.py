@@ -160,7 +160,7 @@ class CVResult:
             "cv_metrics": output_dir / "cv_metrics.json",
             "cv_predictions": output_dir / "cv_predictions.csv",
         }
-        paths["cv_metrics"].write_text(json.dumps(self.summary(), indent=2))
+        paths["cv_metrics"].write_text(json.dumps(self.summary(), indent=2), encoding="utf-8")
         self.predictions_table().to_csv(paths["cv_predictions"], index=False)
         paths["roc_curve"] = plot_roc_curves(
             self.labels, self.probabilities, output_dir / "roc_curve.png",

@@ -174,7 +174,7 @@ class TrainedClassifier:
             self.cv_result.save(folder, title=f"{self.metadata['label']['column']}: "
                                 f"{self.metadata['settings']['classifier']}")
         write_metadata(folder, self.metadata)
-        (folder / "MODEL_CARD.md").write_text(model_card(self.metadata))
+        (folder / "MODEL_CARD.md").write_text(model_card(self.metadata), encoding="utf-8")
         return folder
 
 

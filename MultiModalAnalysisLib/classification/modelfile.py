@@ -70,7 +70,7 @@ def model_dir(path: str | Path) -> Path:
 
 def write_metadata(folder: Path, metadata: dict[str, Any]) -> Path:
     path = folder / METADATA_FILE
-    path.write_text(json.dumps(metadata, indent=2, default=str))
+    path.write_text(json.dumps(metadata, indent=2, default=str), encoding="utf-8")
     return path
 
 
@@ -88,7 +88,7 @@ def read_metadata(path: str | Path) -> tuple[Path, dict[str, Any]]:
             f"holding {METADATA_FILE}."
         )
     try:
-        metadata = json.loads(meta_path.read_text())
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{meta_path} is not valid JSON ({error}).") from None
     if metadata.get("format") != FORMAT:

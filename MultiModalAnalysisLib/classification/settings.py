@@ -147,7 +147,7 @@ def load_settings(source: ClassifierSettings | dict | str | Path | None) -> Clas
         return ClassifierSettings.from_dict(source)
     path = Path(source)
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"classifier settings file {path} does not exist.") from None
     except json.JSONDecodeError as error:

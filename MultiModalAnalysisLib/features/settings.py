@@ -249,9 +249,9 @@ class FeatureSettings:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() in (".yaml", ".yml"):
             yaml = _yaml(path)
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
         else:
-            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return path
 
     def updated(self, **changes: Any) -> FeatureSettings:
@@ -294,7 +294,7 @@ def load_settings(source: FeatureSettings | dict | str | Path | None = None) -> 
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"settings file {path} does not exist.")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             values = _yaml(path).safe_load(text) or {}

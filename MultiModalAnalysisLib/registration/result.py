@@ -71,7 +71,8 @@ class RegistrationResult:
             raise MMAError(f"could not write {transform_path}: {error}") from None
         paths["transform"] = transform_path
         metrics_path = output_dir / "metrics.json"
-        metrics_path.write_text(json.dumps(self.metrics, indent=2, default=_jsonable))
+        metrics_path.write_text(json.dumps(self.metrics, indent=2, default=_jsonable),
+                                encoding="utf-8")
         paths["metrics"] = metrics_path
         if qc:
             paths["qc"] = self.qc_figure(output_dir / "qc.png")

@@ -191,7 +191,6 @@ def moved_rigidly(image: sitk.Image, rigid: sitk.Euler3DTransform) -> sitk.Image
 def test_register_mr_to_ct_recovers_a_known_rigid_move_and_hardens_onto_the_tumour(
     mrml_scene, sts002
 ):
-    pytest.importorskip("MultiModalAnalysisLib.registration")
     ct = sts002.image("CT")
     centre = ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()])
     truth = sitk.Euler3DTransform(centre, 0.05, -0.04, 0.08, (6.0, -4.0, 3.0))
@@ -236,7 +235,6 @@ def test_register_mr_to_ct_recovers_a_known_rigid_move_and_hardens_onto_the_tumo
     assert np.median(difference[tumour]) < 0.05 * scale
 
 def test_fuse_nodes_on_the_first_volume_grid(patient):
-    pytest.importorskip("MultiModalAnalysisLib.fusion")
     fused = nodes.fuse_volumes([patient["CT"], patient["PET"]], method="average")
     image = mrml.image_from_volume_node(fused)
     assert image.GetSize() == mrml.image_from_volume_node(patient["CT"]).GetSize()
@@ -245,7 +243,6 @@ def test_fuse_nodes_on_the_first_volume_grid(patient):
 
 @pytest.mark.slow
 def test_segment_nodes_gives_named_segments_on_the_reference_grid(patient):
-    pytest.importorskip("MultiModalAnalysisLib.segmentation")
     result = nodes.segment_volumes({"CT": patient["CT"], "PET": patient["PET"]}, method="kmeans",
                                    classes=3, mask_node=None, show_3d=False)
 
@@ -259,7 +256,6 @@ def test_segment_nodes_gives_named_segments_on_the_reference_grid(patient):
 
 @pytest.mark.slow
 def test_features_of_the_tumour_segment_go_to_a_table_node_like_the_engine(patient, sts002):
-    pytest.importorskip("MultiModalAnalysisLib.features")
     from MultiModalAnalysisLib.features import extract_features
 
     settings = {"families": ["stat", "morph", "cm"]}  # a texture family, and test time kept short

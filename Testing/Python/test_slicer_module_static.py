@@ -242,7 +242,7 @@ def _compare(listed: list[str], present: set[str], list_name: str) -> list[str]:
     return problems
 
 
-def test_cmake_lists_every_engine_file_module_script_resource_and_sample():
+def test_cmake_lists_every_engine_file_module_script_resource_sample_and_model():
     engine_py = {p for p in _tracked(ENGINE_DIR, "*") if p.endswith(".py")}
     engine_data = {p for p in _tracked(ENGINE_DIR, "*") if not p.endswith(".py")}
     module_py = set(_tracked(MODULE_DIR, "*.py"))
@@ -253,12 +253,15 @@ def test_cmake_lists_every_engine_file_module_script_resource_and_sample():
         if not p.endswith(".py")  # the icon's generator is not shipped
     }
     samples = _tracked(ROOT / "Resources" / "SampleData", "*")
+    models = _tracked(ROOT / "Resources" / "Models", "*")
+    assert "Resources/Models/sts_gtv/model.pt" in models
     problems = (
         _compare(cmake_list("ENGINE_PYTHON_SCRIPTS"), engine_py, "ENGINE_PYTHON_SCRIPTS")
         + _compare(cmake_list("ENGINE_DATA_FILES"), engine_data, "ENGINE_DATA_FILES")
         + _compare(cmake_list("MODULE_PYTHON_SCRIPTS"), module_py, "MODULE_PYTHON_SCRIPTS")
         + _compare(cmake_list("MODULE_RESOURCE_FILES"), resources, "MODULE_RESOURCE_FILES")
         + _compare(cmake_list("SAMPLE_DATA_FILES"), samples, "SAMPLE_DATA_FILES")
+        + _compare(cmake_list("MODEL_FILES"), models, "MODEL_FILES")
     )
     assert not problems, "\n".join(problems)
 

@@ -1,0 +1,237 @@
+"""MONAI bundles from a local folder (the user's own, or one downloaded from the MONAI Model
+Zoo beforehand; nothing is downloaded here): build the bundle's inference network with its
+weights and run it on the given volumes.
+
+What is taken from the bundle: ``network_def`` (or ``network``) from
+``configs/inference.{json,yaml}``, the weights in ``models/model.pt`` (or a TorchScript
+``models/model.ts``), the sliding-window size of its ``inferer``, the target spacing
+(``Spacingd``) and axis orientation (``Orientationd``) and the intensity transforms of its
+``preprocessing``, and the input channels and label names of ``configs/metadata.json``.
+Reading, resampling and orientation are done here on SimpleITK images (in physical space), so
+the labels come back on the first input image's grid.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.device import run_with_device_fallback
+from MultiModalAnalysisLib.errors import ModelError
+from MultiModalAnalysisLib.images import image_from_array
+from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
+from MultiModalAnalysisLib.segmentation.inputs import require_images, stack_images
+from MultiModalAnalysisLib.segmentation.model_inputs import model_grid, onto_grid
+from MultiModalAnalysisLib.segmentation.result import (
+    SegmentationResult,
+    default_label_colors,
+    probability_image,
+)
+
+CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+# Preprocessing transforms applied from a bundle: those that only change intensities.
+INTENSITY_TRANSFORMS = {
+    "ScaleIntensityd", "ScaleIntensityRanged", "ScaleIntensityRangePercentilesd",
+    "NormalizeIntensityd", "ClipIntensityPercentilesd", "ThresholdIntensityd",
+    "ShiftIntensityd", "CastToTyped", "EnsureTyped",
+}
+
+
+@dataclass
+class MonaiBundle:
+    """A bundle's inference network and what is needed to feed it."""
+
+    folder: Path
+    network: Any
+    in_channels: int
+    label_names: dict[int, str]
+    roi_size: list[int] | None = None
+    spacing: list[float] | None = None
+    orientation: str | None = None
+    intensity: Any = None  # a MONAI Compose over {"image": tensor}, or None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name") or self.folder.name)
+
+
+def is_monai_bundle(path: str | Path) -> bool:
+    """True for a folder laid out as a MONAI bundle (``configs/`` with an inference config)."""
+    configs = Path(path) / "configs"
+    return configs.is_dir() and any((configs / n).is_file() for n in CONFIG_NAMES)
+
+
+def _find_transform(transforms: list, name: str) -> dict | None:
+    for entry in transforms:
+        if isinstance(entry, dict) and str(entry.get("_target_", "")).split(".")[-1] == name:
+            return entry
+    return None
+
+
+def load_monai_bundle(folder: str | Path) -> MonaiBundle:
+    """Build a bundle's inference network with its trained weights.
+
+    Raises:
+        ModelError: not a bundle, no network definition, missing or unfitting weights.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    folder = Path(folder)
+    if not is_monai_bundle(folder):
+        raise ModelError(
+            f"{folder} is not a MONAI bundle: expected configs/inference.json (or .yaml)."
+        )
+    config = next(p for p in (folder / "configs" / n for n in CONFIG_NAMES) if p.is_file())
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    meta_path = folder / "configs" / "metadata.json"
+    metadata = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    parser["bundle_root"] = str(folder)
+    key = "network_def" if "network_def" in parser else "network" if "network" in parser else None
+    if key is None:
+        raise ModelError(f"{config} defines no 'network_def' (or 'network'): cannot build it.")
+    try:
+        network = parser.get_parsed_content(key, instantiate=True)
+    except Exception as error:  # a bundle may reference anything; report it plainly
+        raise ModelError(f"could not build the network of bundle {folder}: {error}") from None
+    network = _load_weights(network, folder, torch)
+
+    preprocessing = parser.get("preprocessing", {}) or {}
+    transforms = preprocessing.get("transforms", []) if isinstance(preprocessing, dict) else []
+    spacing_entry = _find_transform(transforms, "Spacingd")
+    orientation_entry = _find_transform(transforms, "Orientationd")
+    intensity = _intensity_transforms(parser, transforms)
+    inferer = parser.get("inferer", {}) or {}
+    roi = inferer.get("roi_size") if isinstance(inferer, dict) else None
+
+    data_format = metadata.get("network_data_format", {})
+    inputs = data_format.get("inputs", {}).get("image", {})
+    outputs = data_format.get("outputs", {}).get("pred", {})
+    channel_def = outputs.get("channel_def", {}) or {}
+    label_names = {int(k): str(v) for k, v in channel_def.items() if int(k) != 0}
+    if not label_names:
+        out_channels = int(outputs.get("num_channels", 2))
+        label_names = {k: f"label {k}" for k in range(1, max(out_channels, 2))}
+    return MonaiBundle(
+        folder=folder,
+        network=network,
+        in_channels=int(inputs.get("num_channels", 1)),
+        label_names=label_names,
+        roi_size=[int(r) for r in roi] if isinstance(roi, list | tuple) else None,
+        spacing=[float(s) for s in spacing_entry["pixdim"]] if spacing_entry else None,
+        orientation=str(orientation_entry.get("axcodes")) if orientation_entry else None,
+        intensity=intensity,
+        metadata=metadata,
+    )
+
+
+def _load_weights(network, folder: Path, torch):
+    torchscript = folder / "models" / "model.ts"
+    weights = folder / "models" / "model.pt"
+    if weights.is_file():
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+                state = state["model"]  # checkpoints saved by MONAI's CheckpointSaver
+            network.load_state_dict(state)
+        except Exception as error:
+            raise ModelError(
+                f"the weights {weights} do not fit the bundle's network: "
+                f"{str(error).splitlines()[0]}"
+            ) from None
+        return network.eval()
+    if torchscript.is_file():
+        return torch.jit.load(str(torchscript), map_location="cpu").eval()
+    raise ModelError(f"bundle {folder} has no weights (models/model.pt or models/model.ts).")
+
+
+def _intensity_transforms(parser, transforms: list):
+    """The bundle's intensity-only preprocessing as one MONAI Compose (or None)."""
+    from monai.bundle import ConfigParser
+
+    kept = [t for t in transforms if isinstance(t, dict)
+            and str(t.get("_target_", "")).split(".")[-1] in INTENSITY_TRANSFORMS]
+    if not kept:
+        return None
+    sub = ConfigParser({"transforms": {"_target_": "Compose", "transforms": kept}})
+    sub.update({k: parser.get(k) for k in ("image_key",) if k in parser})
+    try:
+        return sub.get_parsed_content("transforms", instantiate=True)
+    except Exception as error:
+        raise ModelError(f"could not build the bundle's intensity preprocessing: {error}") from None
+
+
+def segment_with_bundle(
+    images: Mapping[str, sitk.Image],
+    bundle: MonaiBundle,
+    *,
+    device: str = "auto",
+    overlap: float = 0.5,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> SegmentationResult:
+    """Run a bundle's network on ``images`` (its input channels, in order); labels on the
+    first image's grid."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    require_images(images)
+    report = as_progress(progress)
+    if len(images) != bundle.in_channels:
+        raise ModelError(
+            f"bundle '{bundle.name}' takes {bundle.in_channels} input image(s) but "
+            f"{len(images)} were given ({', '.join(map(str, images))})."
+        )
+    reference = images[next(iter(images))]
+    grid = model_grid(reference, bundle.spacing) if bundle.spacing else reference
+    on_grid = {n: onto_grid(image, grid, name=str(n)) for n, image in images.items()}
+    if bundle.orientation:
+        on_grid = {n: sitk.DICOMOrient(image, bundle.orientation) for n, image in on_grid.items()}
+    stack = stack_images(on_grid)
+    # MONAI's layout is channel, x, y, z; SimpleITK arrays are z, y, x.
+    volume = torch.from_numpy(np.ascontiguousarray(np.transpose(stack.channels, (0, 3, 2, 1))))
+    if bundle.intensity is not None:
+        volume = bundle.intensity({"image": volume})["image"]
+    volume = torch.as_tensor(volume, dtype=torch.float32)
+    roi = bundle.roi_size or list(volume.shape[1:])
+    check_cancel(cancel, "segmentation with a MONAI bundle")
+
+    def run(torch_device):
+        network = bundle.network.to(torch_device).eval()
+        with torch.no_grad():
+            logits = sliding_window_inference(volume[None].to(torch_device), roi, 2, network,
+                                              overlap=overlap, mode="gaussian")
+        network.to("cpu")
+        logits = logits[0].float()
+        if logits.shape[0] == 1:  # one sigmoid channel
+            foreground = torch.sigmoid(logits)
+            return torch.cat([1 - foreground, foreground]).cpu().numpy()
+        return torch.softmax(logits, dim=0).cpu().numpy()
+
+    probabilities = run_with_device_fallback(run, device, f"bundle {bundle.name}")
+    report(0.8, "network done")
+    zyx = np.transpose(probabilities, (0, 3, 2, 1))
+    from MultiModalAnalysisLib.segmentation.inference import probabilities_on_reference
+
+    on_reference = probabilities_on_reference(zyx, stack.reference, reference)
+    labels = image_from_array(on_reference.argmax(axis=0).astype(np.uint8), reference)
+    report(1.0, "segmented")
+    names = {k: v for k, v in bundle.label_names.items() if k < on_reference.shape[0]}
+    return SegmentationResult(
+        labels=labels,
+        probabilities=probability_image(on_reference, reference),
+        label_names=names,
+        label_colors=default_label_colors(max(names, default=1)),
+        method="model",
+        info={"bundle": str(bundle.folder), "roi_size": roi, "spacing": bundle.spacing,
+              "orientation": bundle.orientation},
+    )

@@ -1,0 +1,226 @@
+"""Running a trained network on co-registered images: sliding windows with overlap and
+Gaussian blending, optional test-time flips (whose spread is the uncertainty map) or
+MC-dropout, probabilities brought back to the reference image's grid, then clean-up."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.device import run_with_device_fallback
+from MultiModalAnalysisLib.errors import ConfigError
+from MultiModalAnalysisLib.images import image_from_array
+from MultiModalAnalysisLib.preprocess import resample_to_reference
+from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
+from MultiModalAnalysisLib.segmentation.inputs import require_images
+from MultiModalAnalysisLib.segmentation.model_file import (
+    SegmentationModel,
+    load_segmentation_model,
+)
+from MultiModalAnalysisLib.segmentation.model_inputs import prepare_channels
+from MultiModalAnalysisLib.segmentation.postprocess import clean_labels
+from MultiModalAnalysisLib.segmentation.result import SegmentationResult, probability_image
+
+# Test-time augmentation: flips of the in-plane axes of a [batch, channel, z, y, x] tensor.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (3, 4))
+
+
+def predict_probabilities(
+    network,
+    channels: np.ndarray,
+    patch_size_zyx: Sequence[int],
+    device,
+    *,
+    overlap: float = 0.5,
+    flips: Sequence[Sequence[int]] = ((),),
+    mc_samples: int = 0,
+    sw_batch_size: int = 2,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities of a ``[channel, z, y, x]`` volume, averaged over passes.
+
+    Args:
+        network: a torch module giving ``[batch, class, z, y, x]`` logits.
+        channels: the prepared input.
+        patch_size_zyx: the sliding window (voxels, z y x).
+        device: a ``torch.device``.
+        overlap: fraction of overlap between windows (Gaussian-weighted blending).
+        flips: one pass per entry, flipping those tensor axes (test-time augmentation).
+        mc_samples: when > 0, that many passes with dropout active (MC-dropout) instead.
+        sw_batch_size: windows per forward pass.
+        progress: ``progress(fraction, message)`` callback.
+        cancel: stops between passes when set.
+
+    Returns:
+        ``(probabilities [class, z, y, x], variance [z, y, x] of the foreground probability
+        over the passes, or None for a single pass)``.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    report = as_progress(progress)
+    network = network.to(device).eval()
+    if mc_samples > 0:
+        for module in network.modules():
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                module.train()
+        passes: list[Sequence[int]] = [()] * mc_samples
+    else:
+        passes = [tuple(f) for f in flips] or [()]
+    volume = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))[None].to(device)
+    total = None
+    foreground_sq = None
+    try:
+        for i, dims in enumerate(passes):
+            check_cancel(cancel, "segmentation with the model")
+            with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+                source = torch.flip(volume, dims) if dims else volume
+                # Volumes smaller than a window are padded by repeating their edge, as the
+                # training patches were; zeros would read as mid-window intensities.
+                logits = sliding_window_inference(
+                    source, list(patch_size_zyx), sw_batch_size, network, overlap=overlap,
+                    mode="gaussian", padding_mode="replicate",
+                )
+                probabilities = torch.softmax(logits.float(), dim=1)
+                if dims:
+                    probabilities = torch.flip(probabilities, dims)
+            probabilities = probabilities[0].cpu().numpy()
+            foreground = 1.0 - probabilities[0]
+            total = probabilities if total is None else total + probabilities
+            squared = foreground**2
+            foreground_sq = squared if foreground_sq is None else foreground_sq + squared
+            report((i + 1) / len(passes), f"pass {i + 1}/{len(passes)}")
+    finally:
+        network.eval()
+    mean = total / len(passes)
+    if len(passes) == 1:
+        return mean, None
+    variance = np.maximum(foreground_sq / len(passes) - (1.0 - mean[0]) ** 2, 0.0)
+    return mean, variance.astype(np.float32)
+
+
+def resolve_model(model: Any):
+    """A loaded model from what the user gave: a model, a model path, or a bundle folder."""
+    from MultiModalAnalysisLib.segmentation.bundle import (
+        MonaiBundle,
+        is_monai_bundle,
+        load_monai_bundle,
+    )
+
+    if isinstance(model, SegmentationModel | MonaiBundle):
+        return model
+    if model is None:
+        raise ConfigError(
+            "method 'model' needs a model: a model file or folder (mma train-segmentation), "
+            "a MONAI bundle folder, or a loaded model."
+        )
+    path = Path(model)
+    if is_monai_bundle(path):
+        return load_monai_bundle(path)
+    return load_segmentation_model(path, device="cpu")
+
+
+def probabilities_on_reference(
+    probabilities: np.ndarray, grid: sitk.Image, reference: sitk.Image
+) -> np.ndarray:
+    """``[class, z, y, x]`` probabilities from the model grid onto the reference grid
+    (linear interpolation, renormalised)."""
+    resampled = []
+    for component in probabilities:
+        image = resample_to_reference(image_from_array(component.astype(np.float32), grid),
+                                      reference, default_value=0.0, name="probabilities")
+        resampled.append(sitk.GetArrayFromImage(image))
+    stacked = np.stack(resampled)
+    stacked[0] += stacked.sum(axis=0) == 0  # outside the model grid: background
+    return stacked / stacked.sum(axis=0, keepdims=True)
+
+
+def segment_with_model(
+    images: Mapping[str, sitk.Image],
+    model: Any,
+    *,
+    device: str = "auto",
+    tta: bool = True,
+    overlap: float = 0.5,
+    mc_samples: int = 0,
+    presets_applied: bool = False,
+    cleanup: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> SegmentationResult:
+    """Segment ``images`` with a trained model; labels on the first image's grid.
+
+    Args:
+        images: modality name -> co-registered image; the model's modalities must be there.
+        model: a :class:`SegmentationModel`, a model path, or a MONAI bundle (folder).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``; CUDA out-of-memory falls back to the CPU.
+        tta: average over in-plane flips; their spread is the uncertainty map.
+        overlap: sliding-window overlap.
+        mc_samples: use MC-dropout with this many passes (instead of flips) for uncertainty.
+        presets_applied: the images already went through the modality presets.
+        cleanup: ``keep_largest`` / ``fill_holes`` / ``min_volume_mm3``; default: the
+            clean-up stored with the model.
+        progress: ``progress(fraction, message)`` callback.
+        cancel: stops the work when set.
+    """
+    require_images(images)
+    report = as_progress(progress)
+    model = resolve_model(model)
+    if not isinstance(model, SegmentationModel):
+        from MultiModalAnalysisLib.segmentation.bundle import segment_with_bundle
+
+        return segment_with_bundle(images, model, device=device, overlap=overlap,
+                                   progress=report, cancel=cancel)
+    reference = images[next(iter(images))]
+    ordered = model.check_inputs(images)
+    channels, grid = prepare_channels(
+        ordered, model.modalities, model.spacing, model.normalisations, reference=reference,
+        presets_applied=presets_applied, progress=report.sub(0.0, 0.4), cancel=cancel,
+    )
+
+    def run(torch_device):
+        return predict_probabilities(
+            model.network, channels, model.patch_size[::-1], torch_device, overlap=overlap,
+            flips=TTA_FLIPS if tta else ((),), mc_samples=mc_samples,
+            progress=report.sub(0.4, 0.9), cancel=cancel,
+        )
+
+    probabilities, variance = run_with_device_fallback(run, device, "segmentation with a model")
+    model.network.to("cpu")
+    on_reference = probabilities_on_reference(probabilities, grid, reference)
+    labels = image_from_array(on_reference.argmax(axis=0).astype(np.uint8), reference)
+    settings = model.postprocess if cleanup is None else cleanup
+    labels = clean_labels(
+        labels,
+        keep_largest=bool(settings.get("keep_largest", False)),
+        fill=bool(settings.get("fill_holes", False)),
+        min_volume_mm3=float(settings.get("min_volume_mm3", 0.0)),
+    )
+    uncertainty = None
+    if variance is not None:
+        uncertainty = resample_to_reference(image_from_array(variance, grid), reference,
+                                            default_value=0.0, name="uncertainty")
+    report(1.0, "segmented")
+    return SegmentationResult(
+        labels=labels,
+        probabilities=probability_image(on_reference, reference),
+        uncertainty=uncertainty,
+        label_names=model.label_names,
+        label_colors=model.label_colors,
+        method="model",
+        info={
+            "model": model.name,
+            "model_path": str(model.path) if model.path else None,
+            "modalities": model.modalities,
+            "spacing": model.spacing,
+            "tta": bool(tta) and mc_samples == 0,
+            "mc_samples": mc_samples,
+            "cleanup": settings,
+        },
+    )

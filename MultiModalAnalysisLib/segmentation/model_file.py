@@ -1,0 +1,212 @@
+"""A trained segmentation model: the network's weights plus everything needed to use it
+right (modalities in order, spacing, intensity normalisation, patch size, label names and
+colours, clean-up) and to judge it (training cases, validation Dice, library versions).
+
+On disk a model is one torch file (``*.pt``) or a folder holding ``model.pt`` and a
+readable copy of the metadata in ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.errors import MissingModalityError, ModelError
+from MultiModalAnalysisLib.modalities import canonical_modality
+from MultiModalAnalysisLib.segmentation.network import build_network
+
+log = logging.getLogger(__name__)
+MODEL_FORMAT = "MultiModalAnalysis segmentation model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.pt"
+METADATA_FILE = "metadata.json"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a model was trained with."""
+    import monai
+    import numpy
+    import torch
+
+    from MultiModalAnalysisLib import __version__
+
+    return {
+        "MultiModalAnalysis": __version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "SimpleITK": sitk.Version_VersionString(),
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class SegmentationModel:
+    """A network and its metadata (see the module docstring for the fields)."""
+
+    def __init__(self, network, metadata: dict[str, Any], path: Path | None = None) -> None:
+        self.network = network
+        self.metadata = metadata
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name") or (self.path.stem if self.path else "model"))
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.metadata["modalities"])
+
+    @property
+    def spacing(self) -> list[float]:
+        return [float(s) for s in self.metadata["spacing"]]
+
+    @property
+    def patch_size(self) -> list[int]:
+        """Patch size in voxels, x y z."""
+        return [int(s) for s in self.metadata["patch_size"]]
+
+    @property
+    def normalisations(self) -> dict[str, dict[str, Any]]:
+        return dict(self.metadata["normalisation"])
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {int(k): str(v) for k, v in self.metadata["label_names"].items()}
+
+    @property
+    def label_colors(self) -> dict[int, tuple[float, float, float]]:
+        return {int(k): tuple(map(float, v)) for k, v in self.metadata["label_colors"].items()}
+
+    @property
+    def postprocess(self) -> dict[str, Any]:
+        return dict(self.metadata.get("postprocess", {}))
+
+    def check_inputs(self, images: Mapping[str, sitk.Image]) -> dict[str, sitk.Image]:
+        """The images this model needs, by its modality names, in its channel order.
+
+        Names are matched in any spelling (``mr-t1`` is ``MR_T1``); extra images are ignored
+        (with a log line).
+
+        Raises:
+            MissingModalityError: a modality the model needs is not among ``images``.
+        """
+        by_name = {}
+        for name, image in images.items():
+            key = canonical_modality(name)
+            if key in by_name:
+                raise MissingModalityError(
+                    f"two inputs are both {key} ({', '.join(map(str, images))}): give each "
+                    "modality once."
+                )
+            by_name[key] = image
+        missing = [m for m in self.modalities if m not in by_name]
+        if missing:
+            raise MissingModalityError(
+                f"model '{self.name}' needs {', '.join(self.modalities)} (in that order) but "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from the "
+                f"inputs (given: {', '.join(map(str, images)) or 'none'}). Name each input by "
+                "its modality, e.g. CT=ct.nii.gz PET=pet.nii.gz."
+            )
+        extra = [name for name in by_name if name not in self.modalities]
+        if extra:
+            log.info("model '%s' ignores the inputs %s", self.name, ", ".join(extra))
+        return {m: by_name[m] for m in self.modalities}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model: ``path`` ending in ``.pt``/``.pth`` is a single file, anything
+        else a folder with ``model.pt`` and ``metadata.json``. Returns the weights file."""
+        import torch
+
+        path = Path(path)
+        weights = path if path.suffix in (".pt", ".pth") else path / WEIGHTS_FILE
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
+        payload = {
+            "format": MODEL_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "metadata": json.loads(json.dumps(self.metadata)),  # plain JSON types only
+            "state_dict": state,
+        }
+        torch.save(payload, weights)
+        if weights.name == WEIGHTS_FILE:
+            (weights.parent / METADATA_FILE).write_text(json.dumps(self.metadata, indent=2),
+                                                        encoding="utf-8")
+        self.path = weights
+        return weights
+
+
+def shipped_model_path(name: str = "sts_gtv") -> Path:
+    """The folder of a model shipped with the extension (``Resources/Models/<name>``).
+
+    Raises:
+        ModelError: it is not there (a checkout without the models, or a wrong name).
+    """
+    root = Path(__file__).resolve().parents[2]
+    candidates = [
+        root / "Resources" / "Models" / name,
+        root / "MultiModalAnalysis" / "Resources" / "Models" / name,  # inside Slicer
+    ]
+    for candidate in candidates:
+        if (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    raise ModelError(
+        f"the shipped model '{name}' was not found (looked in "
+        f"{', '.join(map(str, candidates))})."
+    )
+
+
+def load_segmentation_model(path: str | Path, device: str = "cpu") -> SegmentationModel:
+    """Read a model written by :meth:`SegmentationModel.save` (a ``.pt`` file or its folder).
+
+    Args:
+        path: the ``.pt`` file, or the folder holding ``model.pt``.
+        device: where to put the network (``"cpu"``, ``"cuda"``, ``"auto"``).
+
+    Raises:
+        ModelError: missing path, not a model of this project, a newer format, or weights
+            that do not fit the network the metadata describes.
+    """
+    import torch
+
+    from MultiModalAnalysisLib.device import resolve_device
+
+    path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise ModelError(
+            f"no segmentation model at {path} (expected a .pt file or a folder holding "
+            f"{WEIGHTS_FILE}). Train one with `mma train-segmentation` or check the path."
+        )
+    try:
+        payload = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a foreign or broken file
+        raise ModelError(f"{weights} could not be read as a model file: {error}") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ModelError(
+            f"{weights} is not a {MODEL_FORMAT} (a MONAI bundle is a folder with configs/; "
+            "plain weights need the network's description)."
+        )
+    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelError(
+            f"{weights} was written by a newer MultiModalAnalysis (format "
+            f"{payload['format_version']} > {FORMAT_VERSION}): update the extension."
+        )
+    metadata = payload["metadata"]
+    network = build_network(
+        metadata["network"], len(metadata["modalities"]), len(metadata["label_names"]) + 1
+    )
+    try:
+        network.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ModelError(
+            f"the weights in {weights} do not fit the network its metadata describes: "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+    network.eval().to(resolve_device(device))
+    return SegmentationModel(network, metadata, weights)

@@ -1,0 +1,182 @@
+"""``segment``: one entry point for every segmentation method of the engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib.errors import ConfigError
+from MultiModalAnalysisLib.images import validate_image
+from MultiModalAnalysisLib.modalities import modality_family
+from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
+from MultiModalAnalysisLib.segmentation.classical import (
+    GaussianMixtureSegmenter,
+    KMeansSegmenter,
+)
+from MultiModalAnalysisLib.segmentation.inputs import require_images, stack_images
+from MultiModalAnalysisLib.segmentation.postprocess import clean_labels
+from MultiModalAnalysisLib.segmentation.result import SegmentationResult
+from MultiModalAnalysisLib.segmentation.threshold import (
+    otsu_threshold,
+    range_threshold,
+    suv_fraction_threshold,
+)
+
+METHODS = ("gmm", "kmeans", "threshold", "model")
+THRESHOLDS = ("otsu", "range", "suv_fraction")
+_CLASSICAL_OPTIONS = {
+    "order_by", "regularisation", "beta", "iterations", "smoothing_mm", "max_samples",
+    "random_state", "n_init",
+}
+_CLEANUP_OPTIONS = {"keep_largest", "fill_holes", "min_volume_mm3"}
+
+
+def segment(
+    images: Mapping[str, sitk.Image],
+    method: str = "gmm",
+    classes: int = 3,
+    model: Any = None,
+    mask: sitk.Image | None = None,
+    device: str = "auto",
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    **options: Any,
+) -> SegmentationResult:
+    """Segment co-registered images; the labels are on the first image's grid.
+
+    Args:
+        images: modality name -> image, all in one physical frame (registered); the first
+            image's grid is the output grid.
+        method: ``"gmm"`` / ``"kmeans"`` (multichannel classification into ``classes``
+            classes, class 1 = lowest mean of ``order_by``), ``"threshold"`` (one image:
+            Otsu, a range, or a fraction of SUVmax) or ``"model"`` (a trained network or
+            a MONAI bundle).
+        classes: number of classes for gmm/kmeans.
+        model: for ``"model"``: a model file or folder, a MONAI bundle folder, or a model
+            loaded with :func:`load_segmentation_model` / :func:`load_monai_bundle`.
+        mask: restrict the segmentation to this region (gmm, kmeans, threshold).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (networks only).
+        progress: ``progress(fraction, message)`` callback.
+        cancel: stops the work when set.
+        **options: method settings.
+            gmm/kmeans: ``order_by``, ``regularisation`` (icm/smoothing/none), ``beta``,
+            ``iterations``, ``smoothing_mm``, ``max_samples``, ``random_state``, ``n_init``.
+            threshold: ``threshold`` (otsu/range/suv_fraction; default suv_fraction for a
+            PET image, else otsu), ``channel`` (which image; default the PET image for
+            suv_fraction, else the first), ``low``, ``high``, ``fraction`` (0.4).
+            model: ``tta`` (test-time flips, default True), ``overlap`` (0.5),
+            ``presets_applied`` (the images already went through the modality presets).
+            Any method: ``keep_largest``, ``fill_holes``, ``min_volume_mm3`` clean-ups (a
+            model applies those stored with it by default).
+
+    Raises:
+        ConfigError: unknown method or option; MissingModalityError: a needed image is
+        missing; other ``MMAError`` subclasses for unusable images or masks.
+    """
+    require_images(images)
+    report = as_progress(progress)
+    start = time.perf_counter()
+    check_cancel(cancel, "segmentation")
+    method = str(method).lower()
+    if method in ("gmm", "kmeans"):
+        result = _classical(images, method, classes, mask, options, report)
+    elif method == "threshold":
+        result = _threshold(images, mask, options)
+    elif method == "model":
+        from MultiModalAnalysisLib.segmentation.inference import segment_with_model
+
+        cleanup = {k: options.pop(k) for k in list(options) if k in _CLEANUP_OPTIONS}
+        result = segment_with_model(
+            images, model, device=device, cleanup=cleanup or None, progress=report.sub(0, 0.98),
+            cancel=cancel, **options,
+        )
+        options = {}
+    else:
+        raise ConfigError(
+            f"unknown segmentation method '{method}': use one of {', '.join(METHODS)}."
+        )
+    check_cancel(cancel, "segmentation")
+    cleanup = {k: options[k] for k in _CLEANUP_OPTIONS if k in options}
+    if cleanup:
+        result.labels = clean_labels(
+            result.labels,
+            keep_largest=bool(cleanup.get("keep_largest", False)),
+            fill=bool(cleanup.get("fill_holes", False)),
+            min_volume_mm3=float(cleanup.get("min_volume_mm3", 0.0)),
+        )
+        result.info["cleanup"] = cleanup
+    result.info["runtime_s"] = time.perf_counter() - start
+    report(1.0, f"{method} segmentation done")
+    return result
+
+
+def _unknown(options: Mapping[str, Any], allowed: set[str], method: str) -> None:
+    unknown = sorted(set(options) - allowed - _CLEANUP_OPTIONS)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) for method '{method}': {', '.join(unknown)} (allowed: "
+            f"{', '.join(sorted(allowed | _CLEANUP_OPTIONS))})."
+        )
+
+
+def _classical(
+    images: Mapping[str, sitk.Image],
+    method: str,
+    classes: int,
+    mask: sitk.Image | None,
+    options: dict[str, Any],
+    report,
+) -> SegmentationResult:
+    _unknown(options, _CLASSICAL_OPTIONS, method)
+    settings = {k: v for k, v in options.items() if k in _CLASSICAL_OPTIONS}
+    estimator_type = GaussianMixtureSegmenter if method == "gmm" else KMeansSegmenter
+    estimator = estimator_type(int(classes), **settings)
+    report(0.05, f"fitting {method} with {classes} classes")
+    estimator.fit(images, mask)
+    report(0.6, "labelling and regularising")
+    return estimator.segment(images, mask)
+
+
+def _threshold(
+    images: Mapping[str, sitk.Image], mask: sitk.Image | None, options: dict[str, Any]
+) -> SegmentationResult:
+    _unknown(options, {"threshold", "channel", "low", "high", "fraction"}, "threshold")
+    names = list(images)
+    pet_names = [n for n in names if modality_family(n) == "PET"]
+    channel = options.get("channel")
+    kind = options.get("threshold")
+    if kind is None:
+        looked_at = channel or (pet_names[0] if pet_names else names[0])
+        kind = "suv_fraction" if modality_family(looked_at) == "PET" else "otsu"
+    kind = str(kind).lower().replace("-", "_")
+    if kind not in THRESHOLDS:
+        raise ConfigError(f"unknown threshold '{kind}': use one of {', '.join(THRESHOLDS)}.")
+    if channel is None:
+        channel = pet_names[0] if kind == "suv_fraction" and pet_names else names[0]
+    stack = stack_images(images)
+    image = sitk.GetImageFromArray(stack.channels[stack.index(channel)])
+    image.CopyInformation(stack.reference)
+    image = validate_image(image, channel)
+    if kind == "otsu":
+        labels, value = otsu_threshold(image, mask, name=channel)
+        name = f"{channel} > {value:.4g} (Otsu)"
+    elif kind == "range":
+        low, high = options.get("low"), options.get("high")
+        labels, value = range_threshold(image, low, high, mask, name=channel), None
+        name = f"{low if low is not None else '-inf'} <= {channel} <= "
+        name += f"{high if high is not None else 'inf'}"
+    else:
+        fraction = float(options.get("fraction", 0.4))
+        labels, value = suv_fraction_threshold(image, fraction, mask, name=channel)
+        name = f"{channel} >= {100 * fraction:g}% of its maximum, connected to it"
+    return SegmentationResult(
+        labels=labels,
+        label_names={1: name},
+        label_colors={1: (0.95, 0.3, 0.2)},
+        method="threshold",
+        info={"threshold": kind, "channel": channel, "threshold_value": value},
+    )

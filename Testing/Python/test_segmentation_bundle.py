@@ -1,0 +1,105 @@
+"""MONAI bundles from a local folder: a tiny bundle written by the test, run on an oblique,
+anisotropic volume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from synthetic import make_image, physical_points, rotation_direction
+
+from MultiModalAnalysisLib.errors import ModelError
+from MultiModalAnalysisLib.metrics import dice
+from MultiModalAnalysisLib.segmentation import load_monai_bundle, segment
+
+
+def write_bundle(folder):
+    """A bundle whose "network" labels a voxel when the voxel 3 steps further along the first
+    array axis is brighter than 50 (after its own 0..100 -> 0..1 scaling), at 2 mm in RAS
+    orientation: the labels are the bright region moved 6 mm back along the image axis
+    closest to the patient's right, so a wrong axis order or orientation shows."""
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    config = {
+        "bundle_root": ".",
+        "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2,
+                        "kernel_size": 7, "padding": 3},
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [2.0, 2.0, 2.0]},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 100,
+             "b_min": 0.0, "b_max": 1.0, "clip": True},
+        ]},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 16],
+                    "sw_batch_size": 1},
+    }
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    metadata = {"name": "bright spot finder", "network_data_format": {
+        "inputs": {"image": {"num_channels": 1}},
+        "outputs": {"pred": {"num_channels": 2, "channel_def": {"0": "background",
+                                                                 "1": "bright"}}}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    network = torch.nn.Conv3d(1, 2, 7, padding=3)
+    with torch.no_grad():
+        network.weight.zero_()
+        network.bias.zero_()
+        network.weight[1, 0, 6, 3, 3] = 20.0  # the input 3 voxels on along x (towards R)
+        network.bias[1] = -10.0  # logit(bright) - logit(background) = 20 * scaled - 10
+    torch.save(network.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
+def oblique_ball(shift_mm=(0.0, 0.0, 0.0)):
+    """An off-centre ball (80) in a background of 20 on a rotated, anisotropic grid, and its
+    mask moved by ``shift_mm`` (LPS)."""
+    reference = make_image(np.zeros((20, 36, 40), np.float32), (1.2, 1.5, 2.5), (4.0, -8.0, 3.0),
+                           rotation_direction((10, -20, 35)))
+    points = physical_points(reference)
+    centre = reference.TransformContinuousIndexToPhysicalPoint((24.0, 15.0, 9.0))
+    ball = np.linalg.norm(points - np.array(centre), axis=-1) < 11.0
+    moved = np.linalg.norm(points - np.array(centre) - np.array(shift_mm), axis=-1) < 11.0
+    image = make_image(np.where(ball, 80.0, 20.0).astype(np.float32), reference.GetSpacing(),
+                       reference.GetOrigin(), reference.GetDirection())
+    truth = make_image(moved.astype(np.uint8), reference.GetSpacing(), reference.GetOrigin(),
+                       reference.GetDirection())
+    return image, truth
+
+
+def test_a_local_monai_bundle_runs_its_network_on_the_images_grid(tmp_path):
+    bundle = load_monai_bundle(write_bundle(tmp_path / "bundle"))
+    assert bundle.in_channels == 1 and bundle.label_names == {1: "bright"}
+    assert bundle.spacing == [2.0, 2.0, 2.0] and bundle.orientation == "RAS"
+    assert bundle.roi_size == [16, 16, 16]
+    _, unmoved = oblique_ball()
+    # MONAI's Orientationd permutes and flips axes: its first axis is the image axis closest
+    # to the patient's right (-x in LPS).
+    axes = np.array(sitk.DICOMOrient(unmoved, "RAS").GetDirection()).reshape(3, 3)
+    image, truth = oblique_ball(shift_mm=tuple(-6.0 * axes[:, 0]))
+    result = segment({"CT": image}, "model", model=tmp_path / "bundle", device="cpu")
+    assert result.labels.GetSize() == image.GetSize()
+    assert result.labels.GetDirection() == image.GetDirection()
+    assert dice(result.labels, truth) >= 0.85
+    assert dice(result.labels, unmoved) < 0.75
+    assert result.label_names == {1: "bright"}
+    probabilities = sitk.GetArrayFromImage(result.probabilities)
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-4)
+
+
+def test_bundle_problems_are_reported_clearly(tmp_path):
+    folder = write_bundle(tmp_path / "bundle")
+    image, _ = oblique_ball()
+    with pytest.raises(ModelError, match="takes 1 input image"):
+        segment({"CT": image, "PET": image}, "model", model=folder, device="cpu")
+    (folder / "models" / "model.pt").unlink()
+    with pytest.raises(ModelError, match="no weights"):
+        load_monai_bundle(folder)
+    torch.save(torch.nn.Conv3d(1, 3, 1).state_dict(), folder / "models" / "model.pt")
+    with pytest.raises(ModelError, match="do not fit"):
+        load_monai_bundle(folder)
+    with pytest.raises(ModelError, match="not a MONAI bundle"):
+        load_monai_bundle(tmp_path)

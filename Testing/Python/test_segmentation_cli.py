@@ -1,0 +1,90 @@
+"""``mma segment`` and ``mma train-segmentation``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from segmentation_phantoms import tumour_case, write_cohort
+
+from MultiModalAnalysisLib.cli import main
+from MultiModalAnalysisLib.metrics import dice
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(11)
+    case = tumour_case(rng)
+    return folder, write_cohort(folder, {"case1": case}), case
+
+
+def test_mma_segment_gmm_writes_labels_and_probabilities(cohort, capsys):
+    folder, _, (images, mask) = cohort
+    case = folder / "case1"
+    status = main(["-q", "segment", f"CT={case / 'CT_image.nii.gz'}",
+                   f"PET={case / 'PET_image.nii.gz'}", "--method", "gmm", "--classes", "3",
+                   "--order-by", "PET", "--output", str(folder / "gmm.nii.gz"),
+                   "--probabilities", str(folder / "gmm_p.nii.gz")])
+    assert status == 0, capsys.readouterr().err
+    labels = sitk.ReadImage(str(folder / "gmm.nii.gz"))
+    assert set(np.unique(sitk.GetArrayFromImage(labels))) == {1, 2, 3}
+    assert dice(sitk.Equal(labels, 3), mask) >= 0.8  # the hottest class is the tumour
+    assert sitk.ReadImage(str(folder / "gmm_p.nii.gz")).GetNumberOfComponentsPerPixel() == 4
+    assert "label 3 (class 3)" in capsys.readouterr().out
+
+
+def test_mma_segment_threshold_names_images_from_their_file_names(cohort, capsys):
+    folder, _, (images, mask) = cohort
+    status = main(["-q", "segment", str(folder / "case1" / "PET_image.nii.gz"), "--method",
+                   "threshold", "--output", str(folder / "pet40.nii.gz"), "--fill-holes"])
+    assert status == 0, capsys.readouterr().err
+    labels = sitk.ReadImage(str(folder / "pet40.nii.gz"))
+    assert dice(labels, mask) > 0.5  # 40 % of SUVmax: the hot core of the tumour
+    assert "PET >= 40% of its maximum" in capsys.readouterr().out
+
+
+def test_mma_train_segmentation_then_segment_with_the_model(cohort, capsys):
+    folder, manifest, (images, mask) = cohort
+    threads = torch.get_num_threads()
+    status = main(["-q", "train-segmentation", "--manifest", str(manifest), "--modalities",
+                   "CT,PET,MR_T1", "--label-column", "mask", "--output", str(folder / "model"),
+                   "--epochs", "2", "--iterations-per-epoch", "3", "--spacing", "2", "2", "3",
+                   "--patch-size", "32", "32", "16", "--device", "cpu", "--threads", "1"])
+    torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "trained 2 epochs" in out and (folder / "model" / "model.pt").is_file()
+
+    case = folder / "case1"
+    # Bare paths, not in the model's order: named from their file names.
+    status = main(["-q", "segment", str(case / "MR_T1_image.nii.gz"), str(case / "CT_image.nii.gz"),
+                   str(case / "PET_image.nii.gz"), "--method", "model", "--model",
+                   str(folder / "model"), "--output", str(folder / "seg.nii.gz"),
+                   "--probabilities", str(folder / "p.nii.gz"), "--device", "cpu"])
+    assert status == 0, capsys.readouterr().err
+    labels = sitk.ReadImage(str(folder / "seg.nii.gz"))
+    assert labels.GetSize() == images["MR_T1"].GetSize()  # the first image's grid
+    assert (folder / "p_uncertainty.nii.gz").is_file()
+
+    # Names that the file names do not tell are taken in the model's order.
+    for name in ("CT", "PET", "MR_T1"):
+        sitk.WriteImage(images[name], str(folder / f"scan_{name.lower()}_x.nii.gz"))
+    status = main(["-q", "segment", *(str(folder / f"scan_{n}_x.nii.gz") for n in
+                                      ("ct", "pet", "mr_t1")), "--method", "model", "--model",
+                   str(folder / "model"), "--output", str(folder / "seg2.nii.gz"), "--no-tta"])
+    assert status == 0, capsys.readouterr().err
+
+
+def test_mma_segment_user_errors_are_one_line_with_status_2(cohort, capsys):
+    folder, _, _ = cohort
+    case = folder / "case1"
+    status = main(["-q", "segment", str(case / "CT_image.nii.gz"), "--method", "model",
+                   "--output", str(folder / "x.nii.gz")])
+    err = capsys.readouterr().err
+    assert status == 2 and "needs a model" in err and "Traceback" not in err
+    status = main(["-q", "segment", str(case / "CT_image.nii.gz"), "--method", "gmm",
+                   "--order-by", "PET", "--output", str(folder / "x.nii.gz")])
+    err = capsys.readouterr().err
+    assert status == 2 and "no image named PET" in err

@@ -1,0 +1,186 @@
+"""Deep segmentation: training on a manifest, the model file, inference with uncertainty."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from segmentation_phantoms import tumour_case, write_cohort
+
+from MultiModalAnalysisLib.errors import MissingModalityError, ModelError, OperationCancelled
+from MultiModalAnalysisLib.metrics import dice
+from MultiModalAnalysisLib.segmentation import (
+    SegmentationModel,
+    load_segmentation_model,
+    segment,
+    train_segmentation,
+)
+
+MODALITIES = ["CT", "PET", "MR_T1"]
+# Small, fast settings: the phantom is 80 x 80 x 48 mm.
+QUICK = {"spacing": (2.0, 2.0, 3.0), "patch_size": (32, 32, 16), "iterations_per_epoch": 10,
+         "learning_rate": 3e-3, "device": "cpu"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny networks run fastest on one thread (and a busy machine does not stall them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return tumour_case(np.random.default_rng(7))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, phantom):
+    """A model trained on one synthetic case (and the seconds it took)."""
+    folder = tmp_path_factory.mktemp("cohort")
+    manifest = write_cohort(folder, {"case1": phantom})
+    start = time.perf_counter()
+    result = train_segmentation(manifest, MODALITIES, "mask", folder / "model", epochs=6,
+                                patience=None, **QUICK)
+    return result, time.perf_counter() - start, folder
+
+
+def test_training_overfits_one_synthetic_case_to_dice_above_0_9_within_a_minute(
+    trained, phantom
+):
+    result, seconds, _ = trained
+    images, mask = phantom
+    assert seconds < 60
+    assert result.best_validation_dice >= 0.9  # on the model grid, validated on itself
+    labels = segment(images, "model", model=result.path, device="cpu").labels
+    assert labels.GetSize() == images["CT"].GetSize()  # back on the first image's grid
+    assert dice(labels, mask) >= 0.9
+
+
+def test_model_file_round_trip_keeps_weights_and_metadata(trained, phantom, tmp_path):
+    result, _, folder = trained
+    loaded = load_segmentation_model(folder / "model")
+    assert loaded.modalities == MODALITIES
+    assert loaded.spacing == [2.0, 2.0, 3.0]
+    assert loaded.patch_size == [32, 32, 16]
+    assert loaded.label_names == {1: "tumour"}
+    assert set(loaded.normalisations) == set(MODALITIES)
+    training = loaded.metadata["training"]
+    assert training["cases"] == ["case1"] and training["validation_dice"] >= 0.9
+    assert {"torch", "monai", "SimpleITK"} <= set(loaded.metadata["versions"])
+    readable = json.loads((folder / "model" / "metadata.json").read_text())
+    assert readable["modalities"] == MODALITIES
+    for name, value in result.model.network.state_dict().items():
+        assert torch.equal(value.cpu(), loaded.network.state_dict()[name])
+
+    # A single .pt file works as well as a folder.
+    single = loaded.save(tmp_path / "copy.pt")
+    images, _ = phantom
+    a = segment(images, "model", model=single, device="cpu", tta=False)
+    b = segment(images, "model", model=loaded, device="cpu", tta=False)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(a.probabilities),
+                               sitk.GetArrayFromImage(b.probabilities), atol=1e-6)
+
+
+def test_inputs_that_do_not_match_the_model_are_refused_clearly(trained, phantom, tmp_path):
+    _, _, folder = trained
+    images, _ = phantom
+    with pytest.raises(MissingModalityError, match=r"needs CT, PET, MR_T1.*MR_T1 is missing"):
+        segment({"CT": images["CT"], "PET": images["PET"]}, "model", model=folder / "model")
+    # Any spelling of a modality is accepted, and the order of the mapping does not matter.
+    reordered = {"mr-t1": images["MR_T1"], "ct": images["CT"], "pt": images["PET"]}
+    result = segment(reordered, "model", model=folder / "model", device="cpu", tta=False)
+    assert result.labels.GetSize() == images["MR_T1"].GetSize()
+
+    with pytest.raises(ModelError, match="no segmentation model"):
+        load_segmentation_model(tmp_path / "nothing")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="could not be read"):
+        load_segmentation_model(tmp_path / "junk.pt")
+    payload = torch.load(folder / "model" / "model.pt", weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(ModelError, match="newer"):
+        load_segmentation_model(tmp_path / "future.pt")
+    payload["format_version"] = 1
+    payload["metadata"]["network"]["kwargs"]["channels"] = [8, 16, 32, 64]
+    torch.save(payload, tmp_path / "mismatch.pt")
+    with pytest.raises(ModelError, match="do not fit"):
+        load_segmentation_model(tmp_path / "mismatch.pt")
+
+
+def test_tta_gives_probabilities_and_an_uncertainty_map_on_the_reference_grid(
+    trained, phantom, tmp_path
+):
+    _, _, folder = trained
+    images, mask = phantom
+    result = segment(images, "model", model=folder / "model", device="cpu")
+    probabilities = sitk.GetArrayFromImage(result.probabilities)
+    assert probabilities.shape == (*mask.GetSize()[::-1], 2)
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-4)
+    uncertainty = sitk.GetArrayFromImage(result.uncertainty)
+    assert uncertainty.shape == probabilities.shape[:-1]
+    edge = sitk.GetArrayFromImage(sitk.BinaryContour(mask)) > 0
+    far = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        mask, insideIsPositive=False, useImageSpacing=True, squaredDistance=False)) > 12
+    assert uncertainty[edge].mean() > uncertainty[far].mean()  # unsure at the border only
+    written = result.save(tmp_path / "seg.nii.gz", tmp_path / "p.nii.gz")
+    assert written["uncertainty"].name == "p_uncertainty.nii.gz"
+    mc = segment(images, "model", model=folder / "model", device="cpu", mc_samples=3)
+    assert mc.uncertainty is not None and mc.info["mc_samples"] == 3
+
+
+def test_training_is_reproducible_with_a_seed(tmp_path, phantom):
+    manifest = write_cohort(tmp_path, {"case1": phantom})
+    settings = {**QUICK, "iterations_per_epoch": 3, "epochs": 1, "validation_cases": []}
+    a = train_segmentation(manifest, MODALITIES, "mask", None, seed=3, **settings)
+    b = train_segmentation(manifest, MODALITIES, "mask", None, seed=3, **settings)
+    c = train_segmentation(manifest, MODALITIES, "mask", None, seed=4, **settings)
+    weights = [r.model.network.state_dict() for r in (a, b, c)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_training_keeps_the_best_epoch_stops_early_and_can_be_cancelled(tmp_path):
+    rng = np.random.default_rng(3)
+    cases = {f"case{i}": tumour_case(rng) for i in range(3)}
+    manifest = write_cohort(tmp_path, cases)
+    messages = []
+    result = train_segmentation(
+        manifest, MODALITIES, "mask", tmp_path / "model", epochs=4, patience=None,
+        validation_cases=["case2"], progress=lambda f, m: messages.append(m),
+        **{**QUICK, "iterations_per_epoch": 3},
+    )
+    dices = [h["validation_dice"] for h in result.history]
+    assert len(dices) == 4
+    assert result.best_validation_dice == pytest.approx(max(dices), abs=1e-5)
+    assert result.best_epoch == 1 + int(np.argmax(dices))
+    saved = load_segmentation_model(tmp_path / "model").metadata["training"]
+    assert saved["epoch_kept"] == result.best_epoch and saved["validation_cases"] == ["case2"]
+    assert any("validation Dice" in m for m in messages)
+
+    # A learning rate of 0 never improves on the first epoch: stop after `patience` more.
+    frozen = train_segmentation(
+        manifest, MODALITIES, "mask", None, epochs=30, patience=2, validation_cases=["case2"],
+        **{**QUICK, "iterations_per_epoch": 1, "learning_rate": 0.0},
+    )
+    assert len(frozen.history) == 3 and frozen.best_epoch == 1
+
+    cancel = threading.Event()
+
+    def cancel_after_first_epoch(fraction: float, message: str) -> None:
+        if message.startswith("epoch 1/"):
+            cancel.set()
+
+    with pytest.raises(OperationCancelled):
+        train_segmentation(manifest, MODALITIES, "mask", tmp_path / "cancelled", epochs=5,
+                           validation_cases=["case2"], progress=cancel_after_first_epoch,
+                           cancel=cancel, **{**QUICK, "iterations_per_epoch": 2})
+    assert isinstance(load_segmentation_model(tmp_path / "cancelled"), SegmentationModel)
