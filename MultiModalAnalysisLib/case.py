@@ -337,6 +337,11 @@ def manifest_from_folder(
     import pandas as pd
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ManifestError(
+            f"{folder} is not a folder{'' if folder.exists() else ' (it does not exist)'}: give "
+            "the cohort folder that holds one sub-folder per case (e.g. ../shared/data/sts)."
+        )
     rows = []
     for case_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         row: dict[str, Any] = {"case_id": case_dir.name}
@@ -355,7 +360,13 @@ def manifest_from_folder(
         raise ManifestError(f"{folder} holds no case folders with images.")
     table = pd.DataFrame(rows)
     if outcomes is not None:
-        extra = pd.read_csv(outcomes)
+        if not Path(outcomes).is_file():
+            raise ManifestError(f"the outcomes file {outcomes} does not exist (a CSV whose "
+                                "first column is the case id).")
+        try:
+            extra = pd.read_csv(outcomes)
+        except (ValueError, OSError) as error:
+            raise ManifestError(f"cannot read the outcomes file {outcomes}: {error}") from error
         extra = extra.rename(columns={extra.columns[0]: "case_id"})
         extra["case_id"] = extra["case_id"].astype(str)
         table = table.merge(extra, on="case_id", how="left")

@@ -101,12 +101,17 @@ def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_preprocess(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.io import read_image, read_mask, write_image
+    from MultiModalAnalysisLib.modalities import modality_family
     from MultiModalAnalysisLib.preprocess import (
         apply_modality_preset,
         resample_to_reference,
         resample_to_spacing,
     )
 
+    if modality_family(args.modality) == "OTHER":
+        logging.getLogger(__name__).warning(
+            "modality %r is not one the presets know (CT, PET, MR_T1, MR_T2, FLAIR, ...): the "
+            "image is only converted to float32.", args.modality)
     image = read_image(args.image)
     mask = read_mask(args.mask, reference=image) if args.mask else None
     with ProgressBar("preprocess", enabled=not args.quiet) as bar:
@@ -280,7 +285,8 @@ def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
     deep.add_argument("--epochs", type=int, default=40)
     deep.add_argument("--architecture", choices=("densenet", "resnet"), default="densenet")
     deep.add_argument("--crop-size", type=int, default=32, help="crop side in voxels")
-    deep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="torch device for feature extraction and the deep classifier")
     parser.set_defaults(func=_run_train_classifier)
 
 
@@ -331,13 +337,16 @@ def _train_deep_classifier(args: argparse.Namespace) -> int:
 
     if not args.modalities:
         raise ConfigError("--kind deep needs --modalities (e.g. CT,PET,MR_T1).")
+    from MultiModalAnalysisLib.case import read_manifest
+    from MultiModalAnalysisLib.classification.table import default_mask_column
+
+    mask_column = args.mask_column or default_mask_column(read_manifest(args.manifest))
     network = {"architecture": args.architecture, "epochs": args.epochs}
     if args.seed is not None:
         network["random_state"] = args.seed
     with ProgressBar("train-classifier (deep)", enabled=not args.quiet) as bar:
         model = train_deep_classifier(
-            args.manifest, args.label_column, args.modalities.split(","),
-            args.mask_column or "mask",
+            args.manifest, args.label_column, args.modalities.split(","), mask_column,
             crop=CropSettings(size=args.crop_size), network=network, cv_folds=args.cv or 0,
             cv_repeats=args.repeats or 1, positive_label=args.positive_label,
             device=args.device, output=args.output, progress=bar,
@@ -641,6 +650,9 @@ def _run_segment(args: argparse.Namespace) -> int:
         options["fill_holes"] = True
     if args.method == "model":
         options["tta"] = not args.no_tta
+    if args.method in ("threshold", "model") and args.classes != 3:
+        logging.getLogger(__name__).warning(
+            "--classes applies to gmm and kmeans only; ignored for --method %s.", args.method)
     mask = read_mask(args.mask) if args.mask else None
     with ProgressBar("segment", enabled=not args.quiet) as bar:
         result = segment(images, args.method, args.classes, model=model, mask=mask,
@@ -741,6 +753,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for add in COMMANDS:
         add(subparsers)
+    for sub in subparsers.choices.values():  # also accepted after the command
+        sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                         help="no progress bars")
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging")
     return parser
 
 

@@ -166,6 +166,25 @@ def _is_mask_column(column: str) -> bool:
     return any(word in column.lower() for word in MASK_WORDS)
 
 
+def default_mask_column(manifest: Manifest) -> str:
+    """The ROI column of an image manifest: ``mask`` if present, else its only mask-like
+    path column (``CT_mask``, ``GTV_label``, ...).
+
+    Raises:
+        ManifestError: none, or several to choose from (named in the message).
+    """
+    paths = image_path_columns(manifest.table)
+    candidates = [c for c in paths if c.lower() == "mask"] or [
+        c for c in paths if _is_mask_column(c)]
+    if len(candidates) != 1:
+        raise ManifestError(
+            f"{manifest.path} is a manifest of image paths; say which column holds the region "
+            f"of interest (--mask-column / mask_column="
+            f"{'one of ' + ', '.join(candidates) if candidates else 'a column of masks'})."
+        )
+    return candidates[0]
+
+
 def features_from_image_manifest(
     manifest: Manifest,
     label_column: str | None = None,
@@ -205,15 +224,7 @@ def features_from_image_manifest(
     table = manifest.table
     paths = image_path_columns(table)
     if mask_column is None:
-        candidates = [c for c in paths if c.lower() == "mask"] or [
-            c for c in paths if _is_mask_column(c)]
-        if len(candidates) != 1:
-            raise ManifestError(
-                f"{manifest.path} is a manifest of image paths; say which column holds the "
-                f"region of interest (--mask-column / mask_column="
-                f"{'one of ' + ', '.join(candidates) if candidates else 'a column of masks'})."
-            )
-        mask_column = candidates[0]
+        mask_column = default_mask_column(manifest)
     if modalities is None:
         modalities = [c for c in paths if c != mask_column and not _is_mask_column(c)]
     modalities = [str(m).strip() for m in modalities if str(m).strip()]

@@ -115,6 +115,12 @@ def register(
     started = time.perf_counter()
     kind = _choice(transform, TRANSFORM_TYPES, "transform type")
     backend = _choice(backend, BACKENDS, "deformable backend")
+    from MultiModalAnalysisLib.device import resolve_device
+
+    resolved = resolve_device(device)  # an impossible request fails here, for every kind
+    if kind != "deformable" and resolved.type == "cuda":
+        log.info("rigid and affine registration run on the CPU (SimpleITK and a batched "
+                 "search); the device applies to the deformable stage only.")
     report = as_progress(progress)
     check_cancel(cancel, "the registration")
     fixed_image = registration_image(fixed, "the fixed image")

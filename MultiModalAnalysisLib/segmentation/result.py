@@ -3,6 +3,7 @@ probabilities and an uncertainty map, with the names and colours of the labels."
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from MultiModalAnalysisLib.io import write_image
+
+log = logging.getLogger(__name__)
 
 # Distinct colours (0..1 RGB) for labels 1, 2, ...; label 0 is the background.
 PALETTE: tuple[tuple[float, float, float], ...] = (
@@ -67,6 +70,9 @@ class SegmentationResult:
             What was written, by kind (``labels``, ``probabilities``, ``uncertainty``).
         """
         written = {"labels": write_image(self.labels, labels_path)}
+        if probabilities_path is not None and self.probabilities is None:
+            log.warning("this segmentation has no probabilities (a threshold gives none): "
+                        "nothing was written to %s.", probabilities_path)
         if probabilities_path is not None:
             if self.probabilities is not None:
                 written["probabilities"] = write_image(self.probabilities, probabilities_path)

@@ -220,7 +220,7 @@ def train_segmentation(
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
 
-    from MultiModalAnalysisLib.device import resolve_device
+    from MultiModalAnalysisLib.device import run_with_device_fallback
 
     start = time.perf_counter()
     report = as_progress(progress)
@@ -260,125 +260,130 @@ def train_segmentation(
     training = [by_id[c] for c in train_ids]
     validation = [by_id[c] for c in validation_ids]
 
-    torch_device = resolve_device(device)
-    use_amp = torch_device.type == "cuda"
-    spec = copy.deepcopy(network or DEFAULT_NETWORK)
-    torch.manual_seed(seed)
-    net = build_network(spec, len(names), n_labels + 1).to(torch_device)
-    transforms = _augmentations(patch_zyx, patches_per_case)
-    transforms.set_random_state(seed=seed)
-    dataset = Dataset([{"image": c.image, "label": c.label[None]} for c in training], transforms)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0,
-                        generator=torch.Generator().manual_seed(seed))
-    steps = iterations_per_epoch or max(len(training) // batch_size, 1)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs * steps,
-                                                           eta_min=learning_rate * 0.01)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    def fit(torch_device) -> TrainingResult:
+        # everything that holds state is built here, so a CUDA out-of-memory error can
+        # restart the training on the CPU from the same seed
+        use_amp = torch_device.type == "cuda"
+        spec = copy.deepcopy(network or DEFAULT_NETWORK)
+        torch.manual_seed(seed)
+        net = build_network(spec, len(names), n_labels + 1).to(torch_device)
+        transforms = _augmentations(patch_zyx, patches_per_case)
+        transforms.set_random_state(seed=seed)
+        dataset = Dataset([{"image": c.image, "label": c.label[None]} for c in training],
+                          transforms)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0,
+                            generator=torch.Generator().manual_seed(seed))
+        steps = iterations_per_epoch or max(len(training) // batch_size, 1)
+        optimiser = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs * steps,
+                                                               eta_min=learning_rate * 0.01)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    metadata: dict[str, Any] = {
-        "name": name or (Path(output).stem if output else "segmentation model"),
-        "task": f"segmentation of {', '.join(label_names.values())}",
-        "modalities": names,
-        "spacing": spacing,
-        "normalisation": normalisations,
-        "presets": {m: preset_for(m).describe() for m in names},
-        "label_names": {str(k): v for k, v in label_names.items()},
-        "label_colors": {str(k): list(v) for k, v in default_label_colors(n_labels).items()},
-        "label_values_in_training": {str(k): v for k, v in values_as_labels.items()},
-        "patch_size": [int(s) for s in patch_size],
-        "network": spec,
-        "postprocess": postprocess if postprocess is not None else (
-            {"keep_largest": True, "fill_holes": True} if n_labels == 1 else {}),
-        "versions": library_versions(),
-    }
-    model = SegmentationModel(net, metadata)
-    history: list[dict[str, Any]] = []
-    best = {"dice": -1.0, "epoch": 0, "state": None}
-    stale = 0
-
-    def save_model(epoch: int) -> None:
-        metadata["training"] = {
-            "manifest": str(manifest.path),
-            "label_column": label_column,
-            "cases": train_ids,
-            "validation_cases": validation_ids,
-            "validation_dice": best["dice"] if best["dice"] >= 0 else None,
-            "epoch_kept": epoch,
-            "epochs_run": len(history),
-            "iterations_per_epoch": steps,
-            "batch_size": batch_size,
-            "patches_per_case": patches_per_case,
-            "learning_rate": learning_rate,
-            "seed": seed,
-            "device": str(torch_device),
-            "runtime_s": round(time.perf_counter() - start, 1),
-            "history": history,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        metadata: dict[str, Any] = {
+            "name": name or (Path(output).stem if output else "segmentation model"),
+            "task": f"segmentation of {', '.join(label_names.values())}",
+            "modalities": names,
+            "spacing": spacing,
+            "normalisation": normalisations,
+            "presets": {m: preset_for(m).describe() for m in names},
+            "label_names": {str(k): v for k, v in label_names.items()},
+            "label_colors": {str(k): list(v) for k, v in default_label_colors(n_labels).items()},
+            "label_values_in_training": {str(k): v for k, v in values_as_labels.items()},
+            "patch_size": [int(s) for s in patch_size],
+            "network": spec,
+            "postprocess": postprocess if postprocess is not None else (
+                {"keep_largest": True, "fill_holes": True} if n_labels == 1 else {}),
+            "versions": library_versions(),
         }
-        if output is not None:
-            model.save(output)
+        model = SegmentationModel(net, metadata)
+        history: list[dict[str, Any]] = []
+        best = {"dice": -1.0, "epoch": 0, "state": None}
+        stale = 0
 
-    net.train()
-    iterator = iter(loader)
-    for epoch in range(1, epochs + 1):
-        epoch_start = time.perf_counter()
-        losses = []
-        for _ in range(steps):
-            check_cancel(cancel, "segmentation training")
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                iterator = iter(loader)
-                batch = next(iterator)
-            inputs = _plain(batch["image"]).to(torch_device).float()
-            targets = _plain(batch["label"]).to(torch_device).long()
-            optimiser.zero_grad(set_to_none=True)
-            with torch.autocast(torch_device.type, enabled=use_amp):
-                loss = loss_function(net(inputs), targets)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-        record: dict[str, Any] = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5)}
-        last = epoch == epochs
-        if validation and (epoch % validate_every == 0 or last):
-            check_cancel(cancel, "segmentation training")
-            dice = validation_dice(net, validation, patch_zyx, torch_device, n_labels)
-            record["validation_dice"] = round(dice, 5)
-            if dice > best["dice"]:
-                best.update(dice=dice, epoch=epoch, state=copy.deepcopy(net.state_dict()))
-                stale = 0
-                if keep_best:
-                    save_model(epoch)
-            else:
-                stale += validate_every
-        record["seconds"] = round(time.perf_counter() - epoch_start, 2)
-        history.append(record)
-        message = f"epoch {epoch}/{epochs}: loss {record['loss']:.4f}"
-        if "validation_dice" in record:
-            message += (f", validation Dice {record['validation_dice']:.3f} "
-                        f"(best {best['dice']:.3f})")
-        log.info(message)
-        report(0.1 + 0.9 * epoch / epochs, message)
-        if patience is not None and validation and stale >= patience:
-            log.info("no better validation Dice for %d epochs: stopping early", stale)
-            break
+        def save_model(epoch: int) -> None:
+            metadata["training"] = {
+                "manifest": str(manifest.path),
+                "label_column": label_column,
+                "cases": train_ids,
+                "validation_cases": validation_ids,
+                "validation_dice": best["dice"] if best["dice"] >= 0 else None,
+                "epoch_kept": epoch,
+                "epochs_run": len(history),
+                "iterations_per_epoch": steps,
+                "batch_size": batch_size,
+                "patches_per_case": patches_per_case,
+                "learning_rate": learning_rate,
+                "seed": seed,
+                "device": str(torch_device),
+                "runtime_s": round(time.perf_counter() - start, 1),
+                "history": history,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            if output is not None:
+                model.save(output)
 
-    kept_epoch = len(history)
-    if keep_best and best["state"] is not None:
-        net.load_state_dict(best["state"])
-        kept_epoch = best["epoch"]
-    net.eval()
-    save_model(kept_epoch)
-    report(1.0, "training done")
-    return TrainingResult(
-        model=model,
-        path=model.path,
-        history=history,
-        best_epoch=kept_epoch,
-        best_validation_dice=best["dice"] if best["dice"] >= 0 else None,
-        runtime_s=time.perf_counter() - start,
-    )
+        net.train()
+        iterator = iter(loader)
+        for epoch in range(1, epochs + 1):
+            epoch_start = time.perf_counter()
+            losses = []
+            for _ in range(steps):
+                check_cancel(cancel, "segmentation training")
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    iterator = iter(loader)
+                    batch = next(iterator)
+                inputs = _plain(batch["image"]).to(torch_device).float()
+                targets = _plain(batch["label"]).to(torch_device).long()
+                optimiser.zero_grad(set_to_none=True)
+                with torch.autocast(torch_device.type, enabled=use_amp):
+                    loss = loss_function(net(inputs), targets)
+                scaler.scale(loss).backward()
+                scaler.step(optimiser)
+                scaler.update()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+            record: dict[str, Any] = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5)}
+            last = epoch == epochs
+            if validation and (epoch % validate_every == 0 or last):
+                check_cancel(cancel, "segmentation training")
+                dice = validation_dice(net, validation, patch_zyx, torch_device, n_labels)
+                record["validation_dice"] = round(dice, 5)
+                if dice > best["dice"]:
+                    best.update(dice=dice, epoch=epoch, state=copy.deepcopy(net.state_dict()))
+                    stale = 0
+                    if keep_best:
+                        save_model(epoch)
+                else:
+                    stale += validate_every
+            record["seconds"] = round(time.perf_counter() - epoch_start, 2)
+            history.append(record)
+            message = f"epoch {epoch}/{epochs}: loss {record['loss']:.4f}"
+            if "validation_dice" in record:
+                message += (f", validation Dice {record['validation_dice']:.3f} "
+                            f"(best {best['dice']:.3f})")
+            log.info(message)
+            report(0.1 + 0.9 * epoch / epochs, message)
+            if patience is not None and validation and stale >= patience:
+                log.info("no better validation Dice for %d epochs: stopping early", stale)
+                break
+
+        kept_epoch = len(history)
+        if keep_best and best["state"] is not None:
+            net.load_state_dict(best["state"])
+            kept_epoch = best["epoch"]
+        net.eval()
+        save_model(kept_epoch)
+        report(1.0, "training done")
+        return TrainingResult(
+            model=model,
+            path=model.path,
+            history=history,
+            best_epoch=kept_epoch,
+            best_validation_dice=best["dice"] if best["dice"] >= 0 else None,
+            runtime_s=time.perf_counter() - start,
+        )
+
+    return run_with_device_fallback(fit, device, what="segmentation training")

@@ -65,6 +65,27 @@ def test_cli_reports_user_errors_in_one_line_with_status_2(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("arguments, says", [
+    (["manifest", "{tmp}/no_such_folder", "--output", "{tmp}/m.csv"], "does not exist"),
+    (["manifest", "{tmp}/file.txt", "--output", "{tmp}/m.csv"], "is not a folder"),
+    (["manifest", "{sample}", "--outcomes", "{tmp}/none.csv", "--output", "{tmp}/m.csv"],
+     "outcomes file"),
+])
+def test_cli_manifest_errors_are_one_line_with_status_2(tmp_path, sample_case_path, capsys,
+                                                         arguments, says):
+    (tmp_path / "file.txt").write_text("x", encoding="utf-8")
+    filled = [a.format(tmp=tmp_path, sample=sample_case_path.parent) for a in arguments]
+    status = main(["-q", *filled])
+    err = capsys.readouterr().err
+    assert status == 2 and says in err and "Traceback" not in err
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_quiet_is_accepted_after_the_command_too(capsys):
+    assert main(["info", "-q"]) == 0
+    assert "device" in capsys.readouterr().out
+
+
 def test_cli_preprocess_and_manifest(tmp_path, sample_case_path, capsys):
     status = main(["-q", "preprocess", str(sample_case_path / "MR_T1_image.nii.gz"),
                    "--modality", "MR_T1", "--reference", str(sample_case_path / "CT_image.nii.gz"),

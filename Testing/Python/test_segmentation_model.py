@@ -184,3 +184,27 @@ def test_training_keeps_the_best_epoch_stops_early_and_can_be_cancelled(tmp_path
                            validation_cases=["case2"], progress=cancel_after_first_epoch,
                            cancel=cancel, **{**QUICK, "iterations_per_epoch": 2})
     assert isinstance(load_segmentation_model(tmp_path / "cancelled"), SegmentationModel)
+
+
+def test_training_that_runs_out_of_gpu_memory_restarts_on_the_cpu(tmp_path, phantom,
+                                                                   monkeypatch, caplog):
+    """No GPU here: "cuda" is granted, the first use of it fails and is taken for an
+    out-of-memory error; the training must start again on the CPU and give the CPU result."""
+    from MultiModalAnalysisLib import device as device_module
+
+    real_resolve = device_module.resolve_device
+    monkeypatch.setattr(device_module, "resolve_device", lambda d="auto": torch.device(
+        "cuda") if str(d) == "cuda" else real_resolve(d))
+    monkeypatch.setattr(device_module, "is_cuda_oom", lambda error: True)
+    manifest = write_cohort(tmp_path, {"case1": phantom})
+    settings = {**QUICK, "iterations_per_epoch": 2, "epochs": 1, "validation_cases": []}
+    settings.pop("device")
+    with caplog.at_level("WARNING"):
+        fallback = train_segmentation(manifest, MODALITIES, "mask", None, seed=3,
+                                      device="cuda", **settings)
+    assert "retrying on the CPU" in caplog.text
+    assert fallback.model.metadata["training"]["device"] == "cpu"
+    cpu = train_segmentation(manifest, MODALITIES, "mask", None, seed=3, device="cpu",
+                             **settings)
+    weights = [r.model.network.state_dict() for r in (fallback, cpu)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
