@@ -336,6 +336,43 @@ def job_path(results: Path, case: int, modality: str, kind: str, start: str,
     return results / f"STS_{case:03d}" / f"{modality}_{kind}_{start}_{method}.json"
 
 
+def _job_in_child(connection, *job) -> None:
+    try:
+        record = run_job(*job)
+    except Exception as error:  # a peer raising is a result too
+        traceback.print_exc()
+        record = {"failed": f"{type(error).__name__}: {error}"}
+    connection.send(record)
+    connection.close()
+
+
+def run_isolated(case: int, modality: str, kind: str, start: str, method: str,
+                 results: Path) -> dict:
+    """``run_job`` in a forked child process, so a peer that crashes the interpreter
+    (itk-elastix 0.25.4 segfaults on some deformable pairs) is recorded as a failure instead
+    of ending the run. The child inherits the warmed-up imports; its timings and peak memory
+    are its own."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_job_in_child,
+                            args=(send, case, modality, kind, start, method, results))
+    child.start()
+    send.close()
+    try:
+        record = receive.recv() if receive.poll(3600) else None
+    except EOFError:  # the child died before sending anything
+        record = None
+    child.join()
+    if record is None:
+        record = {"failed": f"crashed (exit code {child.exitcode})"}
+    if "failed" in record:
+        record.update({"case": case, "modality": modality, "kind": kind, "start": start,
+                       "method": method})
+    return record
+
+
 def command_run(args: argparse.Namespace) -> None:
     results = Path(args.results_dir)
     warm_up(args.methods.split(","))
@@ -350,13 +387,7 @@ def command_run(args: argparse.Namespace) -> None:
                         if path.exists() and not args.force:
                             continue
                         label = f"STS_{case:03d} {modality} {kind} {start} {method}"
-                        try:
-                            record = run_job(case, modality, kind, start, method, results)
-                        except Exception as error:  # a peer crashing is a result too
-                            traceback.print_exc()
-                            record = {"case": case, "modality": modality, "kind": kind,
-                                      "start": start, "method": method,
-                                      "failed": f"{type(error).__name__}: {error}"}
+                        record = run_isolated(case, modality, kind, start, method, results)
                         path.parent.mkdir(parents=True, exist_ok=True)
                         path.write_text(json.dumps(record))
                         summary = (f"TRE {record['tre_median']:.2f} mm, "
