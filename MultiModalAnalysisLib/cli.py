@@ -21,6 +21,13 @@ CLASSIFIER_CHOICES = (
     "logistic_l2", "logistic_l1", "svm", "random_forest", "gradient_boosting", "auto",
 )
 SELECTION_CHOICES = ("none", "univariate", "l1", "mrmr", "correlation")
+# Choices of the register and fuse commands, spelled here so that building the parser does
+# not import the registration engine (and torch) for every command; a test keeps them equal
+# to the engine's.
+TRANSFORM_CHOICES = ("rigid", "affine", "deformable")
+METRIC_CHOICES = ("auto", "mi", "ncc", "lncc", "mind")
+BACKEND_CHOICES = ("auto", "torch", "bspline")
+FUSION_CHOICES = ("average", "maximum", "checkerboard", "overlay", "laplacian", "wavelet")
 
 
 class ProgressBar:
@@ -411,7 +418,6 @@ def _print_external_auc(manifest: Path, model, predictions) -> None:
 
 def _add_register(subparsers: argparse._SubParsersAction) -> None:
     from MultiModalAnalysisLib.device import DEVICE_CHOICES
-    from MultiModalAnalysisLib.registration import BACKENDS, METRICS, TRANSFORM_TYPES
 
     parser = subparsers.add_parser(
         "register",
@@ -423,15 +429,15 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("fixed", type=Path, help="the fixed (reference) image")
     parser.add_argument("moving", type=Path, help="the image to move onto the fixed one")
-    parser.add_argument("--transform", choices=TRANSFORM_TYPES, required=True)
+    parser.add_argument("--transform", choices=TRANSFORM_CHOICES, required=True)
     parser.add_argument("--output-dir", type=Path, required=True, help="where to write")
-    parser.add_argument("--metric", choices=METRICS, default="auto",
+    parser.add_argument("--metric", choices=METRIC_CHOICES, default="auto",
                         help="similarity (auto: by modality pair; default)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="torch device of the deformable torch backend")
     parser.add_argument("--fixed-mask", type=Path, help="region of the fixed image to match")
     parser.add_argument("--moving-mask", type=Path, help="region of the moving image to use")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                         help="deformable backend (auto: torch)")
     parser.add_argument("--fixed-modality", help="e.g. CT (default: from the file name)")
     parser.add_argument("--moving-modality", help="e.g. PET, MR_T1 (default: from the name)")
@@ -507,8 +513,6 @@ def _modality_from_name(path: Path) -> str | None:
 
 
 def _add_fuse(subparsers: argparse._SubParsersAction) -> None:
-    from MultiModalAnalysisLib.fusion import FUSION_METHODS
-
     parser = subparsers.add_parser(
         "fuse",
         help="fuse co-registered images into one (average, maximum, wavelet, ...)",
@@ -518,7 +522,7 @@ def _add_fuse(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("reference", type=Path, help="the image whose grid the result takes")
     parser.add_argument("images", type=Path, nargs="+", help="images to fuse with it")
-    parser.add_argument("--method", choices=FUSION_METHODS, required=True)
+    parser.add_argument("--method", choices=FUSION_CHOICES, required=True)
     parser.add_argument("--output", "-o", type=Path, required=True, help="F.nii.gz")
     parser.add_argument("--weights", type=float, nargs="+", help="average: one per image")
     parser.add_argument("--weight", type=float, default=0.5,

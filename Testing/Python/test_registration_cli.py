@@ -92,3 +92,23 @@ def test_modality_is_read_from_sts_style_file_names(tmp_path):
     assert _modality_from_name(tmp_path / "PET_image.nii.gz") == "PET"
     assert _modality_from_name(tmp_path / "MR_T1_image.nii.gz") == "MR_T1"
     assert _modality_from_name(tmp_path / "scan_0001.nii.gz") is None
+
+
+def test_cli_choices_are_the_engine_choices():
+    from MultiModalAnalysisLib import cli
+    from MultiModalAnalysisLib.fusion import FUSION_METHODS
+    from MultiModalAnalysisLib.registration import BACKENDS, METRICS, TRANSFORM_TYPES
+
+    assert cli.TRANSFORM_CHOICES == TRANSFORM_TYPES and cli.METRIC_CHOICES == METRICS
+    assert cli.BACKEND_CHOICES == BACKENDS and cli.FUSION_CHOICES == FUSION_METHODS
+
+
+def test_building_the_parser_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from MultiModalAnalysisLib.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
