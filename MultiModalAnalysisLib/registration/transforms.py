@@ -57,10 +57,19 @@ def compose_linear(outer: sitk.Transform, inner: sitk.Transform) -> sitk.Transfo
 def displacement_field_transform(field_zyx3: np.ndarray, grid: sitk.Image,
                                  ) -> sitk.DisplacementFieldTransform:
     """A displacement-field transform from an array ``[z, y, x, 3]`` of physical (x, y, z)
-    displacements in mm on ``grid``'s voxels (linear interpolation between them)."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(field_zyx3, dtype=np.float64),
-                                   isVector=True)
-    image.CopyInformation(grid)
+    displacements in mm on ``grid``'s voxels (linear interpolation between them).
+
+    The field is stored with one more voxel on every side, a copy of the edge: ITK gives a
+    point beyond the grid's outer faces a zero displacement, so a point just past the fixed
+    image (a slightly larger evaluation grid, an image with another extent) would see the
+    transform jump back to the identity there, a tear that also shows up as folding.
+    """
+    padded = np.pad(np.asarray(field_zyx3, dtype=np.float64), [(1, 1)] * 3 + [(0, 0)],
+                    mode="edge")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(padded), isVector=True)
+    image.SetSpacing(grid.GetSpacing())
+    image.SetDirection(grid.GetDirection())
+    image.SetOrigin(grid.TransformIndexToPhysicalPoint([-1, -1, -1]))
     return sitk.DisplacementFieldTransform(image)
 
 

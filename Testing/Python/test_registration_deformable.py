@@ -10,7 +10,11 @@ import pytest
 import SimpleITK as sitk
 from registration_phantoms import inner_points, phantom, registration_error
 
-from MultiModalAnalysisLib.metrics import folding_statistics, jacobian_of_displacement
+from MultiModalAnalysisLib.metrics import (
+    folding_statistics,
+    jacobian_determinant,
+    jacobian_of_displacement,
+)
 from MultiModalAnalysisLib.registration import register
 from MultiModalAnalysisLib.registration.deformable_bspline import BSplineSettings
 from MultiModalAnalysisLib.registration.deformable_torch import TorchDeformableSettings
@@ -95,10 +99,32 @@ def test_jacobian_of_an_analytic_sine_field_and_its_folding_fraction():
         field = np.zeros((6, 8, size, 3))
         field[..., 0] = amplitude * np.sin(k * x)[None, None, :]
         transform = displacement_field_transform(field, grid)
-        array = sitk.GetArrayFromImage(transform.GetDisplacementField())
+        # the stored field carries one edge-copy voxel on every side
+        array = sitk.GetArrayFromImage(transform.GetDisplacementField())[1:-1, 1:-1, 1:-1]
         jacobian = jacobian_of_displacement(array, grid)
         inner = sitk.GetArrayFromImage(jacobian)[:, :, 2:-2]
         expected = 1 + amplitude * k * np.cos(k * x)[2:-2]
         assert np.allclose(inner[0, 0], expected, atol=0.02)
         stats = folding_statistics(jacobian)
         assert stats["folding_percent"] == pytest.approx(100 * expected_fraction, abs=4.0)
+
+
+def test_a_displacement_field_has_no_tear_just_past_the_edge_of_its_grid():
+    """ITK gives points beyond a field's outer faces a zero displacement; the stored field is
+    padded with an edge copy so a grid slightly larger than the fixed image (like the
+    benchmark's 2 mm evaluation grid) sees no jump back to the identity."""
+    grid = sitk.Image([10, 12, 8], sitk.sitkUInt8)
+    grid.SetSpacing([3.0, 3.0, 4.0])
+    grid.SetOrigin([5.0, -7.0, 2.0])
+    field = np.zeros((8, 12, 10, 3))
+    field[..., 0] = 2.5  # 2.5 mm along x everywhere
+    transform = displacement_field_transform(field, grid)
+    for index in ([-0.9] * 3, [9.9, 11.9, 7.9], [4.0, 5.0, 3.0]):
+        point = np.array(grid.TransformContinuousIndexToPhysicalPoint(index))
+        moved = np.array(transform.TransformPoint(point.tolist()))
+        assert np.allclose(moved - point, [2.5, 0.0, 0.0], atol=1e-6)
+    larger = sitk.Image([12, 14, 10], sitk.sitkUInt8)  # one voxel past every face
+    larger.SetSpacing(grid.GetSpacing())
+    larger.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint([-0.9] * 3))
+    jacobian = sitk.GetArrayFromImage(jacobian_determinant(transform, larger))
+    assert np.allclose(jacobian, 1.0, atol=1e-6)
