@@ -16,6 +16,8 @@ from pathlib import Path
 from MultiModalAnalysisLib import __version__
 from MultiModalAnalysisLib.errors import MMAError, OperationCancelled
 
+log = logging.getLogger(__name__)
+
 # Repeated here (not imported) so that building the parser does not import scikit-learn.
 CLASSIFIER_CHOICES = (
     "logistic_l2", "logistic_l1", "svm", "random_forest", "gradient_boosting", "auto",
@@ -116,7 +118,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     )
 
     if modality_family(args.modality) == "OTHER":
-        logging.getLogger(__name__).warning(
+        log.warning(
             "modality %r is not one the presets know (CT, PET, MR_T1, MR_T2, FLAIR, ...): the "
             "image is only converted to float32.", args.modality)
     image = read_image(args.image)
@@ -655,7 +657,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     if args.method == "model":
         options["tta"] = not args.no_tta
     if args.method in ("threshold", "model") and args.classes != 3:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "--classes applies to gmm and kmeans only; ignored for --method %s.", args.method)
     mask = read_mask(args.mask) if args.mask else None
     with ProgressBar("segment", enabled=not args.quiet) as bar:

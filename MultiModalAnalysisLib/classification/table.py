@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from MultiModalAnalysisLib.case import Manifest, read_manifest
+from MultiModalAnalysisLib.case import MASK_WORDS, Manifest, read_manifest
 from MultiModalAnalysisLib.errors import ManifestError
 from MultiModalAnalysisLib.io import has_image_suffix
 
@@ -157,9 +157,6 @@ def read_feature_table(
         manifest.table, label_column, exclude=exclude, feature_pattern=feature_pattern,
         source=str(manifest.path),
     )
-
-
-MASK_WORDS = ("mask", "label", "seg", "roi", "gtv")
 
 
 def _is_mask_column(column: str) -> bool:

@@ -70,11 +70,11 @@ class SegmentationResult:
             What was written, by kind (``labels``, ``probabilities``, ``uncertainty``).
         """
         written = {"labels": write_image(self.labels, labels_path)}
-        if probabilities_path is not None and self.probabilities is None:
-            log.warning("this segmentation has no probabilities (a threshold gives none): "
-                        "nothing was written to %s.", probabilities_path)
         if probabilities_path is not None:
-            if self.probabilities is not None:
+            if self.probabilities is None:
+                log.warning("this segmentation has no probabilities (a threshold gives none): "
+                            "nothing was written to %s.", probabilities_path)
+            else:
                 written["probabilities"] = write_image(self.probabilities, probabilities_path)
             if self.uncertainty is not None:
                 written["uncertainty"] = write_image(
