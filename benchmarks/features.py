@@ -249,8 +249,12 @@ def agreement(cohort: Path, cases: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def speed(cohort: Path, cases: list[str], workdir: Path) -> dict:
-    """Per-case wall times (median) in one process, and whole-process times over all cases."""
+def speed(cohort: Path, cases: list[str], workdir: Path, repeats: int = 3) -> dict:
+    """Per-case wall times in one process, and whole-process times over all cases.
+
+    The whole process runs ``repeats`` times for each tool, alternating; the median is
+    reported (single runs moved by +-10 % on this shared machine).
+    """
     settings = FeatureSettings.from_dict(SPEED_SETTINGS)
     extractor = pyradiomics_extractor(25.0, SPEED_CLASSES)
 
@@ -297,12 +301,19 @@ def speed(cohort: Path, cases: list[str], workdir: Path) -> dict:
         str(workdir / "ours.csv"),
     ]
     their_command = [sys.executable, "-c", PYRADIOMICS_BATCH, str(manifest), str(workdir)]
-    whole = {}
-    for name, command in (("ours", our_command), ("pyradiomics", their_command)):
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, text=True)
-        whole[name] = time.perf_counter() - start
-    return {"per_case": per_case, "whole_process": whole, "cases": len(cases)}
+    runs: dict[str, list[float]] = {"ours": [], "pyradiomics": []}
+    for _ in range(repeats):
+        for name, command in (("ours", our_command), ("pyradiomics", their_command)):
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True, text=True)
+            runs[name].append(time.perf_counter() - start)
+    whole = {name: statistics.median(times) for name, times in runs.items()}
+    return {
+        "per_case": per_case,
+        "whole_process": whole,
+        "whole_process_runs": runs,
+        "cases": len(cases),
+    }
 
 
 PYRADIOMICS_BATCH = """
@@ -360,10 +371,19 @@ def markdown(summary: pd.DataFrame, table: pd.DataFrame, agree: pd.DataFrame, ti
         f"{theirs.sum():.2f} | {theirs.sum() / ours.sum():.1f}x |",
     ]
     whole = timing["whole_process"]
+    runs = timing.get("whole_process_runs", {})
     lines.append(
-        f"| whole process over {timing['cases']} cases (s) | {whole['ours']:.2f} | "
+        f"| whole process over {timing['cases']} cases (s), median of "
+        f"{len(runs.get('ours', [1]))} | {whole['ours']:.2f} | "
         f"{whole['pyradiomics']:.2f} | {whole['pyradiomics'] / whole['ours']:.1f}x |"
     )
+    if runs:
+        lines.append(
+            "\nWhole-process runs (s): ours "
+            + ", ".join(f"{t:.2f}" for t in runs["ours"])
+            + "; pyradiomics "
+            + ", ".join(f"{t:.2f}" for t in runs["pyradiomics"])
+        )
     return "\n".join(lines)
 
 
@@ -372,6 +392,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=20, help="number of STS patients")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="whole-process runs per tool (median)"
+    )
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks/results/features")
     args = parser.parse_args()
     data = development_data_dir()
@@ -397,7 +420,7 @@ def main() -> None:
     }
     if not args.skip_speed:
         with tempfile.TemporaryDirectory() as workdir:
-            timing = speed(cohort, cases, Path(workdir))
+            timing = speed(cohort, cases, Path(workdir), args.repeats)
     (args.output / "speed.json").write_text(json.dumps(timing, indent=2))
     print(
         f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,8 +44,36 @@ def extract_cohort_features(
     rows = []
     mask_column = manifest.column(mask_column)
     columns = {canonical_modality(m): manifest.modality_column(m) for m in modalities}
-    for number, case_id in enumerate(manifest.case_ids):
-        check_cancel(cancel, "cohort feature extraction")
+    cases = _read_ahead(manifest, columns, mask_column)
+    try:
+        for number, (case_id, images, mask) in enumerate(cases):
+            check_cancel(cancel, "cohort feature extraction")
+            part = report.sub(number / len(manifest), (number + 1) / len(manifest))
+            values = extract_features(images, mask, settings, device, progress=part, cancel=cancel)
+            rows.append({"case_id": case_id, **values})
+            report((number + 1) / len(manifest), f"case {case_id} done")
+    finally:
+        cases.close()
+    return pd.DataFrame(rows)
+
+
+READ_AHEAD = 2
+"""Cases read in the background while the current one is extracted (SimpleITK releases the
+interpreter lock while it reads, so decompressing the next NIfTI files overlaps with the
+extraction; the bound keeps at most this many cases' images in memory besides the
+current one)."""
+
+
+def _read_ahead(
+    manifest: Manifest, columns: dict[str, str], mask_column: str
+) -> Iterator[tuple[str, dict, object]]:
+    """(case_id, images, mask) in manifest order, the next cases read in a background thread.
+
+    A reading error (a missing file, an unreadable image) is raised when its case's turn
+    comes, as a plain loop would raise it; cases after it are not waited for.
+    """
+
+    def read(case_id: str):
         row = manifest.row(case_id)
         # read directly: extract_features checks the mask itself, more cheaply than a
         # general label-image reader would (it only looks at the voxels that are set)
@@ -52,13 +81,28 @@ def extract_cohort_features(
             name: read_image(_path(manifest, row, column, case_id), name=f"{name} of {case_id}")
             for name, column in columns.items()
         }
-        mask_path = _path(manifest, row, mask_column, case_id)
-        mask = read_image(mask_path, name=f"{mask_column} of {case_id}")
-        part = report.sub(number / len(manifest), (number + 1) / len(manifest))
-        values = extract_features(images, mask, settings, device, progress=part, cancel=cancel)
-        rows.append({"case_id": case_id, **values})
-        report((number + 1) / len(manifest), f"case {case_id} done")
-    return pd.DataFrame(rows)
+        mask = read_image(
+            _path(manifest, row, mask_column, case_id), name=f"{mask_column} of {case_id}"
+        )
+        return case_id, images, mask
+
+    case_ids = list(manifest.case_ids)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mma-read-ahead")
+    pending: list[Future] = []
+    try:
+        for case_id in case_ids[: READ_AHEAD + 1]:
+            pending.append(pool.submit(read, case_id))
+        following = iter(case_ids[READ_AHEAD + 1 :])
+        while pending:
+            result = pending.pop(0).result()
+            nxt = next(following, None)
+            if nxt is not None:
+                pending.append(pool.submit(read, nxt))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _path(manifest: Manifest, row: dict, column: str, case_id: str) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import SimpleITK as sitk
 from synthetic import make_image
 
@@ -70,3 +71,26 @@ def test_features_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     status = main(["-q", "features", "--manifest", str(tmp_path / "none.csv"),
                    "--output", str(tmp_path / "f.csv")])
     assert status == 2
+
+
+def test_cohort_reads_ahead_in_order_and_a_missing_file_names_its_case(tmp_path, rng):
+    """The next cases are read in a background thread: rows must still follow the
+    manifest, each with its own case's values, and a file missing in a later case must
+    stop the run with that case's error (not hang, not skip it)."""
+    from MultiModalAnalysisLib.errors import MMAError
+    from MultiModalAnalysisLib.features import extract_cohort_features
+
+    shifts = [0.0, 300.0, 100.0, 400.0, 200.0, 500.0]  # > READ_AHEAD + 1 cases
+    for number, shift in enumerate(shifts):
+        write_case(tmp_path / f"case_{number}", rng, shift)
+    manifest = tmp_path / "cases.csv"
+    assert main(["manifest", str(tmp_path), "--output", str(manifest)]) == 0
+    settings = {"families": ["stat"]}
+    table = extract_cohort_features(manifest, ["CT"], "CT_mask", settings, device="cpu")
+    assert table["case_id"].tolist() == [f"case_{n}" for n in range(len(shifts))]
+    means = table["CT_stat_mean"].to_numpy()
+    assert np.all(np.abs(means - (100 + np.array(shifts))) < 5)
+
+    (tmp_path / "case_4" / "CT_mask.nii.gz").unlink()
+    with pytest.raises(MMAError, match="case_4"):
+        extract_cohort_features(manifest, ["CT"], "CT_mask", settings, device="cpu")
