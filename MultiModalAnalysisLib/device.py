@@ -7,7 +7,8 @@ during a step is retried on the CPU with a logged warning, never a crash.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
 
 from MultiModalAnalysisLib.errors import ConfigError
@@ -88,3 +89,22 @@ def run_with_device_fallback(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return step(torch.device("cpu"))
+
+
+@contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """Run torch's CPU work on at most ``count`` intra-op threads, restoring the setting
+    afterwards (a process-wide setting: other threads of the process see it too).
+
+    For work on tensors of up to a few hundred thousand elements, torch's intra-op threads
+    gain little wall time and their spinning costs CPU time: see the callers for what was
+    measured.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(count, previous)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
