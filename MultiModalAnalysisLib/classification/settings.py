@@ -3,12 +3,12 @@ round-trips through JSON (it is stored in every model file)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from MultiModalAnalysisLib.errors import ConfigError
+from MultiModalAnalysisLib.settings_file import read_settings_file
 
 CLASSIFIERS = (
     "logistic_l2", "logistic_l1", "svm", "random_forest", "gradient_boosting", "auto",
@@ -138,20 +138,11 @@ class ClassifierSettings:
 
 
 def load_settings(source: ClassifierSettings | dict | str | Path | None) -> ClassifierSettings:
-    """Settings from an object, a dictionary, a JSON file, or the defaults (``None``)."""
+    """Settings from an object, a dictionary, a JSON/YAML file, or the defaults (``None``)."""
     if source is None:
         return ClassifierSettings()
     if isinstance(source, ClassifierSettings):
         return source
     if isinstance(source, dict):
         return ClassifierSettings.from_dict(source)
-    path = Path(source)
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"classifier settings file {path} does not exist.") from None
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"classifier settings file {path} is not valid JSON: {error}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"classifier settings file {path} must hold a JSON object.")
-    return ClassifierSettings.from_dict(values)
+    return ClassifierSettings.from_dict(read_settings_file(source, "classifier settings"))

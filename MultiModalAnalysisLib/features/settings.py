@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from MultiModalAnalysisLib.errors import ConfigError
+from MultiModalAnalysisLib.settings_file import read_settings_file, yaml_module
 
 FAMILIES = ("morph", "loc", "stat", "ih", "ivh", "cm", "rlm", "szm", "dzm", "ngt", "ngl")
 TEXTURE_FAMILIES = ("cm", "rlm", "szm", "dzm", "ngt", "ngl")
@@ -248,7 +249,7 @@ class FeatureSettings:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() in (".yaml", ".yml"):
-            yaml = _yaml(path)
+            yaml = yaml_module(path)
             path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
         else:
             path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -292,16 +293,7 @@ def load_settings(source: FeatureSettings | dict | str | Path | None = None) -> 
     if isinstance(source, dict):
         return FeatureSettings.from_dict(source)
     path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"settings file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            values = _yaml(path).safe_load(text) or {}
-        else:
-            values = json.loads(text)
-    except Exception as error:  # json and yaml raise their own error types
-        raise ConfigError(f"settings file {path} could not be parsed: {error}") from None
+    values = read_settings_file(path, "feature settings")
     return FeatureSettings.from_dict(values, source=f"settings file {path}")
 
 
@@ -309,14 +301,6 @@ def load_settings(source: FeatureSettings | dict | str | Path | None = None) -> 
 def _pattern(patterns: tuple[str, ...]) -> re.Pattern:
     """One compiled regular expression for a tuple of glob patterns."""
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-
-
-def _yaml(path: Path):
-    try:
-        import yaml
-    except ImportError:  # pragma: no cover - pyyaml is a dependency
-        raise ConfigError(f"{path}: reading YAML needs PyYAML; use a .json file.") from None
-    return yaml
 
 
 def _choose(name: str, value: Any, choices: tuple[str, ...]) -> None:

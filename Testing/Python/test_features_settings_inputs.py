@@ -77,6 +77,25 @@ def test_unparsable_settings_file_is_a_config_error(tmp_path):
         load_settings(path)
 
 
+def test_feature_and_classifier_settings_files_share_one_reader(tmp_path):
+    """JSON and YAML for both; a file that holds no object, or is missing, is refused with
+    a message naming what the settings are for."""
+    from MultiModalAnalysisLib.classification.settings import load_settings as classifier_settings
+
+    (tmp_path / "c.yaml").write_text("classifier: random_forest\nn_features: [2, 4]\n")
+    settings = classifier_settings(tmp_path / "c.yaml")
+    assert settings.classifier == "random_forest" and list(settings.n_features) == [2, 4]
+    (tmp_path / "f.yml").write_text("families: [stat]\n")
+    assert load_settings(tmp_path / "f.yml").families == ("stat",)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="classifier settings file .* must hold a JSON object"):
+        classifier_settings(tmp_path / "list.json")
+    with pytest.raises(ConfigError, match="feature settings file .* must hold a JSON object"):
+        load_settings(tmp_path / "list.json")
+    with pytest.raises(ConfigError, match="classifier settings file .* does not exist"):
+        classifier_settings(tmp_path / "none.json")
+
+
 def test_features_are_named_image_then_ibsi_tag_for_each_image(lesion):
     image, mask = lesion
     values = extract_features({"CT": image, "PET": image}, mask, FAST, device="cpu")
