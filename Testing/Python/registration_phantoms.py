@@ -4,6 +4,8 @@ intensity (so only a cross-modal metric can align them)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
@@ -74,3 +76,11 @@ def registration_error(found: sitk.Transform, truth_points: np.ndarray,
     """Distance (mm) between where ``found`` sends ``points`` and where they truly go."""
     mapped = np.array([found.TransformPoint(tuple(p)) for p in points])
     return np.linalg.norm(mapped - truth_points, axis=1)
+
+
+def rigid(angles_deg, shift_mm) -> sitk.Euler3DTransform:
+    """A rigid transform from Euler angles (degrees, about x, y, z) and a shift (mm)."""
+    transform = sitk.Euler3DTransform()
+    transform.SetRotation(*(math.radians(a) for a in angles_deg))
+    transform.SetTranslation(shift_mm)
+    return transform

@@ -3,12 +3,10 @@ fused images that keep the reference geometry."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from registration_phantoms import phantom
+from registration_phantoms import phantom, rigid
 
 from MultiModalAnalysisLib.case import Case
 from MultiModalAnalysisLib.errors import ConfigError, GeometryError
@@ -25,20 +23,13 @@ from MultiModalAnalysisLib.pipeline import resample_case_to_reference
 from MultiModalAnalysisLib.registration.perturb import move_image_rigidly
 
 
-def moved(angles_deg, shift_mm) -> sitk.Euler3DTransform:
-    transform = sitk.Euler3DTransform()
-    transform.SetRotation(*(math.radians(a) for a in angles_deg))
-    transform.SetTranslation(shift_mm)
-    return transform
-
-
 @pytest.fixture(scope="module")
 def case() -> Case:
     """CT, and an MR moved away (geometry only) with its mask moved alike."""
     ct = phantom("CT", noise=0.0)
     mr = phantom("MR", noise=0.0)
     mask = sitk.Cast(ct > 60, sitk.sitkUInt8)
-    motion = moved((5.0, -4.0, 8.0), (6.0, -3.0, 4.0))
+    motion = rigid((5.0, -4.0, 8.0), (6.0, -3.0, 4.0))
     return Case("P1", images={"CT": ct, "MR_T1": move_image_rigidly(mr, motion)},
                 masks={"CT_mask": mask, "MR_T1_mask": move_image_rigidly(mask, motion)},
                 metadata={"motion": motion})

@@ -4,14 +4,13 @@ convention, the quality report and bad inputs."""
 from __future__ import annotations
 
 import json
-import math
 import threading
 
 import matplotlib.image
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from registration_phantoms import inner_points, phantom, registration_error
+from registration_phantoms import inner_points, phantom, registration_error, rigid
 
 from MultiModalAnalysisLib.errors import (
     ConfigError,
@@ -32,13 +31,6 @@ from MultiModalAnalysisLib.registration.perturb import (
     move_image_rigidly,
     random_affine,
 )
-
-
-def rigid(angles_deg, shift_mm) -> sitk.Euler3DTransform:
-    transform = sitk.Euler3DTransform()
-    transform.SetRotation(*(math.radians(a) for a in angles_deg))
-    transform.SetTranslation(shift_mm)
-    return transform
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import SimpleITK as sitk
-from registration_phantoms import inner_points, phantom, registration_error
+from registration_phantoms import inner_points, phantom, registration_error, rigid
 
 from MultiModalAnalysisLib.cli import _modality_from_name, main
 from MultiModalAnalysisLib.registration.perturb import inverse_map_points
 
 
 def test_mma_register_rigid_writes_warped_transform_metrics_and_qc(tmp_path, capsys):
-    motion = sitk.Euler3DTransform()
-    motion.SetRotation(math.radians(6), math.radians(-4), math.radians(9))
-    motion.SetTranslation((8.0, -6.0, 5.0))
+    motion = rigid((6.0, -4.0, 9.0), (8.0, -6.0, 5.0))
     sitk.WriteImage(phantom("CT"), str(tmp_path / "CT_image.nii.gz"))
     sitk.WriteImage(phantom("MR", transform=motion, seed=3), str(tmp_path / "MR_T1_image.nii.gz"))
     out = tmp_path / "out"
