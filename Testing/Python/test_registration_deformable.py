@@ -15,6 +15,7 @@ from MultiModalAnalysisLib.metrics import (
     jacobian_determinant,
     jacobian_of_displacement,
 )
+from MultiModalAnalysisLib.progress import Progress
 from MultiModalAnalysisLib.registration import register
 from MultiModalAnalysisLib.registration.deformable_bspline import BSplineSettings
 from MultiModalAnalysisLib.registration.deformable_torch import TorchDeformableSettings
@@ -128,3 +129,28 @@ def test_a_displacement_field_has_no_tear_just_past_the_edge_of_its_grid():
     larger.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint([-0.9] * 3))
     jacobian = sitk.GetArrayFromImage(jacobian_determinant(transform, larger))
     assert np.allclose(jacobian, 1.0, atol=1e-6)
+
+
+def test_torch_stage_runs_on_one_cpu_thread_and_restores_the_setting(deformed_pair):
+    """On the CPU the optimisation runs on one intra-op thread (more cost CPU time and gain
+    no wall time at these sizes: docs/benchmarks.md); the process setting comes back."""
+    import torch
+
+    from MultiModalAnalysisLib.registration.deformable_torch import register_deformable_torch
+
+    fixed, moving, _, _ = deformed_pair
+    seen = []
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        settings = TorchDeformableSettings(spacings_mm=(6.0,), iterations=(3,), samples=500)
+        register_deformable_torch(fixed, moving, sitk.Euler3DTransform(), "mi",
+                                  settings=settings, device=torch.device("cpu"),
+                                  progress=Progress(lambda f, m: seen.append(
+                                      torch.get_num_threads())))
+        # every iteration on one thread; the closing "done" report comes after the stage
+        assert len(seen) == 4 and seen[:3] == [1, 1, 1]
+        assert seen[3] == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
