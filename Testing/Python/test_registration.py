@@ -4,6 +4,7 @@ convention, the quality report and bad inputs."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import matplotlib.image
@@ -222,3 +223,25 @@ def test_registration_reports_progress_and_can_be_cancelled(ct_phantom):
 
     with pytest.raises(OperationCancelled):
         register(ct_phantom, moving, "affine", progress=cancel_midway, cancel=cancel)
+
+
+def test_batched_pose_scores_do_not_depend_on_the_thread_split(ct_phantom, monkeypatch):
+    """The search scores big batches of poses in several threads: each pose's score must be
+    exactly what one thread gives, and the order must follow the poses."""
+    from MultiModalAnalysisLib.registration import search
+    from MultiModalAnalysisLib.registration.prepare import build_pyramid
+
+    moving = phantom("MR", transform=rigid((4.0, -3.0, 6.0), (5.0, -4.0, 3.0)), seed=5)
+    level = build_pyramid(ct_phantom, moving, [4.0])[0]
+    space = search.SearchSpace.from_level(level, samples=4000, seed=1, edge_weighted=False)
+    poses = search.Poses(centre=np.zeros(3))
+    params = search.grid(np.zeros((1, 6)), math.radians(5.0), 1, 4.0, 1)  # 729 poses
+    assert len(params) * len(space.points) >= search.PARALLEL_MIN_SAMPLES
+
+    monkeypatch.setattr(search, "_score_workers", lambda: 1)
+    one = space.score_poses(poses, params)
+    monkeypatch.setattr(search, "_score_workers", lambda: 3)
+    split = space.score_poses(poses, params)
+    np.testing.assert_array_equal(one, split)
+    assert np.isfinite(one).sum() > len(params) // 2
+    assert len(np.unique(one[np.isfinite(one)])) > len(params) // 2  # really per pose
