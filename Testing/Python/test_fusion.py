@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from registration_phantoms import phantom, rigid
+from synthetic import make_image
 
 from MultiModalAnalysisLib.case import Case
 from MultiModalAnalysisLib.errors import ConfigError, GeometryError
@@ -97,6 +98,33 @@ def test_every_fused_image_keeps_the_reference_geometry(method):
     if method == "overlay":
         assert fused.GetNumberOfComponentsPerPixel() == 3
         assert fused.GetPixelID() == sitk.sitkVectorUInt8
+
+
+def test_fusing_onto_a_grid_as_fine_along_some_axes_smooths_only_the_coarser_ones():
+    """A grid that is coarser along z only (CT-like 1 x 1 x 3 mm, image 1 x 1 x 1 mm):
+    no smoothing in plane, anti-aliasing along z; and an image whose largest spacing equals
+    the reference's (once a crash: a zero Gaussian width)."""
+    volume = np.zeros((30, 30, 30), np.float32)
+    volume[15, 15, 15] = 1000.0
+    fine = make_image(volume, spacing=(1.0, 1.0, 1.0), origin=(-15.0, -15.0, -15.0))
+    coarse_z = sitk.Image([30, 30, 10], sitk.sitkFloat32)
+    coarse_z.SetSpacing((1.0, 1.0, 3.0))
+    coarse_z.SetOrigin((-15.0, -15.0, -15.0))
+
+    on_coarse = sitk.GetArrayFromImage(fuse([coarse_z, fine], "maximum"))
+    peak = np.unravel_index(np.argmax(on_coarse), on_coarse.shape)
+    assert peak[1:] == (15, 15)
+    row = on_coarse[peak[0], 15, 13:18]
+    assert row[2] > 0 and row[0] == 0 and row[4] == 0  # in plane: a one-voxel point
+    assert on_coarse[:, 15, 15].astype(bool).sum() >= 2  # along z: spread by the filter
+
+    coarse = sitk.Image([10, 10, 10], sitk.sitkFloat32)
+    coarse.SetSpacing((3.0, 3.0, 3.0))
+    coarse.SetOrigin((-15.0, -15.0, -15.0))
+    thick = sitk.Resample(fine, [30, 30, 10], sitk.Transform(), sitk.sitkLinear,
+                          fine.GetOrigin(), (1.0, 1.0, 3.0))
+    fused = fuse([coarse, thick], "maximum")  # z already as coarse as the reference
+    assert np.isfinite(sitk.GetArrayFromImage(fused)).all()
 
 
 def test_simple_fusions_combine_the_scaled_images_as_documented():
