@@ -767,6 +767,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUT_FILES = ("output", "probabilities")
+OUTPUT_FOLDER_FILES = {  # what a command writes into --output-dir
+    "register": ("warped.nii.gz", "transform.tfm", "transform.h5", "metrics.json", "qc.png"),
+}
+
+
+def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
+    """Inputs are never modified: an output path that names an input file, or two outputs
+    that name one file, is an error before any work is done."""
+    from MultiModalAnalysisLib.errors import ConfigError
+
+    outputs: list[tuple[str, Path]] = []
+    for name in OUTPUT_FILES:
+        value = getattr(args, name, None)
+        if value is not None:
+            outputs.append((f"--{name}", Path(value)))
+            if name == "probabilities":  # (segment imports the segmentation engine anyway)
+                from MultiModalAnalysisLib.segmentation.result import uncertainty_path
+
+                outputs.append(("the uncertainty map of --probabilities",
+                                uncertainty_path(value)))
+    folder = getattr(args, "output_dir", None)
+    for file_name in OUTPUT_FOLDER_FILES.get(getattr(args, "command", ""), ()):
+        outputs.append((f"--output-dir's {file_name}", Path(folder) / file_name))
+    inputs = {}
+    for name, value in vars(args).items():
+        if name in OUTPUT_FILES or name in ("output_dir", "func", "command"):
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str | Path):
+                text = str(item)
+                path = Path(text.partition("=")[2] if "=" in text else text)
+                if path.is_file():
+                    inputs[path.resolve()] = text
+    seen: dict[Path, str] = {}
+    for label, path in outputs:
+        resolved = path.resolve()
+        if resolved in inputs:
+            raise ConfigError(f"{label} {path} is also an input ({inputs[resolved]}): inputs "
+                              "are never overwritten; write to another file.")
+        if resolved in seen:
+            raise ConfigError(f"{label} and {seen[resolved]} name the same file ({path}).")
+        seen[resolved] = label
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mma`` console script."""
     parser = build_parser()
@@ -776,6 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s: %(message)s",
     )
     try:
+        _refuse_overwriting_inputs(args)
         return int(args.func(args) or 0)
     except OperationCancelled as error:
         print(f"mma: cancelled: {error}", file=sys.stderr)

@@ -81,6 +81,30 @@ def test_cli_manifest_errors_are_one_line_with_status_2(tmp_path, sample_case_pa
     assert not (tmp_path / "m.csv").exists()
 
 
+@pytest.mark.parametrize("arguments, says", [
+    (["segment", "{img}", "--method", "threshold", "--output", "{img}"], "is also an input"),
+    (["preprocess", "{img}", "--modality", "PET", "--output", "{img}"], "is also an input"),
+    (["fuse", "{ref}", "{img}", "--method", "maximum", "--output", "{img}"], "is also an input"),
+    (["segment", "{img}", "--method", "threshold", "--output", "{tmp}/s.nii.gz",
+      "--probabilities", "{tmp}/s.nii.gz"], "name the same file"),
+    (["register", "{ref}", "{tmp}/warped.nii.gz", "--transform", "rigid",
+      "--output-dir", "{tmp}"], "is also an input"),
+])
+def test_outputs_never_overwrite_inputs(tmp_path, sample_case_path, capsys, arguments, says):
+    image = tmp_path / "PET_image.nii.gz"
+    image.write_bytes((sample_case_path / "PET_image.nii.gz").read_bytes())
+    (tmp_path / "warped.nii.gz").write_bytes(image.read_bytes())
+    before = image.read_bytes()
+    filled = [a.format(img=image, tmp=tmp_path, ref=sample_case_path / "CT_image.nii.gz")
+              for a in arguments]
+    status = main(["-q", *filled])
+    err = capsys.readouterr().err
+    assert status == 2 and says in err and "Traceback" not in err
+    assert image.read_bytes() == before
+    assert (tmp_path / "warped.nii.gz").read_bytes() == before
+    assert not (tmp_path / "s.nii.gz").exists()
+
+
 def test_quiet_is_accepted_after_the_command_too(capsys):
     assert main(["info", "-q"]) == 0
     assert "device" in capsys.readouterr().out
