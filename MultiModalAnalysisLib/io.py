@@ -57,7 +57,60 @@ def read_image(
                 f"{label} could not be read as an image ({_first_line(error)}). Supported: "
                 f"{', '.join(IMAGE_SUFFIXES)} files and DICOM series folders."
             ) from None
+        image = _restore_nifti_non_finite(path, image)
     return validate_image(image, label, require_contrast=require_contrast, nan_policy=nan_policy)
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of float32 / float64
+
+
+def _restore_nifti_non_finite(path: Path, image: sitk.Image) -> sitk.Image:
+    """``image`` with the NaN/Inf voxels of a floating-point NIfTI-1 file put back.
+
+    ITK's NIfTI reader turns NaN into 0, which would let a corrupt PET through as a
+    plausible image; so for float NIfTI files the stored values are checked directly (the
+    file is read a second time: a few tens of ms for a PET volume). Other formats and
+    integer files are returned as they are.
+    """
+    import gzip
+
+    import numpy as np
+
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return image
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            header = stream.read(348)
+            if len(header) < 348:
+                return image
+            order = "<" if np.frombuffer(header[:4], "<i4")[0] == 348 else ">"
+            if np.frombuffer(header[:4], order + "i4")[0] != 348:
+                return image  # not NIfTI-1 (NIfTI-2 and others: as read)
+            datatype = int(np.frombuffer(header[70:72], order + "i2")[0])
+            if datatype not in _NIFTI_FLOATS:
+                return image
+            dims = np.frombuffer(header[40:56], order + "i2")
+            count = int(np.prod(dims[1 : 1 + int(dims[0])].astype(np.int64)))
+            offset = int(np.frombuffer(header[108:112], order + "f4")[0])
+            stream.read(max(0, offset - 348))
+            raw = np.frombuffer(stream.read(), order + _NIFTI_FLOATS[datatype], count)
+    except (OSError, ValueError, EOFError):
+        return image  # SimpleITK read it; leave any oddity of the file to it
+    bad = ~np.isfinite(raw)
+    if not bad.any() or image.GetNumberOfComponentsPerPixel() != 1:
+        return image
+    array = sitk.GetArrayFromImage(image)
+    if array.size != raw.size or not np.issubdtype(array.dtype, np.floating):
+        return image
+    flat = array.reshape(-1)
+    flat[bad] = raw[bad]
+    restored = sitk.GetImageFromArray(flat.reshape(array.shape))
+    restored.CopyInformation(image)
+    for key in image.GetMetaDataKeys():
+        restored.SetMetaData(key, image.GetMetaData(key))
+    return restored
 
 
 def read_mask(
