@@ -216,6 +216,9 @@ def _run_features(args: argparse.Namespace) -> int:
             name, sep, path = item.partition("=")
             if not sep or not name or not path:
                 raise ConfigError(f"--image {item!r}: write NAME=PATH, e.g. CT=ct.nii.gz.")
+            if name in images:
+                raise ConfigError(f"two images are named {name}: give each --image its own "
+                                  "name (the feature columns start with it).")
             images[name] = read_image(path, name=f"{name} ({path})")
         mask = read_image(args.mask, name=f"mask {args.mask}")
         with ProgressBar("features", enabled=not args.quiet) as bar:

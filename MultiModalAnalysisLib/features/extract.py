@@ -9,6 +9,7 @@ are NaN, with one warning per image naming them.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import threading
@@ -20,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from MultiModalAnalysisLib.device import cpu_threads, run_with_device_fallback
-from MultiModalAnalysisLib.errors import MMAError
+from MultiModalAnalysisLib.errors import ConfigError, MMAError
 from MultiModalAnalysisLib.features.discretisation import discretise
 from MultiModalAnalysisLib.features.glcm import glcm_feature_values
 from MultiModalAnalysisLib.features.gldzm import gldzm_feature_values
@@ -141,10 +142,23 @@ def image_features(
                     future.cancel()
                 raise
     if settings.features is not None:
+        _check_feature_patterns(settings.features, values)
         values = {k: v for k, v in values.items() if settings.wants_feature(k)}
     floats = _to_floats({k: values[k] for k in sorted(values, key=_tag_order)})
     _warn_undefined(floats, name, int(roi.intensity_mask.sum()))
     return floats
+
+
+def _check_feature_patterns(patterns: tuple[str, ...], computed: Mapping[str, object]) -> None:
+    """A ``features`` entry that selects nothing is a typo, not a wish for an empty table."""
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(t, p) for t in computed)]
+    if unmatched:
+        families = sorted({t.split("_", 1)[0] for t in computed})
+        raise ConfigError(
+            f"features: {', '.join(repr(p) for p in unmatched)} match(es) no feature computed "
+            f"with these settings (families {', '.join(families)}; tags as in IBSI, e.g. "
+            "'stat_mean', 'cm_joint_max_3D_avg', or patterns such as 'szm_*')."
+        )
 
 
 def _run_family(family: str, context: _Context, cancel: threading.Event | None):

@@ -71,6 +71,11 @@ def test_features_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     status = main(["-q", "features", "--manifest", str(tmp_path / "none.csv"),
                    "--output", str(tmp_path / "f.csv")])
     assert status == 2
+    status = main(["-q", "features", "--image", f"CT={PHANTOM / 'phantom.nii.gz'}",
+                   "--image", f"CT={PHANTOM / 'phantom.nii.gz'}", "--mask",
+                   str(PHANTOM / "mask.nii.gz"), "--output", str(tmp_path / "f.csv")])
+    assert status == 2 and "two images are named CT" in capsys.readouterr().err
+    assert not (tmp_path / "f.csv").exists()
 
 
 def test_cohort_reads_ahead_in_order_and_a_missing_file_names_its_case(tmp_path, rng):

@@ -113,6 +113,13 @@ def test_feature_selection_reports_only_the_requested_tags(lesion):
     assert len(values) == 1 + 25
 
 
+def test_a_feature_pattern_that_selects_nothing_is_an_error_not_an_empty_table(lesion):
+    image, mask = lesion
+    settings = {"families": ["stat"], "features": ["stat_mean", "stat_nonexistent", "cm_*"]}
+    with pytest.raises(ConfigError, match=r"'stat_nonexistent', 'cm_\*' match\(es\) no"):
+        extract_features({"CT": image}, mask, settings, device="cpu")
+
+
 def test_empty_mask_is_refused(lesion):
     image, mask = lesion
     with pytest.raises(EmptyImageError, match="empty"):
