@@ -6,6 +6,7 @@ an image path, optional mask columns; relative paths resolve against the CSV's f
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from MultiModalAnalysisLib.errors import LabelError, ManifestError, MissingModal
 from MultiModalAnalysisLib.images import NanPolicy
 from MultiModalAnalysisLib.io import IMAGE_SUFFIXES, read_image
 from MultiModalAnalysisLib.modalities import FAMILIES, canonical_modality
+
+log = logging.getLogger(__name__)
 
 MASK_WORDS = ("mask", "label", "seg", "gtv", "roi")
 
@@ -343,7 +346,8 @@ def manifest_from_folder(
             "the cohort folder that holds one sub-folder per case (e.g. ../shared/data/sts)."
         )
     rows = []
-    for case_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for case_dir in sorted(p for p in folder.iterdir()
+                           if p.is_dir() and not p.name.startswith((".", "__"))):
         row: dict[str, Any] = {"case_id": case_dir.name}
         for path in sorted(case_dir.iterdir()):
             stem = _strip_suffix(path.name)
@@ -363,14 +367,48 @@ def manifest_from_folder(
         if not Path(outcomes).is_file():
             raise ManifestError(f"the outcomes file {outcomes} does not exist (a CSV whose "
                                 "first column is the case id).")
-        try:
-            extra = pd.read_csv(outcomes)
-        except (ValueError, OSError) as error:
-            raise ManifestError(f"cannot read the outcomes file {outcomes}: {error}") from error
-        extra = extra.rename(columns={extra.columns[0]: "case_id"})
-        extra["case_id"] = extra["case_id"].astype(str)
-        table = table.merge(extra, on="case_id", how="left")
+        table = _join_outcomes(table, Path(outcomes))
     return table
+
+
+def _join_outcomes(table, outcomes: Path):
+    """``table`` with the outcome columns joined by case id, checked: the delimiter is
+    sniffed (comma, semicolon, tab), integer outcomes stay integers where some cases have
+    none, and a join that matches few or no cases is said (an id mismatch such as ``1``
+    against ``STS_001`` would otherwise give an empty outcome column)."""
+    import pandas as pd
+
+    try:
+        extra = pd.read_csv(outcomes, sep=None, engine="python", encoding="utf-8")
+    except (ValueError, OSError, pd.errors.ParserError) as error:
+        raise ManifestError(f"cannot read the outcomes file {outcomes}: {error}") from error
+    if extra.shape[1] < 2:
+        raise ManifestError(f"the outcomes file {outcomes} has no outcome column (a CSV with "
+                            "the case id first, then e.g. LungMets).")
+    extra = extra.rename(columns={extra.columns[0]: "case_id"})
+    extra["case_id"] = extra["case_id"].astype(str).str.strip()
+    clash = sorted(set(extra.columns[1:]) & set(table.columns))
+    if clash:
+        raise ManifestError(f"the outcomes file {outcomes} has columns named like the "
+                            f"manifest's own ({', '.join(clash)}); rename them.")
+    known = set(table["case_id"])
+    matched = sum(case_id in known for case_id in extra["case_id"])
+    if matched == 0:
+        raise ManifestError(
+            f"no case id of the outcomes file {outcomes} (e.g. "
+            f"{', '.join(extra['case_id'].head(3))}) names a case folder (e.g. "
+            f"{', '.join(table['case_id'].head(3))}): the first column must hold the folder "
+            "names.")
+    missing = sorted(known - set(extra["case_id"]))
+    if missing:
+        log.warning("%d of %d cases have no row in %s (%s%s): their outcomes are empty.",
+                    len(missing), len(known), outcomes, ", ".join(missing[:5]),
+                    ", ..." if len(missing) > 5 else "")
+    merged = table.merge(extra, on="case_id", how="left")
+    for column in extra.columns[1:]:
+        if pd.api.types.is_integer_dtype(extra[column]) and merged[column].isna().any():
+            merged[column] = merged[column].astype("Int64")  # 1 and 0, not 1.0 and 0.0
+    return merged
 
 
 def _relpath(path: Path, start: Path) -> str:

@@ -404,8 +404,10 @@ def _run_classify(args: argparse.Namespace) -> int:
 
 def _print_external_auc(manifest: Path, model, predictions) -> None:
     """When the manifest holds the model's label column, say how well it did there."""
+    import numpy as np
     import pandas as pd
 
+    from MultiModalAnalysisLib.classification.labels import normalise_label
     from MultiModalAnalysisLib.metrics import roc_auc
 
     column = model.metadata["label"]["column"]
@@ -415,7 +417,9 @@ def _print_external_auc(manifest: Path, model, predictions) -> None:
     truth = table.set_index(table["case_id"].astype(str).str.strip())[column]
     truth = truth.reindex(predictions["case_id"])
     known = truth.notna().to_numpy()
-    labels = (truth[known].astype(str) == str(model.class_names[1])).astype(int).to_numpy()
+    # 1.0 and 1 are one label (a CSV column with a gap reads as float)
+    labels = np.array([str(normalise_label(v)) == str(normalise_label(model.class_names[1]))
+                       for v in truth[known]], dtype=int)
     if known.sum() and 0 < labels.sum() < len(labels):
         auc = roc_auc(labels, predictions.iloc[:, 1].to_numpy()[known])
         print(f"AUC against {column} in the manifest ({int(known.sum())} cases): {auc:.3f}")

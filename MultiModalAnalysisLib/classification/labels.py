@@ -10,10 +10,17 @@ import numpy as np
 from MultiModalAnalysisLib.errors import ConfigError
 
 
-def _normalise(value: Any) -> Any:
-    """1.0 -> 1 (a CSV column with a gap reads as float), numpy scalars -> Python."""
+def normalise_label(value: Any) -> Any:
+    """1.0 -> 1 and "1.0" -> 1 (a CSV column with a gap reads as float), numpy scalars ->
+    Python."""
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() else value
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -36,7 +43,7 @@ def encode_labels(
     Raises:
         ConfigError: not exactly two distinct values, or ``positive_label`` not among them.
     """
-    normalised = [_normalise(v) for v in np.asarray(values, dtype=object)]
+    normalised = [normalise_label(v) for v in np.asarray(values, dtype=object)]
     missing = sum(v is None or (isinstance(v, float) and np.isnan(v)) for v in normalised)
     if missing:
         raise ConfigError(
@@ -51,7 +58,7 @@ def encode_labels(
     if positive_label is None:
         positive = distinct[1]
     else:
-        positive = _normalise(positive_label)
+        positive = normalise_label(positive_label)
         if positive not in distinct and str(positive) in map(str, distinct):
             positive = next(v for v in distinct if str(v) == str(positive))
         if positive not in distinct:

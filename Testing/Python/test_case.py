@@ -115,3 +115,25 @@ def test_manifest_errors_name_the_file_and_the_problem(tmp_path, sample_case_pat
         manifest.load_case("B", ["CT"])
     with pytest.raises(ManifestError, match="no case 'Z'"):
         manifest.load_case("Z", ["CT"])
+
+
+def test_outcomes_join_is_checked_and_keeps_integer_labels(tmp_path, sample_case_path, caplog):
+    """Ids that name no case folder are an error (not an empty outcome column); a partial
+    join warns and keeps 0/1 as integers; semicolons are read; hidden folders are no cases."""
+    copy_cohort(sample_case_path, tmp_path, ["P1", "P2", "P3"])
+    (tmp_path / "cohort" / ".cache").mkdir()
+    (tmp_path / "cohort" / ".cache" / "CT_image.nii.gz").write_bytes(b"")
+    cohort = tmp_path / "cohort"
+
+    (tmp_path / "ids.csv").write_text("PatientID,LungMets\n1,0\n2,1\n")
+    with pytest.raises(ManifestError, match="no case id of the outcomes file .* names a case"):
+        manifest_from_folder(cohort, tmp_path / "ids.csv")
+
+    (tmp_path / "partial.csv").write_text("PatientID;LungMets\nP1;0\nP3;1\n")
+    with caplog.at_level("WARNING"):
+        table = manifest_from_folder(cohort, tmp_path / "partial.csv")
+    assert table["case_id"].tolist() == ["P1", "P2", "P3"]
+    assert "1 of 3 cases have no row" in caplog.text and "P2" in caplog.text
+    table.to_csv(tmp_path / "m.csv", index=False)
+    assert (tmp_path / "m.csv").read_text().splitlines()[1].endswith(",0")  # not 0.0
+    assert table["LungMets"].isna().tolist() == [False, True, False]

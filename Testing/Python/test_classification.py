@@ -97,6 +97,9 @@ def test_labels_of_any_two_values_encode_with_the_larger_as_positive():
         encode_labels([0, 1, 2])
     with pytest.raises(ConfigError, match="no label"):
         encode_labels([0, 1, np.nan])
+    # text read from a CSV with gaps ("1.0") is the same label as 1
+    encoded, names = encode_labels(["0.0", "1", 1.0, 0])
+    assert encoded.tolist() == [0, 1, 1, 0] and names == ["0", "1"]
 
 
 # --- feature selection ---------------------------------------------------------------------
