@@ -176,6 +176,9 @@ def _add_features(subparsers: argparse._SubParsersAction) -> None:
     cohort.add_argument("--manifest", type=Path, help="cohort manifest CSV (one row per case)")
     cohort.add_argument("--mask-column", help="the manifest column holding each case's mask")
     cohort.add_argument("--modalities", help="comma-separated image columns, e.g. CT,PET,MR_T1")
+    cohort.add_argument("--skip-failed", action="store_true",
+                        help="leave out a case that cannot be read or measured (with a "
+                        "warning naming it) instead of stopping the run")
     parser.add_argument("--output", "-o", type=Path, required=True, help="features CSV")
     parser.add_argument("--settings", type=Path,
                         help="JSON or YAML file of IBSI settings (see FeatureSettings)")
@@ -203,8 +206,13 @@ def _run_features(args: argparse.Namespace) -> int:
         modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
         with ProgressBar("features", enabled=not args.quiet) as bar:
             table = extract_cohort_features(
-                args.manifest, modalities, args.mask_column, settings, args.device, bar
+                args.manifest, modalities, args.mask_column, settings, args.device, bar,
+                on_error="skip" if args.skip_failed else "stop",
             )
+        failed = table.attrs.get("failed", {})
+        if failed:
+            print(f"left out {len(failed)} case(s): {', '.join(failed)} (see the warnings)",
+                  file=sys.stderr)
     else:
         if not args.image or not args.mask:
             raise ConfigError(

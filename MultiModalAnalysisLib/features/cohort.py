@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,12 +11,14 @@ from pathlib import Path
 import torch
 
 from MultiModalAnalysisLib.case import Manifest, read_manifest
-from MultiModalAnalysisLib.errors import MissingModalityError
+from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError, MMAError
 from MultiModalAnalysisLib.features.extract import extract_features
 from MultiModalAnalysisLib.features.settings import FeatureSettings, load_settings
 from MultiModalAnalysisLib.io import read_image
 from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
+
+log = logging.getLogger(__name__)
 
 
 def extract_cohort_features(
@@ -26,6 +29,7 @@ def extract_cohort_features(
     device: str | torch.device = "auto",
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    on_error: str = "stop",
 ):
     """A table (pandas DataFrame) with ``case_id`` and every case's features.
 
@@ -34,8 +38,19 @@ def extract_cohort_features(
         modalities: the image columns to use (``CT``, ``PET``, ``MR_T1``...).
         mask_column: the column holding each case's ROI mask.
         settings, device, progress, cancel: as for :func:`extract_features`.
+        on_error: a case that cannot be read or measured (a missing file, an empty mask...)
+            stops the run ("stop", the default) or is left out with a warning ("skip"; the
+            table's ``attrs["failed"]`` maps each such case to its error). Either way the
+            message names the case. Settings errors always stop the run.
+
+    Raises:
+        MMAError: the first failing case's error, prefixed with its id (``on_error="stop"``,
+            or when every case failed).
     """
     import pandas as pd
+
+    if on_error not in ("stop", "skip"):
+        raise ConfigError(f"on_error must be 'stop' or 'skip', not {on_error!r}.")
 
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
@@ -44,17 +59,46 @@ def extract_cohort_features(
     rows = []
     mask_column = manifest.column(mask_column)
     columns = {canonical_modality(m): manifest.modality_column(m) for m in modalities}
+    failed: dict[str, MMAError] = {}
     cases = _read_ahead(manifest, columns, mask_column)
     try:
-        for number, (case_id, images, mask) in enumerate(cases):
+        for number, (case_id, images, mask, problem) in enumerate(cases):
             check_cancel(cancel, "cohort feature extraction")
             part = report.sub(number / len(manifest), (number + 1) / len(manifest))
-            values = extract_features(images, mask, settings, device, progress=part, cancel=cancel)
+            try:
+                if problem is not None:
+                    raise problem
+                values = extract_features(images, mask, settings, device, progress=part,
+                                          cancel=cancel)
+            except ConfigError:
+                raise
+            except MMAError as error:
+                error = _for_case(error, case_id)
+                if on_error == "stop":
+                    raise error from None
+                failed[case_id] = error
+                log.warning("left out: %s", error)
+                continue
             rows.append({"case_id": case_id, **values})
             report((number + 1) / len(manifest), f"case {case_id} done")
     finally:
         cases.close()
-    return pd.DataFrame(rows)
+    if failed and not rows:
+        raise next(iter(failed.values()))
+    table = pd.DataFrame(rows)
+    table.attrs["failed"] = {case_id: str(error) for case_id, error in failed.items()}
+    return table
+
+
+def _for_case(error: MMAError, case_id: str) -> MMAError:
+    """The same kind of error, its message starting with the case (once)."""
+    message = str(error)
+    if message.startswith(f"case {case_id}"):
+        return error
+    try:
+        return type(error)(f"case {case_id}: {message}")
+    except TypeError:  # an error class with another signature: keep it as it is
+        return error
 
 
 READ_AHEAD = 2
@@ -66,14 +110,18 @@ current one)."""
 
 def _read_ahead(
     manifest: Manifest, columns: dict[str, str], mask_column: str
-) -> Iterator[tuple[str, dict, object]]:
-    """(case_id, images, mask) in manifest order, the next cases read in a background thread.
-
-    A reading error (a missing file, an unreadable image) is raised when its case's turn
-    comes, as a plain loop would raise it; cases after it are not waited for.
-    """
+) -> Iterator[tuple[str, dict | None, object, MMAError | None]]:
+    """(case_id, images, mask, problem) in manifest order, the next cases read in a
+    background thread. A case that could not be read (a missing file, an unreadable image)
+    comes with ``problem`` set to its error, in its turn, and no images."""
 
     def read(case_id: str):
+        try:
+            return _read(case_id)
+        except MMAError as error:  # handed over in order, as the case's problem
+            return case_id, None, None, error
+
+    def _read(case_id: str):
         row = manifest.row(case_id)
         # read directly: extract_features checks the mask itself, more cheaply than a
         # general label-image reader would (it only looks at the voxels that are set)
@@ -84,7 +132,7 @@ def _read_ahead(
         mask = read_image(
             _path(manifest, row, mask_column, case_id), name=f"{mask_column} of {case_id}"
         )
-        return case_id, images, mask
+        return case_id, images, mask, None
 
     case_ids = list(manifest.case_ids)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mma-read-ahead")

@@ -99,3 +99,17 @@ def test_cohort_reads_ahead_in_order_and_a_missing_file_names_its_case(tmp_path,
     (tmp_path / "case_4" / "CT_mask.nii.gz").unlink()
     with pytest.raises(MMAError, match="case_4"):
         extract_cohort_features(manifest, ["CT"], "CT_mask", settings, device="cpu")
+
+    # an empty mask: the message names the case; with on_error="skip" both are left out
+    empty = sitk.ReadImage(str(tmp_path / "case_2" / "CT_mask.nii.gz")) * 0
+    sitk.WriteImage(empty, str(tmp_path / "case_2" / "CT_mask.nii.gz"))
+    with pytest.raises(MMAError, match="^case case_2: .*empty"):
+        extract_cohort_features(manifest, ["CT"], "CT_mask", settings, device="cpu")
+    table = extract_cohort_features(manifest, ["CT"], "CT_mask", settings, device="cpu",
+                                    on_error="skip")
+    assert table["case_id"].tolist() == ["case_0", "case_1", "case_3", "case_5"]
+    assert set(table.attrs["failed"]) == {"case_2", "case_4"}
+    out = tmp_path / "f.csv"
+    status = main(["-q", "features", "--manifest", str(manifest), "--mask-column", "CT_mask",
+                   "--modalities", "CT", "--skip-failed", "--output", str(out)])
+    assert status == 0 and len(pd.read_csv(out)) == 4
