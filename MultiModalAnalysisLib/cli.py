@@ -391,6 +391,9 @@ def _add_classify(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", type=Path, required=True, help="model folder")
     parser.add_argument("--manifest", type=Path, required=True, help="cohort CSV")
+    parser.add_argument("--mask-column", help="with an image manifest: the column holding "
+                        "each case's region of interest (default: as in training, else "
+                        "'mask' or the manifest's only mask column)")
     parser.add_argument("--output", "-o", type=Path, required=True, help="predictions CSV")
     parser.set_defaults(func=_run_classify)
 
@@ -400,7 +403,8 @@ def _run_classify(args: argparse.Namespace) -> int:
 
     model = load_classifier(args.model)
     with ProgressBar("classify", enabled=not args.quiet) as bar:
-        predictions = model.predict_manifest(args.manifest, progress=bar)
+        options = {"mask_column": args.mask_column} if args.mask_column else {}
+        predictions = model.predict_manifest(args.manifest, progress=bar, **options)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(args.output, index=False)
     positive = model.class_names[1]

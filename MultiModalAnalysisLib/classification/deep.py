@@ -311,13 +311,14 @@ class DeepClassifier:
 
     def predict_manifest(
         self, path: str | Path, *, progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
+        cancel: threading.Event | None = None, mask_column: str | None = None,
     ) -> pd.DataFrame:
-        """Per-case probabilities for a manifest of image paths with the mask column."""
+        """Per-case probabilities for a manifest of image paths with the mask column (the
+        one named at training time unless ``mask_column`` names another)."""
         manifest = read_manifest(path)
-        manifest.column(self.mask_column)
-        cases = list(_manifest_cases(manifest, self.modalities, self.mask_column))
-        crops = cohort_crops(cases, self.modalities, self.mask_column, self.crop_settings,
+        mask_column = manifest.column(mask_column or self.mask_column)
+        cases = list(_manifest_cases(manifest, self.modalities, mask_column))
+        crops = cohort_crops(cases, self.modalities, mask_column, self.crop_settings,
                              progress=progress, cancel=cancel)
         probability = self.predict_proba(crops)[:, 1]
         return prediction_frame(manifest.case_ids, probability, 0.5, self.class_names)

@@ -269,3 +269,16 @@ def test_cli_trains_from_an_image_manifest_and_classifies_it(image_manifest, tmp
                    "--output", str(tmp_path / "pred.csv")])
     assert status == 0 and "AUC against LungMets" in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "pred.csv")) == 16
+
+    # a manifest whose ROI column has another name: classify --mask-column says which
+    renamed = image_manifest.parent / "renamed_mask_column.csv"  # paths are relative to it
+    pd.read_csv(image_manifest).rename(columns={"mask": "GTV_mask"}).to_csv(renamed,
+                                                                            index=False)
+    status = main(["-q", "classify", "--model", str(model), "--manifest", str(renamed),
+                   "--output", str(tmp_path / "pred2.csv")])
+    assert status == 2 and "no column 'mask'" in capsys.readouterr().err
+    status = main(["-q", "classify", "--model", str(model), "--manifest", str(renamed),
+                   "--mask-column", "GTV_mask", "--output", str(tmp_path / "pred2.csv")])
+    assert status == 0
+    assert np.allclose(pd.read_csv(tmp_path / "pred2.csv").iloc[:, 1],
+                       pd.read_csv(tmp_path / "pred.csv").iloc[:, 1])
