@@ -445,7 +445,8 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
         help="register MOVING onto FIXED (rigid, affine or deformable)",
         description="Register the moving image onto the fixed one and write the moving image "
         "resampled on the fixed grid (warped.nii.gz), the transform (transform.tfm for rigid/"
-        "affine, transform.h5 for deformable; fixed-space point -> moving-space point, readable "
+        "affine, transform.h5 for deformable or after a non-linear --initial-transform; "
+        "fixed-space point -> moving-space point, readable "
         "by SimpleITK.ReadTransform), metrics.json and a QC figure (qc.png).",
     )
     parser.add_argument("fixed", type=Path, help="the fixed (reference) image")

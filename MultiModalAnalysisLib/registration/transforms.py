@@ -9,7 +9,9 @@ import SimpleITK as sitk
 def compose(*transforms: sitk.Transform | None) -> sitk.Transform:
     """``compose(A, B)(x) = A(B(x))``: the last transform is applied first (ITK order).
 
-    ``None`` entries are skipped; a single transform is returned as is.
+    ``None`` entries are skipped; a single transform is returned as is. Composites among
+    the inputs are flattened into one list (ITK cannot write a composite nested in another
+    to a file).
     """
     present = [t for t in transforms if t is not None]
     if not present:
@@ -18,7 +20,12 @@ def compose(*transforms: sitk.Transform | None) -> sitk.Transform:
         return present[0]
     composite = sitk.CompositeTransform(3)
     for transform in present:
-        composite.AddTransform(transform)
+        if transform.GetTransformEnum() == sitk.sitkComposite:
+            nested = sitk.CompositeTransform(transform)
+            for i in range(nested.GetNumberOfTransforms()):
+                composite.AddTransform(nested.GetNthTransform(i))
+        else:
+            composite.AddTransform(transform)
     return composite
 
 
