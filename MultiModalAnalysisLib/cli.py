@@ -821,6 +821,12 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
                 path = Path(text.partition("=")[2] if "=" in text else text)
                 if path.is_file():
                     inputs[path.resolve()] = text
+    for name in OUTPUT_FILES:
+        value = getattr(args, name, None)
+        if value is not None and Path(value).is_dir():
+            raise ConfigError(f"--{name} {value} is a folder: give a file name.")
+    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        raise ConfigError(f"--output-dir {folder} is a file: give a folder.")
     seen: dict[Path, str] = {}
     for label, path in outputs:
         resolved = path.resolve()
@@ -851,4 +857,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except MMAError as error:
         print(f"mma {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path the system refuses (permissions, a full disk...)
+        log.debug("the system's error", exc_info=True)  # shown with -v
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        print(f"mma {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2

@@ -222,6 +222,9 @@ def _weighted_mean(arrays: list[np.ndarray], weights: Sequence[float] | None) ->
 
 def _checkerboard(arrays: list[np.ndarray], reference: sitk.Image, square_mm: float,
                   ) -> np.ndarray:
+    if not np.isfinite(square_mm) or square_mm <= 0:
+        raise ConfigError(f"the checkerboard's square size must be a positive length in mm, "
+                          f"not {square_mm:g}.")
     spacing = np.array(reference.GetSpacing())[::-1]  # z, y, x
     blocks = [np.arange(n) * s // float(square_mm) for n, s in zip(arrays[0].shape, spacing,
                                                                   strict=True)]

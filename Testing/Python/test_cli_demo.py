@@ -89,6 +89,9 @@ def test_cli_manifest_errors_are_one_line_with_status_2(tmp_path, sample_case_pa
       "--probabilities", "{tmp}/s.nii.gz"], "name the same file"),
     (["register", "{ref}", "{tmp}/warped.nii.gz", "--transform", "rigid",
       "--output-dir", "{tmp}"], "is also an input"),
+    (["segment", "{img}", "--method", "threshold", "--output", "{tmp}"], "is a folder"),
+    (["register", "{ref}", "{img}", "--transform", "rigid", "--output-dir", "{img}"],
+     "is a file: give a folder"),
 ])
 def test_outputs_never_overwrite_inputs(tmp_path, sample_case_path, capsys, arguments, says):
     image = tmp_path / "PET_image.nii.gz"

@@ -188,3 +188,5 @@ def test_fusion_refuses_unknown_methods_and_bad_options():
         fuse([ct, mr], "maximum", weights=[1, 2])
     with pytest.raises(ConfigError, match="at least two"):
         fuse([ct], "average")
+    with pytest.raises(ConfigError, match="square size must be a positive length"):
+        fuse([ct, mr], "checkerboard", square_mm=0)
