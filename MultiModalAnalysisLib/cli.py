@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -846,9 +847,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s: %(message)s",
     )
+    from MultiModalAnalysisLib.errors import MMAWarning
+
     try:
         _refuse_overwriting_inputs(args)
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=MMAWarning)  # in the log already
+            return int(args.func(args) or 0)
     except OperationCancelled as error:
         print(f"mma: cancelled: {error}", file=sys.stderr)
         return 130

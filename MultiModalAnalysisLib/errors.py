@@ -59,3 +59,8 @@ class FeatureSetError(MMAError):
 
 class ModelError(MMAError):
     """A model file or folder is missing, unreadable, or does not fit the given inputs."""
+
+
+class MMAWarning(UserWarning):
+    """Base of the project's warnings. Each is also logged where it is raised, so the
+    ``mma`` command line (whose log goes to stderr) does not print them a second time."""

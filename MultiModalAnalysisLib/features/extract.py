@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from MultiModalAnalysisLib.device import cpu_threads, run_with_device_fallback
-from MultiModalAnalysisLib.errors import ConfigError, MMAError
+from MultiModalAnalysisLib.errors import ConfigError, MMAError, MMAWarning
 from MultiModalAnalysisLib.features.discretisation import discretise
 from MultiModalAnalysisLib.features.glcm import glcm_feature_values
 from MultiModalAnalysisLib.features.gldzm import gldzm_feature_values
@@ -47,7 +47,7 @@ from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_
 log = logging.getLogger(__name__)
 
 
-class UndefinedFeatureWarning(UserWarning):
+class UndefinedFeatureWarning(MMAWarning):
     """Some features are undefined for a region (e.g. texture of a single voxel): NaN."""
 
 

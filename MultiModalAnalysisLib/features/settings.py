@@ -115,6 +115,14 @@ class FeatureSettings:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        # One name where a sequence is expected ("3D", "stat") means that one item, as in a
+        # settings file; never its characters.
+        for key in ("texture_aggregation", "families", "features"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                object.__setattr__(self, key, (value,))
+            elif isinstance(value, list):
+                object.__setattr__(self, key, tuple(value))
         self.validate()
 
     # -- derived views -------------------------------------------------------------------
@@ -266,9 +274,6 @@ class FeatureSettings:
             raise ConfigError(f"{source} must hold a mapping of setting names to values.")
         known = {k: v for k, v in values.items() if k in SETTING_NAMES}
         unknown = {k: v for k, v in values.items() if k not in SETTING_NAMES}
-        for key in ("texture_aggregation", "families", "features"):
-            if isinstance(known.get(key), str):
-                known[key] = (known[key],)
         try:
             return cls(**known, extra=unknown)
         except ConfigError as error:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import ConfigError
+from MultiModalAnalysisLib.errors import ConfigError, MMAWarning
 from MultiModalAnalysisLib.metrics import folding_statistics, jacobian_of_displacement
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 from MultiModalAnalysisLib.registration.deformable_bspline import (
@@ -46,7 +46,7 @@ TRANSFORM_TYPES = ("rigid", "affine", "deformable")
 BACKENDS = ("auto", "torch", "bspline")
 
 
-class RegistrationWarning(UserWarning):
+class RegistrationWarning(MMAWarning):
     """A registration finished but its result is doubtful (e.g. the metric got worse)."""
 
 

@@ -208,3 +208,10 @@ def test_families_in_parallel_threads_give_the_sequential_values(lesion):
     parallel = extract_features({"CT": image}, mask, device="cpu", workers=3)
     assert list(parallel) == list(sequential)  # same order: IBSI's family order
     assert all(parallel[k] == pytest.approx(sequential[k], nan_ok=True) for k in sequential)
+
+
+def test_one_name_where_a_list_is_expected_is_that_one_item():
+    settings = FeatureSettings(texture_aggregation="3D", families="stat")
+    assert settings.texture_aggregation == ("3D",) and settings.families == ("stat",)
+    assert settings == FeatureSettings.from_dict({"texture_aggregation": "3D",
+                                                  "families": "stat"})
