@@ -82,6 +82,11 @@ def resample_to_reference(
     return resampled
 
 
+MAX_VOXELS = 1_000_000_000
+"""Largest grid resample_to_spacing makes (4 GB as float32): a typo such as 0.05 mm would
+otherwise fail deep inside ITK's memory allocation, or exhaust the machine."""
+
+
 def resample_to_spacing(
     image: sitk.Image,
     spacing: float | Sequence[float | None],
@@ -107,6 +112,14 @@ def resample_to_spacing(
     new_spacing = _parse_spacing(spacing, old_spacing)
     old_size = np.array(image.GetSize(), dtype=float)
     new_size = np.maximum(np.round(old_size * old_spacing / new_spacing), 1).astype(int)
+    voxels = int(np.prod(new_size.astype(np.int64)))
+    if voxels > MAX_VOXELS:
+        raise ConfigError(
+            f"resampling to {new_spacing.round(3).tolist()} mm would make a "
+            f"{' x '.join(map(str, new_size))} volume ({voxels * 4 / 2**30:.0f} GiB as float32, "
+            f"over the {MAX_VOXELS / 1e9:.0f} G-voxel limit): choose a coarser spacing "
+            f"(the image's own is {old_spacing.round(3).tolist()} mm)."
+        )
     # Keep the outer edge of the first voxel where it was: shift the centre by half the
     # spacing change, along the image axes.
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)

@@ -186,7 +186,13 @@ def load_segmentation_model(path: str | Path, device: str = "cpu") -> Segmentati
     try:
         payload = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a foreign or broken file
-        raise ModelError(f"{weights} could not be read as a model file: {error}") from None
+        # torch's own text suggests weights_only=False, i.e. running the file's code: not
+        # advice to pass on about a file that is not a model of this project
+        raise ModelError(
+            f"{weights} is not a segmentation model file of this project (torch could not "
+            f"read it: {type(error).__name__}). Give a model written by "
+            "`mma train-segmentation` (a folder with model.pt), or a MONAI bundle folder."
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ModelError(
             f"{weights} is not a {MODEL_FORMAT} (a MONAI bundle is a folder with configs/; "

@@ -103,6 +103,11 @@ def test_resample_to_spacing_rejects_non_positive_spacing(oblique_image):
         resample_to_spacing(oblique_image, (1.0, 0.0, 1.0))
 
 
+def test_resample_to_spacing_refuses_a_grid_too_large_to_allocate(oblique_image):
+    with pytest.raises(ConfigError, match=r"G-voxel limit\): choose a coarser spacing"):
+        resample_to_spacing(oblique_image, 0.001)
+
+
 def test_resample_does_not_modify_its_input(oblique_image):
     before = sitk.GetArrayFromImage(oblique_image).copy()
     geometry = (oblique_image.GetOrigin(), oblique_image.GetSpacing())

@@ -102,8 +102,13 @@ def test_inputs_that_do_not_match_the_model_are_refused_clearly(trained, phantom
     with pytest.raises(ModelError, match="no segmentation model"):
         load_segmentation_model(tmp_path / "nothing")
     (tmp_path / "junk.pt").write_bytes(b"not a model")
-    with pytest.raises(ModelError, match="could not be read"):
+    with pytest.raises(ModelError, match="is not a segmentation model file") as raised:
         load_segmentation_model(tmp_path / "junk.pt")
+    assert "weights_only" not in str(raised.value)  # no advice to run a foreign file's code
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(ModelError, match="is not a segmentation model file") as raised:
+        load_segmentation_model(tmp_path / "random.pt")
+    assert "weights_only" not in str(raised.value) and "\n" not in str(raised.value)
     payload = torch.load(folder / "model" / "model.pt", weights_only=True)
     payload["format_version"] = 99
     torch.save(payload, tmp_path / "future.pt")
