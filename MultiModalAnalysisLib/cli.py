@@ -605,14 +605,37 @@ def _named_images(arguments: Sequence[str], model_modalities: Sequence[str] | No
                 f" but {len(parsed)} were given: give one per modality, e.g. "
                 + " ".join(f"{m}=..." for m in model_modalities) + "."
             )
+        by_order = {i for i, (name, _) in enumerate(parsed) if name is None}
         parsed = [(name or model_modalities[i], path) for i, (name, path) in enumerate(parsed)]
+        for i in sorted(by_order):
+            log.info("%s taken as %s (the model's order; write NAME=PATH to say otherwise)",
+                     parsed[i][1], parsed[i][0])
     images = {}
     for i, (name, path) in enumerate(parsed):
         key = name or f"image{i + 1}"
         if key in images:
             raise ConfigError(f"two images are named {key}: name them NAME=PATH.")
         images[key] = read_image(path, name=f"{key} ({path})")
+        doubt = _implausible_intensities(key, images[key])
+        if doubt:
+            log.warning("%s (%s): %s; is it the right image?", key, path, doubt)
     return images
+
+
+def _implausible_intensities(modality: str, image) -> str | None:
+    """A reason to doubt that ``image`` is of ``modality`` (CT in HU, PET in SUV or Bq/ml),
+    from its value range; ``None`` when it looks right or the modality has no fixed scale."""
+    import SimpleITK as sitk
+
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    low, high = stats.GetMinimum(), stats.GetMaximum()
+    family = modality.upper().split("_")[0]
+    if family == "CT" and (low > -100 or high < 100):
+        return f"values {low:g}..{high:g} do not look like CT in HU (air/fat below -100)"
+    if family == "PET" and low < -1.0:
+        return f"values {low:g}..{high:g} go below 0, unlike PET uptake"
+    return None
 
 
 def _add_segment(subparsers: argparse._SubParsersAction) -> None:
@@ -632,7 +655,9 @@ def _add_segment(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", "-o", type=Path, required=True, help="label map to write")
     parser.add_argument("--probabilities", type=Path,
                         help="write per-label probabilities here (a vector image) and the "
-                        "uncertainty map next to it as <name>_uncertainty.nii.gz")
+                        "uncertainty map next to it as <name>_uncertainty.nii.gz (model: "
+                        "spread of the test-time passes; gmm/kmeans: 1 - the largest class "
+                        "probability; threshold: none)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--order-by", help="gmm/kmeans: order classes by this image's mean")
     parser.add_argument("--regularisation", choices=["icm", "smoothing", "none"],
@@ -789,6 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 OUTPUT_FILES = ("output", "probabilities")
+IMAGE_OUTPUTS = {  # commands whose --output (and --probabilities) are volumes
+    "segment": ("output", "probabilities"), "preprocess": ("output",), "fuse": ("output",),
+}
 OUTPUT_FOLDER_FILES = {  # what a command writes into --output-dir
     "register": ("warped.nii.gz", "transform.tfm", "transform.h5", "metrics.json", "qc.png"),
 }
@@ -822,10 +850,16 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
                 path = Path(text.partition("=")[2] if "=" in text else text)
                 if path.is_file():
                     inputs[path.resolve()] = text
+    from MultiModalAnalysisLib.io import IMAGE_SUFFIXES, has_image_suffix
+
     for name in OUTPUT_FILES:
         value = getattr(args, name, None)
         if value is not None and Path(value).is_dir():
             raise ConfigError(f"--{name} {value} is a folder: give a file name.")
+        image_outputs = IMAGE_OUTPUTS.get(getattr(args, "command", ""), ())
+        if value is not None and name in image_outputs and not has_image_suffix(value):
+            raise ConfigError(f"--{name} {value}: a volume is written; end the name in one "
+                              f"of {', '.join(IMAGE_SUFFIXES)}.")
     if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
         raise ConfigError(f"--output-dir {folder} is a file: give a folder.")
     seen: dict[Path, str] = {}

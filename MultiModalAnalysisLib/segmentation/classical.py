@@ -150,9 +150,13 @@ class VoxelClassifier:
         labels = np.where(region, classes + 1, 0).astype(np.uint8)
         outside = (~region).astype(np.float32)[None]
         per_label = np.concatenate([outside, probabilities], axis=0)  # component k = label k
+        # uncertainty: 1 - the largest class probability (0 where one class is certain, up to
+        # 1 - 1/K where all are equally likely; 0 outside the region)
+        uncertainty = np.where(region, 1.0 - probabilities.max(axis=0), 0.0).astype(np.float32)
         return SegmentationResult(
             labels=image_from_array(labels, stack.reference),
             probabilities=probability_image(per_label, stack.reference),
+            uncertainty=image_from_array(uncertainty, stack.reference),
             label_names={k: f"class {k}" for k in range(1, self.n_classes + 1)},
             label_colors=default_label_colors(self.n_classes),
             method=self.method_name,

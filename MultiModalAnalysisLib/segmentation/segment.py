@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ from MultiModalAnalysisLib.segmentation.threshold import (
     range_threshold,
     suv_fraction_threshold,
 )
+
+log = logging.getLogger(__name__)
 
 METHODS = ("gmm", "kmeans", "threshold", "model")
 THRESHOLDS = ("otsu", "range", "suv_fraction")
@@ -173,6 +176,9 @@ def _threshold(
         fraction = float(options.get("fraction", 0.4))
         labels, value = suv_fraction_threshold(image, fraction, mask, name=channel)
         name = f"{channel} >= {100 * fraction:g}% of its maximum, connected to it"
+    if not sitk.GetArrayViewFromImage(labels).any():
+        log.warning("the threshold (%s) selects no voxel%s: the label map is empty.", name,
+                    " inside the mask" if mask is not None else "")
     return SegmentationResult(
         labels=labels,
         label_names={1: name},

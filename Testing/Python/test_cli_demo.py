@@ -90,6 +90,8 @@ def test_cli_manifest_errors_are_one_line_with_status_2(tmp_path, sample_case_pa
     (["register", "{ref}", "{tmp}/warped.nii.gz", "--transform", "rigid",
       "--output-dir", "{tmp}"], "is also an input"),
     (["segment", "{img}", "--method", "threshold", "--output", "{tmp}"], "is a folder"),
+    (["segment", "{img}", "--method", "threshold", "--output", "{tmp}/s.nii.gz",
+      "--probabilities", "{tmp}/p.png"], "a volume is written"),
     (["register", "{ref}", "{img}", "--transform", "rigid", "--output-dir", "{img}"],
      "is a file: give a folder"),
 ])

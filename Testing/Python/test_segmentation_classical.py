@@ -98,6 +98,14 @@ def test_class_order_follows_the_named_channel_and_probabilities_sum_to_one(rng)
     argmax = probabilities.argmax(axis=-1)
     agreement = np.mean(argmax == sitk.GetArrayFromImage(result.labels))
     assert agreement > 0.99
+    # uncertainty: 1 - the largest class probability, highest at the tissue borders
+    uncertainty = sitk.GetArrayFromImage(result.uncertainty)
+    np.testing.assert_allclose(uncertainty, 1.0 - probabilities[..., 1:].max(axis=-1),
+                               atol=1e-5)
+    assert uncertainty.max() <= 2 / 3 + 1e-6
+    labels = sitk.GetArrayFromImage(result.labels)
+    border = labels != np.roll(labels, 1, axis=2)
+    assert uncertainty[border].mean() > 3 * uncertainty[~border].mean()
 
 
 def test_classification_inside_a_mask_labels_only_the_mask(rng):
@@ -170,6 +178,14 @@ def test_otsu_and_range_thresholds_split_two_intensity_levels():
     assert sitk.GetArrayFromImage(in_range).sum() == np.sum(sitk.GetArrayFromImage(pet) == 9.0)
     with pytest.raises(ConfigError):
         range_threshold(pet, 5, 1)
+
+
+def test_a_threshold_that_selects_nothing_says_so(caplog):
+    pet, _ = pet_with_two_lesions()
+    with caplog.at_level("WARNING"):
+        result = segment({"PET": pet}, "threshold", threshold="range", low=50.0, high=60.0)
+    assert not sitk.GetArrayFromImage(result.labels).any()
+    assert "selects no voxel" in caplog.text
 
 
 def test_cleanups_fill_holes_keep_the_largest_and_drop_small_components():
