@@ -578,10 +578,14 @@ def _run_fuse(args: argparse.Namespace) -> int:
 def _image_argument(value: str) -> tuple[str | None, Path]:
     """``NAME=PATH`` -> (NAME, PATH); a bare path -> (its modality from the file name, PATH)."""
     from MultiModalAnalysisLib.case import _classify_file, _strip_suffix
+    from MultiModalAnalysisLib.errors import ConfigError
 
     name, sep, path = value.partition("=")
-    if sep and name and not Path(value).exists():
-        return name, Path(path)
+    if sep and not Path(value).exists():
+        if not name.strip() or not path.strip():
+            raise ConfigError(f"image {value!r}: write NAME=PATH (e.g. PET=pet.nii.gz) or a "
+                              "bare path.")
+        return name.strip(), Path(path)
     stem = _strip_suffix(Path(value).name)
     kind = _classify_file(stem) if stem else None
     return (kind[1] if kind and kind[0] == "image" else None), Path(value)
