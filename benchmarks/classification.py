@@ -181,6 +181,15 @@ def permutation_null(features, labels, settings, n_permutations: int) -> np.ndar
     ])
 
 
+DEMO_FEATURES_NOTE = (
+    "(features as `mma demo` computes them: each modality preprocessed with its preset and "
+    "resampled onto the CT grid, then IBSI features inside CT_mask with CT fixed bin width "
+    "25 HU, PET fixed bin width 0.5 SUV, MR_T1 32 bins, 3-D texture; see "
+    "DEMO_FEATURE_SETTINGS in MultiModalAnalysisLib/demo.py. Features computed with other "
+    "settings are on other scales: the probabilities would mean nothing)"
+)
+
+
 def ship_demo_classifier(cohort: Path, outcomes: pd.Series, folder: Path) -> None:
     """Train the demo's classifier on features computed exactly as ``mma demo`` does.
 
@@ -206,7 +215,7 @@ def ship_demo_classifier(cohort: Path, outcomes: pd.Series, folder: Path) -> Non
     table.index.name = "case_id"
     settings = ClassifierSettings(**{**RECIPE_B.to_dict(), "cv_repeats": 5})
     train_classifier(table, outcomes.loc[table.index], settings, label_column=LABEL,
-                     source=f"{cohort} (features as computed by `mma demo`)", output=folder)
+                     source=f"{cohort} {DEMO_FEATURES_NOTE}", output=folder)
     print(f"shipped classifier written to {folder}", file=sys.stderr)
 
 
