@@ -150,6 +150,18 @@ class TrainedClassifier:
 
     def predict_table(self, table: FeatureTable) -> pd.DataFrame:
         """Per-case probabilities for a feature table: case_id, probability, prediction."""
+        unusable = {c: why for c, why in table.dropped_columns.items()
+                    if c in set(self.used_features)}
+        if unusable:
+            raise FeatureSetError(
+                f"{table.source} has feature column(s) the classifier uses that could not be "
+                "read as features: " + "; ".join(f"{c} ({why})" for c, why in unusable.items())
+                + ".")
+        empty = [c for c in self.used_features
+                 if c in table.features.columns and table.features[c].isna().all()]
+        if empty:
+            log.warning("%s: feature(s) the classifier uses have no value in any case and are "
+                        "imputed with the training median: %s", table.source, _names(empty))
         proba = self.predict_proba(self.check_features(table.features, source=table.source))
         return prediction_frame(table.case_ids, proba[:, 1], self.threshold, self.class_names)
 

@@ -112,9 +112,15 @@ def feature_table_from_frame(
                         for c in candidates.columns if not pattern.search(str(c))})
         candidates = candidates[[c for c in candidates.columns if pattern.search(str(c))]]
     numeric = candidates.apply(pd.to_numeric, errors="coerce")
+    coerced = []
     for column in candidates.columns:
         if numeric[column].isna().all() and not candidates[column].isna().all():
             dropped[str(column)] = "not numeric"
+        elif (numeric[column].isna() & candidates[column].notna()).any():
+            coerced.append(str(column))
+    if coerced:
+        log.warning("%s: non-numeric values in %d feature column(s), read as missing (then "
+                    "imputed): %s", source, len(coerced), ", ".join(coerced[:10]))
     features = numeric[[c for c in candidates.columns if c not in dropped]].astype(float)
     if features.shape[1] == 0:
         raise ManifestError(

@@ -214,6 +214,32 @@ def test_cli_trains_writes_cv_figures_and_classifies_new_cases(tmp_path, capsys)
     assert "AUC against LungMets" in out  # the new table carries the label: checked
 
 
+def test_used_features_that_are_text_or_empty_are_named(trained, tmp_path, caplog):
+    model, folder, X, _ = trained
+    used = model.used_features[0]
+    text = X.reset_index().astype({used: str})
+    text[used] = "high"
+    text.to_csv(tmp_path / "text.csv", index=False)
+    with pytest.raises(FeatureSetError, match=rf"{used} \(not numeric\)"):
+        model.predict_manifest(tmp_path / "text.csv")
+
+    gaps = X.reset_index()
+    gaps[used] = np.nan
+    gaps.to_csv(tmp_path / "gaps.csv", index=False)
+    with caplog.at_level("WARNING"):
+        predictions = model.predict_manifest(tmp_path / "gaps.csv")
+    assert len(predictions) == len(X)
+    assert "have no value in any case" in caplog.text and used in caplog.text
+
+    partly = X.reset_index().astype({used: object})
+    partly.loc[0, used] = "?"
+    partly.to_csv(tmp_path / "partly.csv", index=False)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        model.predict_manifest(tmp_path / "partly.csv")
+    assert "non-numeric values in 1 feature column(s)" in caplog.text
+
+
 def test_cli_refuses_a_table_without_the_model_features_in_one_line(trained, tmp_path, capsys):
     _, folder, X, _ = trained
     X.drop(columns=X.columns[:4]).reset_index().to_csv(tmp_path / "partial.csv", index=False)
