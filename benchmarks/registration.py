@@ -312,7 +312,8 @@ def run_job(case: int, modality: str, kind: str, start: str, method: str,
         raw = method_run(inputs, kind, modality)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak_mb = max(0, _status_kb("VmHWM") - baseline) / 1024
-        transform = as_transform(raw)
+        with contextlib.chdir(tmp):  # transformix writes deformationField.nii to the cwd
+            transform = as_transform(raw)
     mapped = map_points(transform, points)
     errors = np.linalg.norm(mapped - truth, axis=1)
     warped_mask = sitk.Resample(moving_mask, ct, transform, sitk.sitkNearestNeighbor, 0,
