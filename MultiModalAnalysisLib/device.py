@@ -7,6 +7,7 @@ during a step is retried on the CPU with a logged warning, never a crash.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
@@ -89,6 +90,13 @@ def run_with_device_fallback(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return step(torch.device("cpu"))
+
+
+def worker_threads(limit: int = 4) -> int:
+    """Threads for work split between Python threads: one per core, up to ``limit``
+    (numpy, scipy, torch and SimpleITK release the interpreter lock in their compiled
+    loops, so two cores roughly halve the time of such work)."""
+    return max(1, min(os.cpu_count() or 1, limit))
 
 
 @contextmanager

@@ -9,9 +9,7 @@ are NaN, with one warning per image naming them.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-import os
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -20,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import SimpleITK as sitk
 import torch
 
-from MultiModalAnalysisLib.device import cpu_threads, run_with_device_fallback
+from MultiModalAnalysisLib.device import cpu_threads, run_with_device_fallback, worker_threads
 from MultiModalAnalysisLib.errors import ConfigError, MMAError, MMAWarning
 from MultiModalAnalysisLib.features.discretisation import discretise
 from MultiModalAnalysisLib.features.glcm import glcm_feature_values
@@ -125,7 +123,7 @@ def image_features(
     if any(f in families for f in ("ih", *TEXTURE_FAMILIES)):
         _ = context.grey  # shared by the threads below: computed once, up front
     values: dict[str, torch.Tensor | float] = {}
-    workers = max(1, min(workers or _default_workers(), len(families)))
+    workers = max(1, min(workers or worker_threads(), len(families)))
     if workers == 1:
         for done, family in enumerate(families):
             values.update(_run_family(family, context, cancel))
@@ -142,16 +140,16 @@ def image_features(
                     future.cancel()
                 raise
     if settings.features is not None:
-        _check_feature_patterns(settings.features, values)
+        _check_feature_patterns(settings, values)
         values = {k: v for k, v in values.items() if settings.wants_feature(k)}
     floats = _to_floats({k: values[k] for k in sorted(values, key=_tag_order)})
     _warn_undefined(floats, name, int(roi.intensity_mask.sum()))
     return floats
 
 
-def _check_feature_patterns(patterns: tuple[str, ...], computed: Mapping[str, object]) -> None:
+def _check_feature_patterns(settings: FeatureSettings, computed: Mapping[str, object]) -> None:
     """A ``features`` entry that selects nothing is a typo, not a wish for an empty table."""
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(t, p) for t in computed)]
+    unmatched = settings.unmatched_features(computed)
     if unmatched:
         families = sorted({t.split("_", 1)[0] for t in computed})
         raise ConfigError(
@@ -164,12 +162,6 @@ def _check_feature_patterns(patterns: tuple[str, ...], computed: Mapping[str, ob
 def _run_family(family: str, context: _Context, cancel: threading.Event | None):
     check_cancel(cancel, "feature extraction")
     return FAMILY_STEPS[family](context)
-
-
-def _default_workers() -> int:
-    """Families run in parallel threads, one per core (up to 4): numpy, torch, scipy and
-    scikit-image release the GIL in their compiled loops, so two cores halve the time."""
-    return max(1, min(os.cpu_count() or 1, 4))
 
 
 def _tag_order(tag: str) -> int:

@@ -180,6 +180,13 @@ class FeatureSettings:
             return False
         return self.features is None or _pattern(self.features).match(tag) is not None
 
+    def unmatched_features(self, tags) -> list[str]:
+        """The entries of ``features`` that match none of ``tags`` (bare IBSI tags), with the
+        glob matching :meth:`wants_feature` uses."""
+        if self.features is None:
+            return []
+        return [p for p in self.features if not any(_pattern((p,)).match(t) for t in tags)]
+
     # -- checks --------------------------------------------------------------------------
     def validate(self) -> None:
         """Normalise types and raise :class:`ConfigError` on an out-of-range value."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import map_coordinates
 
+from MultiModalAnalysisLib.device import worker_threads
 from MultiModalAnalysisLib.progress import check_cancel
 from MultiModalAnalysisLib.registration.prepare import Level
 from MultiModalAnalysisLib.registration.transforms import matrix_offset
@@ -159,7 +159,7 @@ class SearchSpace:
         computed exactly as in one thread, so results do not depend on the split.
         """
         count = len(matrices)
-        workers = _score_workers()
+        workers = worker_threads()  # 2 cores: a rigid STS PET/CT pair 2.7 s -> 1.6 s
         if workers < 2 or count < 2 or count * len(self.points) < PARALLEL_MIN_SAMPLES:
             return self._score(matrices, offsets)
         parts = np.array_split(np.arange(count), min(workers, count))
@@ -224,12 +224,6 @@ PARALLEL_MIN_SAMPLES = 200_000
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
-
-
-def _score_workers() -> int:
-    """Threads for scoring: one per core, up to 4 (measured on 2 cores: a rigid STS
-    PET/CT registration 2.7 s on one thread, see docs/benchmarks.md for two)."""
-    return max(1, min(os.cpu_count() or 1, 4))
 
 
 def _score_pool(workers: int) -> ThreadPoolExecutor:

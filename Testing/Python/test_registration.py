@@ -264,9 +264,9 @@ def test_batched_pose_scores_do_not_depend_on_the_thread_split(ct_phantom, monke
     params = search.grid(np.zeros((1, 6)), math.radians(5.0), 1, 4.0, 1)  # 729 poses
     assert len(params) * len(space.points) >= search.PARALLEL_MIN_SAMPLES
 
-    monkeypatch.setattr(search, "_score_workers", lambda: 1)
+    monkeypatch.setattr(search, "worker_threads", lambda: 1)
     one = space.score_poses(poses, params)
-    monkeypatch.setattr(search, "_score_workers", lambda: 3)
+    monkeypatch.setattr(search, "worker_threads", lambda: 3)
     split = space.score_poses(poses, params)
     np.testing.assert_array_equal(one, split)
     assert np.isfinite(one).sum() > len(params) // 2
