@@ -12,7 +12,12 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import ImageReadError, MMAError
-from MultiModalAnalysisLib.images import NanPolicy, validate_image, validate_mask
+from MultiModalAnalysisLib.images import (
+    NanPolicy,
+    image_from_array,
+    validate_image,
+    validate_mask,
+)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -68,17 +73,19 @@ def _restore_nifti_non_finite(path: Path, image: sitk.Image) -> sitk.Image:
     """``image`` with the NaN/Inf voxels of a floating-point NIfTI-1 file put back.
 
     ITK's NIfTI reader turns NaN into 0, which would let a corrupt PET through as a
-    plausible image; so for float NIfTI files the stored values are checked directly (the
-    file is read a second time: a few tens of ms for a PET volume). Other formats and
-    integer files are returned as they are.
+    plausible image; so for float NIfTI files holding zeros the stored values are checked
+    directly (the file is read a second time: a few tens of ms for a PET volume). Other
+    formats, integer files and images without a 0 voxel are returned as they are.
     """
     import gzip
 
     import numpy as np
 
     name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
+    if not name.endswith((".nii", ".nii.gz")) or image.GetNumberOfComponentsPerPixel() != 1:
         return image
+    if not np.any(sitk.GetArrayViewFromImage(image) == 0):
+        return image  # no voxel could have been a NaN turned into 0
     opener = gzip.open if name.endswith(".gz") else open
     try:
         with opener(path, "rb") as stream:
@@ -99,15 +106,14 @@ def _restore_nifti_non_finite(path: Path, image: sitk.Image) -> sitk.Image:
     except (OSError, ValueError, EOFError):
         return image  # SimpleITK read it; leave any oddity of the file to it
     bad = ~np.isfinite(raw)
-    if not bad.any() or image.GetNumberOfComponentsPerPixel() != 1:
+    if not bad.any():
         return image
     array = sitk.GetArrayFromImage(image)
     if array.size != raw.size or not np.issubdtype(array.dtype, np.floating):
         return image
     flat = array.reshape(-1)
     flat[bad] = raw[bad]
-    restored = sitk.GetImageFromArray(flat.reshape(array.shape))
-    restored.CopyInformation(image)
+    restored = image_from_array(flat.reshape(array.shape), image)
     for key in image.GetMetaDataKeys():
         restored.SetMetaData(key, image.GetMetaData(key))
     return restored
