@@ -58,12 +58,7 @@ def plot_roc_curves(
            ylabel="sensitivity", title=title or "ROC curve (out-of-fold predictions)")
     ax.set_aspect("equal")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path, plt)
 
 
 def plot_confusion_matrix(
@@ -83,6 +78,11 @@ def plot_confusion_matrix(
     ax.set_xticks(ticks, [f"predicted {c}" for c in class_names])
     ax.set_yticks(ticks, [f"true {c}" for c in class_names])
     ax.set_title(title or "Confusion matrix (mean per CV repeat)", fontsize=10)
+    return _save(fig, path, plt)
+
+
+def _save(fig, path: str | Path, plt) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns the path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
