@@ -828,21 +828,32 @@ OUTPUT_FOLDER_FILES = {  # what a command writes into --output-dir
 
 def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
     """Inputs are never modified: an output path that names an input file, or two outputs
-    that name one file, is an error before any work is done."""
+    that name one file, is an error before any work is done; so are an output file that is
+    a folder (or an --output-dir that is a file) and a volume output without an image
+    suffix."""
     from MultiModalAnalysisLib.errors import ConfigError
+    from MultiModalAnalysisLib.io import IMAGE_SUFFIXES, has_image_suffix
 
+    command = getattr(args, "command", "")
     outputs: list[tuple[str, Path]] = []
     for name in OUTPUT_FILES:
         value = getattr(args, name, None)
-        if value is not None:
-            outputs.append((f"--{name}", Path(value)))
-            if name == "probabilities":  # (segment imports the segmentation engine anyway)
-                from MultiModalAnalysisLib.segmentation.result import uncertainty_path
+        if value is None:
+            continue
+        if Path(value).is_dir():
+            raise ConfigError(f"--{name} {value} is a folder: give a file name.")
+        if name in IMAGE_OUTPUTS.get(command, ()) and not has_image_suffix(value):
+            raise ConfigError(f"--{name} {value}: a volume is written; end the name in one "
+                              f"of {', '.join(IMAGE_SUFFIXES)}.")
+        outputs.append((f"--{name}", Path(value)))
+        if name == "probabilities":  # (segment imports the segmentation engine anyway)
+            from MultiModalAnalysisLib.segmentation.result import uncertainty_path
 
-                outputs.append(("the uncertainty map of --probabilities",
-                                uncertainty_path(value)))
+            outputs.append(("the uncertainty map of --probabilities", uncertainty_path(value)))
     folder = getattr(args, "output_dir", None)
-    for file_name in OUTPUT_FOLDER_FILES.get(getattr(args, "command", ""), ()):
+    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        raise ConfigError(f"--output-dir {folder} is a file: give a folder.")
+    for file_name in OUTPUT_FOLDER_FILES.get(command, ()):
         outputs.append((f"--output-dir's {file_name}", Path(folder) / file_name))
     inputs = {}
     for name, value in vars(args).items():
@@ -854,18 +865,6 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
                 path = Path(text.partition("=")[2] if "=" in text else text)
                 if path.is_file():
                     inputs[path.resolve()] = text
-    from MultiModalAnalysisLib.io import IMAGE_SUFFIXES, has_image_suffix
-
-    for name in OUTPUT_FILES:
-        value = getattr(args, name, None)
-        if value is not None and Path(value).is_dir():
-            raise ConfigError(f"--{name} {value} is a folder: give a file name.")
-        image_outputs = IMAGE_OUTPUTS.get(getattr(args, "command", ""), ())
-        if value is not None and name in image_outputs and not has_image_suffix(value):
-            raise ConfigError(f"--{name} {value}: a volume is written; end the name in one "
-                              f"of {', '.join(IMAGE_SUFFIXES)}.")
-    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
-        raise ConfigError(f"--output-dir {folder} is a file: give a folder.")
     seen: dict[Path, str] = {}
     for label, path in outputs:
         resolved = path.resolve()
