@@ -52,6 +52,9 @@ class LinearSettings:
             one angle step each way).
         search_samples, search_fine_samples: metric samples per pose on the coarse and the
             fine search level.
+        search_screen_samples, search_screen_keep: the coarse grid is first scored with
+            this many samples per pose, and only the best ``search_screen_keep`` poses are
+            scored with ``search_samples`` (``None``: score the whole grid fully).
         search_keep: how many of the best search candidates are optimised locally.
         search_bins, search_edge_weighted, polish_bins, polish_edge_weighted: histogram
             bins and sampling of the search's and the final (polish, affine) stages' score
@@ -70,6 +73,8 @@ class LinearSettings:
     search_angle_deg: float = 10.0
     search_samples: int = 2000
     search_fine_samples: int = 20000
+    search_screen_samples: int | None = 500
+    search_screen_keep: int = 300
     search_keep: int = 10
     search_bins: int = 32
     search_edge_weighted: bool = False
@@ -294,6 +299,8 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
             moving_initial=initial_transform, shift_mm=settings.search_shift_mm,
             angle_deg=settings.search_angle_deg, keep=settings.search_keep,
             samples=settings.search_samples, fine_samples=settings.search_fine_samples,
+            screen_samples=settings.search_screen_samples,
+            screen_keep=settings.search_screen_keep,
             seed=settings.seed, bins=settings.search_bins,
             edge_weighted=settings.search_edge_weighted, cancel=cancel)
         if found:

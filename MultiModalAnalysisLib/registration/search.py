@@ -266,6 +266,11 @@ def grid(base: np.ndarray, angle_rad: float, angle_steps: int, shift_mm: float,
     return (np.asarray(base)[:, None, :] + offsets[None]).reshape(-1, 6)
 
 
+def best_scored(space: SearchSpace, poses: Poses, params: np.ndarray, keep: int) -> np.ndarray:
+    """The ``keep`` rows of ``params`` that ``space`` scores best, best first."""
+    return params[np.argsort(-space.score_poses(poses, params), kind="stable")[:keep]]
+
+
 def best_distinct(params: np.ndarray, scores: np.ndarray, keep: int,
                   min_angle_deg: float = 6.0, min_shift_mm: float = 4.0,
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -322,6 +327,7 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
                        moving_initial: sitk.Transform | None = None, shift_mm: float = 8.0,
                        angle_deg: float = 10.0, keep: int = 10, fine_keep: int = 3,
                        samples: int = 1000, fine_samples: int = 8000, seed: int = 0,
+                       screen_samples: int | None = None, screen_keep: int = 300,
                        bins: int = BINS, edge_weighted: bool = True,
                        cancel: threading.Event | None = None,
                        ) -> list[tuple[float, sitk.Euler3DTransform]]:
@@ -337,6 +343,10 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
         keep: poses shortlisted from the grid and refined on the coarse level.
         fine_keep: of those, how many are refined again on the fine level.
         samples, fine_samples: metric samples on the two levels.
+        screen_samples, screen_keep: when given (and fewer than ``samples``), every grid
+            pose is first scored with this many samples and only the ``screen_keep`` best
+            are scored again with ``samples`` (most of the grid is far off, and a cheap,
+            noisier score tells that as well).
         bins, edge_weighted: see :meth:`SearchSpace.from_level`.
     """
     initial = matrix_offset(moving_initial) if moving_initial is not None else None
@@ -344,6 +354,10 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
     space = SearchSpace.from_level(coarse, samples, seed, bins=bins, edge_weighted=edge_weighted)
     check_cancel(cancel, "the registration")
     candidates = grid(np.asarray(starts, dtype=float), math.radians(angle_deg), 1, shift_mm, 2)
+    if screen_samples is not None and screen_samples < samples and len(candidates) > screen_keep:
+        screen = SearchSpace.from_level(coarse, screen_samples, seed, bins=bins,
+                                        edge_weighted=edge_weighted)
+        candidates = best_scored(screen, poses, candidates, screen_keep)
     params, scores = best_distinct(candidates, space.score_poses(poses, candidates), keep)
     params, scores = compass(space, poses, params, scores, step_mm=shift_mm / 2,
                              min_step_mm=coarse.spacing_mm / 4, cancel=cancel)

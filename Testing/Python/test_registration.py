@@ -271,3 +271,52 @@ def test_batched_pose_scores_do_not_depend_on_the_thread_split(ct_phantom, monke
     np.testing.assert_array_equal(one, split)
     assert np.isfinite(one).sum() > len(params) // 2
     assert len(np.unique(one[np.isfinite(one)])) > len(params) // 2  # really per pose
+
+
+def test_screened_search_scores_few_grid_poses_fully_and_finds_the_same_start(ct_phantom,
+                                                                               monkeypatch):
+    """The coarse grid is first scored with a few samples per pose; only the best
+    ``screen_keep`` poses get the full score. The start found must match the full search's."""
+    from MultiModalAnalysisLib.registration import search
+    from MultiModalAnalysisLib.registration.prepare import build_pyramid
+
+    perturbation = rigid((6.0, -8.0, 11.0), (12.0, -10.0, 12.0))
+    moving = phantom("MR", transform=perturbation, seed=1)
+    coarse, fine = build_pyramid(ct_phantom, moving, [8.0, 4.0])
+    centre = np.array(ct_phantom.TransformContinuousIndexToPhysicalPoint(
+        [(s - 1) / 2 for s in ct_phantom.GetSize()]))
+    batches: list[tuple[int, int]] = []  # (samples per pose, poses) of each scoring call
+    score_poses = search.SearchSpace.score_poses
+
+    def counting(self, poses, params, *args, **kwargs):
+        batches.append((len(self.points), len(params)))
+        return score_poses(self, poses, params, *args, **kwargs)
+
+    monkeypatch.setattr(search.SearchSpace, "score_poses", counting)
+    common = {"samples": 1000, "fine_samples": 4000, "seed": 3, "edge_weighted": False}
+    full = search.search_rigid_start(coarse, fine, centre, [np.zeros(6)], **common)
+    full_batches, batches[:] = list(batches), []
+    screened = search.search_rigid_start(coarse, fine, centre, [np.zeros(6)],
+                                         screen_samples=300, screen_keep=200, **common)
+
+    grid_size = 3 ** 3 * 5 ** 3
+    assert (1000, grid_size) in full_batches  # the unscreened search scores the whole grid
+    assert (300, grid_size) in batches  # screened: the whole grid with 300 samples ...
+    assert max(n for s, n in batches if s == 1000) <= 200  # ... and at most 200 fully
+    full_pose, screened_pose = (np.array(found[0][1].GetParameters())
+                                for found in (full, screened))
+    assert np.degrees(np.abs(full_pose[:3] - screened_pose[:3])).max() < 0.5
+    assert np.abs(full_pose[3:] - screened_pose[3:]).max() < 0.5
+    errors = registration_error(screened[0][1], inverse_map_points(perturbation, inner_points()),
+                                inner_points())
+    assert np.median(errors) < 4.0  # a start in the right basin (the polish comes after)
+
+    # The screen keeps what the full score ranks best: its ten best grid poses all survive.
+    monkeypatch.setattr(search.SearchSpace, "score_poses", score_poses)
+    poses = search.Poses(centre)
+    candidates = search.grid(np.zeros((1, 6)), math.radians(10.0), 1, 8.0, 2)
+    full_space = search.SearchSpace.from_level(coarse, 1000, 3, edge_weighted=False)
+    cheap_space = search.SearchSpace.from_level(coarse, 300, 3, edge_weighted=False)
+    kept = search.best_scored(cheap_space, poses, candidates, 200)
+    best = candidates[np.argsort(-full_space.score_poses(poses, candidates))[:10]]
+    assert all((kept == row).all(axis=1).any() for row in best)
