@@ -47,7 +47,7 @@ FOLDS = 5
 SPLIT_SEED = 0
 # The shipped model's recipe (Resources/Models/sts_gtv/README.md); every fold uses it as is.
 RECIPE = {
-    "epochs": 40,
+    "epochs": 100,
     "iterations_per_epoch": 50,
     "patch_size": (64, 64, 32),
     "batch_size": 1,
