@@ -631,10 +631,12 @@ def _implausible_intensities(modality: str, image) -> str | None:
     from its value range; ``None`` when it looks right or the modality has no fixed scale."""
     import SimpleITK as sitk
 
+    from MultiModalAnalysisLib.modalities import modality_family
+
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(image)
     low, high = stats.GetMinimum(), stats.GetMaximum()
-    family = modality.upper().split("_")[0]
+    family = modality_family(modality)
     if family == "CT" and (low > -100 or high < 100):
         return f"values {low:g}..{high:g} do not look like CT in HU (air/fat below -100)"
     if family == "PET" and low < -1.0:
