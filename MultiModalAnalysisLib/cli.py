@@ -169,7 +169,8 @@ def _add_features(subparsers: argparse._SubParsersAction) -> None:
     )
     single = parser.add_argument_group("one case")
     single.add_argument("--image", action="append", default=[], metavar="NAME=PATH",
-                        help="an image and its name (repeat for several: CT=ct.nii.gz)")
+                        help="an image and its name (repeat for several: CT=ct.nii.gz); a "
+                        "bare path is named from its file name (CT.nii.gz, PET_image.nii.gz)")
     single.add_argument("--mask", type=Path, help="the region of interest")
     single.add_argument("--case-id", help="the case's id in the table (default: the mask's "
                         "folder name)")
@@ -222,9 +223,10 @@ def _run_features(args: argparse.Namespace) -> int:
             )
         images = {}
         for item in args.image:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise ConfigError(f"--image {item!r}: write NAME=PATH, e.g. CT=ct.nii.gz.")
+            name, path = _image_argument(item)
+            if name is None:
+                raise ConfigError(f"--image {item!r}: the file name does not tell the "
+                                  "modality; write NAME=PATH, e.g. CT=ct.nii.gz.")
             if name in images:
                 raise ConfigError(f"two images are named {name}: give each --image its own "
                                   "name (the feature columns start with it).")

@@ -28,6 +28,18 @@ def test_features_of_one_case_make_one_row_named_by_image_and_ibsi_tag(tmp_path)
     assert "phantom_cm_joint_max_3D_comb" in table.columns
 
 
+def test_features_name_a_bare_image_path_from_its_file_name(tmp_path):
+    image = tmp_path / "PET_image.nii.gz"
+    image.write_bytes((PHANTOM / "phantom.nii.gz").read_bytes())
+    out = tmp_path / "features.csv"
+    status = main(["-q", "features", "--image", str(image), "--mask",
+                   str(PHANTOM / "mask.nii.gz"), "--output", str(out)])
+    assert status == 0
+    table = pd.read_csv(out)
+    assert table["PET_stat_max"][0] == 6.0
+    assert not any(c.startswith("phantom_") for c in table.columns)
+
+
 def write_case(folder: Path, rng, shift: float) -> None:
     folder.mkdir(parents=True)
     array = rng.normal(100 + shift, 20, (12, 14, 14)).astype(np.float32)
@@ -57,10 +69,10 @@ def test_features_over_a_manifest_write_one_row_per_case_with_settings(tmp_path,
 
 
 def test_features_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys):
-    status = main(["-q", "features", "--image", "CT", "--mask", str(PHANTOM / "mask.nii.gz"),
-                   "--output", str(tmp_path / "f.csv")])
+    status = main(["-q", "features", "--image", str(PHANTOM / "phantom.nii.gz"), "--mask",
+                   str(PHANTOM / "mask.nii.gz"), "--output", str(tmp_path / "f.csv")])
     assert status == 2
-    assert "NAME=PATH" in capsys.readouterr().err
+    assert "NAME=PATH" in capsys.readouterr().err  # "phantom" names no modality
     bad = tmp_path / "settings.json"
     bad.write_text(json.dumps({"discretisation_method": "quantiles"}))
     status = main(["-q", "features", "--image", f"p={PHANTOM / 'phantom.nii.gz'}",
