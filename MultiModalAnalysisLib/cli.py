@@ -363,13 +363,14 @@ def _train_deep_classifier(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.case import read_manifest
     from MultiModalAnalysisLib.classification.table import default_mask_column
 
-    mask_column = args.mask_column or default_mask_column(read_manifest(args.manifest))
+    manifest = read_manifest(args.manifest)  # read once: the mask column default and training
+    mask_column = args.mask_column or default_mask_column(manifest)
     network = {"architecture": args.architecture, "epochs": args.epochs}
     if args.seed is not None:
         network["random_state"] = args.seed
     with ProgressBar("train-classifier (deep)", enabled=not args.quiet) as bar:
         model = train_deep_classifier(
-            args.manifest, args.label_column, args.modalities.split(","), mask_column,
+            manifest, args.label_column, args.modalities.split(","), mask_column,
             crop=CropSettings(size=args.crop_size), network=network, cv_folds=args.cv or 0,
             cv_repeats=args.repeats or 1, positive_label=args.positive_label,
             device=args.device, output=args.output, progress=bar,
