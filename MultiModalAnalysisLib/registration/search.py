@@ -4,8 +4,8 @@ Written here rather than with SimpleITK's exhaustive optimiser: that scores one 
 at a time with Mattes mutual information, whose estimate is biased upwards when fewer
 samples land inside the other image, so on tightly cropped volumes the best-scored
 candidates were often ones that slid the images apart. Here candidates are rows of Euler
-parameters, scored in one vectorised pass (trilinear sampling of the other image at the
-sample points mapped by every candidate, ``scipy.ndimage.map_coordinates``) by normalised
+parameters, scored in vectorised, cache-sized batches (trilinear sampling of the other image
+at the sample points mapped by every candidate, :func:`sample_linear`) by normalised
 mutual information, ``(H(F) + H(M)) / H(F, M)``, which does not reward shrinking the
 overlap; candidates that keep fewer than half the samples inside the other image are
 dropped.
@@ -23,14 +23,12 @@ import itertools
 import math
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import map_coordinates
 
-from MultiModalAnalysisLib.device import worker_threads
 from MultiModalAnalysisLib.progress import check_cancel
 from MultiModalAnalysisLib.registration.prepare import Level
 from MultiModalAnalysisLib.registration.transforms import matrix_offset
@@ -80,6 +78,73 @@ class Poses:
         result.SetCenter(self.centre.tolist())
         result.SetParameters([float(p) for p in params])
         return result
+
+
+def sample_linear(volume: np.ndarray, valid: np.ndarray | None, index: np.ndarray,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear samples of ``volume`` at continuous voxel indices ``index`` (3, N; rows in
+    the array's axis order) and whether each is usable: inside the grid (0 .. size - 1 on
+    every axis) and, with ``valid``, its nearest voxel non-zero there. Values where a
+    sample is not usable are meaningless.
+
+    Where usable, the same values as ``scipy.ndimage.map_coordinates(order=1)`` (and
+    ``order=0`` for ``valid``), in a third of those two calls' time: one pass finds the
+    eight neighbours, and the nearest voxel is one of them.
+    """
+    shape = np.array(volume.shape)
+    if shape.min() < 2:  # no cell to interpolate in along an axis: the general routine
+        values = map_coordinates(volume, index, order=1, mode="constant", cval=-1.0)
+        inside = np.all((index >= 0) & (index <= shape[:, None] - 1), axis=0)
+        if valid is not None:
+            inside &= map_coordinates(valid, index, order=0, mode="constant") > 0.5
+        return values, inside
+    volume = np.ascontiguousarray(volume)
+    flat_valid = None if valid is None else np.ascontiguousarray(valid).reshape(-1)
+    values = np.empty(index.shape[1], volume.dtype)
+    usable = np.empty(index.shape[1], bool)
+    for start in range(0, index.shape[1], _CHUNK):  # chunks small enough to stay in cache
+        part = slice(start, start + _CHUNK)
+        values[part], usable[part] = _trilinear(volume, flat_valid, index[:, part])
+    return values, usable
+
+
+_CHUNK = 32768
+"""Samples per batch of :func:`sample_linear` and of a score (float32 work arrays of
+128 kB: cache-resident; the interpolation ran 2.2x faster than in one pass)."""
+
+
+def _trilinear(volume: np.ndarray, flat_valid: np.ndarray | None, index: np.ndarray,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    shape = np.array(volume.shape)
+    upper = (shape - 1).astype(index.dtype)[:, None]
+    usable = np.all((index >= 0) & (index <= upper), axis=0)
+    low = np.floor(index)
+    np.minimum(low, upper - 1, out=low)  # the last cell holds the upper edge
+    np.maximum(low, 0, out=low)
+    wz, wy, wx = index - low
+    cell = low.astype(np.intp)
+    sz, sy, sx = (stride // volume.itemsize for stride in volume.strides)
+    corner = cell[0] * sz
+    corner += cell[1] * sy
+    corner += cell[2] * sx
+    flat = volume.reshape(-1)
+    c00 = _lerp(flat[corner], flat[corner + sx], wx)
+    c01 = _lerp(flat[corner + sy], flat[corner + sy + sx], wx)
+    c10 = _lerp(flat[corner + sz], flat[corner + sz + sx], wx)
+    c11 = _lerp(flat[corner + sz + sy], flat[corner + sz + sy + sx], wx)
+    values = _lerp(_lerp(c00, c01, wy), _lerp(c10, c11, wy), wz)
+    if flat_valid is not None:
+        nearest = corner + (wz >= 0.5) * sz + (wy >= 0.5) * sy + (wx >= 0.5) * sx
+        usable &= flat_valid[nearest] > 0.5
+    return values, usable
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``a + (b - a) * weight``, in ``b``'s memory (a fresh array from a gather)."""
+    b -= a
+    b *= weight
+    b += a
+    return b
 
 
 @dataclass
@@ -154,20 +219,17 @@ class SearchSpace:
         (matrices (K, 3, 3), offsets (K, 3)); higher is better, -inf when fewer than
         ``MIN_OVERLAP`` of the samples overlap.
 
-        Large batches are split between threads by pose (numpy and scipy release the
-        interpreter lock in the sampling and histogram loops); each pose's score is
-        computed exactly as in one thread, so results do not depend on the split.
+        Scored a few poses at a time, so that every per-sample array stays in the CPU cache
+        (each pose's score does not depend on the batch it is in). One thread: since this
+        batching, splitting poses between two threads gained no wall time on the 2-core
+        benchmark machine (numpy's many short calls then wait on the interpreter lock) and
+        doubled the CPU time.
         """
-        count = len(matrices)
-        workers = worker_threads()  # 2 cores: a rigid STS PET/CT pair 2.7 s -> 1.6 s
-        if workers < 2 or count < 2 or count * len(self.points) < PARALLEL_MIN_SAMPLES:
-            return self._score(matrices, offsets)
-        parts = np.array_split(np.arange(count), min(workers, count))
-        pool = _score_pool(workers)
-        results = pool.map(lambda part: self._score(matrices[part], offsets[part]), parts)
-        return np.concatenate(list(results))
+        per = max(1, _CHUNK // len(self.points))
+        return np.concatenate([self._score_batch(matrices[k:k + per], offsets[k:k + per])
+                               for k in range(0, len(matrices), per)])
 
-    def _score(self, matrices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    def _score_batch(self, matrices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         count, n, bins = len(matrices), len(self.points), self.bins
         if self.from_moving:  # samples are moving points: apply the inverse maps
             matrices = np.linalg.inv(matrices)
@@ -176,23 +238,22 @@ class SearchSpace:
         to_index = self.to_index[::-1]
         total_matrix = np.einsum("ij,kjl->kil", to_index, matrices).astype(np.float32)
         total_offset = ((offsets - self.origin) @ to_index.T).astype(np.float32)
-        index = (np.einsum("kij,nj->ikn", total_matrix, self.points)
-                 + total_offset.T[:, :, None]).reshape(3, -1)
-        values = map_coordinates(self.target, index, order=1, mode="constant", cval=-1.0)
-        valid = values >= 0
-        if self.target_valid is not None:
-            valid &= map_coordinates(self.target_valid, index, order=0, mode="constant",
-                                     cval=0.0) > 0.5
+        index = np.empty((3, count, n), np.float32)
+        for axis in range(3):
+            np.matmul(total_matrix[:, axis], self.points.T, out=index[axis])
+            index[axis] += total_offset[:, axis, None]
+        values, valid = sample_linear(self.target, self.target_valid, index.reshape(3, -1))
         # Soft binning of the interpolated intensity (each sample split between its two
         # nearest bins): the score then changes smoothly with the pose, with no plateaus
-        # for a compass search to stall on.
+        # for a compass search to stall on. Unusable samples weigh nothing.
         values = np.clip(values, 0.0, bins - 1.0)
         lower = np.minimum(values.astype(np.int64), bins - 2)
-        upper_weight = (values - lower)[valid]
-        base = (np.repeat(np.arange(count) * bins * bins, n)
-                + np.tile(self.sample_bins * bins, count) + lower)[valid]
+        upper_weight = (values - lower) * valid
+        lower_weight = valid - upper_weight
+        base = ((np.arange(count) * (bins * bins))[:, None] + self.sample_bins * bins
+                + lower.reshape(count, n)).reshape(-1)
         size = count * bins * bins
-        joint = (np.bincount(base, weights=1.0 - upper_weight, minlength=size)
+        joint = (np.bincount(base, weights=lower_weight, minlength=size)
                  + np.bincount(base + 1, weights=upper_weight, minlength=size))
         joint = joint.reshape(count, bins, bins)
         total = joint.sum(axis=(1, 2))
@@ -217,23 +278,6 @@ class SearchSpace:
         """Scores of linear SimpleITK transforms (for checks and diagnostics)."""
         pairs = [matrix_offset(t) for t in transforms]
         return self.score(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
-
-
-PARALLEL_MIN_SAMPLES = 200_000
-"""Batches smaller than this (poses x samples) are scored on the calling thread."""
-
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _score_pool(workers: int) -> ThreadPoolExecutor:
-    """One process-wide pool (created on first use), so scoring does not start threads
-    for every batch."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mma-search")
-        return _POOL
 
 
 def _volume(image: sitk.Image) -> float:

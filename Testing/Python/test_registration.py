@@ -251,9 +251,9 @@ def test_registration_reports_progress_and_can_be_cancelled(ct_phantom):
         register(ct_phantom, moving, "affine", progress=cancel_midway, cancel=cancel)
 
 
-def test_batched_pose_scores_do_not_depend_on_the_thread_split(ct_phantom, monkeypatch):
-    """The search scores big batches of poses in several threads: each pose's score must be
-    exactly what one thread gives, and the order must follow the poses."""
+def test_batched_pose_scores_do_not_depend_on_the_batch_split(ct_phantom, monkeypatch):
+    """The search scores poses in cache-sized batches: each pose's score must be exactly
+    what it gets scored alone, and the order must follow the poses."""
     from MultiModalAnalysisLib.registration import search
     from MultiModalAnalysisLib.registration.prepare import build_pyramid
 
@@ -262,15 +262,39 @@ def test_batched_pose_scores_do_not_depend_on_the_thread_split(ct_phantom, monke
     space = search.SearchSpace.from_level(level, samples=4000, seed=1, edge_weighted=False)
     poses = search.Poses(centre=np.zeros(3))
     params = search.grid(np.zeros((1, 6)), math.radians(5.0), 1, 4.0, 1)  # 729 poses
-    assert len(params) * len(space.points) >= search.PARALLEL_MIN_SAMPLES
+    batched = space.score_poses(poses, params)
+    assert len(params) * len(space.points) > 10 * search._CHUNK  # really split in batches
+    monkeypatch.setattr(search, "_CHUNK", len(space.points))  # one pose per batch
+    alone = space.score_poses(poses, params)
+    np.testing.assert_array_equal(batched, alone)
+    assert np.isfinite(batched).sum() > len(params) // 2
+    assert len(np.unique(batched[np.isfinite(batched)])) > len(params) // 2  # really per pose
 
-    monkeypatch.setattr(search, "worker_threads", lambda: 1)
-    one = space.score_poses(poses, params)
-    monkeypatch.setattr(search, "worker_threads", lambda: 3)
-    split = space.score_poses(poses, params)
-    np.testing.assert_array_equal(one, split)
-    assert np.isfinite(one).sum() > len(params) // 2
-    assert len(np.unique(one[np.isfinite(one)])) > len(params) // 2  # really per pose
+
+@pytest.mark.parametrize("shape", [(30, 40, 50), (2, 3, 4), (1, 6, 6)])
+def test_search_interpolation_matches_scipy_inside_the_grid_and_the_mask(shape):
+    """``sample_linear`` is a faster ``map_coordinates``: the same trilinear values, the
+    same usable samples (inside the grid, nearest voxel in the mask), at the edges too."""
+    from scipy.ndimage import map_coordinates
+
+    from MultiModalAnalysisLib.registration.search import sample_linear
+
+    rng = np.random.default_rng(3)
+    volume = (rng.random(shape) * 31).astype(np.float32)
+    valid = (rng.random(shape) > 0.3).astype(np.float32)
+    size = np.array(shape)[:, None]
+    index = (rng.random((3, 100_000)) * (size + 3) - 1.5).astype(np.float32)
+    index[:, :100] = size - 1  # exactly on the upper edges
+    index[:, 100:200] = 0
+    expected = map_coordinates(volume, index, order=1, mode="constant", cval=-1.0)
+    expected_usable = (expected >= 0) & (
+        map_coordinates(valid, index, order=0, mode="constant") > 0.5)
+    values, usable = sample_linear(volume, valid, index)
+    np.testing.assert_array_equal(usable, expected_usable)
+    assert usable.sum() >= 100 and not usable.all()  # both kinds present
+    np.testing.assert_allclose(values[usable], expected[usable], atol=1e-4)
+    values, usable = sample_linear(volume, None, index)
+    np.testing.assert_array_equal(usable, expected >= 0)
 
 
 def test_screened_search_scores_few_grid_poses_fully_and_finds_the_same_start(ct_phantom,
