@@ -271,13 +271,20 @@ def test_batched_pose_scores_do_not_depend_on_the_batch_split(ct_phantom, monkey
     assert len(np.unique(batched[np.isfinite(batched)])) > len(params) // 2  # really per pose
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("shape", [(30, 40, 50), (2, 3, 4), (1, 6, 6)])
-def test_search_interpolation_matches_scipy_inside_the_grid_and_the_mask(shape):
-    """``sample_linear`` is a faster ``map_coordinates``: the same trilinear values, the
-    same usable samples (inside the grid, nearest voxel in the mask), at the edges too."""
+def test_search_interpolation_matches_scipy_inside_the_grid_and_the_mask(shape, pack):
+    """The search's sampler is a faster ``map_coordinates``: the same trilinear values, the
+    same usable samples (inside the grid, nearest voxel in the mask), at the edges too,
+    with the corners packed per voxel or read in place."""
     from scipy.ndimage import map_coordinates
 
-    from MultiModalAnalysisLib.registration.search import sample_linear
+    from MultiModalAnalysisLib.registration.search import LinearSampler
+
+    def sample_linear(volume, valid, index):
+        sampler = LinearSampler(volume, valid, pack=pack)
+        assert (sampler.corners is not None) == (pack and min(shape) > 1)
+        return sampler(index)
 
     rng = np.random.default_rng(3)
     volume = (rng.random(shape) * 31).astype(np.float32)
