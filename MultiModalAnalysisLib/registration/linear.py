@@ -292,6 +292,7 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
     check_cancel(cancel, "the registration")
     transform = starts[0]
     fine = min(1, len(levels) - 1)
+    spaces: dict[int, SearchSpace] = {}  # polish spaces by level, shared with the affine stage
     first_rigid = 0
     if settings.search and (initial_transform is None or initial_transform.IsLinear()):
         found = search_rigid_start(
@@ -310,7 +311,7 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
             first_rigid = len(levels)
             finalists = [t for _, t in found[:2]]
             for index in range(fine + 1, len(levels)):
-                space = _polish_space(levels[index], settings.samples[index], settings)
+                space = _polish_space(levels, index, settings, spaces)
                 polished = [polish_rigid(space, levels[index], t, initial_transform, cancel)
                             for t in finalists]
                 finalists = [max(polished, key=lambda t, space=space: space.score_transforms(
@@ -326,13 +327,15 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
                                     settings.seed, cancel, report.sub(start, start + 0.1))
     report(0.7, "rigid stage done")
     if kind == "affine":
-        transform = _affine_stage(levels, transform, initial_transform, settings, cancel)
+        transform = _affine_stage(levels, transform, initial_transform, settings, spaces,
+                                  cancel)
     report(1.0, f"{kind} registration done")
     return _then(initial_transform, transform)
 
 
 def _affine_stage(levels: Sequence[Level], rigid: sitk.Euler3DTransform,
                   initial: sitk.Transform | None, settings: LinearSettings,
+                  spaces: dict[int, SearchSpace],
                   cancel: threading.Event | None) -> sitk.AffineTransform:
     """The rigid result freed to an affine one by compass search of normalised MI on the
     levels that have affine iterations (a gradient optimiser of Mattes MI wandered)."""
@@ -343,7 +346,7 @@ def _affine_stage(levels: Sequence[Level], rigid: sitk.Euler3DTransform,
     for index, level in enumerate(levels):
         if settings.affine_iterations[index] is None:
             continue
-        space = _polish_space(level, settings.samples[index], settings)
+        space = _polish_space(levels, index, settings, spaces)
         matrix, translation, _ = compass_affine(
             space, matrix, centre, translation, step_mm=level.spacing_mm / 2,
             min_step_mm=level.spacing_mm / 16, iterations=settings.affine_iterations[index],
@@ -355,9 +358,15 @@ def _affine_stage(levels: Sequence[Level], rigid: sitk.Euler3DTransform,
     return affine
 
 
-def _polish_space(level: Level, samples: int, settings: LinearSettings) -> SearchSpace:
-    return SearchSpace.from_level(level, samples, settings.seed, bins=settings.polish_bins,
-                                  edge_weighted=settings.polish_edge_weighted)
+def _polish_space(levels: Sequence[Level], index: int, settings: LinearSettings,
+                  spaces: dict[int, SearchSpace]) -> SearchSpace:
+    """The polish's samples of ``levels[index]``, built once per registration (the rigid
+    polish and the affine stage score the same level alike)."""
+    if index not in spaces:
+        spaces[index] = SearchSpace.from_level(
+            levels[index], settings.samples[index], settings.seed, bins=settings.polish_bins,
+            edge_weighted=settings.polish_edge_weighted)
+    return spaces[index]
 
 
 def polish_rigid(space: SearchSpace, level: Level, transform: sitk.Euler3DTransform,
