@@ -5,7 +5,8 @@ cropped volume often ends in the wrong basin. So before any optimisation, on the
 level, the starting translations (identity or the given initial transform, image centres,
 intensity centres of mass) are each combined with a grid of rotations; every combination is
 scored by the metric, the best few are optimised locally at that level, and the winner is
-refined on the finer levels (rigid, then affine when asked).
+refined on the finer levels (rigid, then affine when asked), last with many samples on the
+finest level.
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ class LinearSettings:
             (see ``search.SearchSpace.from_level``). Uniform samples and 32 bins: on the STS
             PET/CT pairs, edge-weighted samples and 16 bins led the search to poses worse
             than the start by Mattes MI.
+        refine_samples: after the search and polish, the winning rigid pose is refined once
+            more on the finest level by compass search with this many samples (quarter-voxel
+            steps down to 1/16 voxel); ``None`` skips it. The search's own samples are too
+            few to settle the flat optimum of these crops: on the 20 STS pairs, 40000
+            samples here made the rigid result depend less on the start (median
+            consistency 1.86 -> 1.47 mm PET, 1.66 -> 1.25 mm MR) while the 4 mm search
+            dropped from 20000 samples per pose to 8000, at about the same time.
         seed: random sampling seed (results are reproducible).
     """
 
@@ -72,7 +80,7 @@ class LinearSettings:
     search_shift_mm: float = 8.0
     search_angle_deg: float = 10.0
     search_samples: int = 2000
-    search_fine_samples: int = 20000
+    search_fine_samples: int = 8000
     search_screen_samples: int | None = 500
     search_screen_keep: int = 300
     search_keep: int = 10
@@ -80,6 +88,7 @@ class LinearSettings:
     search_edge_weighted: bool = False
     polish_bins: int = 32
     polish_edge_weighted: bool = False
+    refine_samples: int | None = 40000
     seed: int = 20240611
 
 
@@ -317,6 +326,9 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
                 finalists = [max(polished, key=lambda t, space=space: space.score_transforms(
                     [_then(initial_transform, t)])[0])]
             transform = finalists[0]
+            if settings.refine_samples:
+                transform = refine_rigid(levels, transform, initial_transform, settings,
+                                         spaces, cancel)
     report(0.3, "search for a start done")
 
     if first_rigid < len(levels):  # no search: classic multi-resolution optimisation
@@ -371,16 +383,32 @@ def _polish_space(levels: Sequence[Level], index: int, settings: LinearSettings,
 
 def polish_rigid(space: SearchSpace, level: Level, transform: sitk.Euler3DTransform,
                  initial: sitk.Transform | None, cancel: threading.Event | None = None,
-                 ) -> sitk.Euler3DTransform:
-    """Compass search of normalised MI on one level from ``transform`` (half-voxel steps
-    down to 1/16 voxel)."""
+                 *, first_step: float = 0.5) -> sitk.Euler3DTransform:
+    """Compass search of normalised MI on one level from ``transform`` (steps of
+    ``first_step`` voxel, half a voxel by default, down to 1/16 voxel)."""
     poses = Poses(np.array(transform.GetCenter()),
                   matrix_offset(initial) if initial is not None else None)
     params = np.array([transform.GetParameters()])
     params, _ = compass(space, poses, params, space.score_poses(poses, params),
-                        step_mm=level.spacing_mm / 2, min_step_mm=level.spacing_mm / 16,
-                        iterations=30, cancel=cancel)
+                        step_mm=level.spacing_mm * first_step,
+                        min_step_mm=level.spacing_mm / 16, iterations=30, cancel=cancel)
     return poses.transform(params[0])
+
+
+def refine_rigid(levels: Sequence[Level], transform: sitk.Euler3DTransform,
+                 initial: sitk.Transform | None, settings: LinearSettings,
+                 spaces: dict[int, SearchSpace],
+                 cancel: threading.Event | None = None) -> sitk.Euler3DTransform:
+    """One pose's last compass search on the finest level with ``settings.refine_samples``
+    samples (another draw than the polish's, on the polish's prepared target), from
+    quarter-voxel steps down to 1/16 voxel: the pose is already within a step or two of
+    the optimum, so few, costly scores suffice."""
+    index = len(levels) - 1
+    space = SearchSpace.from_level(levels[index], settings.refine_samples, settings.seed + 1,
+                                   bins=settings.polish_bins,
+                                   edge_weighted=settings.polish_edge_weighted,
+                                   like=_polish_space(levels, index, settings, spaces))
+    return polish_rigid(space, levels[index], transform, initial, cancel, first_step=0.25)
 
 
 def _euler_at(centre: np.ndarray) -> sitk.Euler3DTransform:

@@ -351,3 +351,112 @@ def test_screened_search_scores_few_grid_poses_fully_and_finds_the_same_start(ct
     kept = search.best_scored(cheap_space, poses, candidates, 200)
     best = candidates[np.argsort(-full_space.score_poses(poses, candidates))[:10]]
     assert all((kept == row).all(axis=1).any() for row in best)
+
+
+class _Bowl:
+    """A stand-in for a ``SearchSpace``: a smooth score peaked at ``peak`` that records
+    each batch of poses it is asked to score."""
+
+    def __init__(self, peak: np.ndarray):
+        self.peak, self.batches = peak, []
+
+    def score_poses(self, poses, params):
+        self.batches.append(np.array(params))
+        return -((params - self.peak) ** 2 * np.array([1e4] * 3 + [1.0] * 3)).sum(axis=1)
+
+    def score(self, matrices, offsets):
+        flat = np.concatenate([matrices.reshape(len(matrices), -1) * 50, offsets], axis=1)
+        self.batches.append(flat)
+        return -((flat - self.peak) ** 2).sum(axis=1)
+
+
+def _check_no_step_back(batches: list[np.ndarray], directions: int) -> None:
+    """Each batch polls one pose's neighbours: all of them, or all but the pose the search
+    has just left (the batch before's centre) after a move."""
+    centres = []  # each coordinate's most common value in the batch
+    for batch in batches:
+        column_modes = []
+        for column in np.round(batch, 9).T:
+            values, counts = np.unique(column, return_counts=True)
+            column_modes.append(values[np.argmax(counts)])
+        centres.append(np.array(column_modes))
+    moves = 0
+    for before, centre, batch in zip(centres, centres[1:], batches[1:], strict=False):
+        left = np.round(batch, 9)
+        if np.allclose(before, centre):
+            assert len(batch) == directions
+        else:
+            moves += 1
+            assert len(batch) == directions - 1
+            assert not np.all(np.isclose(left, before), axis=1).any()
+    assert moves >= 3
+
+
+def _plain_compass(score, params, step, min_step, radius=50.0):
+    """The compass search written the obvious way (every direction scored each time)."""
+    params, best = params.copy(), score(params[None])[0]
+    directions = np.concatenate([np.eye(6), -np.eye(6)]) * np.where(
+        np.arange(6) < 3, 1.0 / radius, 1.0)
+    for _ in range(25):
+        if step < min_step:
+            break
+        values = score(params + directions * step)
+        if values.max() > best:
+            params, best = params + directions[values.argmax()] * step, values.max()
+        else:
+            step /= 2
+    return params, best
+
+
+def test_compass_search_skips_the_step_back_and_ends_where_the_plain_search_ends():
+    """After a move, the compass does not score the pose it just left again (it is known to
+    score lower); otherwise it is the plain compass search: same end, same score."""
+    from MultiModalAnalysisLib.registration import search
+
+    peak = np.array([0.03, -0.05, 0.02, 6.3, -4.1, 2.7])
+    for start in (np.zeros(6), np.array([0.02, 0.0, -0.04, -3.0, 5.0, 1.0])):
+        bowl = _Bowl(peak)
+        found, scores = search.compass(bowl, search.Poses(np.zeros(3)), start[None],
+                                       bowl.score_poses(None, start[None]), step_mm=4.0,
+                                       min_step_mm=0.25)
+        expected, best = _plain_compass(lambda p: _Bowl(peak).score_poses(None, p), start,
+                                        4.0, 0.25)
+        np.testing.assert_allclose(found[0], expected, atol=1e-12)
+        assert scores[0] == pytest.approx(best)
+        assert np.abs(found[0, 3:] - peak[3:]).max() < 0.25  # it did converge
+        _check_no_step_back(bowl.batches[1:], 12)
+
+
+def test_affine_compass_skips_the_step_back_and_converges():
+    from MultiModalAnalysisLib.registration import search
+
+    peak = np.concatenate([(np.eye(3) + [[0.04, -0.02, 0], [0, -0.03, 0.01], [0, 0, 0.05]])
+                           .ravel() * 50, [3.0, -2.0, 1.5]])
+    bowl = _Bowl(peak)
+    matrix, translation, best = search.compass_affine(
+        bowl, np.eye(3), np.zeros(3), np.zeros(3), step_mm=2.0, min_step_mm=0.05,
+        iterations=400)
+    assert np.abs(matrix.ravel() * 50 - peak[:9]).max() < 0.05
+    assert np.abs(translation - peak[9:]).max() < 0.05
+    _check_no_step_back(bowl.batches[1:], 24)
+
+
+def test_a_space_sharing_another_spaces_target_scores_like_one_built_alone(ct_phantom):
+    """The final refinement draws new samples but shares the polish's prepared target
+    volume: its scores must equal those of a space built from scratch."""
+    from MultiModalAnalysisLib.registration import search
+    from MultiModalAnalysisLib.registration.prepare import build_pyramid
+
+    moving = phantom("MR", transform=rigid((3.0, -2.0, 4.0), (4.0, -3.0, 2.0)), seed=2)
+    level = build_pyramid(ct_phantom, moving, [4.0])[0]
+    polish = search.SearchSpace.from_level(level, 2000, 1, edge_weighted=False)
+    shared = search.SearchSpace.from_level(level, 5000, 2, edge_weighted=False, like=polish)
+    alone = search.SearchSpace.from_level(level, 5000, 2, edge_weighted=False)
+    assert shared.sampler is polish.sampler and shared.target is polish.target
+    np.testing.assert_array_equal(shared.points, alone.points)
+    poses = search.Poses(centre=np.zeros(3))
+    params = search.grid(np.zeros((1, 6)), math.radians(4.0), 1, 3.0, 1)
+    np.testing.assert_array_equal(shared.score_poses(poses, params),
+                                  alone.score_poses(poses, params))
+    with pytest.raises(ValueError, match="bins"):
+        search.SearchSpace.from_level(level, 5000, 2, bins=polish.bins * 2, like=polish)
