@@ -304,6 +304,12 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
     spaces: dict[int, SearchSpace] = {}  # polish spaces by level, shared with the affine stage
     first_rigid = 0
     if settings.search and (initial_transform is None or initial_transform.IsLinear()):
+        # The fine level's polish space is needed later when it is the finest level (the
+        # final refinement) or for the affine stage: prepare its target once, for both.
+        later = (fine == len(levels) - 1 and settings.refine_samples) or (
+            kind == "affine" and settings.affine_iterations[fine] is not None)
+        fine_like = (_polish_space(levels, fine, settings, spaces)
+                     if later and settings.search_bins == settings.polish_bins else None)
         found = search_rigid_start(
             coarse, levels[fine], centre, [s.GetParameters() for s in starts],
             moving_initial=initial_transform, shift_mm=settings.search_shift_mm,
@@ -312,7 +318,7 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
             screen_samples=settings.search_screen_samples,
             screen_keep=settings.search_screen_keep,
             seed=settings.seed, bins=settings.search_bins,
-            edge_weighted=settings.search_edge_weighted, cancel=cancel)
+            edge_weighted=settings.search_edge_weighted, fine_like=fine_like, cancel=cancel)
         if found:
             # Polish the two best on the finer levels with the search's own score (compass
             # search), keeping the better: a gradient optimiser of Mattes MI started here

@@ -455,6 +455,7 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
                        samples: int = 1000, fine_samples: int = 8000, seed: int = 0,
                        screen_samples: int | None = None, screen_keep: int = 300,
                        bins: int = BINS, edge_weighted: bool = True,
+                       fine_like: SearchSpace | None = None,
                        cancel: threading.Event | None = None,
                        ) -> list[tuple[float, sitk.Euler3DTransform]]:
     """Best rigid starting poses, best first (score: normalised MI on the ``fine`` level).
@@ -474,6 +475,8 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
             are scored again with ``samples`` (most of the grid is far off, and a cheap,
             noisier score tells that as well).
         bins, edge_weighted: see :meth:`SearchSpace.from_level`.
+        fine_like: a space of the ``fine`` level with ``bins`` bins whose prepared target
+            the fine search shares (the caller's polish space; see ``like`` there).
     """
     initial = matrix_offset(moving_initial) if moving_initial is not None else None
     poses = Poses(np.asarray(centre, dtype=float), initial)
@@ -482,14 +485,14 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
     candidates = grid(np.asarray(starts, dtype=float), math.radians(angle_deg), 1, shift_mm, 2)
     if screen_samples is not None and screen_samples < samples and len(candidates) > screen_keep:
         screen = SearchSpace.from_level(coarse, screen_samples, seed, bins=bins,
-                                        edge_weighted=edge_weighted)
+                                        edge_weighted=edge_weighted, like=space)
         candidates = best_scored(screen, poses, candidates, screen_keep)
     params, scores = best_distinct(candidates, space.score_poses(poses, candidates), keep)
     params, scores = compass(space, poses, params, scores, step_mm=shift_mm / 2,
                              min_step_mm=coarse.spacing_mm / 4, cancel=cancel)
     params, _ = best_distinct(params, scores, fine_keep)
     fine_space = SearchSpace.from_level(fine, fine_samples, seed, bins=bins,
-                                        edge_weighted=edge_weighted)
+                                        edge_weighted=edge_weighted, like=fine_like)
     params, scores = compass(fine_space, poses, params, fine_space.score_poses(poses, params),
                              step_mm=fine.spacing_mm, min_step_mm=fine.spacing_mm / 8,
                              cancel=cancel)
