@@ -269,6 +269,8 @@ class SearchSpace:
         values = map_coordinates(array, jittered.T, order=1, mode="nearest")
         sample_bins = _to_bins(values, array[keep], bins)
         if like is not None:
+            if like.target.shape != tuple(reversed(target.GetSize())):
+                raise ValueError("the space to share a target with is of another level")
             return cls(points.astype(np.float32), sample_bins, like.target, like.target_valid,
                        like.to_index, like.origin, from_moving, bins, like.sampler)
         target_array = sitk.GetArrayFromImage(target).astype(np.float32)

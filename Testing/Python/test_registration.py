@@ -460,3 +460,6 @@ def test_a_space_sharing_another_spaces_target_scores_like_one_built_alone(ct_ph
                                   alone.score_poses(poses, params))
     with pytest.raises(ValueError, match="bins"):
         search.SearchSpace.from_level(level, 5000, 2, bins=polish.bins * 2, like=polish)
+    other_level = build_pyramid(ct_phantom, moving, [8.0])[0]
+    with pytest.raises(ValueError, match="another level"):
+        search.SearchSpace.from_level(other_level, 500, 2, edge_weighted=False, like=polish)
