@@ -304,12 +304,6 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
     spaces: dict[int, SearchSpace] = {}  # polish spaces by level, shared with the affine stage
     first_rigid = 0
     if settings.search and (initial_transform is None or initial_transform.IsLinear()):
-        # The fine level's polish space is needed later when it is the finest level (the
-        # final refinement) or for the affine stage: prepare its target once, for both.
-        later = (fine == len(levels) - 1 and settings.refine_samples) or (
-            kind == "affine" and settings.affine_iterations[fine] is not None)
-        fine_like = (_polish_space(levels, fine, settings, spaces)
-                     if later and settings.search_bins == settings.polish_bins else None)
         found = search_rigid_start(
             coarse, levels[fine], centre, [s.GetParameters() for s in starts],
             moving_initial=initial_transform, shift_mm=settings.search_shift_mm,
@@ -318,7 +312,7 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
             screen_samples=settings.search_screen_samples,
             screen_keep=settings.search_screen_keep,
             seed=settings.seed, bins=settings.search_bins,
-            edge_weighted=settings.search_edge_weighted, fine_like=fine_like, cancel=cancel)
+            edge_weighted=settings.search_edge_weighted, cancel=cancel)
         if found:
             # Polish the two best on the finer levels with the search's own score (compass
             # search), keeping the better: a gradient optimiser of Mattes MI started here
@@ -333,8 +327,8 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
                     [_then(initial_transform, t)])[0])]
             transform = finalists[0]
             if settings.refine_samples:
-                transform = refine_rigid(levels, transform, initial_transform, settings,
-                                         spaces, cancel)
+                transform = refine_rigid(levels[-1], transform, initial_transform, settings,
+                                         cancel)
     report(0.3, "search for a start done")
 
     if first_rigid < len(levels):  # no search: classic multi-resolution optimisation
@@ -401,20 +395,17 @@ def polish_rigid(space: SearchSpace, level: Level, transform: sitk.Euler3DTransf
     return poses.transform(params[0])
 
 
-def refine_rigid(levels: Sequence[Level], transform: sitk.Euler3DTransform,
+def refine_rigid(level: Level, transform: sitk.Euler3DTransform,
                  initial: sitk.Transform | None, settings: LinearSettings,
-                 spaces: dict[int, SearchSpace],
                  cancel: threading.Event | None = None) -> sitk.Euler3DTransform:
-    """One pose's last compass search on the finest level with ``settings.refine_samples``
-    samples (another draw than the polish's, on the polish's prepared target), from
-    quarter-voxel steps down to 1/16 voxel: the pose is already within a step or two of
-    the optimum, so few, costly scores suffice."""
-    index = len(levels) - 1
-    space = SearchSpace.from_level(levels[index], settings.refine_samples, settings.seed + 1,
+    """One pose's last compass search on ``level`` (the finest) with
+    ``settings.refine_samples`` samples (another draw than the polish's), from quarter-voxel
+    steps down to 1/16 voxel: the pose is already within a step or two of the optimum, so
+    few, costly scores suffice."""
+    space = SearchSpace.from_level(level, settings.refine_samples, settings.seed + 1,
                                    bins=settings.polish_bins,
-                                   edge_weighted=settings.polish_edge_weighted,
-                                   like=_polish_space(levels, index, settings, spaces))
-    return polish_rigid(space, levels[index], transform, initial, cancel, first_step=0.25)
+                                   edge_weighted=settings.polish_edge_weighted)
+    return polish_rigid(space, level, transform, initial, cancel, first_step=0.25)
 
 
 def _euler_at(centre: np.ndarray) -> sitk.Euler3DTransform:

@@ -4,7 +4,8 @@ smoothed, coarser copies (one per resolution level), with masks to match."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -92,6 +93,9 @@ class Level:
     moving: sitk.Image
     fixed_mask: sitk.Image | None
     moving_mask: sitk.Image | None
+    prepared: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Work derived from this level's images, kept for every scorer of the level (the
+    search's prepared target volume per bin count, see ``search.SearchSpace.from_level``)."""
 
     @property
     def fixed_voxels(self) -> int:

@@ -224,8 +224,7 @@ class SearchSpace:
 
     @classmethod
     def from_level(cls, level: Level, samples: int, seed: int, *, bins: int = BINS,
-                   edge_weighted: bool = True, like: SearchSpace | None = None,
-                   ) -> SearchSpace:
+                   edge_weighted: bool = True) -> SearchSpace:
         """Samples of ``level`` for scoring.
 
         Args:
@@ -235,12 +234,11 @@ class SearchSpace:
             edge_weighted: draw half the samples where the image has edges (sharper scores
                 for a coarse search); uniform sampling otherwise (an unbiased estimate of
                 the image-wide mutual information, for the final polish).
-            like: a space of the same level and ``bins`` whose target volume (scaled and
-                packed, the costly part: up to 0.2 s on a 2 mm level) is shared rather
-                than prepared again; only the samples are new.
+
+        The other image's volume (scaled to ``bins`` and packed for the sampler, the costly
+        part: up to 0.2 s on a 2 mm level) is prepared once per level and bin count and
+        shared by every space of that level (``level.prepared``); only the samples are new.
         """
-        if like is not None and like.bins != bins:
-            raise ValueError(f"cannot share a {like.bins}-bin target with {bins} bins")
         from_moving = _volume(level.moving) < _volume(level.fixed)
         source, source_mask = ((level.moving, level.moving_mask) if from_moving
                                else (level.fixed, level.fixed_mask))
@@ -267,21 +265,11 @@ class SearchSpace:
         points = (np.array(source.GetOrigin())
                   + (jittered[:, ::-1] * np.array(source.GetSpacing())) @ direction.T)
         values = map_coordinates(array, jittered.T, order=1, mode="nearest")
-        sample_bins = _to_bins(values, array[keep], bins)
-        if like is not None:
-            if like.target.shape != tuple(reversed(target.GetSize())):
-                raise ValueError("the space to share a target with is of another level")
-            return cls(points.astype(np.float32), sample_bins, like.target, like.target_valid,
-                       like.to_index, like.origin, from_moving, bins, like.sampler)
-        target_array = sitk.GetArrayFromImage(target).astype(np.float32)
-        target_valid = None
-        if target_mask is not None:
-            target_valid = (sitk.GetArrayFromImage(target_mask) > 0).astype(np.float32)
-        t_direction = np.array(target.GetDirection()).reshape(3, 3)
-        to_index = np.linalg.inv(t_direction @ np.diag(target.GetSpacing()))
-        return cls(points.astype(np.float32), sample_bins,
-                   _scale(target_array, bins), target_valid, to_index,
-                   np.array(target.GetOrigin()), from_moving, bins)
+        target_array, target_valid, to_index, sampler = _prepared_target(level, target,
+                                                                          target_mask, bins)
+        return cls(points.astype(np.float32), _to_bins(values, array[keep], bins),
+                   target_array, target_valid, to_index, np.array(target.GetOrigin()),
+                   from_moving, bins, sampler)
 
     def score(self, matrices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Normalised mutual information of each fixed -> moving map ``x -> A x + b``
@@ -347,6 +335,23 @@ class SearchSpace:
         """Scores of linear SimpleITK transforms (for checks and diagnostics)."""
         pairs = [matrix_offset(t) for t in transforms]
         return self.score(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+
+
+def _prepared_target(level: Level, target: sitk.Image, target_mask: sitk.Image | None,
+                     bins: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray,
+                                         LinearSampler]:
+    """The scored image of ``level`` scaled to ``bins``, its mask, its physical-to-index
+    matrix and its sampler: built on first use, then shared through ``level.prepared``."""
+    key = ("search target", bins)
+    if key not in level.prepared:
+        array = _scale(sitk.GetArrayFromImage(target).astype(np.float32), bins)
+        valid = None
+        if target_mask is not None:
+            valid = (sitk.GetArrayFromImage(target_mask) > 0).astype(np.float32)
+        direction = np.array(target.GetDirection()).reshape(3, 3)
+        to_index = np.linalg.inv(direction @ np.diag(target.GetSpacing()))
+        level.prepared[key] = (array, valid, to_index, LinearSampler(array, valid))
+    return level.prepared[key]
 
 
 def _volume(image: sitk.Image) -> float:
@@ -457,7 +462,6 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
                        samples: int = 1000, fine_samples: int = 8000, seed: int = 0,
                        screen_samples: int | None = None, screen_keep: int = 300,
                        bins: int = BINS, edge_weighted: bool = True,
-                       fine_like: SearchSpace | None = None,
                        cancel: threading.Event | None = None,
                        ) -> list[tuple[float, sitk.Euler3DTransform]]:
     """Best rigid starting poses, best first (score: normalised MI on the ``fine`` level).
@@ -477,8 +481,6 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
             are scored again with ``samples`` (most of the grid is far off, and a cheap,
             noisier score tells that as well).
         bins, edge_weighted: see :meth:`SearchSpace.from_level`.
-        fine_like: a space of the ``fine`` level with ``bins`` bins whose prepared target
-            the fine search shares (the caller's polish space; see ``like`` there).
     """
     initial = matrix_offset(moving_initial) if moving_initial is not None else None
     poses = Poses(np.asarray(centre, dtype=float), initial)
@@ -487,14 +489,14 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
     candidates = grid(np.asarray(starts, dtype=float), math.radians(angle_deg), 1, shift_mm, 2)
     if screen_samples is not None and screen_samples < samples and len(candidates) > screen_keep:
         screen = SearchSpace.from_level(coarse, screen_samples, seed, bins=bins,
-                                        edge_weighted=edge_weighted, like=space)
+                                        edge_weighted=edge_weighted)
         candidates = best_scored(screen, poses, candidates, screen_keep)
     params, scores = best_distinct(candidates, space.score_poses(poses, candidates), keep)
     params, scores = compass(space, poses, params, scores, step_mm=shift_mm / 2,
                              min_step_mm=coarse.spacing_mm / 4, cancel=cancel)
     params, _ = best_distinct(params, scores, fine_keep)
     fine_space = SearchSpace.from_level(fine, fine_samples, seed, bins=bins,
-                                        edge_weighted=edge_weighted, like=fine_like)
+                                        edge_weighted=edge_weighted)
     params, scores = compass(fine_space, poses, params, fine_space.score_poses(poses, params),
                              step_mm=fine.spacing_mm, min_step_mm=fine.spacing_mm / 8,
                              cancel=cancel)

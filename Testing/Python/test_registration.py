@@ -441,25 +441,31 @@ def test_affine_compass_skips_the_step_back_and_converges():
     _check_no_step_back(bowl.batches[1:], 24)
 
 
-def test_a_space_sharing_another_spaces_target_scores_like_one_built_alone(ct_phantom):
-    """The final refinement draws new samples but shares the polish's prepared target
-    volume: its scores must equal those of a space built from scratch."""
+def test_spaces_of_one_level_share_its_prepared_target_and_score_like_one_built_alone(
+        ct_phantom):
+    """The search, the polish and the final refinement draw their own samples but share
+    the level's prepared target volume (per bin count): scores must equal those of a space
+    built on a fresh copy of the level, and another bin count or level is not shared."""
     from MultiModalAnalysisLib.registration import search
     from MultiModalAnalysisLib.registration.prepare import build_pyramid
 
     moving = phantom("MR", transform=rigid((3.0, -2.0, 4.0), (4.0, -3.0, 2.0)), seed=2)
     level = build_pyramid(ct_phantom, moving, [4.0])[0]
     polish = search.SearchSpace.from_level(level, 2000, 1, edge_weighted=False)
-    shared = search.SearchSpace.from_level(level, 5000, 2, edge_weighted=False, like=polish)
-    alone = search.SearchSpace.from_level(level, 5000, 2, edge_weighted=False)
+    shared = search.SearchSpace.from_level(level, 5000, 2, edge_weighted=False)
+    fresh_level = build_pyramid(ct_phantom, moving, [4.0])[0]
+    alone = search.SearchSpace.from_level(fresh_level, 5000, 2, edge_weighted=False)
     assert shared.sampler is polish.sampler and shared.target is polish.target
+    assert alone.sampler is not polish.sampler
     np.testing.assert_array_equal(shared.points, alone.points)
     poses = search.Poses(centre=np.zeros(3))
     params = search.grid(np.zeros((1, 6)), math.radians(4.0), 1, 3.0, 1)
     np.testing.assert_array_equal(shared.score_poses(poses, params),
                                   alone.score_poses(poses, params))
-    with pytest.raises(ValueError, match="bins"):
-        search.SearchSpace.from_level(level, 5000, 2, bins=polish.bins * 2, like=polish)
+    more_bins = search.SearchSpace.from_level(level, 5000, 2, bins=polish.bins * 2)
+    assert more_bins.sampler is not polish.sampler
+    assert more_bins.target.max() > polish.bins  # scaled to its own bins
     other_level = build_pyramid(ct_phantom, moving, [8.0])[0]
-    with pytest.raises(ValueError, match="another level"):
-        search.SearchSpace.from_level(other_level, 500, 2, edge_weighted=False, like=polish)
+    coarse = search.SearchSpace.from_level(other_level, 500, 2, edge_weighted=False)
+    assert coarse.sampler is not polish.sampler
+    assert coarse.target.shape != polish.target.shape
