@@ -137,12 +137,18 @@ def _method(level: Level, metric: str, samples: int, seed: int,
     return method
 
 
-def evaluate_metric(level: Level, metric: str, transform: sitk.Transform,
-                    samples: int = 50000, seed: int = 1) -> float:
-    """The metric (lower is better) of ``transform`` on a level; NaN where nothing overlaps."""
+def evaluate_metric(level: Level, metric: str, transform: sitk.Transform) -> float:
+    """The metric (lower is better) of ``transform`` on a level, over every fixed voxel (in
+    the fixed mask); NaN where nothing overlaps."""
+    # Every voxel: SimpleITK's MetricEvaluate ignores the sampling strategy (a 50000-sample
+    # request gave the all-voxel value, in the same time). No gradient images: the value
+    # needs none, and ITK would otherwise filter both images for them first (a third to
+    # half of the call's time on the STS MR pairs' 2 mm level).
     # As the fixed "moving initial" transform: ITK would insist that an optimised transform
     # holding a displacement field be defined on the fixed grid.
-    method = _method(level, metric, samples, seed, transform)
+    method = _method(level, metric, level.fixed_voxels, 0, transform)
+    method.SetMetricUseFixedImageGradientFilter(False)
+    method.SetMetricUseMovingImageGradientFilter(False)
     method.SetInitialTransform(sitk.Transform(3, sitk.sitkIdentity))
     try:
         with contextlib.redirect_stderr(io.StringIO()):
