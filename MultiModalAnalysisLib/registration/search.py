@@ -112,8 +112,9 @@ class LinearSampler:
         if pack is None:
             pack = self.volume.size <= self.PACK_VOXELS
         self.corners = self.corner_bits = None
-        self.offsets = np.array([0])
-        if not self.general:
+        if self.general:  # scipy reads the mask as float: convert it once, not per call
+            self.valid_values = None if self.valid is None else self.valid.astype(np.float32)
+        else:
             strides = np.array(self.volume.strides) // self.volume.itemsize
             # Corner k = (dz, dy, dx) bits of k, in the order the interpolation reads them.
             steps = [(k >> 2, (k >> 1) & 1, k & 1) for k in range(8)]
@@ -146,7 +147,7 @@ class LinearSampler:
             values = map_coordinates(self.volume, index, order=1, mode="constant", cval=-1.0)
             inside = np.all((index >= 0) & (index <= self.shape[:, None] - 1), axis=0)
             if self.valid is not None:
-                inside &= map_coordinates(self.valid.astype(np.float32), index, order=0,
+                inside &= map_coordinates(self.valid_values, index, order=0,
                                           mode="constant") > 0.5
             return values, inside
         values = np.empty(index.shape[1], self.volume.dtype)
