@@ -212,16 +212,11 @@ class SearchSpace:
     points: np.ndarray  # N x 3 physical sample points
     sample_bins: np.ndarray  # N intensity bins of the sampled image
     target: np.ndarray  # [z, y, x] the other image's intensities scaled to [0, BINS)
-    target_valid: np.ndarray | None  # [z, y, x] 1 inside the other image's mask
     to_index: np.ndarray  # 3 x 3: physical offset -> target continuous index (x, y, z)
     origin: np.ndarray
     from_moving: bool  # samples are moving points (candidates are applied inverted)
+    sampler: LinearSampler = field(repr=False)  # of target, inside the other image's mask
     bins: int = BINS
-    sampler: LinearSampler | None = field(default=None, repr=False)  # of target(_valid)
-
-    def __post_init__(self) -> None:
-        if self.sampler is None:
-            self.sampler = LinearSampler(self.target, self.target_valid)
 
     @classmethod
     def from_level(cls, level: Level, samples: int, seed: int, *, bins: int = BINS,
@@ -266,11 +261,10 @@ class SearchSpace:
         points = (np.array(source.GetOrigin())
                   + (jittered[:, ::-1] * np.array(source.GetSpacing())) @ direction.T)
         values = map_coordinates(array, jittered.T, order=1, mode="nearest")
-        target_array, target_valid, to_index, sampler = _prepared_target(level, target,
-                                                                          target_mask, bins)
+        target_array, to_index, sampler = _prepared_target(level, target, target_mask, bins)
         return cls(points.astype(np.float32), _to_bins(values, array[keep], bins),
-                   target_array, target_valid, to_index, np.array(target.GetOrigin()),
-                   from_moving, bins, sampler)
+                   target_array, to_index, np.array(target.GetOrigin()), from_moving,
+                   sampler, bins)
 
     def score(self, matrices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Normalised mutual information of each fixed -> moving map ``x -> A x + b``
@@ -339,10 +333,10 @@ class SearchSpace:
 
 
 def _prepared_target(level: Level, target: sitk.Image, target_mask: sitk.Image | None,
-                     bins: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray,
-                                         LinearSampler]:
-    """The scored image of ``level`` scaled to ``bins``, its mask, its physical-to-index
-    matrix and its sampler: built on first use, then shared through ``level.prepared``."""
+                     bins: int) -> tuple[np.ndarray, np.ndarray, LinearSampler]:
+    """The scored image of ``level`` scaled to ``bins``, its physical-to-index matrix and
+    its sampler (which holds the mask): built on first use, then shared through
+    ``level.prepared``."""
     key = ("search target", bins)
     if key not in level.prepared:
         array = _scale(sitk.GetArrayFromImage(target).astype(np.float32), bins)
@@ -351,7 +345,7 @@ def _prepared_target(level: Level, target: sitk.Image, target_mask: sitk.Image |
             valid = (sitk.GetArrayFromImage(target_mask) > 0).astype(np.float32)
         direction = np.array(target.GetDirection()).reshape(3, 3)
         to_index = np.linalg.inv(direction @ np.diag(target.GetSpacing()))
-        level.prepared[key] = (array, valid, to_index, LinearSampler(array, valid))
+        level.prepared[key] = (array, to_index, LinearSampler(array, valid))
     return level.prepared[key]
 
 
