@@ -117,11 +117,13 @@ def _run(method: sitk.ImageRegistrationMethod, level: Level, cancel: threading.E
         method.RemoveAllCommands()
 
 
-def _method(level: Level, metric: str, samples: int, seed: int,
+def _method(level: Level, metric: str, samples: int | None, seed: int,
             moving_initial: sitk.Transform | None) -> sitk.ImageRegistrationMethod:
+    """A registration method for ``level``: ``samples`` random metric samples (``None``:
+    every voxel in the fixed mask)."""
     method = sitk.ImageRegistrationMethod()
     set_sitk_metric(method, metric)
-    fraction = min(1.0, samples / max(level.fixed_voxels, 1))
+    fraction = 1.0 if samples is None else min(1.0, samples / max(level.fixed_voxels, 1))
     if fraction < 1.0:
         method.SetMetricSamplingStrategy(method.RANDOM)
         method.SetMetricSamplingPercentage(fraction, seed)
@@ -146,7 +148,7 @@ def evaluate_metric(level: Level, metric: str, transform: sitk.Transform) -> flo
     # half of the call's time on the STS MR pairs' 2 mm level).
     # As the fixed "moving initial" transform: ITK would insist that an optimised transform
     # holding a displacement field be defined on the fixed grid.
-    method = _method(level, metric, level.fixed_voxels, 0, transform)
+    method = _method(level, metric, None, 0, transform)
     method.SetMetricUseFixedImageGradientFilter(False)
     method.SetMetricUseMovingImageGradientFilter(False)
     method.SetInitialTransform(sitk.Transform(3, sitk.sitkIdentity))
