@@ -18,7 +18,9 @@ shared CPU lock; results are cached per job, so runs resume and can be split:
     flock /tmp/mma-cpu.lock .venv/bin/python benchmarks/registration.py size256
 
 Options of ``run``: --cases (e.g. 1-20 or 2,5), --modalities, --kinds, --methods, --starts,
---results-dir, --force (redo cached jobs).
+--results-dir, --force (redo cached jobs), --perturbation (``resample``, the default: the
+perturbed moving image is resampled on its own grid; ``header``, rigid only: its frame is
+moved instead, so its voxels are untouched and consistency measures the method alone).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from MultiModalAnalysisLib.metrics import dice, folding_statistics, jacobian_det
 from MultiModalAnalysisLib.registration import register  # noqa: E402
 from MultiModalAnalysisLib.registration.perturb import (  # noqa: E402
     inverse_map_points,
+    move_image_rigidly,
     padded_grid,
     perturb_image,
     random_affine,
@@ -63,6 +66,7 @@ KINDS = ("rigid", "affine", "deformable")
 MODALITIES = ("PET", "MR_T1")
 METHODS = ("mma", "mma-bspline", "elastix", "ants")
 STARTS = ("perturbed", "unperturbed")
+PERTURBATIONS = ("resample", "header")
 POINTS_PER_GROUP = 100
 SHELL_MM = 15.0
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "registration"
@@ -281,8 +285,19 @@ def map_points(transform: sitk.Transform, points: np.ndarray) -> np.ndarray:
     return np.array([transform.TransformPoint(tuple(map(float, p))) for p in points])
 
 
+def apply_perturbation(image: sitk.Image, perturbation: sitk.Transform, how: str, *,
+                       is_label: bool = False) -> sitk.Image:
+    """``M'(y) = M(P(y))``, either resampled on the image's own grid (``resample``: content
+    moved out is lost and values are interpolated) or, for a rigid ``P``, by moving the
+    image's frame (``header``: the voxels are untouched, so the perturbed image is exactly
+    the original, moved)."""
+    if how == "header":
+        return move_image_rigidly(image, perturbation)
+    return perturb_image(image, perturbation, is_label=is_label)
+
+
 def run_job(case: int, modality: str, kind: str, start: str, method: str,
-            results: Path) -> dict:
+            results: Path, how: str = "resample") -> dict:
     directory = case_dir(case)
     ct = sitk.ReadImage(str(directory / "CT_image.nii.gz"))
     tumour = sitk.ReadImage(str(directory / "CT_mask.nii.gz"))
@@ -292,8 +307,8 @@ def run_job(case: int, modality: str, kind: str, start: str, method: str,
     points = np.concatenate(list(groups.values()))
     if start == "perturbed":
         truth_transform = perturbation(case, modality, kind, moving)
-        moving = perturb_image(moving, truth_transform)
-        moving_mask = perturb_image(moving_mask, truth_transform, is_label=True)
+        moving = apply_perturbation(moving, truth_transform, how)
+        moving_mask = apply_perturbation(moving_mask, truth_transform, how, is_label=True)
         truth = inverse_map_points(truth_transform, points)
         perturbation_file = results / f"STS_{case:03d}" / f"{modality}_{kind}_perturbation.h5"
         perturbation_file.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +337,7 @@ def run_job(case: int, modality: str, kind: str, start: str, method: str,
                                sitk.sitkNearestNeighbor, 0, moving_mask.GetPixelID())
     record = {
         "case": case, "modality": modality, "kind": kind, "start": start, "method": method,
+        "perturbation": how if start == "perturbed" else None,
         "wall_s": wall, "cpu_s": cpu, "peak_extra_mb": peak_mb,
         "tre_median": float(np.median(errors)), "tre_p95": float(np.percentile(errors, 95)),
         "tre_groups": {}, "start_error_median": float(np.median(
@@ -356,7 +372,7 @@ def _job_in_child(connection, *job) -> None:
 
 
 def run_isolated(case: int, modality: str, kind: str, start: str, method: str,
-                 results: Path) -> dict:
+                 results: Path, how: str = "resample") -> dict:
     """``run_job`` in a forked child process, so a peer that crashes the interpreter
     (itk-elastix 0.25.4 segfaults on some deformable pairs) is recorded as a failure instead
     of ending the run. The child inherits the warmed-up imports; its timings and peak memory
@@ -366,7 +382,7 @@ def run_isolated(case: int, modality: str, kind: str, start: str, method: str,
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_job_in_child,
-                            args=(send, case, modality, kind, start, method, results))
+                            args=(send, case, modality, kind, start, method, results, how))
     child.start()
     send.close()
     try:
@@ -384,6 +400,9 @@ def run_isolated(case: int, modality: str, kind: str, start: str, method: str,
 
 def command_run(args: argparse.Namespace) -> None:
     results = Path(args.results_dir)
+    if args.perturbation == "header" and set(args.kinds.split(",")) - {"rigid"}:
+        raise SystemExit("--perturbation header moves the image's frame, which only a rigid "
+                         "perturbation can do: use it with --kinds rigid.")
     warm_up(args.methods.split(","))
     for case in parse_cases(args.cases):
         for modality in args.modalities.split(","):
@@ -396,7 +415,8 @@ def command_run(args: argparse.Namespace) -> None:
                         if path.exists() and not args.force:
                             continue
                         label = f"STS_{case:03d} {modality} {kind} {start} {method}"
-                        record = run_isolated(case, modality, kind, start, method, results)
+                        record = run_isolated(case, modality, kind, start, method, results,
+                                              args.perturbation)
                         path.parent.mkdir(parents=True, exist_ok=True)
                         path.write_text(json.dumps(record))
                         summary = (f"TRE {record['tre_median']:.2f} mm, "
@@ -424,7 +444,10 @@ def command_report(args: argparse.Namespace) -> None:
     results = Path(args.results_dir)
     records = load_results(results)
     index = {(r["case"], r["modality"], r["kind"], r["start"], r["method"]): r for r in records}
-    lines = [f"Results: {len(records)} jobs in {results}."]
+    applied = sorted({r.get("perturbation") or "resample" for r in records
+                      if r.get("start") == "perturbed" and "failed" not in r})
+    lines = [f"Results: {len(records)} jobs in {results}; perturbation applied by: "
+             f"{', '.join(applied) or 'none'}."]
     header = ("| kind | moving | method | pairs | TRE median (mm) | TRE p95 (mm) | "
               "TRE < 2 mm | drift (mm) | consistency (mm) | Dice | wall s | CPU s | "
               "peak MB | folding % |")
@@ -558,6 +581,11 @@ def main() -> None:
     run.add_argument("--starts", default=",".join(STARTS))
     run.add_argument("--results-dir", default=str(DEFAULT_RESULTS))
     run.add_argument("--force", action="store_true")
+    run.add_argument("--perturbation", choices=PERTURBATIONS, default="resample",
+                     help="how the known perturbation is applied to the moving image: "
+                     "resampled on its own grid (default), or by moving its frame (rigid only; "
+                     "exact: no interpolation, nothing moved out of the crop); use a results "
+                     "folder per choice")
     run.set_defaults(func=command_run)
     report = commands.add_parser("report", help="print the Markdown tables")
     report.add_argument("--results-dir", default=str(DEFAULT_RESULTS))
