@@ -141,6 +141,11 @@ def run_fold(args) -> None:
     case_ids = sorted(p.name for p in args.data.iterdir() if p.is_dir())
     test_ids = folds(case_ids)[args.fold]
     train_ids = [c for c in case_ids if c not in test_ids]
+    if args.train_count is not None:
+        if not 2 <= args.train_count <= len(train_ids):
+            raise SystemExit(f"--train-count must be 2..{len(train_ids)}")
+        rng = np.random.default_rng(1000 + args.fold)
+        train_ids = sorted(rng.choice(train_ids, args.train_count, replace=False).tolist())
     fold_dir = args.work / f"{args.tag}fold{args.fold}"
     model_path = fold_dir / "model"
     recipe = {**RECIPE, **{k: json.loads(v) for k, v in (o.split("=", 1) for o in args.set)}}
@@ -248,6 +253,9 @@ def main() -> None:
     fold.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                       help="override a recipe setting (experiments), e.g. epochs=60")
     fold.add_argument("--tag", default="", help="prefix of the fold folder (experiments)")
+    fold.add_argument("--train-count", type=int, default=None, metavar="N",
+                      help="train on a seeded subset of N of the fold's training patients "
+                      "(learning-curve experiments; the test patients stay the same)")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.data is None or not args.data.is_dir():
