@@ -394,8 +394,22 @@ def run_isolated(case: int, modality: str, kind: str, start: str, method: str,
         record = {"failed": f"crashed (exit code {child.exitcode})"}
     if "failed" in record:
         record.update({"case": case, "modality": modality, "kind": kind, "start": start,
-                       "method": method})
+                       "method": method,
+                       "perturbation": how if start == "perturbed" else None})
     return record
+
+
+def is_cached(path: Path, start: str, how: str) -> bool:
+    """Whether the job's record is already at ``path``; a perturbed job recorded with the
+    other perturbation (records from before the option count as ``resample``) stops the
+    run rather than mixing the two in one results folder."""
+    if not path.exists():
+        return False
+    recorded = json.loads(path.read_text()).get("perturbation") or "resample"
+    if start == "perturbed" and recorded != how:
+        raise SystemExit(f"{path} was perturbed by {recorded}, not {how}: use another "
+                         "--results-dir (or --force to replace it).")
+    return True
 
 
 def command_run(args: argparse.Namespace) -> None:
@@ -412,7 +426,7 @@ def command_run(args: argparse.Namespace) -> None:
                         if method == "mma-bspline" and kind != "deformable":
                             continue
                         path = job_path(results, case, modality, kind, start, method)
-                        if path.exists() and not args.force:
+                        if not args.force and is_cached(path, start, args.perturbation):
                             continue
                         label = f"STS_{case:03d} {modality} {kind} {start} {method}"
                         record = run_isolated(case, modality, kind, start, method, results,
