@@ -31,6 +31,7 @@ from MultiModalAnalysisLib.registration.search import (
     SearchSpace,
     compass,
     compass_affine,
+    default_threads,
     search_rigid_start,
 )
 from MultiModalAnalysisLib.registration.similarity import set_sitk_metric
@@ -69,6 +70,9 @@ class LinearSettings:
             samples here made the rigid result depend less on the start (median
             consistency 1.86 -> 1.47 mm PET, 1.66 -> 1.25 mm MR) while the 4 mm search
             dropped from 20000 samples per pose to 8000, at about the same time.
+        threads: threads that score candidate poses (``None``: the cores this process may
+            use, at most two; see ``search.default_threads``). The result does not depend
+            on it, only the time.
         seed: random sampling seed (results are reproducible).
     """
 
@@ -89,6 +93,7 @@ class LinearSettings:
     polish_bins: int = 32
     polish_edge_weighted: bool = False
     refine_samples: int | None = 40000
+    threads: int | None = None
     seed: int = 20240611
 
 
@@ -320,7 +325,8 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
             screen_samples=settings.search_screen_samples,
             screen_keep=settings.search_screen_keep,
             seed=settings.seed, bins=settings.search_bins,
-            edge_weighted=settings.search_edge_weighted, cancel=cancel)
+            edge_weighted=settings.search_edge_weighted, threads=_threads(settings),
+            cancel=cancel)
         if found:
             # Polish the two best on the finer levels with the search's own score (compass
             # search), keeping the better: a gradient optimiser of Mattes MI started here
@@ -385,7 +391,7 @@ def _polish_space(levels: Sequence[Level], index: int, settings: LinearSettings,
     if index not in spaces:
         spaces[index] = SearchSpace.from_level(
             levels[index], settings.samples[index], settings.seed, bins=settings.polish_bins,
-            edge_weighted=settings.polish_edge_weighted)
+            edge_weighted=settings.polish_edge_weighted, threads=_threads(settings))
     return spaces[index]
 
 
@@ -412,8 +418,13 @@ def refine_rigid(level: Level, transform: sitk.Euler3DTransform,
     few, costly scores suffice."""
     space = SearchSpace.from_level(level, settings.refine_samples, settings.seed + 1,
                                    bins=settings.polish_bins,
-                                   edge_weighted=settings.polish_edge_weighted)
+                                   edge_weighted=settings.polish_edge_weighted,
+                                   threads=_threads(settings))
     return polish_rigid(space, level, transform, initial, cancel, first_step=0.25)
+
+
+def _threads(settings: LinearSettings) -> int:
+    return settings.threads if settings.threads is not None else default_threads()
 
 
 def _euler_at(centre: np.ndarray) -> sitk.Euler3DTransform:

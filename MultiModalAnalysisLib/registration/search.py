@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,8 +143,10 @@ class LinearSampler:
             bits = bits.reshape(-1)
         return corners.reshape(-1, 8), bits
 
-    def __call__(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Values and usability at ``index`` (3, N)."""
+    def __call__(self, index: np.ndarray, chunk: int | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Values and usability at ``index`` (3, N), computed ``chunk`` samples at a time
+        (default ``_CHUNK``)."""
         if self.general:
             values = map_coordinates(self.volume, index, order=1, mode="constant", cval=-1.0)
             inside = np.all((index >= 0) & (index <= self.shape[:, None] - 1), axis=0)
@@ -152,8 +156,9 @@ class LinearSampler:
             return values, inside
         values = np.empty(index.shape[1], self.volume.dtype)
         usable = np.empty(index.shape[1], bool)
-        for start in range(0, index.shape[1], _CHUNK):  # chunks small enough to stay in cache
-            part = slice(start, start + _CHUNK)
+        chunk = chunk or _CHUNK
+        for start in range(0, index.shape[1], chunk):  # chunks small enough to stay in cache
+            part = slice(start, start + chunk)
             values[part], usable[part] = self._trilinear(index[:, part])
         return values, usable
 
@@ -191,6 +196,41 @@ _CHUNK = 32768
 the cache: the in-place sampler took 55-60 ns per sample so, 90 in one pass over every
 sample)."""
 
+_THREAD_CHUNK = 131072
+"""Samples per batch (poses times samples) when a score is split between threads. Each
+thread's numpy calls release the interpreter lock only while they run, so the calls must be
+long enough for the threads to overlap. Two threads against one, on single scores of the
+sizes a registration makes (88 000 to 1.7 million samples; 2-core benchmark machine,
+medians of 25): batches of 32768 gained nothing (0.9-1.2x), 65536 gave 1.2-1.6x, 131072
+1.3-1.8x; batches of 262144 fell out of the cache (about 2x slower than 131072). Scores of
+at least half a batch are split, into at least one batch per thread; smaller ones are
+not."""
+
+MAX_THREADS = 2
+"""The most threads a score is split between by default (the most measured: the benchmark
+machine has two cores)."""
+
+
+def default_threads() -> int:
+    """Threads for scoring: the cores this process may use, at most ``MAX_THREADS``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cores))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``threads`` workers, made on first use."""
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mma-score")
+        return _POOLS[threads]
+
 
 def _lerp(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """``a + (b - a) * weight``, as a new array."""
@@ -217,10 +257,11 @@ class SearchSpace:
     from_moving: bool  # samples are moving points (candidates are applied inverted)
     sampler: LinearSampler = field(repr=False)  # of target, inside the other image's mask
     bins: int = BINS
+    threads: int = 1  # threads a large score is split between (see ``score``)
 
     @classmethod
     def from_level(cls, level: Level, samples: int, seed: int, *, bins: int = BINS,
-                   edge_weighted: bool = True) -> SearchSpace:
+                   edge_weighted: bool = True, threads: int = 1) -> SearchSpace:
         """Samples of ``level`` for scoring.
 
         Args:
@@ -230,6 +271,7 @@ class SearchSpace:
             edge_weighted: draw half the samples where the image has edges (sharper scores
                 for a coarse search); uniform sampling otherwise (an unbiased estimate of
                 the image-wide mutual information, for the final polish).
+            threads: threads a large score is split between (see :meth:`score`).
 
         The other image's volume (scaled to ``bins`` and packed for the sampler, the costly
         part: up to 0.2 s on a 2 mm level) is prepared once per level and bin count and
@@ -264,24 +306,36 @@ class SearchSpace:
         target_array, to_index, sampler = _prepared_target(level, target, target_mask, bins)
         return cls(points.astype(np.float32), _to_bins(values, array[keep], bins),
                    target_array, to_index, np.array(target.GetOrigin()), from_moving,
-                   sampler, bins)
+                   sampler, bins, max(1, int(threads)))
 
     def score(self, matrices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Normalised mutual information of each fixed -> moving map ``x -> A x + b``
         (matrices (K, 3, 3), offsets (K, 3)); higher is better, -inf when fewer than
         ``MIN_OVERLAP`` of the samples overlap.
 
-        Scored a few poses at a time, so that every per-sample array stays in the CPU cache
-        (each pose's score does not depend on the batch it is in). One thread: since this
-        batching, splitting poses between two threads gained no wall time on the 2-core
-        benchmark machine (numpy's many short calls then wait on the interpreter lock) and
-        doubled the CPU time.
+        Scored a few poses at a time, so that every per-sample array stays in the CPU cache.
+        Each pose's score does not depend on the batch it is in, so the result is the same
+        however the poses are split. With ``threads`` > 1, a score of at least
+        ``_THREAD_CHUNK`` samples in all (poses times samples) is split into even batches of
+        about that size, scored by that many threads of a shared pool; smaller ones run
+        here.
         """
-        per = max(1, _CHUNK // len(self.points))
+        n, count = len(self.points), len(matrices)
+        if self.threads > 1 and count * n >= _THREAD_CHUNK // 2:
+            batches = -(-count * n // _THREAD_CHUNK)
+            batches = -(-batches // self.threads) * self.threads  # a multiple of the threads
+            cuts = np.linspace(0, count, min(batches, count) + 1).astype(int)
+            parts = _pool(self.threads).map(
+                lambda bounds: self._score_batch(matrices[slice(*bounds)],
+                                                 offsets[slice(*bounds)], _THREAD_CHUNK),
+                itertools.pairwise(cuts))
+            return np.concatenate(list(parts))
+        per = max(1, _CHUNK // n)
         return np.concatenate([self._score_batch(matrices[k:k + per], offsets[k:k + per])
-                               for k in range(0, len(matrices), per)])
+                               for k in range(0, count, per)])
 
-    def _score_batch(self, matrices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    def _score_batch(self, matrices: np.ndarray, offsets: np.ndarray,
+                     chunk: int | None = None) -> np.ndarray:
         count, n, bins = len(matrices), len(self.points), self.bins
         if self.from_moving:  # samples are moving points: apply the inverse maps
             matrices = np.linalg.inv(matrices)
@@ -294,7 +348,7 @@ class SearchSpace:
         for axis in range(3):
             np.matmul(total_matrix[:, axis], self.points.T, out=index[axis])
             index[axis] += total_offset[:, axis, None]
-        values, valid = self.sampler(index.reshape(3, -1))
+        values, valid = self.sampler(index.reshape(3, -1), chunk)
         # Soft binning of the interpolated intensity (each sample split between its two
         # nearest bins): the score then changes smoothly with the pose, with no plateaus
         # for a compass search to stall on. Unusable samples weigh nothing.
@@ -456,7 +510,7 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
                        angle_deg: float = 10.0, keep: int = 10, fine_keep: int = 3,
                        samples: int = 1000, fine_samples: int = 8000, seed: int = 0,
                        screen_samples: int | None = None, screen_keep: int = 300,
-                       bins: int = BINS, edge_weighted: bool = True,
+                       bins: int = BINS, edge_weighted: bool = True, threads: int = 1,
                        cancel: threading.Event | None = None,
                        ) -> list[tuple[float, sitk.Euler3DTransform]]:
     """Best rigid starting poses, best first (score: normalised MI on the ``fine`` level).
@@ -475,23 +529,24 @@ def search_rigid_start(coarse: Level, fine: Level, centre: np.ndarray,
             pose is first scored with this many samples and only the ``screen_keep`` best
             are scored again with ``samples`` (most of the grid is far off, and a cheap,
             noisier score tells that as well).
-        bins, edge_weighted: see :meth:`SearchSpace.from_level`.
+        bins, edge_weighted, threads: see :meth:`SearchSpace.from_level`.
     """
     initial = matrix_offset(moving_initial) if moving_initial is not None else None
     poses = Poses(np.asarray(centre, dtype=float), initial)
-    space = SearchSpace.from_level(coarse, samples, seed, bins=bins, edge_weighted=edge_weighted)
+    space = SearchSpace.from_level(coarse, samples, seed, bins=bins, edge_weighted=edge_weighted,
+                                   threads=threads)
     check_cancel(cancel, "the registration")
     candidates = grid(np.asarray(starts, dtype=float), math.radians(angle_deg), 1, shift_mm, 2)
     if screen_samples is not None and screen_samples < samples and len(candidates) > screen_keep:
         screen = SearchSpace.from_level(coarse, screen_samples, seed, bins=bins,
-                                        edge_weighted=edge_weighted)
+                                        edge_weighted=edge_weighted, threads=threads)
         candidates = best_scored(screen, poses, candidates, screen_keep)
     params, scores = best_distinct(candidates, space.score_poses(poses, candidates), keep)
     params, scores = compass(space, poses, params, scores, step_mm=shift_mm / 2,
                              min_step_mm=coarse.spacing_mm / 4, cancel=cancel)
     params, _ = best_distinct(params, scores, fine_keep)
     fine_space = SearchSpace.from_level(fine, fine_samples, seed, bins=bins,
-                                        edge_weighted=edge_weighted)
+                                        edge_weighted=edge_weighted, threads=threads)
     params, scores = compass(fine_space, poses, params, fine_space.score_poses(poses, params),
                              step_mm=fine.spacing_mm, min_step_mm=fine.spacing_mm / 8,
                              cancel=cancel)

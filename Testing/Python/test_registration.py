@@ -271,6 +271,53 @@ def test_batched_pose_scores_do_not_depend_on_the_batch_split(ct_phantom, monkey
     assert len(np.unique(batched[np.isfinite(batched)])) > len(params) // 2  # really per pose
 
 
+def test_scores_split_between_threads_equal_the_single_thread_scores(ct_phantom,
+                                                                     monkeypatch):
+    """A large score is split between the pool's threads, a small one runs in the caller's
+    thread; either way every pose gets exactly its single-thread score."""
+    import threading
+
+    from MultiModalAnalysisLib.registration import search
+    from MultiModalAnalysisLib.registration.prepare import build_pyramid
+
+    moving = phantom("MR", transform=rigid((4.0, -3.0, 6.0), (5.0, -4.0, 3.0)), seed=5)
+    level = build_pyramid(ct_phantom, moving, [4.0])[0]
+    one = search.SearchSpace.from_level(level, samples=4000, seed=1, edge_weighted=False)
+    two = search.SearchSpace.from_level(level, samples=4000, seed=1, edge_weighted=False,
+                                        threads=2)
+    assert (one.threads, two.threads) == (1, 2)
+    workers: list[str] = []
+    score_batch = search.SearchSpace._score_batch
+
+    def spy(self, *args):
+        workers.append(threading.current_thread().name)
+        return score_batch(self, *args)
+
+    monkeypatch.setattr(search.SearchSpace, "_score_batch", spy)
+    poses = search.Poses(centre=np.zeros(3))
+    params = search.grid(np.zeros((1, 6)), math.radians(5.0), 1, 4.0, 1)  # 729 poses
+    expected = one.score_poses(poses, params)
+    assert set(workers) == {threading.current_thread().name}
+    workers.clear()
+    np.testing.assert_array_equal(two.score_poses(poses, params), expected)
+    assert len(workers) >= 2 and all(name.startswith("mma-score") for name in workers)
+    workers.clear()
+    np.testing.assert_array_equal(two.score_poses(poses, params[:3]), expected[:3])
+    assert workers == [threading.current_thread().name]  # too small to split
+    assert 1 <= search.default_threads() <= search.MAX_THREADS
+
+
+def test_rigid_result_does_not_depend_on_the_thread_count(ct_phantom):
+    from MultiModalAnalysisLib.registration.linear import LinearSettings
+
+    moving = phantom("MR", transform=rigid((5.0, -6.0, 8.0), (9.0, -7.0, 6.0)), seed=4)
+    results = [register(ct_phantom, moving, "rigid", fixed_modality="CT",
+                        moving_modality="MR_T1", linear_settings=LinearSettings(threads=n))
+               for n in (1, 2)]
+    parameters = [np.array(r.transform.GetParameters()) for r in results]
+    np.testing.assert_array_equal(parameters[0], parameters[1])
+
+
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("shape", [(30, 40, 50), (2, 3, 4), (1, 6, 6)])
 def test_search_interpolation_matches_scipy_inside_the_grid_and_the_mask(shape, pack):
