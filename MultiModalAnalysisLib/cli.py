@@ -472,6 +472,9 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
                         "moving_z in LPS mm): initial transform and TRE report")
     parser.add_argument("--initial-transform", type=Path,
                         help="transform file (fixed -> moving) to start from")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads scoring rigid/affine poses (default: up to 2; the "
+                        "result does not depend on it)")
     parser.add_argument("--no-qc", action="store_true", help="do not write qc.png")
     parser.set_defaults(func=_run_register)
 
@@ -493,7 +496,8 @@ def _run_register(args: argparse.Namespace) -> int:
             fixed, moving, args.transform, metric=args.metric, fixed_mask=fixed_mask,
             moving_mask=moving_mask, initial_transform=initial, device=args.device,
             backend=args.backend, fixed_modality=fixed_modality,
-            moving_modality=moving_modality, progress=bar, landmarks=landmarks)
+            moving_modality=moving_modality, progress=bar, landmarks=landmarks,
+            threads=args.threads)
     paths = result.save(args.output_dir, qc=not args.no_qc)
     metrics = result.metrics
     print(f"{args.transform} registration of {args.moving.name} onto {args.fixed.name} in "

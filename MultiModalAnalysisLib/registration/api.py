@@ -8,6 +8,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,7 @@ def register(
     linear_settings: LinearSettings | None = None,
     torch_settings: TorchDeformableSettings | None = None,
     bspline_settings: BSplineSettings | None = None,
+    threads: int | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed``.
 
@@ -99,6 +101,9 @@ def register(
         ignore_fill: leave constant fill (corners outside a resampled scan's original field
             of view) of the moving image out of the metric.
         linear_settings, torch_settings, bspline_settings: expert settings per stage.
+        threads: CPU threads that score the rigid/affine candidate poses (default: the
+            cores this process may use, at most two). The result does not depend on it;
+            give 1 when running several registrations side by side.
 
     Returns:
         A :class:`RegistrationResult`: ``transform`` (fixed -> moving), ``warped`` (moving on
@@ -133,6 +138,10 @@ def register(
         eroded = 1 if moving_region is not None else 0
     concrete = choose_metric(metric, fixed_modality, moving_modality)
     settings = linear_settings or _levels_for(LinearSettings(), fixed_image, moving_image)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads must be a whole number >= 1, not {threads!r}.")
+        settings = replace(settings, threads=threads)
 
     landmark_points = None
     if landmarks is not None:
@@ -276,8 +285,6 @@ def _levels_for(settings: LinearSettings, fixed: sitk.Image, moving: sitk.Image,
                 ) -> LinearSettings:
     """Drop pyramid levels much finer than the coarser image can support (a 2 mm level
     adds nothing to a PET of 5 mm voxels but time); at least two levels stay."""
-    from dataclasses import replace
-
     coarsest = max(sorted(image.GetSpacing())[1] for image in (fixed, moving))  # in-plane
     keep = [i for i, s in enumerate(settings.spacings_mm) if s >= 0.7 * coarsest]
     keep = keep if len(keep) >= 2 else list(range(min(2, len(settings.spacings_mm))))
@@ -294,13 +301,9 @@ def _levels_for(settings: LinearSettings, fixed: sitk.Image, moving: sitk.Image,
 
 
 def _narrow(settings: LinearSettings) -> LinearSettings:
-    from dataclasses import replace
-
     return replace(settings, search_shift_mm=settings.search_shift_mm / 2,
                    search_angle_deg=settings.search_angle_deg / 2)
 
 
 def _without_search(settings: LinearSettings) -> LinearSettings:
-    from dataclasses import replace
-
     return replace(settings, search=False)

@@ -308,14 +308,14 @@ def test_scores_split_between_threads_equal_the_single_thread_scores(ct_phantom,
 
 
 def test_rigid_result_does_not_depend_on_the_thread_count(ct_phantom):
-    from MultiModalAnalysisLib.registration.linear import LinearSettings
-
     moving = phantom("MR", transform=rigid((5.0, -6.0, 8.0), (9.0, -7.0, 6.0)), seed=4)
     results = [register(ct_phantom, moving, "rigid", fixed_modality="CT",
-                        moving_modality="MR_T1", linear_settings=LinearSettings(threads=n))
-               for n in (1, 2)]
+                        moving_modality="MR_T1", threads=n) for n in (1, 2)]
     parameters = [np.array(r.transform.GetParameters()) for r in results]
     np.testing.assert_array_equal(parameters[0], parameters[1])
+    for wrong in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="threads"):
+            register(ct_phantom, moving, "rigid", threads=wrong)
 
 
 @pytest.mark.parametrize("pack", [True, False])

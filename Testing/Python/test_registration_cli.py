@@ -12,17 +12,32 @@ from MultiModalAnalysisLib.cli import _modality_from_name, main
 from MultiModalAnalysisLib.registration.perturb import inverse_map_points
 
 
-def test_mma_register_rigid_writes_warped_transform_metrics_and_qc(tmp_path, capsys):
+def test_mma_register_rigid_writes_warped_transform_metrics_and_qc(tmp_path, capsys,
+                                                                    monkeypatch):
+    import threading
+
+    from MultiModalAnalysisLib.registration import search
+
     motion = rigid((6.0, -4.0, 9.0), (8.0, -6.0, 5.0))
     sitk.WriteImage(phantom("CT"), str(tmp_path / "CT_image.nii.gz"))
     sitk.WriteImage(phantom("MR", transform=motion, seed=3), str(tmp_path / "MR_T1_image.nii.gz"))
     out = tmp_path / "out"
+    scored_on: set[str] = set()
+    score_batch = search.SearchSpace._score_batch
+
+    def spy(self, *args):
+        scored_on.add(threading.current_thread().name)
+        return score_batch(self, *args)
+
+    monkeypatch.setattr(search.SearchSpace, "_score_batch", spy)
 
     status = main(["-q", "register", str(tmp_path / "CT_image.nii.gz"),
                    str(tmp_path / "MR_T1_image.nii.gz"), "--transform", "rigid",
-                   "--output-dir", str(out), "--metric", "auto", "--device", "cpu"])
+                   "--output-dir", str(out), "--metric", "auto", "--device", "cpu",
+                   "--threads", "1"])
 
     assert status == 0
+    assert scored_on == {threading.current_thread().name}  # --threads 1: no pool
     assert "rigid registration of MR_T1_image.nii.gz" in capsys.readouterr().out
     for name in ("warped.nii.gz", "transform.tfm", "metrics.json", "qc.png"):
         assert (out / name).is_file(), name
