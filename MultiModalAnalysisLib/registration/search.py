@@ -220,16 +220,19 @@ def default_threads() -> int:
     return max(1, min(MAX_THREADS, cores))
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``threads`` workers, made on first use."""
+    """A process-wide pool of ``threads`` workers, made on first use. Keyed by process too: a
+    child forked after the parent used a pool inherits the pool but not its threads (work
+    given to it would wait forever), so the child makes its own."""
+    key = (os.getpid(), threads)
     with _POOLS_LOCK:
-        if threads not in _POOLS:
-            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mma-score")
-        return _POOLS[threads]
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="mma-score")
+        return _POOLS[key]
 
 
 def _lerp(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 
 import matplotlib.image
@@ -305,6 +306,41 @@ def test_scores_split_between_threads_equal_the_single_thread_scores(ct_phantom,
     np.testing.assert_array_equal(two.score_poses(poses, params[:3]), expected[:3])
     assert workers == [threading.current_thread().name]  # too small to split
     assert 1 <= search.default_threads() <= search.MAX_THREADS
+
+
+def _threaded_score_in_child(space, params, queue):
+    from MultiModalAnalysisLib.registration import search
+
+    queue.put(space.score_poses(search.Poses(centre=np.zeros(3)), params))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_after_a_threaded_score_can_still_score_on_threads(ct_phantom):
+    """A forked child inherits the parent's pool object but none of its threads: it must
+    make its own pool, not queue work no thread will take (a cohort run with
+    multiprocessing after a first registration in the parent would hang)."""
+    import multiprocessing
+
+    from MultiModalAnalysisLib.registration import search
+    from MultiModalAnalysisLib.registration.prepare import build_pyramid
+
+    moving = phantom("MR", transform=rigid((4.0, -3.0, 6.0), (5.0, -4.0, 3.0)), seed=5)
+    level = build_pyramid(ct_phantom, moving, [4.0])[0]
+    space = search.SearchSpace.from_level(level, samples=4000, seed=1, edge_weighted=False,
+                                          threads=2)
+    params = search.grid(np.zeros((1, 6)), math.radians(5.0), 1, 4.0, 1)  # 729 poses
+    expected = space.score_poses(search.Poses(centre=np.zeros(3)), params)  # pool in use
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_threaded_score_in_child, args=(space, params, queue))
+    child.start()
+    try:
+        scores = queue.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    np.testing.assert_array_equal(scores, expected)
 
 
 def test_rigid_result_does_not_depend_on_the_thread_count(ct_phantom):
