@@ -1,10 +1,12 @@
 """An analytic phantom for registration tests: nested ellipsoids, sampled on any grid through
 any transform, in two "modalities" that give each tissue a different, non-monotonic
-intensity (so only a cross-modal metric can align them)."""
+intensity (so only a cross-modal metric can align them); and a record of the threads the
+search scores on."""
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import SimpleITK as sitk
@@ -84,3 +86,19 @@ def rigid(angles_deg, shift_mm) -> sitk.Euler3DTransform:
     transform.SetRotation(*(math.radians(a) for a in angles_deg))
     transform.SetTranslation(shift_mm)
     return transform
+
+
+def record_scoring_threads(monkeypatch) -> list[str]:
+    """The names of the threads that score each batch of the search's poses from now on
+    (the list fills as the code under test runs)."""
+    from MultiModalAnalysisLib.registration import search
+
+    names: list[str] = []
+    score_batch = search.SearchSpace._score_batch
+
+    def spy(self, *args):
+        names.append(threading.current_thread().name)
+        return score_batch(self, *args)
+
+    monkeypatch.setattr(search.SearchSpace, "_score_batch", spy)
+    return names

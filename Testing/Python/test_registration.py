@@ -12,7 +12,13 @@ import matplotlib.image
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from registration_phantoms import inner_points, phantom, registration_error, rigid
+from registration_phantoms import (
+    inner_points,
+    phantom,
+    record_scoring_threads,
+    registration_error,
+    rigid,
+)
 
 from MultiModalAnalysisLib.errors import (
     ConfigError,
@@ -252,14 +258,21 @@ def test_registration_reports_progress_and_can_be_cancelled(ct_phantom):
         register(ct_phantom, moving, "affine", progress=cancel_midway, cancel=cancel)
 
 
-def test_batched_pose_scores_do_not_depend_on_the_batch_split(ct_phantom, monkeypatch):
-    """The search scores poses in cache-sized batches: each pose's score must be exactly
-    what it gets scored alone, and the order must follow the poses."""
-    from MultiModalAnalysisLib.registration import search
+@pytest.fixture(scope="module")
+def search_level(ct_phantom):
+    """A 4 mm level of the CT phantom and a moved MR one, for scoring poses."""
     from MultiModalAnalysisLib.registration.prepare import build_pyramid
 
     moving = phantom("MR", transform=rigid((4.0, -3.0, 6.0), (5.0, -4.0, 3.0)), seed=5)
-    level = build_pyramid(ct_phantom, moving, [4.0])[0]
+    return build_pyramid(ct_phantom, moving, [4.0])[0]
+
+
+def test_batched_pose_scores_do_not_depend_on_the_batch_split(search_level, monkeypatch):
+    """The search scores poses in cache-sized batches: each pose's score must be exactly
+    what it gets scored alone, and the order must follow the poses."""
+    from MultiModalAnalysisLib.registration import search
+
+    level = search_level
     space = search.SearchSpace.from_level(level, samples=4000, seed=1, edge_weighted=False)
     poses = search.Poses(centre=np.zeros(3))
     params = search.grid(np.zeros((1, 6)), math.radians(5.0), 1, 4.0, 1)  # 729 poses
@@ -272,29 +285,18 @@ def test_batched_pose_scores_do_not_depend_on_the_batch_split(ct_phantom, monkey
     assert len(np.unique(batched[np.isfinite(batched)])) > len(params) // 2  # really per pose
 
 
-def test_scores_split_between_threads_equal_the_single_thread_scores(ct_phantom,
+def test_scores_split_between_threads_equal_the_single_thread_scores(search_level,
                                                                      monkeypatch):
     """A large score is split between the pool's threads, a small one runs in the caller's
     thread; either way every pose gets exactly its single-thread score."""
-    import threading
-
     from MultiModalAnalysisLib.registration import search
-    from MultiModalAnalysisLib.registration.prepare import build_pyramid
 
-    moving = phantom("MR", transform=rigid((4.0, -3.0, 6.0), (5.0, -4.0, 3.0)), seed=5)
-    level = build_pyramid(ct_phantom, moving, [4.0])[0]
-    one = search.SearchSpace.from_level(level, samples=4000, seed=1, edge_weighted=False)
-    two = search.SearchSpace.from_level(level, samples=4000, seed=1, edge_weighted=False,
-                                        threads=2)
+    one = search.SearchSpace.from_level(search_level, samples=4000, seed=1,
+                                        edge_weighted=False)
+    two = search.SearchSpace.from_level(search_level, samples=4000, seed=1,
+                                        edge_weighted=False, threads=2)
     assert (one.threads, two.threads) == (1, 2)
-    workers: list[str] = []
-    score_batch = search.SearchSpace._score_batch
-
-    def spy(self, *args):
-        workers.append(threading.current_thread().name)
-        return score_batch(self, *args)
-
-    monkeypatch.setattr(search.SearchSpace, "_score_batch", spy)
+    workers = record_scoring_threads(monkeypatch)
     poses = search.Poses(centre=np.zeros(3))
     params = search.grid(np.zeros((1, 6)), math.radians(5.0), 1, 4.0, 1)  # 729 poses
     expected = one.score_poses(poses, params)
@@ -315,19 +317,16 @@ def _threaded_score_in_child(space, params, queue):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_process_forked_after_a_threaded_score_can_still_score_on_threads(ct_phantom):
+def test_a_process_forked_after_a_threaded_score_can_still_score_on_threads(search_level):
     """A forked child inherits the parent's pool object but none of its threads: it must
     make its own pool, not queue work no thread will take (a cohort run with
     multiprocessing after a first registration in the parent would hang)."""
     import multiprocessing
 
     from MultiModalAnalysisLib.registration import search
-    from MultiModalAnalysisLib.registration.prepare import build_pyramid
 
-    moving = phantom("MR", transform=rigid((4.0, -3.0, 6.0), (5.0, -4.0, 3.0)), seed=5)
-    level = build_pyramid(ct_phantom, moving, [4.0])[0]
-    space = search.SearchSpace.from_level(level, samples=4000, seed=1, edge_weighted=False,
-                                          threads=2)
+    space = search.SearchSpace.from_level(search_level, samples=4000, seed=1,
+                                          edge_weighted=False, threads=2)
     params = search.grid(np.zeros((1, 6)), math.radians(5.0), 1, 4.0, 1)  # 729 poses
     expected = space.score_poses(search.Poses(centre=np.zeros(3)), params)  # pool in use
     context = multiprocessing.get_context("fork")
