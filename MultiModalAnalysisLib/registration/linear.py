@@ -32,6 +32,7 @@ from MultiModalAnalysisLib.registration.search import (
     compass,
     compass_affine,
     default_threads,
+    release_work,
     search_rigid_start,
 )
 from MultiModalAnalysisLib.registration.similarity import set_sitk_metric
@@ -296,8 +297,16 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
     Raises:
         GeometryError: no start maps the fixed region into the moving image at all.
     """
-    settings = settings or LinearSettings()
-    report = progress or Progress()
+    try:
+        return _register_linear(levels, kind, metric, initial_transform,
+                                settings or LinearSettings(), progress or Progress(), cancel)
+    finally:
+        release_work()  # the scoring's work arrays (tens of MB)
+
+
+def _register_linear(levels: Sequence[Level], kind: str, metric: str,
+                     initial_transform: sitk.Transform | None, settings: LinearSettings,
+                     report: Progress, cancel: threading.Event | None) -> sitk.Transform:
     coarse = levels[0]
     centre = (centre_of_mass(coarse.fixed_mask, None) if coarse.fixed_mask is not None
               else image_centre(coarse.fixed))
