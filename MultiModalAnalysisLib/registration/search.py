@@ -286,19 +286,22 @@ def _lerp(a: np.ndarray, b: np.ndarray, weight: np.ndarray, out: np.ndarray) -> 
     out += a
 
 
-_WORK: dict[int, dict[str, np.ndarray]] = {}
+_WORK: dict[int, dict[tuple[str, object], np.ndarray]] = {}
 """Work arrays of the scoring, per thread (``threading.get_ident``): reused from chunk to
 chunk and score to score, freed by ``release_work``."""
 
 
 def _work(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """This thread's work array ``name``, viewed as ``shape`` (contents undefined); made
-    again only when a larger one or another type is asked for."""
-    arrays = _WORK.setdefault(threading.get_ident(), {})
+    """This thread's work array ``name`` of ``dtype`` (as given: a type or a dtype), viewed as
+    ``shape`` (contents undefined); made again only when a larger one is asked for."""
+    thread = threading.get_ident()
+    arrays = _WORK.get(thread)
+    if arrays is None:
+        arrays = _WORK[thread] = {}
     size = math.prod(shape)
-    array = arrays.get(name)
-    if array is None or array.size < size or array.dtype != np.dtype(dtype):
-        array = arrays[name] = np.empty(size, dtype)
+    array = arrays.get((name, dtype))
+    if array is None or array.size < size:
+        array = arrays[(name, dtype)] = np.empty(size, dtype)
     return array[:size].reshape(shape)
 
 
