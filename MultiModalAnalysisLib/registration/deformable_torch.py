@@ -13,8 +13,14 @@ Design:
   (stochastic gradient, as elastix does): MONAI's ``GlobalMutualInformationLoss`` ("mi"),
   or the squared difference of MIND-SSC descriptors ("mind"); within one modality, NCC on
   samples ("ncc") or MONAI's dense ``LocalNormalizedCrossCorrelationLoss`` ("lncc").
-- The regulariser is MONAI's ``BendingEnergyLoss`` or ``DiffusionLoss`` on the velocity in
-  velocity-grid voxel units.
+- The regulariser is the bending energy or the diffusion energy of the velocity in
+  velocity-grid voxel units (``bending_energy``, ``diffusion_energy``): the formulas of
+  MONAI 1.6's ``BendingEnergyLoss`` and ``DiffusionLoss``, written here because MONAI's
+  fall short in two ways. Its bending energy changed stencil in 1.6 (wide ``[1, 0, -2, 0,
+  1] / 4`` before, compact ``[1, -2, 1]`` since), so the same weight would regularise
+  differently depending on the MONAI installed; and both index tensors with lists of
+  slices, which torch deprecates (a warning at every run now, "an error or a different
+  result" in a later torch).
 The result is a SimpleITK displacement field on the finest working grid.
 """
 
@@ -246,6 +252,51 @@ def _similarity_loss(metric: str, level: _Level, deformation: _Deformation, gene
     return losses["mi"](moving.view(1, 1, -1), fixed.view(1, 1, -1))
 
 
+def _shifted(field, shifts: dict[int, int]):
+    """``field`` (B, C, spatial...) with every spatial axis cut to its inner voxels
+    (``1:-1``), except the axes in ``shifts``: one voxel up (+1) or down (-1) instead."""
+    cut = {0: slice(1, -1), 1: slice(2, None), -1: slice(None, -2)}
+    return field[(slice(None), slice(None))
+                 + tuple(cut[shifts.get(axis, 0)] for axis in range(2, field.ndim))]
+
+
+def _check_field(field) -> None:
+    if field.ndim not in (3, 4, 5) or field.shape[1] != field.ndim - 2:
+        raise ValueError(f"expected a (B, C, spatial...) field with one component per "
+                         f"spatial axis, got shape {tuple(field.shape)}.")
+    if min(field.shape[2:]) <= 2:
+        raise ValueError(f"every spatial size must be > 2, got {tuple(field.shape[2:])}.")
+
+
+def bending_energy(field):
+    """Mean over the inner voxels and the components of ``sum_ij (d2 u / dx_i dx_j)^2``
+    (voxel units; central differences: ``[1, -2, 1]`` for pure, the 4-point stencil / 4 for
+    mixed derivatives, each mixed pair counted twice). The same value, in the same order of
+    operations, as MONAI 1.6's ``BendingEnergyLoss()``.
+    """
+    _check_field(field)
+    energy = None
+    for a in range(2, field.ndim):
+        pure = _shifted(field, {a: 1}) - 2 * _shifted(field, {}) + _shifted(field, {a: -1})
+        energy = pure ** 2 if energy is None else energy + pure ** 2
+        for b in range(a + 1, field.ndim):
+            mixed = (_shifted(field, {a: 1, b: 1}) - _shifted(field, {a: 1, b: -1})
+                     - _shifted(field, {a: -1, b: 1}) + _shifted(field, {a: -1, b: -1})) / 4.0
+            energy = energy + 2 * mixed ** 2
+    return energy.mean()
+
+
+def diffusion_energy(field):
+    """Mean over the inner voxels and the components of ``sum_i (du / dx_i)^2`` (voxel
+    units, central differences). As MONAI's ``DiffusionLoss()``."""
+    _check_field(field)
+    energy = None
+    for a in range(2, field.ndim):
+        gradient = (_shifted(field, {a: 1}) - _shifted(field, {a: -1})) / 2.0
+        energy = gradient ** 2 if energy is None else energy + gradient ** 2
+    return energy.mean()
+
+
 def warm_up() -> None:
     """Load what the first deformable registration of a process would load on the way:
     MONAI (about 2.7 s on a 2-core CPU) and torch's optimiser machinery (the first
@@ -287,12 +338,7 @@ def register_deformable_torch(
         (physical mm); compose it as ``compose(linear, field)``.
     """
     import torch
-    from monai.losses import (
-        BendingEnergyLoss,
-        DiffusionLoss,
-        GlobalMutualInformationLoss,
-        LocalNormalizedCrossCorrelationLoss,
-    )
+    from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 
     settings = settings or TorchDeformableSettings()
     if metric not in TORCH_METRICS:
@@ -306,8 +352,7 @@ def register_deformable_torch(
         "mi": GlobalMutualInformationLoss(kernel_type="gaussian", num_bins=32),
         "lncc": LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=5),
     }
-    regulariser = (BendingEnergyLoss() if settings.regulariser == "bending"
-                   else DiffusionLoss())
+    regulariser = bending_energy if settings.regulariser == "bending" else diffusion_energy
     generator = torch.Generator().manual_seed(settings.seed)
     previous = None
     total = sum(settings.iterations)

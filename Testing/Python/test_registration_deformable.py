@@ -4,6 +4,7 @@ deformation across modalities, no folding, the .h5 round trip, and the Jacobian 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +19,11 @@ from MultiModalAnalysisLib.metrics import (
 from MultiModalAnalysisLib.progress import Progress
 from MultiModalAnalysisLib.registration import register
 from MultiModalAnalysisLib.registration.deformable_bspline import BSplineSettings
-from MultiModalAnalysisLib.registration.deformable_torch import TorchDeformableSettings
+from MultiModalAnalysisLib.registration.deformable_torch import (
+    TorchDeformableSettings,
+    bending_energy,
+    diffusion_energy,
+)
 from MultiModalAnalysisLib.registration.perturb import inverse_map_points
 from MultiModalAnalysisLib.registration.transforms import displacement_field_transform
 
@@ -61,9 +66,15 @@ def test_deformable_registration_recovers_a_smooth_deformation_ct_mr(
     options = {"torch_settings": settings} if backend == "torch" else {
         "bspline_settings": settings}
 
-    result = register(fixed, moving, "deformable", backend=backend, device="cpu",
-                      fixed_modality="CT", moving_modality="MR", **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = register(fixed, moving, "deformable", backend=backend, device="cpu",
+                          fixed_modality="CT", moving_modality="MR", **options)
 
+    # e.g. torch's "non-tuple sequence for multidimensional indexing" from MONAI's losses
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning,
+                                                             FutureWarning))
+                or "deprecated" in str(w.message)]
     affine_error = registration_error(affine.transform, truth, points)[bumped]
     deformable_error = registration_error(result.transform, truth, points)[bumped]
     assert np.median(deformable_error) < 0.7 * np.median(affine_error)
@@ -86,6 +97,38 @@ def test_deformable_result_round_trips_through_an_h5_file(deformed_pair, tmp_pat
     read = sitk.ReadTransform(str(paths["transform"]))
     assert np.allclose([read.TransformPoint(tuple(p)) for p in points],
                        [result.transform.TransformPoint(tuple(p)) for p in points], atol=1e-3)
+
+
+def test_regularisers_give_the_energies_of_analytic_fields_and_match_monai():
+    """Bending and diffusion energy in voxel units, averaged over the inner voxels and the
+    three components: u_x = x^2 bends by 2 (energy 4 / 3), u_x = x y has a mixed derivative
+    of 1 counted twice (2 / 3), u_x = 3 x diffuses by 3^2 (3); a translation costs nothing."""
+    import monai.losses.deform as monai_deform
+    import torch
+
+    z, y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in (6, 7, 8)),
+                             indexing="ij")
+
+    def field(component_x):
+        u = torch.zeros((1, 3, 6, 7, 8), dtype=torch.float64)
+        u[0, 2] = component_x  # channels follow the spatial axes (z, y, x)
+        return u
+
+    assert float(bending_energy(field(x ** 2))) == pytest.approx(4 / 3)
+    assert float(bending_energy(field(x * y))) == pytest.approx(2 / 3)
+    assert float(bending_energy(field(3 * x))) == pytest.approx(0.0, abs=1e-12)
+    assert float(diffusion_energy(field(3 * x))) == pytest.approx(3.0)
+    assert float(diffusion_energy(field(x * 0 + 5.0))) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="> 2"):
+        bending_energy(torch.zeros((1, 3, 2, 7, 8)))
+
+    random = torch.randn((1, 3, 7, 9, 11), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's list indexing, which ours avoids
+        assert torch.equal(diffusion_energy(random), monai_deform.DiffusionLoss()(random))
+        if hasattr(monai_deform, "spatial_gradient_squared"):  # MONAI >= 1.6: compact stencil
+            assert torch.equal(bending_energy(random),
+                               monai_deform.BendingEnergyLoss()(random))
 
 
 def test_jacobian_of_an_analytic_sine_field_and_its_folding_fraction():
