@@ -15,8 +15,8 @@ Design:
   samples ("ncc") or MONAI's dense ``LocalNormalizedCrossCorrelationLoss`` ("lncc").
 - The regulariser is the bending energy or the diffusion energy of the velocity in
   velocity-grid voxel units (``bending_energy``, ``diffusion_energy``): the formulas of
-  MONAI 1.6's ``BendingEnergyLoss`` and ``DiffusionLoss``, written here because MONAI's
-  fall short in two ways. Its bending energy changed stencil in 1.6 (wide ``[1, 0, -2, 0,
+  MONAI 1.6.1's ``BendingEnergyLoss`` and ``DiffusionLoss``, written here because MONAI's
+  fall short in two ways. Its bending energy changed stencil in 1.6.1 (wide ``[1, 0, -2, 0,
   1] / 4`` before, compact ``[1, -2, 1]`` since), so the same weight would regularise
   differently depending on the MONAI installed; and both index tensors with lists of
   slices, which torch deprecates (a warning at every run now, "an error or a different
@@ -272,7 +272,7 @@ def bending_energy(field):
     """Mean over the inner voxels and the components of ``sum_ij (d2 u / dx_i dx_j)^2``
     (voxel units; central differences: ``[1, -2, 1]`` for pure, the 4-point stencil / 4 for
     mixed derivatives, each mixed pair counted twice). The same value, in the same order of
-    operations, as MONAI 1.6's ``BendingEnergyLoss()``.
+    operations, as MONAI 1.6.1's ``BendingEnergyLoss()``.
     """
     _check_field(field)
     energy = None

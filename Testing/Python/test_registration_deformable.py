@@ -126,7 +126,7 @@ def test_regularisers_give_the_energies_of_analytic_fields_and_match_monai():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI's list indexing, which ours avoids
         assert torch.equal(diffusion_energy(random), monai_deform.DiffusionLoss()(random))
-        if hasattr(monai_deform, "spatial_gradient_squared"):  # MONAI >= 1.6: compact stencil
+        if hasattr(monai_deform, "spatial_gradient_squared"):  # MONAI >= 1.6.1: compact stencil
             assert torch.equal(bending_energy(random),
                                monai_deform.BendingEnergyLoss()(random))
 
