@@ -178,23 +178,21 @@ class LinearSampler:
         n = index.shape[1]
         upper = (self.shape - 1).astype(index.dtype)[:, None]
         test = _work("test", (n,), bool)
-        np.greater_equal(index[0], 0, out=usable)
+        usable.fill(True)
         for axis in range(3):
-            if axis:
-                usable &= np.greater_equal(index[axis], 0, out=test)
+            usable &= np.greater_equal(index[axis], 0, out=test)
             usable &= np.less_equal(index[axis], upper[axis], out=test)
         low = np.floor(index, out=_work("weights", (3, n), index.dtype))
         np.minimum(low, upper - 1, out=low)  # the last cell holds the upper edge
         np.maximum(low, 0, out=low)
         # The cell's first corner, as a flat index: sum of whole-number index times stride.
         origin, term = _work("origin", (n,), np.intp), _work("term", (n,), np.intp)
-        for axis, stride in enumerate((self.offsets[4], self.offsets[2], self.offsets[1])):
-            np.copyto(term if axis else origin, low[axis], casting="unsafe")
-            if axis:
-                term *= stride
-                origin += term
-            else:
-                origin *= stride
+        np.copyto(origin, low[0], casting="unsafe")
+        origin *= self.offsets[4]  # z stride
+        for axis, stride in ((1, self.offsets[2]), (2, self.offsets[1])):  # y, x
+            np.copyto(term, low[axis], casting="unsafe")
+            term *= stride
+            origin += term
         wz, wy, wx = np.subtract(index, low, out=low)  # weights within the cell
         if self.corners is not None:
             # mode "clip": the cells are in range, and "raise" would buffer the output
