@@ -24,6 +24,7 @@ Fused images, and the choices behind them:
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,8 @@ from MultiModalAnalysisLib.images import image_from_array, same_grid, validate_i
 from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.preprocess import resample_to_reference, resample_to_spacing
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
+
+log = logging.getLogger(__name__)
 
 FUSION_METHODS = ("average", "maximum", "checkerboard", "overlay", "laplacian", "wavelet")
 
@@ -155,7 +158,9 @@ def fuse(images: Sequence[sitk.Image], method: str = "average", **options: Any) 
                           f"{', '.join(FUSION_METHODS)}.")
     if len(images) < 2:
         raise ConfigError("fusion needs at least two images.")
-    images = [validate_image(image, f"image {i + 1}") for i, image in enumerate(images)]
+    # every method scales each image by its own range: a constant image has none
+    images = [validate_image(image, f"image {i + 1}", require_contrast=True)
+              for i, image in enumerate(images)]
     reference = images[0]
     aligned = [reference] + [_onto(image, reference) for image in images[1:]]
     if name == "wavelet":
@@ -215,8 +220,12 @@ def _reference_spacing_along(image: sitk.Image, reference: sitk.Image) -> np.nda
 
 def _weighted_mean(arrays: list[np.ndarray], weights: Sequence[float] | None) -> np.ndarray:
     weights = np.ones(len(arrays)) if weights is None else np.asarray(weights, dtype=float)
-    if len(weights) != len(arrays) or np.any(weights < 0) or weights.sum() <= 0:
-        raise ConfigError(f"weights must be {len(arrays)} non-negative numbers, not all 0.")
+    if len(weights) != len(arrays):
+        raise ConfigError(f"give one weight per image: {len(arrays)} images, {len(weights)} "
+                          "weight(s).")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ConfigError(f"weights must be non-negative numbers, not all 0 (got "
+                          f"{', '.join(f'{w:g}' for w in weights)}).")
     return np.tensordot(weights / weights.sum(), np.stack(arrays), axes=1)
 
 
@@ -258,8 +267,18 @@ def colour_overlay(base: sitk.Image, overlay: sitk.Image, *, colormap: str = "ho
 
 
 def laplacian_pyramid_fusion(arrays: Sequence[np.ndarray], levels: int = 3) -> np.ndarray:
-    """Fuse same-shape arrays by Laplacian pyramids (max-magnitude details, mean base)."""
+    """Fuse same-shape arrays by Laplacian pyramids (max-magnitude details, mean base).
+
+    ``levels`` is at most this many halvings: a level stops once an axis is under 4 voxels
+    (logged when fewer than asked fit the image).
+    """
+    if isinstance(levels, bool) or int(levels) != levels or levels < 1:
+        raise ConfigError(f"the Laplacian pyramid needs 1 or more levels, not {levels}.")
+    levels = int(levels)
     pyramids = [_laplacian_pyramid(np.asarray(a, dtype=np.float32), levels) for a in arrays]
+    if len(pyramids[0]) - 1 < levels:
+        log.info("%d of the %d Laplacian pyramid levels asked for fit an image of %s voxels.",
+                 len(pyramids[0]) - 1, levels, "x".join(map(str, np.shape(arrays[0])[::-1])))
     fused = [np.choose(np.argmax(np.abs(np.stack(layers)), axis=0), layers)
              for layers in zip(*(p[:-1] for p in pyramids), strict=True)]
     result = np.mean([p[-1] for p in pyramids], axis=0)
@@ -343,6 +362,10 @@ def wavelet_fusion(
         raise ConfigError(f"level must be 1 or more, got {level}.")
     image_a = validate_image(image_a, "the first image")
     image_b = _onto(validate_image(image_b, "the second image"), image_a)
+    deepest = max(1, pywt.dwtn_max_level(image_a.GetSize(), wavelet))
+    if int(level) > deepest:
+        raise ConfigError(f"a {'x'.join(map(str, image_a.GetSize()))} image supports at most "
+                          f"{deepest} level(s) of the '{wavelet}' wavelet, not {level}.")
     a = sitk.GetArrayFromImage(image_a).astype(np.float64)
     b = sitk.GetArrayFromImage(image_b).astype(np.float64)
     inside = np.ones(a.shape, bool)

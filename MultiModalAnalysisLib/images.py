@@ -249,3 +249,21 @@ def describe(image: sitk.Image) -> str:
     spacing = "x".join(f"{s:.3g}" for s in image.GetSpacing())
     size = "x".join(str(s) for s in image.GetSize())
     return f"{size} voxels at {spacing} mm, {image.GetPixelIDTypeAsString()}"
+
+
+def implausible_intensities(modality: str, image: sitk.Image) -> str | None:
+    """A reason to doubt that ``image`` is of ``modality`` (CT in HU, PET in SUV or Bq/ml),
+    from its value range; ``None`` when it looks right or the modality has no fixed scale."""
+    from MultiModalAnalysisLib.modalities import modality_family
+
+    family = modality_family(modality)
+    if family not in ("CT", "PET"):
+        return None
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    low, high = stats.GetMinimum(), stats.GetMaximum()
+    if family == "CT" and (low > -100 or high < 100):
+        return f"values {low:g}..{high:g} do not look like CT in HU (air/fat below -100)"
+    if family == "PET" and low < -1.0:
+        return f"values {low:g}..{high:g} go below 0, unlike PET uptake"
+    return None

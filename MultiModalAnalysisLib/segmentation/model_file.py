@@ -18,6 +18,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import MissingModalityError, ModelError
+from MultiModalAnalysisLib.images import implausible_intensities
 from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.segmentation.network import build_network
 
@@ -95,6 +96,8 @@ class SegmentationModel:
 
         Raises:
             MissingModalityError: a modality the model needs is not among ``images``.
+            ModelError: an image's values do not fit its modality (a CT that is not in HU,
+                a PET with negative uptake: e.g. two inputs swapped).
         """
         by_name = {}
         for name, image in images.items():
@@ -116,6 +119,17 @@ class SegmentationModel:
         extra = [name for name in by_name if name not in self.modalities]
         if extra:
             log.info("model '%s' ignores the inputs %s", self.name, ", ".join(extra))
+        doubts = [f"{m}: {doubt}" for m in self.modalities
+                  if (doubt := implausible_intensities(m, by_name[m])) is not None]
+        if doubts:
+            # The network's intensity windows assume these units: a swapped or unconverted
+            # input gives a confident, wrong segmentation (a PET given as CT segmented
+            # 2.6 L of "tumour" on STS_001, 0.4 L in truth).
+            raise ModelError(
+                f"model '{self.name}' takes {', '.join(self.modalities)}, and "
+                + "; ".join(doubts) + ". Check that each image is given under its own "
+                "modality (NAME=PATH) and in the units the model expects (CT in HU, PET in "
+                "SUV).")
         return {m: by_name[m] for m in self.modalities}
 
     def save(self, path: str | Path) -> Path:

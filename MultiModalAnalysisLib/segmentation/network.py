@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from MultiModalAnalysisLib.errors import ConfigError
 
 # A compact 3-D U-Net (MONAI ``UNet`` with residual units, about 0.6 M parameters) that
@@ -19,6 +21,22 @@ DEFAULT_NETWORK: dict[str, Any] = {
         "dropout": 0.1,
     },
 }
+
+
+def size_multiple(spec: dict[str, Any]) -> int:
+    """What every patch dimension must be a multiple of for the network of ``spec``: the
+    product of its strides (U-Net, DynUNet) or ``2 ** (len(blocks_down) - 1)`` (SegResNet);
+    1 where the spec does not say (or gives strides per axis)."""
+    kwargs = spec.get("kwargs", {})
+    if "strides" in kwargs:
+        if any(isinstance(stride, list | tuple) for stride in kwargs["strides"]):
+            return 1  # strides per axis: not checked here
+        return max(int(np.prod([int(stride) for stride in kwargs["strides"]])), 1)
+    if "blocks_down" in kwargs:
+        return 2 ** (len(kwargs["blocks_down"]) - 1)
+    if spec.get("name") == "SegResNet":
+        return 8  # MONAI's default: four levels
+    return 1
 
 
 def build_network(spec: dict[str, Any], in_channels: int, out_channels: int):

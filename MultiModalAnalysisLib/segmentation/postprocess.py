@@ -85,6 +85,9 @@ def clean_labels(
     Returns:
         A new label map of the same pixel type on the same grid.
     """
+    if not min_volume_mm3 >= 0:  # also NaN
+        raise ConfigError(f"the minimum component volume must be 0 mm^3 or more, not "
+                          f"{min_volume_mm3}.")
     if not (keep_largest or fill or min_volume_mm3 > 0):
         return sitk.Image(labels)
     source = sitk.GetArrayViewFromImage(labels)

@@ -29,7 +29,11 @@ from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_
 from MultiModalAnalysisLib.segmentation.inference import predict_probabilities
 from MultiModalAnalysisLib.segmentation.model_file import SegmentationModel, library_versions
 from MultiModalAnalysisLib.segmentation.model_inputs import default_normalisation
-from MultiModalAnalysisLib.segmentation.network import DEFAULT_NETWORK, build_network
+from MultiModalAnalysisLib.segmentation.network import (
+    DEFAULT_NETWORK,
+    build_network,
+    size_multiple,
+)
 from MultiModalAnalysisLib.segmentation.result import default_label_colors
 from MultiModalAnalysisLib.segmentation.training_data import (
     TrainingCase,
@@ -83,6 +87,9 @@ def _split_cases(
             raise ManifestError("no case is left for training after taking the validation cases.")
         return chosen, validation
     if len(chosen) == 1:
+        if fraction > 0:
+            log.warning("one training case: it is also the validation case, so the validation "
+                        "Dice measures the fit to it, not how the model does on new cases.")
         return chosen, chosen if fraction > 0 else []  # one case: validate on itself
     if fraction <= 0:
         return chosen, []
@@ -230,6 +237,22 @@ def train_segmentation(
         raise ConfigError("train_segmentation needs at least one modality.")
     if epochs < 1 or batch_size < 1 or patches_per_case < 1:
         raise ConfigError("epochs, batch_size and patches_per_case must be at least 1.")
+    if iterations_per_epoch is not None and iterations_per_epoch < 1:
+        raise ConfigError(f"iterations_per_epoch must be at least 1 (or None: one per "
+                          f"training case), not {iterations_per_epoch}.")
+    if not learning_rate >= 0 or not weight_decay >= 0:
+        raise ConfigError(f"the learning rate and the weight decay must be 0 or more (got "
+                          f"{learning_rate} and {weight_decay}).")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ConfigError(f"validation_fraction is the share of cases held out, from 0 to "
+                          f"below 1, not {validation_fraction}.")
+    spec = network or DEFAULT_NETWORK
+    multiple = size_multiple(spec)
+    if len(patch_size) != 3 or any(int(n) < multiple or int(n) % multiple for n in patch_size):
+        raise ConfigError(
+            f"patch size {' x '.join(str(n) for n in patch_size)}: give three sizes (x y z), "
+            f"each a multiple of {multiple} (the network halves the patch "
+            f"{multiple.bit_length() - 1} times), e.g. 64 64 32.")
     train_ids, validation_ids = _split_cases(
         manifest, cases, validation_cases, validation_fraction, seed
     )
@@ -259,6 +282,15 @@ def train_segmentation(
     by_id = {case.case_id: case for case in prepared}
     training = [by_id[c] for c in train_ids]
     validation = [by_id[c] for c in validation_ids]
+    largest = np.max([c.label.shape for c in prepared], axis=0)
+    fits = -(-largest // multiple) * multiple  # the largest case, padded to the multiple
+    if any(p > 2 * f for p, f in zip(patch_zyx, fits, strict=True)):
+        # mostly padding, and the memory may not hold it (512 x 512 x 256 took 22 GB)
+        raise ConfigError(
+            f"patch size {' x '.join(str(int(n)) for n in patch_size)} is more than twice "
+            f"the largest training case ({' x '.join(str(int(n)) for n in largest[::-1])} "
+            f"voxels at {' x '.join(f'{s:g}' for s in spacing)} mm): the patches would be "
+            f"mostly padding; use at most {' x '.join(str(int(n)) for n in fits[::-1])}.")
 
     def fit(torch_device) -> TrainingResult:
         # everything that holds state is built here, so a CUDA out-of-memory error can

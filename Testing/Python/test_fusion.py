@@ -10,7 +10,7 @@ from registration_phantoms import phantom, rigid
 from synthetic import make_image
 
 from MultiModalAnalysisLib.case import Case
-from MultiModalAnalysisLib.errors import ConfigError, GeometryError
+from MultiModalAnalysisLib.errors import ConfigError, ConstantImageError, GeometryError
 from MultiModalAnalysisLib.fusion import (
     FUSION_METHODS,
     fuse,
@@ -110,6 +110,7 @@ def test_fusing_onto_a_grid_as_fine_along_some_axes_smooths_only_the_coarser_one
     coarse_z = sitk.Image([30, 30, 10], sitk.sitkFloat32)
     coarse_z.SetSpacing((1.0, 1.0, 3.0))
     coarse_z.SetOrigin((-15.0, -15.0, -15.0))
+    coarse_z[0, 0, 0] = 0.5  # (a constant image is refused: fusion scales by the range)
 
     on_coarse = sitk.GetArrayFromImage(fuse([coarse_z, fine], "maximum"))
     peak = np.unravel_index(np.argmax(on_coarse), on_coarse.shape)
@@ -121,6 +122,7 @@ def test_fusing_onto_a_grid_as_fine_along_some_axes_smooths_only_the_coarser_one
     coarse = sitk.Image([10, 10, 10], sitk.sitkFloat32)
     coarse.SetSpacing((3.0, 3.0, 3.0))
     coarse.SetOrigin((-15.0, -15.0, -15.0))
+    coarse[0, 0, 0] = 0.5
     thick = sitk.Resample(fine, [30, 30, 10], sitk.Transform(), sitk.sitkLinear,
                           fine.GetOrigin(), (1.0, 1.0, 3.0))
     fused = fuse([coarse, thick], "maximum")  # z already as coarse as the reference
@@ -190,3 +192,13 @@ def test_fusion_refuses_unknown_methods_and_bad_options():
         fuse([ct], "average")
     with pytest.raises(ConfigError, match="square size must be a positive length"):
         fuse([ct, mr], "checkerboard", square_mm=0)
+    with pytest.raises(ConfigError, match="one weight per image: 2 images, 1 weight"):
+        fuse([ct, mr], "average", weights=[1.0])
+    with pytest.raises(ConfigError, match="1 or more levels"):
+        fuse([ct, mr], "laplacian", levels=0)
+    with pytest.raises(ConfigError, match=r"supports at most \d level\(s\) of the 'sym8'"):
+        fuse([ct, mr], "wavelet", level=50)
+    blank = sitk.Image(ct.GetSize(), sitk.sitkFloat32)
+    blank.CopyInformation(ct)
+    with pytest.raises(ConstantImageError, match="image 2 is constant"):
+        fuse([ct, blank], "average")  # each image is scaled by its own range: none here

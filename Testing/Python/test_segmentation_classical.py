@@ -214,3 +214,5 @@ def test_clean_labels_works_per_label_without_eating_other_labels():
     assert cleaned[0, 0, 0] == 0
     assert np.all(cleaned[4:6, 8:12, 8:12] == 2)
     assert np.count_nonzero(cleaned == 1) == np.count_nonzero(array == 1) - 1
+    with pytest.raises(ConfigError, match="minimum component volume must be 0 mm"):
+        clean_labels(labels, min_volume_mm3=-5.0)  # was accepted, and did nothing
