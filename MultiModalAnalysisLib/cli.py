@@ -571,14 +571,21 @@ def _run_fuse(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.io import read_image, read_mask, write_image
 
     images = [read_image(args.reference)] + [read_image(path) for path in args.images]
+    if args.mask and args.method != "wavelet":
+        log.warning("--mask applies to wavelet fusion only; ignored for --method %s.",
+                    args.method)
+    if args.weights and args.method != "average":
+        log.warning("--weights applies to average fusion only; ignored for --method %s.",
+                    args.method)
     options = {
-        "average": {"weights": args.weights},
-        "checkerboard": {"square_mm": args.square_mm},
-        "overlay": {"colormap": args.colormap},
-        "laplacian": {"levels": args.pyramid_levels},
-        "wavelet": {"weight_b": args.weight, "wavelet": args.wavelet, "level": args.level,
-                    "mask": read_mask(args.mask) if args.mask else None},
-    }.get(args.method, {})
+        "average": lambda: {"weights": args.weights},
+        "checkerboard": lambda: {"square_mm": args.square_mm},
+        "overlay": lambda: {"colormap": args.colormap},
+        "laplacian": lambda: {"levels": args.pyramid_levels},
+        "wavelet": lambda: {"weight_b": args.weight, "wavelet": args.wavelet,
+                            "level": args.level,
+                            "mask": read_mask(args.mask) if args.mask else None},
+    }.get(args.method, dict)()
     fused = fuse(images, args.method, **options)
     print(f"wrote {write_image(fused, args.output)} ({args.method} fusion of "
           f"{len(images)} images on the grid of {args.reference.name})")
@@ -606,6 +613,7 @@ def _named_images(arguments: Sequence[str], model_modalities: Sequence[str] | No
     name take the model's modalities in order; otherwise ``image1``, ``image2`` ...
     """
     from MultiModalAnalysisLib.errors import ConfigError
+    from MultiModalAnalysisLib.images import implausible_intensities
     from MultiModalAnalysisLib.io import read_image
 
     parsed = [_image_argument(a) for a in arguments]
@@ -627,28 +635,10 @@ def _named_images(arguments: Sequence[str], model_modalities: Sequence[str] | No
         if key in images:
             raise ConfigError(f"two images are named {key}: name them NAME=PATH.")
         images[key] = read_image(path, name=f"{key} ({path})")
-        doubt = _implausible_intensities(key, images[key])
-        if doubt:
+        doubt = implausible_intensities(key, images[key]) if not model_modalities else None
+        if doubt:  # (a model refuses such inputs: SegmentationModel.check_inputs)
             log.warning("%s (%s): %s; is it the right image?", key, path, doubt)
     return images
-
-
-def _implausible_intensities(modality: str, image) -> str | None:
-    """A reason to doubt that ``image`` is of ``modality`` (CT in HU, PET in SUV or Bq/ml),
-    from its value range; ``None`` when it looks right or the modality has no fixed scale."""
-    import SimpleITK as sitk
-
-    from MultiModalAnalysisLib.modalities import modality_family
-
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(image)
-    low, high = stats.GetMinimum(), stats.GetMaximum()
-    family = modality_family(modality)
-    if family == "CT" and (low > -100 or high < 100):
-        return f"values {low:g}..{high:g} do not look like CT in HU (air/fat below -100)"
-    if family == "PET" and low < -1.0:
-        return f"values {low:g}..{high:g} go below 0, unlike PET uptake"
-    return None
 
 
 def _add_segment(subparsers: argparse._SubParsersAction) -> None:
@@ -772,9 +762,12 @@ def _add_train_segmentation(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train_segmentation(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.errors import ConfigError
     from MultiModalAnalysisLib.segmentation import train_segmentation
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be 1 or more, not {args.threads}.")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -833,13 +826,20 @@ IMAGE_OUTPUTS = {  # commands whose --output (and --probabilities) are volumes
 OUTPUT_FOLDER_FILES = {  # what a command writes into --output-dir
     "register": ("warped.nii.gz", "transform.tfm", "transform.h5", "metrics.json", "qc.png"),
 }
+FOLDER_OUTPUTS = ("train-segmentation", "train-classifier")  # --output may be a model folder
+TABLE_OUTPUTS = ("manifest", "features", "classify")  # --output is a CSV table
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".tsv")
 
 
 def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
     """Inputs are never modified: an output path that names an input file, or two outputs
     that name one file, is an error before any work is done; so are an output file that is
-    a folder (or an --output-dir that is a file) and a volume output without an image
-    suffix."""
+    a folder (or an --output-dir that is a file), a volume output without an image suffix,
+    a table output not ending in .csv, and an output where the system will not let us write.
+
+    Inputs are the files named on the command line, the files a --manifest lists, every
+    file of a --model folder and the images of a scanned case folder. A model folder is
+    also an acceptable --output of the training commands (it is replaced)."""
     from MultiModalAnalysisLib.errors import ConfigError
     from MultiModalAnalysisLib.io import IMAGE_SUFFIXES, has_image_suffix
 
@@ -849,11 +849,14 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is None:
             continue
-        if Path(value).is_dir():
+        if Path(value).is_dir() and command not in FOLDER_OUTPUTS:
             raise ConfigError(f"--{name} {value} is a folder: give a file name.")
         if name in IMAGE_OUTPUTS.get(command, ()) and not has_image_suffix(value):
             raise ConfigError(f"--{name} {value}: a volume is written; end the name in one "
                               f"of {', '.join(IMAGE_SUFFIXES)}.")
+        if command in TABLE_OUTPUTS and name == "output" and not str(value).lower().endswith(
+                TABLE_SUFFIXES):
+            raise ConfigError(f"--output {value}: a table is written; end the name in .csv.")
         outputs.append((f"--{name}", Path(value)))
         if name == "probabilities":  # (segment imports the segmentation engine anyway)
             from MultiModalAnalysisLib.segmentation.result import uncertainty_path
@@ -864,7 +867,8 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
         raise ConfigError(f"--output-dir {folder} is a file: give a folder.")
     for file_name in OUTPUT_FOLDER_FILES.get(command, ()):
         outputs.append((f"--output-dir's {file_name}", Path(folder) / file_name))
-    inputs = {}
+    inputs: dict[Path, str] = {}
+    folders: list[tuple[Path, str, bool]] = []  # (input folder, argument, all its files)
     for name, value in vars(args).items():
         if name in OUTPUT_FILES or name in ("output_dir", "func", "command"):
             continue
@@ -874,15 +878,76 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
                 path = Path(text.partition("=")[2] if "=" in text else text)
                 if path.is_file():
                     inputs[path.resolve()] = text
+                    if name == "manifest":
+                        inputs.update(_files_listed_in(path))
+                elif path.is_dir() and name in ("model", "folder"):
+                    # a model folder is read whole; a scanned cohort folder, for its images
+                    folders.append((path.resolve(), text, name == "model"))
     seen: dict[Path, str] = {}
     for label, path in outputs:
         resolved = path.resolve()
+        if resolved not in inputs and resolved.is_file():
+            for folder, text, whole in folders:
+                if resolved.is_relative_to(folder) and (whole or has_image_suffix(resolved)):
+                    inputs[resolved] = f"in {text}"
         if resolved in inputs:
             raise ConfigError(f"{label} {path} is also an input ({inputs[resolved]}): inputs "
                               "are never overwritten; write to another file.")
         if resolved in seen:
             raise ConfigError(f"{label} and {seen[resolved]} name the same file ({path}).")
         seen[resolved] = label
+        _check_writable(resolved.parent, label, path)
+
+
+def _check_writable(folder: Path, label: str, path: Path) -> None:
+    """Refuse, before any work, an output whose folder (or the closest existing folder
+    above it, where it is still to be made) the system will not let us write into."""
+    import tempfile
+
+    from MultiModalAnalysisLib.errors import ConfigError
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{label} {path}: {existing} is a file, not a folder.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{label} {path}: cannot write into {existing} "
+                          f"({error.strerror or error}); choose another place.") from None
+
+
+def _files_listed_in(manifest: Path) -> dict[Path, str]:
+    """The existing files a manifest (CSV) names, relative paths against its folder; an
+    unreadable manifest names none here (the command itself then says what is wrong)."""
+    import csv
+
+    listed: dict[Path, str] = {}
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return listed
+    for row in rows[1:]:
+        for cell in row:
+            text = cell.strip()
+            if not text or text[0] in "+-.0123456789" and _is_number(text):
+                continue
+            path = Path(text)
+            path = path if path.is_absolute() else manifest.parent / path
+            if path.is_file():
+                listed[path.resolve()] = f"listed in {manifest}"
+    return listed
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import SimpleITK as sitk
 from MultiModalAnalysisLib.errors import MMAError
 from MultiModalAnalysisLib.io import write_image
 from MultiModalAnalysisLib.preprocess import resample_to_reference
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,7 +59,9 @@ class RegistrationResult:
 
     def save(self, output_dir: str | Path, *, qc: bool = True) -> dict[str, Path]:
         """Write warped.nii.gz, transform.tfm (linear) or transform.h5, metrics.json and
-        qc.png to ``output_dir``; returns the paths by name.
+        qc.png to ``output_dir``; returns the paths by name. A transform of the other kind or
+        a QC figure left there by an earlier registration is removed (logged), so the folder
+        holds one registration's results.
 
         The transform file is readable by ``SimpleITK.ReadTransform`` and maps fixed points
         to moving points.
@@ -76,6 +81,12 @@ class RegistrationResult:
         paths["metrics"] = metrics_path
         if qc:
             paths["qc"] = self.qc_figure(output_dir / "qc.png")
+        # This method owns these names in the folder: an earlier run's transform of the
+        # other kind (or its QC figure) would sit beside this run's results and pass for them.
+        for stale in {"transform.tfm", "transform.h5", "qc.png"} - {p.name for p in paths.values()}:
+            if (output_dir / stale).is_file():
+                (output_dir / stale).unlink()
+                log.info("removed %s, left in %s by an earlier registration", stale, output_dir)
         return paths
 
     def qc_figure(self, path: str | Path) -> Path:

@@ -52,6 +52,9 @@ def test_mma_register_deformable_reports_jacobian_and_folding(tmp_path):
     mask = sitk.Cast(phantom("CT", noise=0.0) > 30, sitk.sitkUInt8)
     sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
     out = tmp_path / "out"
+    out.mkdir()  # holding an earlier rigid run's transform and QC figure
+    for stale in ("transform.tfm", "qc.png"):
+        (out / stale).write_text("an earlier run")
 
     status = main(["-q", "register", str(tmp_path / "fixed.nii.gz"),
                    str(tmp_path / "moving.nii.gz"), "--transform", "deformable",
@@ -64,7 +67,8 @@ def test_mma_register_deformable_reports_jacobian_and_folding(tmp_path):
     assert metrics["folding_percent"] < 0.1
     transform = sitk.ReadTransform(str(out / "transform.h5"))
     assert not transform.IsLinear()
-    assert not (out / "qc.png").exists()
+    assert not (out / "qc.png").exists()  # not asked for, and the earlier one removed
+    assert not (out / "transform.tfm").exists()  # only this run's transform is left
 
 
 def test_mma_register_refuses_a_2d_image_in_one_line(tmp_path, capsys):

@@ -48,6 +48,7 @@ def test_mma_segment_threshold_names_images_from_their_file_names(cohort, capsys
 def test_mma_train_segmentation_then_segment_with_the_model(cohort, capsys):
     folder, manifest, (images, mask) = cohort
     threads = torch.get_num_threads()
+    (folder / "model").mkdir()  # an existing (here empty) model folder is written into
     status = main(["-q", "train-segmentation", "--manifest", str(manifest), "--modalities",
                    "CT,PET,MR_T1", "--label-column", "mask", "--output", str(folder / "model"),
                    "--epochs", "2", "--iterations-per-epoch", "3", "--spacing", "2", "2", "3",
@@ -76,6 +77,16 @@ def test_mma_train_segmentation_then_segment_with_the_model(cohort, capsys):
                    str(folder / "model"), "--output", str(folder / "seg2.nii.gz"), "--no-tta"])
     assert status == 0, capsys.readouterr().err
 
+    # Swapped inputs: the model refuses them instead of segmenting nonsense.
+    status = main(["-q", "segment", f"CT={case / 'PET_image.nii.gz'}",
+                   f"PET={case / 'CT_image.nii.gz'}", f"MR_T1={case / 'MR_T1_image.nii.gz'}",
+                   "--method", "model", "--model", str(folder / "model"), "--output",
+                   str(folder / "swapped.nii.gz")])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "do not look like CT in HU" in err and "go below 0, unlike PET" in err
+    assert not (folder / "swapped.nii.gz").exists()
+
 
 def test_mma_segment_user_errors_are_one_line_with_status_2(cohort, capsys):
     folder, _, _ = cohort
@@ -88,3 +99,24 @@ def test_mma_segment_user_errors_are_one_line_with_status_2(cohort, capsys):
                    "--order-by", "PET", "--output", str(folder / "x.nii.gz")])
     err = capsys.readouterr().err
     assert status == 2 and "no image named PET" in err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--patch-size", "40", "40", "20"], "each a multiple of 8"),
+    (["--patch-size", "512", "512", "256"], "more than twice the largest training case"),
+    (["--threads", "-1"], "--threads must be 1 or more"),
+    (["--learning-rate", "-1"], "must be 0 or more"),
+    (["--iterations-per-epoch", "0"], "iterations_per_epoch must be at least 1"),
+    (["--validation-fraction", "1.5"], "from 0 to below 1"),
+])
+def test_mma_train_segmentation_refuses_bad_settings_before_training(cohort, capsys, options,
+                                                                     message):
+    folder, manifest, _ = cohort
+    threads = torch.get_num_threads()
+    status = main(["-q", "train-segmentation", "--manifest", str(manifest), "--modalities",
+                   "CT,PET", "--label-column", "mask", "--output", str(folder / "bad"),
+                   "--epochs", "1", "--device", "cpu", *options])
+    torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and "Traceback" not in err, err
+    assert not (folder / "bad").exists()

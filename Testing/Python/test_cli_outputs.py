@@ -1,0 +1,65 @@
+"""What the ``mma`` command refuses to write, before it does any work: inputs reached
+through a manifest, a model folder or a scanned case folder, tables under image names, and
+places it cannot write into."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from synthetic import make_image
+
+from MultiModalAnalysisLib.cli import main
+
+
+def _cohort(folder):
+    """Two cases in the STS layout and their manifest, written by ``mma manifest``."""
+    rng = np.random.default_rng(3)
+    for case in ("A", "B"):
+        (folder / "cases" / case).mkdir(parents=True)
+        ct = make_image(rng.normal(0, 200, (8, 12, 12)).astype(np.float32))
+        sitk.WriteImage(ct, str(folder / "cases" / case / "CT_image.nii.gz"))
+        mask = make_image(np.pad(np.ones((4, 6, 6), np.uint8), ((2, 2), (3, 3), (3, 3))))
+        sitk.WriteImage(mask, str(folder / "cases" / case / "CT_mask.nii.gz"))
+    assert main(["-q", "manifest", str(folder / "cases"), "--output",
+                 str(folder / "cases.csv")]) == 0
+    return folder / "cases.csv"
+
+
+def _refused(capsys, argv, message):
+    status = main(["-q", *argv])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_outputs_never_replace_inputs_reached_indirectly(tmp_path, capsys):
+    manifest = _cohort(tmp_path)
+    image = tmp_path / "cases" / "B" / "CT_image.nii.gz"
+    before = image.read_bytes()
+    # a file the manifest lists (here as a training command's output)
+    _refused(capsys, ["train-classifier", "--manifest", str(manifest), "--label-column", "x",
+                      "--output", str(image)], f"is also an input (listed in {manifest})")
+    # an image of the case folder being scanned
+    _refused(capsys, ["manifest", str(tmp_path / "cases"), "--output",
+                      str(tmp_path / "cases" / "B" / "CT_image.nii.gz")], "end the name in .csv")
+    # a file of the model folder a command reads
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "cv_predictions.csv").write_text("case_id,probability\n")
+    _refused(capsys, ["classify", "--model", str(model), "--manifest", str(manifest),
+                      "--output", str(model / "cv_predictions.csv")], "is also an input (in ")
+    assert (model / "cv_predictions.csv").read_text() == "case_id,probability\n"
+    # a table under an image's name (pandas would gzip a CSV into it)
+    _refused(capsys, ["features", "--manifest", str(manifest), "--modalities", "CT",
+                      "--mask-column", "CT_mask", "--output", str(image)],
+             "a table is written; end the name in .csv")
+    assert image.read_bytes() == before
+
+
+def test_an_output_where_nothing_can_be_written_is_refused_before_the_work(tmp_path, capsys):
+    manifest = _cohort(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    _refused(capsys, ["features", "--manifest", str(manifest), "--modalities", "CT",
+                      "--mask-column", "CT_mask", "--output", str(blocker / "f.csv")],
+             "is a file, not a folder")
