@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 
 MASK_WORDS = ("mask", "label", "seg", "gtv", "roi")
 
+# How many column names an error message lists: a feature table has about a thousand.
+SHOWN_COLUMNS = 20
+
+
+def column_list(columns: Iterable[Any], limit: int = SHOWN_COLUMNS) -> str:
+    """The first ``limit`` column names, comma-separated, then how many more there are."""
+    names = [str(c) for c in columns]
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
 
 @dataclass
 class Case:
@@ -216,7 +226,7 @@ class Manifest:
                 return name
         raise ManifestError(
             f"{self.path} has no column for modality {key} (columns: "
-            f"{', '.join(map(str, self.table.columns))})."
+            f"{column_list(self.table.columns)})."
         )
 
     def column(self, name: str) -> str:
@@ -224,7 +234,7 @@ class Manifest:
         if name not in self.table.columns:
             raise ManifestError(
                 f"{self.path} has no column '{name}' (columns: "
-                f"{', '.join(map(str, self.table.columns))})."
+                f"{column_list(self.table.columns)})."
             )
         return name
 
@@ -312,7 +322,7 @@ def read_manifest(path: str | Path) -> Manifest:
     if "case_id" not in table.columns:
         raise ManifestError(
             f"manifest {path} has no 'case_id' column (columns: "
-            f"{', '.join(map(str, table.columns))}). Name the patient-id column case_id."
+            f"{column_list(table.columns)}). Name the patient-id column case_id."
         )
     table["case_id"] = table["case_id"].astype(str).str.strip()
     duplicated = table["case_id"][table["case_id"].duplicated()].tolist()

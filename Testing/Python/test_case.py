@@ -117,6 +117,26 @@ def test_manifest_errors_name_the_file_and_the_problem(tmp_path, sample_case_pat
         manifest.load_case("Z", ["CT"])
 
 
+def test_manifest_errors_list_the_first_columns_of_a_wide_table_and_count_the_rest(tmp_path):
+    # a feature table has about a thousand columns: the error must stay one readable line
+    columns = ["case_id", *(f"CT_feature_{i:03d}" for i in range(500))]
+    wide = tmp_path / "features.csv"
+    wide.write_text(",".join(columns) + "\nA," + ",".join(["1.0"] * 500) + "\n")
+    manifest = read_manifest(wide)
+    for lookup in (lambda: manifest.column("CT_mask"), lambda: manifest.modality_column("PET")):
+        with pytest.raises(ManifestError) as error:
+            lookup()
+        message = str(error.value)
+        assert "CT_feature_018" in message and "CT_feature_019" not in message
+        assert "... and 481 more" in message and len(message) < 600
+
+    no_id = tmp_path / "no_id.csv"
+    no_id.write_text(",".join(["patient", *columns[1:]]) + "\n")
+    with pytest.raises(ManifestError, match="no 'case_id' column.*and 481 more") as error:
+        read_manifest(no_id)
+    assert len(str(error.value)) < 600
+
+
 def test_outcomes_join_is_checked_and_keeps_integer_labels(tmp_path, sample_case_path, caplog):
     """Ids that name no case folder are an error (not an empty outcome column); a partial
     join warns and keeps 0/1 as integers; semicolons are read; hidden folders are no cases."""
