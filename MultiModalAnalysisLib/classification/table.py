@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from MultiModalAnalysisLib.case import MASK_WORDS, Manifest, read_manifest
+from MultiModalAnalysisLib.case import MASK_WORDS, Manifest, column_list, read_manifest
+from MultiModalAnalysisLib.classification.labels import normalise_label
 from MultiModalAnalysisLib.errors import ManifestError
 from MultiModalAnalysisLib.io import has_image_suffix
 
@@ -65,6 +66,47 @@ def image_path_columns(table: pd.DataFrame) -> list[str]:
     return columns
 
 
+def two_valued_columns(table: pd.DataFrame) -> list[str]:
+    """The columns (``case_id`` aside) holding exactly two distinct values: those that can
+    serve as a binary classifier's label column."""
+    return [str(c) for c in table.columns if str(c) != "case_id"
+            and len({normalise_label(v) for v in table[c].dropna()}) == 2]
+
+
+def _outcome_hint(table: pd.DataFrame, path_columns: Sequence[str] = ()) -> str:
+    candidates = [c for c in two_valued_columns(table) if c not in path_columns]
+    if candidates:
+        return f"columns with two values here: {column_list(candidates, 10)}"
+    return ("no column here holds two values: add the outcome column to the table, joined "
+            "by case_id")
+
+
+def check_label_column(
+    table: pd.DataFrame, label_column: str, source: str, *, path_columns: Sequence[str] = ()
+) -> None:
+    """Refuse a label column that cannot hold a binary outcome: absent, ``case_id``, a column
+    of image paths, or more than two distinct values.
+
+    Raises:
+        ManifestError: naming the column and the columns that could serve.
+    """
+    if label_column not in table.columns:
+        raise ManifestError(f"{source} has no label column '{label_column}' (columns: "
+                            f"{column_list(table.columns)}); {_outcome_hint(table, path_columns)}.")
+    if label_column == "case_id" or label_column in path_columns:
+        what = "the case ids" if label_column == "case_id" else "image paths"
+        raise ManifestError(
+            f"{source}: the label column '{label_column}' holds {what}, not an outcome; give "
+            f"the column of each case's binary outcome ({_outcome_hint(table, path_columns)}).")
+    values = sorted({str(normalise_label(v)) for v in table[label_column].dropna()})
+    if len(values) > 2:
+        raise ManifestError(
+            f"{source}: the label column '{label_column}' holds {len(values)} distinct values "
+            f"({', '.join(values[:4])}{' ...' if len(values) > 4 else ''}), not a binary "
+            f"outcome; give the column of each case's outcome "
+            f"({_outcome_hint(table, path_columns)}).")
+
+
 def feature_table_from_frame(
     table: pd.DataFrame,
     label_column: str | None = None,
@@ -84,16 +126,21 @@ def feature_table_from_frame(
         source: names the table in messages.
 
     Raises:
-        ManifestError: no ``case_id`` or label column, unknown excluded column, or no
-            numeric feature left.
+        ManifestError: no ``case_id`` column, a label column that cannot hold a binary
+            outcome (see :func:`check_label_column`), unknown excluded column, or no numeric
+            feature left.
     """
     if "case_id" not in table.columns:
         raise ManifestError(f"{source} has no 'case_id' column.")
-    missing = [c for c in [label_column, *exclude] if c is not None and c not in table.columns]
+    if label_column is not None:
+        check_label_column(table, label_column, source)
+    # case_id is never a feature: excluding it as well asks for nothing
+    exclude = [c for c in exclude if c != "case_id"]
+    missing = [c for c in exclude if c not in table.columns]
     if missing:
         raise ManifestError(
             f"{source} has no column(s) {', '.join(missing)} (columns: "
-            f"{', '.join(map(str, table.columns[:20]))}{' ...' if table.shape[1] > 20 else ''})."
+            f"{column_list(table.columns)})."
         )
     table = table.set_index(table["case_id"].astype(str).str.strip()).drop(columns="case_id")
     table.index.name = "case_id"
@@ -125,7 +172,7 @@ def feature_table_from_frame(
     if features.shape[1] == 0:
         raise ManifestError(
             f"{source} holds no numeric feature column (columns: "
-            f"{', '.join(map(str, table.columns[:20]))}). Give the table written by "
+            f"{column_list(table.columns)}). Give the table written by "
             "`mma features` (case_id, one column per feature, the label column)."
         )
     if dropped:
@@ -220,12 +267,16 @@ def features_from_image_manifest(
         device, progress, cancel: as for :func:`features.extract_features`.
 
     Raises:
-        ManifestError: no mask column (or several to choose from), no image column.
+        ManifestError: no mask column (or several to choose from), no image column, a
+            label column that cannot hold a binary outcome.
     """
     from MultiModalAnalysisLib.features import extract_cohort_features
 
     table = manifest.table
     paths = image_path_columns(table)
+    if label_column is not None:  # checked before the (long) feature extraction
+        check_label_column(table, label_column, str(manifest.path), path_columns=paths)
+    exclude = [c for c in exclude if c not in paths]  # path columns are never features
     if mask_column is None:
         mask_column = default_mask_column(manifest)
     if modalities is None:

@@ -129,6 +129,40 @@ def test_feature_table_leaves_out_text_columns_and_unlabelled_cases(tmp_path):
     assert np.isnan(result.features.loc["b", "CT_stat_mean"])  # imputed later, in the folds
 
 
+def test_a_label_column_that_is_no_binary_outcome_is_refused_naming_the_outcome_columns(
+    tmp_path, capsys
+):
+    X, y = feature_cohort(n_cases=12, n_positive=4, n_informative=1, n_noise=3)
+    X.assign(LungMets=y).reset_index().to_csv(tmp_path / "features.csv", index=False)
+    for column, why in (("case_id", "holds the case ids"),
+                        ("CT_noise_0", "holds 12 distinct values"),
+                        ("LungMet", "has no label column")):
+        status = main(["-q", "train-classifier", "--manifest", str(tmp_path / "features.csv"),
+                       "--label-column", column, "--output", str(tmp_path / "CLF"),
+                       "--cv", "0"])
+        err = capsys.readouterr().err
+        assert status == 2, column
+        assert f"'{column}'" in err and why in err and "Traceback" not in err
+        assert "columns with two values here: LungMets" in err
+    # case_id is never a feature: excluding it too is harmless
+    status = main(["-q", "train-classifier", "--manifest", str(tmp_path / "features.csv"),
+                   "--label-column", "LungMets", "--exclude", "case_id", "--output",
+                   str(tmp_path / "CLF"), "--cv", "0", "--n-features", "2"])
+    assert status == 0
+    assert json.loads((tmp_path / "CLF" / "classifier.json").read_text())["features"][
+        "input"] == list(X.columns)
+
+
+def test_an_image_manifest_refuses_a_path_column_as_label_before_reading_images(tmp_path):
+    path = tmp_path / "cases.csv"  # the images do not exist: the check comes first
+    pd.DataFrame({"case_id": ["a", "b"], "CT": ["a/CT.nii.gz", "b/CT.nii.gz"],
+                  "mask": ["a/m.nii.gz", "b/m.nii.gz"], "LungMets": [0, 1]}).to_csv(path)
+    with pytest.raises(ManifestError, match="'mask' holds image paths.*LungMets"):
+        read_feature_table(path, "mask")
+    with pytest.raises(ManifestError, match="'case_id' holds the case ids"):
+        read_feature_table(path, "case_id")
+
+
 def test_an_image_manifest_without_a_clear_mask_column_says_which_to_choose(tmp_path):
     path = tmp_path / "cases.csv"
     pd.DataFrame({"case_id": ["a", "b"], "CT": ["a/CT.nii.gz", "b/CT.nii.gz"],
