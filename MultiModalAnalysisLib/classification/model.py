@@ -104,7 +104,7 @@ class TrainedClassifier:
 
         Columns the model never uses (dropped by its feature selection) may be absent:
         they are filled with NaN, which cannot change a prediction. Extra columns are
-        ignored with a warning.
+        ignored with a warning, the model's own label column silently.
 
         Raises:
             FeatureSetError: not a table, a used feature missing, or a non-numeric value.
@@ -127,7 +127,10 @@ class TrainedClassifier:
         if missing:
             log.info("%s lacks %d feature(s) the classifier does not use (%s); filled with "
                      "NaN.", source, len(missing), _names(missing, 5))
-        extra = [c for c in map(str, features.columns) if c not in set(self.feature_names)]
+        # the outcome the model was trained on is expected beside the features (a table
+        # with the truth, to check the model on): not an unknown feature
+        known = {*self.feature_names, self.metadata["label"]["column"]}
+        extra = [c for c in map(str, features.columns) if c not in known]
         if extra:
             log.warning("%s has %d column(s) the classifier was not trained on, ignored: %s",
                         source, len(extra), _names(extra, 5))

@@ -97,6 +97,24 @@ def test_non_numeric_feature_values_are_refused(trained):
         model.predict_proba(broken)
 
 
+def test_the_models_own_label_column_is_no_unknown_feature_but_other_columns_are(
+    trained, tmp_path, caplog
+):
+    model, _, X, y = trained
+    table = X.reset_index().assign(LungMets=y)  # a table with the truth, as trained on
+    table.to_csv(tmp_path / "with_label.csv", index=False)
+    with caplog.at_level("WARNING"):
+        predictions = model.predict_manifest(tmp_path / "with_label.csv")
+    assert len(predictions) == len(X)
+    assert "not trained on" not in caplog.text
+
+    table.assign(Death=1 - y).to_csv(tmp_path / "with_other.csv", index=False)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        model.predict_manifest(tmp_path / "with_other.csv")
+    assert "1 column(s) the classifier was not trained on, ignored: Death" in caplog.text
+
+
 def test_a_modified_weights_file_is_detected(trained, tmp_path):
     import shutil
 
