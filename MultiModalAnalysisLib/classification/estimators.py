@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
-from sklearn.feature_selection import SelectFromModel, SelectKBest, VarianceThreshold, f_classif
+from sklearn.feature_selection import SelectFromModel, SelectKBest, VarianceThreshold
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
@@ -29,7 +29,11 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
 from MultiModalAnalysisLib.classification.folds import usable_folds
-from MultiModalAnalysisLib.classification.selection import CorrelationFilter, MRMRSelector
+from MultiModalAnalysisLib.classification.selection import (
+    CorrelationFilter,
+    MRMRSelector,
+    anova_f_scores,
+)
 from MultiModalAnalysisLib.classification.settings import ClassifierSettings
 
 log = logging.getLogger(__name__)
@@ -160,7 +164,7 @@ def make_selector(settings: ClassifierSettings) -> BaseEstimator | str:
     """The feature-selection step (``"passthrough"`` for none or correlation only)."""
     k = max(settings.n_features)
     if settings.selection == "univariate":
-        return SelectKBest(f_classif, k=k)
+        return SelectKBest(anova_f_scores, k=k)
     if settings.selection == "l1":
         l1 = LogisticRegression(C=0.5, l1_ratio=1.0, solver="liblinear", max_iter=5000,
                                 class_weight=settings.class_weight)

@@ -9,10 +9,33 @@ is the point of having them at all.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.feature_selection import SelectorMixin, f_classif
 from sklearn.utils.validation import check_is_fitted, validate_data
+
+
+def anova_f_scores(X, y) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's ANOVA F test of each feature against the class, without the warnings
+    it gives for features constant within the classes, which small folds are full of.
+
+    Such a feature scores +inf when it still differs between the classes (its within-class
+    variance is 0: it separates them) and 0, p-value 1, when it has no spread at all (0/0
+    in scikit-learn, NaN): nothing to tell the classes apart, so never selected first.
+
+    Returns:
+        (F statistic, p-value) per feature.
+    """
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.filterwarnings("ignore", message=r"Features .* are constant",
+                                category=UserWarning)
+        f_statistic, p_value = f_classif(X, y)
+    undefined = np.isnan(f_statistic)
+    f_statistic[undefined] = 0.0
+    p_value[undefined] = 1.0
+    return f_statistic, p_value
 
 
 def _standardise(X: np.ndarray) -> np.ndarray:
@@ -100,8 +123,11 @@ class MRMRSelector(SelectorMixin, BaseEstimator):
         if self.scheme not in ("quotient", "difference"):
             raise ValueError(f"scheme must be 'quotient' or 'difference', got '{self.scheme}'.")
         X, y = validate_data(self, X, y, dtype=float)
-        f_statistic, _ = f_classif(X, y)
-        f_statistic = np.nan_to_num(f_statistic, nan=0.0, posinf=0.0)
+        f_statistic, _ = anova_f_scores(X, y)
+        # A negative F comes from rounding only (scikit-learn takes the within-class sum of
+        # squares as a difference, which can fall below 0 for a nearly constant feature);
+        # left as it is, its relevance is NaN, which np.argmax would choose first.
+        f_statistic = np.nan_to_num(np.clip(f_statistic, 0.0, None), posinf=0.0)
         dof = max(X.shape[0] - 2, 1)
         relevance = np.sqrt(f_statistic / (f_statistic + dof))
         z = _standardise(X)

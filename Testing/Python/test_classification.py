@@ -30,6 +30,7 @@ from MultiModalAnalysisLib.classification import (
     evaluate_cv,
 )
 from MultiModalAnalysisLib.classification.estimators import default_param_grid
+from MultiModalAnalysisLib.classification.selection import anova_f_scores
 from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.metrics import (
     binary_classification_metrics,
@@ -125,6 +126,61 @@ def test_mrmr_skips_a_redundant_copy_that_univariate_selection_takes(rng):
         assert chosen in ({0, 2}, {1, 2})  # one twin, plus the independent information
     assert mrmr.ranking_[0] in (0, 1)  # most relevant first
     assert MRMRSelector(n_features=50).fit(X, y).get_support().sum() == X.shape[1]
+
+
+def _scoring_warnings(caught) -> list[str]:
+    words = ("are constant", "divide", "invalid value")
+    return [str(w.message) for w in caught if any(word in str(w.message) for word in words)]
+
+
+@pytest.mark.parametrize("selection", ["univariate", "mrmr"])
+def test_feature_scoring_in_small_folds_is_silent_about_features_constant_within_a_class(
+    rng, selection
+):
+    # 8 cases and two-valued features: in a 4-case inner fold many are constant within
+    # each class, which scikit-learn's F test reports once per fit
+    y = np.r_[np.ones(4), np.zeros(4)].astype(int)
+    X = pd.DataFrame(np.column_stack([y + rng.normal(scale=0.3, size=8),
+                                      rng.integers(0, 2, size=(8, 12)).astype(float)]))
+    settings = ClassifierSettings(selection=selection, n_features=[2], cv_repeats=2,
+                                  n_bootstrap=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_cv(X, y, settings)
+    assert _scoring_warnings(caught) == []
+    assert np.isfinite(result.auc) and result.confusion_matrix.sum() == pytest.approx(8)
+
+
+def test_anova_scores_of_constant_features_are_zero_and_of_class_constant_ones_infinite():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    X = np.column_stack([np.full(6, 3.0),  # no spread at all: 0/0 in scikit-learn
+                         [1.0, 1.0, 1.0, 2.0, 2.0, 2.0],  # constant within each class
+                         [0.1, 0.5, 0.3, 0.9, 1.4, 1.1]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        f_statistic, p_value = anova_f_scores(X, y)
+        support = SelectKBest(anova_f_scores, k=2).fit(X, y).get_support(indices=True)
+    assert _scoring_warnings(caught) == []
+    assert f_statistic[0] == 0.0 and p_value[0] == 1.0
+    assert np.isposinf(f_statistic[1]) and p_value[1] == 0.0
+    assert f_statistic[2] == pytest.approx(f_classif(X[:, 2:], y)[0][0])
+    assert set(support) == {1, 2}  # the featureless column is never among the best
+
+
+def test_mrmr_never_ranks_a_nearly_constant_feature_first_by_a_rounding_nan():
+    y = np.r_[np.zeros(4), np.ones(4)].astype(int)
+    for seed in range(200):  # a column whose F rounds below 0: its relevance was NaN
+        noise = 0.1 + 1e-15 * np.random.default_rng(seed).integers(0, 3, size=8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if f_classif(noise[:, None], y)[0][0] < 0:
+                break
+    else:
+        pytest.skip("scikit-learn's F test no longer rounds below 0 here")
+    informative = y + np.linspace(-0.3, 0.3, 8)
+    selector = MRMRSelector(n_features=1).fit(np.column_stack([noise, informative]), y)
+    assert np.isfinite(selector.relevance_).all()
+    assert selector.ranking_.tolist() == [1]
 
 
 def test_correlation_filter_keeps_one_feature_of_each_correlated_group(rng):
