@@ -24,6 +24,7 @@ from MultiModalAnalysisLib.case import MASK_WORDS, Manifest, column_list, read_m
 from MultiModalAnalysisLib.classification.labels import normalise_label
 from MultiModalAnalysisLib.errors import ManifestError
 from MultiModalAnalysisLib.io import has_image_suffix
+from MultiModalAnalysisLib.modalities import canonical_modality
 
 log = logging.getLogger(__name__)
 
@@ -216,23 +217,53 @@ def _is_mask_column(column: str) -> bool:
     return any(word in column.lower() for word in MASK_WORDS)
 
 
-def default_mask_column(manifest: Manifest) -> str:
+def _modality_of(column: str) -> str:
+    """The canonical modality of an image column (``CT``, ``ct_image`` -> ``CT``)."""
+    return canonical_modality(re.sub(r"_image$", "", str(column), flags=re.IGNORECASE))
+
+
+def _mask_modality(column: str) -> str | None:
+    """The modality a mask column is named after (``CT_mask`` -> ``CT``, ``PET-seg`` ->
+    ``PET``), or None (``mask``)."""
+    words = "|".join(MASK_WORDS)
+    stem = re.sub(rf"[_\-\s]*({words})$", "", column, flags=re.IGNORECASE)
+    return _modality_of(stem) if stem and stem != column else None
+
+
+def default_mask_column(manifest: Manifest, modalities: Sequence[str] | None = None) -> str:
     """The ROI column of an image manifest: ``mask`` if present, else its only mask-like
-    path column (``CT_mask``, ``GTV_label``, ...).
+    path column (``CT_mask``, ``GTV_label``, ...), else, of several, the mask of the first
+    image modality used (``CT_mask`` for ``CT``; logged, with how to choose another).
+
+    Args:
+        manifest: the image manifest.
+        modalities: the image columns used, in order (default: the manifest's path columns
+            that are not masks, in column order).
 
     Raises:
-        ManifestError: none, or several to choose from (named in the message).
+        ManifestError: no mask column, or several with none named after the first modality
+            (named in the message).
     """
     paths = image_path_columns(manifest.table)
     candidates = [c for c in paths if c.lower() == "mask"] or [
         c for c in paths if _is_mask_column(c)]
-    if len(candidates) != 1:
-        raise ManifestError(
-            f"{manifest.path} is a manifest of image paths; say which column holds the region "
-            f"of interest (--mask-column / mask_column="
-            f"{'one of ' + ', '.join(candidates) if candidates else 'a column of masks'})."
-        )
-    return candidates[0]
+    if len(candidates) == 1:
+        return candidates[0]
+    if modalities is None:
+        modalities = [c for c in paths if not _is_mask_column(c)]
+    first = _modality_of(modalities[0]) if modalities else None
+    paired = [c for c in candidates if first is not None and _mask_modality(c) == first]
+    if len(paired) == 1:
+        others = [c for c in candidates if c != paired[0]]
+        log.info("%s: the region of interest is %s, the mask of the first image modality "
+                 "(%s); to use another, give --mask-column (mask_column=) %s.", manifest.path,
+                 paired[0], first, " or ".join(others))
+        return paired[0]
+    raise ManifestError(
+        f"{manifest.path} is a manifest of image paths; say which column holds the region "
+        f"of interest (--mask-column / mask_column="
+        f"{'one of ' + ', '.join(candidates) if candidates else 'a column of masks'})."
+    )
 
 
 def features_from_image_manifest(
@@ -261,14 +292,13 @@ def features_from_image_manifest(
             column, the label column).
         label_column, exclude, feature_pattern: see :func:`feature_table_from_frame`.
         modalities: the image columns to use (default: every path column that is not a mask).
-        mask_column: the ROI column (default: ``mask`` if present, else the only mask-like
-            path column).
+        mask_column: the ROI column (default: see :func:`default_mask_column`).
         feature_settings: IBSI settings (:class:`features.FeatureSettings`, dict or file).
         device, progress, cancel: as for :func:`features.extract_features`.
 
     Raises:
-        ManifestError: no mask column (or several to choose from), no image column, a
-            label column that cannot hold a binary outcome.
+        ManifestError: no mask column (or several, none of the first modality), no image
+            column, a label column that cannot hold a binary outcome.
     """
     from MultiModalAnalysisLib.features import extract_cohort_features
 
@@ -278,7 +308,7 @@ def features_from_image_manifest(
         check_label_column(table, label_column, str(manifest.path), path_columns=paths)
     exclude = [c for c in exclude if c not in paths]  # path columns are never features
     if mask_column is None:
-        mask_column = default_mask_column(manifest)
+        mask_column = default_mask_column(manifest, modalities)
     if modalities is None:
         modalities = [c for c in paths if c != mask_column and not _is_mask_column(c)]
     modalities = [str(m).strip() for m in modalities if str(m).strip()]

@@ -182,12 +182,49 @@ def test_an_image_manifest_refuses_a_path_column_as_label_before_reading_images(
 
 
 def test_an_image_manifest_without_a_clear_mask_column_says_which_to_choose(tmp_path):
-    path = tmp_path / "cases.csv"
+    path = tmp_path / "cases.csv"  # several masks, none named after the image modality
     pd.DataFrame({"case_id": ["a", "b"], "CT": ["a/CT.nii.gz", "b/CT.nii.gz"],
-                  "CT_mask": ["a/m.nii.gz", "b/m.nii.gz"],
+                  "GTV_mask": ["a/m.nii.gz", "b/m.nii.gz"],
                   "PET_mask": ["a/p.nii.gz", "b/p.nii.gz"], "LungMets": [0, 1]}).to_csv(path)
-    with pytest.raises(ManifestError, match="CT_mask, PET_mask"):
+    with pytest.raises(ManifestError, match="one of GTV_mask, PET_mask"):
         read_feature_table(path, "LungMets")
+
+
+def test_of_several_mask_columns_the_first_modalitys_is_the_default_and_said(tmp_path,
+                                                                              caplog):
+    from MultiModalAnalysisLib.case import read_manifest
+    from MultiModalAnalysisLib.classification.table import default_mask_column
+
+    path = tmp_path / "cases.csv"  # the columns `mma manifest` writes for the STS layout
+    pd.DataFrame({"case_id": ["a", "b"], **{
+        column: [f"{case}/{column}.nii.gz" for case in "ab"]
+        for column in ("CT", "CT_mask", "MR_T1", "MR_T1_mask", "PET", "PET_mask")},
+        "LungMets": [0, 1]}).to_csv(path, index=False)
+    manifest = read_manifest(path)
+    with caplog.at_level("INFO"):
+        assert default_mask_column(manifest) == "CT_mask"
+    assert "CT_mask" in caplog.text and "--mask-column" in caplog.text
+    assert "MR_T1_mask or PET_mask" in caplog.text
+    assert default_mask_column(manifest, ["PET", "CT"]) == "PET_mask"
+    assert default_mask_column(manifest, ["mr-t1"]) == "MR_T1_mask"
+
+
+def test_an_image_manifest_with_a_mask_per_modality_computes_features_in_the_first_ones(
+    image_manifest, caplog
+):
+    table = pd.read_csv(image_manifest)
+    table["CT_mask"] = table["mask"]
+    table["PET_mask"] = table["CT"]  # not a mask at all: using it would fail
+    several = image_manifest.parent / "several_masks.csv"  # paths are relative to it
+    table.drop(columns="mask").to_csv(several, index=False)
+    with caplog.at_level("INFO"):
+        result = read_feature_table(several, "LungMets", feature_settings=FEATURE_SETTINGS,
+                                    modalities=["CT"], device="cpu")
+    assert result.extraction["mask_column"] == "CT_mask"
+    reference = read_feature_table(image_manifest, "LungMets", modalities=["CT"],
+                                   feature_settings=FEATURE_SETTINGS, device="cpu")
+    pd.testing.assert_frame_equal(result.features, reference.features)
+    assert "the region of interest is CT_mask" in caplog.text
 
 
 @pytest.fixture(scope="module")
