@@ -304,7 +304,7 @@ def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
                         "image column that is not a mask)")
     images.add_argument("--mask-column", default=None,
                         help="the lesion mask column (default: 'mask', or the only mask-like "
-                        "column)")
+                        "column, else the mask of the first modality used, e.g. CT_mask)")
     deep.add_argument("--epochs", type=int, default=40)
     deep.add_argument("--architecture", choices=("densenet", "resnet"), default="densenet")
     deep.add_argument("--crop-size", type=int, default=32, help="crop side in voxels")
@@ -364,13 +364,14 @@ def _train_deep_classifier(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.classification.table import default_mask_column
 
     manifest = read_manifest(args.manifest)  # read once: the mask column default and training
-    mask_column = args.mask_column or default_mask_column(manifest)
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    mask_column = args.mask_column or default_mask_column(manifest, modalities)
     network = {"architecture": args.architecture, "epochs": args.epochs}
     if args.seed is not None:
         network["random_state"] = args.seed
     with ProgressBar("train-classifier (deep)", enabled=not args.quiet) as bar:
         model = train_deep_classifier(
-            manifest, args.label_column, args.modalities.split(","), mask_column,
+            manifest, args.label_column, modalities, mask_column,
             crop=CropSettings(size=args.crop_size), network=network, cv_folds=args.cv or 0,
             cv_repeats=args.repeats or 1, positive_label=args.positive_label,
             device=args.device, output=args.output, progress=bar,
@@ -397,7 +398,8 @@ def _add_classify(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--manifest", type=Path, required=True, help="cohort CSV")
     parser.add_argument("--mask-column", help="with an image manifest: the column holding "
                         "each case's region of interest (default: as in training, else "
-                        "'mask' or the manifest's only mask column)")
+                        "'mask', the manifest's only mask column, or the mask of the first "
+                        "modality)")
     parser.add_argument("--output", "-o", type=Path, required=True, help="predictions CSV")
     parser.set_defaults(func=_run_classify)
 
