@@ -97,7 +97,8 @@ def validate_image(
             if nan_policy == "error":
                 raise NonFiniteImageError(
                     f"{name} holds {bad} NaN or infinite voxel(s) of {finite.size}. Fix the "
-                    "file, or load it with nan_policy='zero' or 'minimum' to replace them."
+                    "file (e.g. replace them in Slicer or with SimpleITK), or in Python load it "
+                    "with nan_policy='zero' or 'minimum' to replace them."
                 )
             if not finite.any():
                 raise NonFiniteImageError(f"{name} holds no finite value at all.")

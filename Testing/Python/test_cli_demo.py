@@ -119,13 +119,21 @@ def test_quiet_is_accepted_after_the_command_too(capsys):
     assert "device" in capsys.readouterr().out
 
 
-def test_cli_preprocess_and_manifest(tmp_path, sample_case_path, capsys):
+def test_cli_preprocess_and_manifest(tmp_path, sample_case_path, capsys, caplog):
     status = main(["-q", "preprocess", str(sample_case_path / "MR_T1_image.nii.gz"),
                    "--modality", "MR_T1", "--reference", str(sample_case_path / "CT_image.nii.gz"),
                    "--output", str(tmp_path / "mr_on_ct.nii.gz")])
     assert status == 0
     mr = sitk.ReadImage(str(tmp_path / "mr_on_ct.nii.gz"))
     assert mr.GetSize() == (161, 143, 48)
+
+    # a mask on another grid (the CT's) is resampled onto the image, as segment does
+    status = main(["-q", "preprocess", str(sample_case_path / "MR_T1_image.nii.gz"),
+                   "--modality", "MR_T1", "--mask", str(sample_case_path / "CT_mask.nii.gz"),
+                   "--output", str(tmp_path / "mr_masked.nii.gz")])
+    assert status == 0, capsys.readouterr().err
+    assert sitk.ReadImage(str(tmp_path / "mr_masked.nii.gz")).GetSize() == (115, 90, 35)
+    assert "resampling it onto the image" in caplog.text
 
     status = main(["manifest", str(sample_case_path.parent), "--output",
                    str(tmp_path / "cases.csv")])
