@@ -840,7 +840,7 @@ OUTPUT_FOLDER_FILES = {  # what a command writes into --output-dir
 }
 FOLDER_OUTPUTS = ("train-segmentation", "train-classifier")  # --output may be a model folder
 TABLE_OUTPUTS = ("manifest", "features", "classify")  # --output is a CSV table
-TABLE_SUFFIXES = (".csv", ".csv.gz", ".tsv")
+TABLE_SUFFIXES = (".csv", ".csv.gz")  # (pandas writes commas, whatever the name)
 
 
 def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:

@@ -290,7 +290,8 @@ def train_segmentation(
             f"patch size {' x '.join(str(int(n)) for n in patch_size)} is more than twice "
             f"the largest training case ({' x '.join(str(int(n)) for n in largest[::-1])} "
             f"voxels at {' x '.join(f'{s:g}' for s in spacing)} mm): the patches would be "
-            f"mostly padding; use at most {' x '.join(str(int(n)) for n in fits[::-1])}.")
+            f"mostly padding; {' x '.join(str(int(n)) for n in fits[::-1])} already covers "
+            "it.")
 
     def fit(torch_device) -> TrainingResult:
         # everything that holds state is built here, so a CUDA out-of-memory error can
