@@ -165,10 +165,15 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
     """All DICOM series in ``folder`` (not recursive), largest first."""
     folder = Path(folder)
     reader = sitk.ImageSeriesReader()
+    # ITK warns "No Series were found" on stderr, beside our own message on that
+    warned = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         uids = reader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError:
         uids = ()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warned)
     found = []
     for uid in uids:
         files = tuple(reader.GetGDCMSeriesFileNames(str(folder), uid))

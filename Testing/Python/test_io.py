@@ -96,10 +96,12 @@ def test_dicom_unknown_series_uid_lists_what_is_there(tmp_path, rng):
         read_dicom_series(tmp_path, series_uid="9.9")
 
 
-def test_folder_without_dicom_is_a_clear_error(tmp_path):
+def test_folder_without_dicom_is_a_clear_error(tmp_path, capfd):
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(ImageReadError, match="holds no DICOM series"):
         read_image(tmp_path)
+    assert "No Series were found" not in capfd.readouterr().err  # ITK's own line, hidden
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()  # and ITK's warnings are back on
 
 
 # --- bad inputs: one test each ---------------------------------------------------------
