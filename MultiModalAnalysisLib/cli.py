@@ -896,6 +896,7 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
                     # a model folder is read whole; a scanned cohort folder, for its images
                     folders.append((path.resolve(), text, name == "model"))
     seen: dict[Path, str] = {}
+    probed: set[Path] = set()
     for label, path in outputs:
         resolved = path.resolve()
         if resolved not in inputs and resolved.is_file():
@@ -908,7 +909,9 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
         if resolved in seen:
             raise ConfigError(f"{label} and {seen[resolved]} name the same file ({path}).")
         seen[resolved] = label
-        _check_writable(resolved.parent, label, path)
+        if resolved.parent not in probed:  # (register's five files share one folder)
+            _check_writable(resolved.parent, label, path)
+            probed.add(resolved.parent)
 
 
 def _check_writable(folder: Path, label: str, path: Path) -> None:
@@ -932,34 +935,27 @@ def _check_writable(folder: Path, label: str, path: Path) -> None:
 
 
 def _files_listed_in(manifest: Path) -> dict[Path, str]:
-    """The existing files a manifest (CSV) names, relative paths against its folder; an
-    unreadable manifest names none here (the command itself then says what is wrong)."""
-    import csv
+    """The existing files a manifest (CSV) names (``Manifest.resolve``: relative paths
+    against its folder); a manifest that cannot be read names none here (the command itself
+    then says what is wrong)."""
+    from pandas.api.types import is_numeric_dtype
 
-    listed: dict[Path, str] = {}
+    from MultiModalAnalysisLib.case import read_manifest
+    from MultiModalAnalysisLib.errors import MMAError
+
     try:
-        with open(manifest, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return listed
-    for row in rows[1:]:
-        for cell in row:
-            text = cell.strip()
-            if not text or text[0] in "+-.0123456789" and _is_number(text):
-                continue
-            path = Path(text)
-            path = path if path.is_absolute() else manifest.parent / path
-            if path.is_file():
+        cohort = read_manifest(manifest)
+    except MMAError:
+        return {}
+    listed: dict[Path, str] = {}
+    for column in cohort.table.columns:
+        if is_numeric_dtype(cohort.table[column]):  # numbers: no paths
+            continue
+        for value in cohort.table[column].dropna():
+            text = str(value).strip()
+            if text and (path := cohort.resolve(text)).is_file():
                 listed[path.resolve()] = f"listed in {manifest}"
     return listed
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
