@@ -37,6 +37,14 @@ def column_list(columns: Iterable[Any], limit: int = SHOWN_COLUMNS) -> str:
     return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def column_modality(column: Any) -> str:
+    """The canonical modality a manifest's image column is named after (``CT``,
+    ``CT_image``, ``ct`` -> ``CT``)."""
+    name = str(column)
+    return canonical_modality(name[: -len("_image")] if name.lower().endswith("_image")
+                              else name)
+
+
 @dataclass
 class Case:
     """One patient: modality images (by canonical name), masks (by name) and metadata.
@@ -220,10 +228,8 @@ class Manifest:
         """The column holding ``modality``'s image paths (``CT``, ``CT_image``, ``ct`` ...)."""
         key = canonical_modality(modality)
         for column in self.table.columns:
-            name = str(column)
-            stem = name[: -len("_image")] if name.lower().endswith("_image") else name
-            if canonical_modality(stem) == key:
-                return name
+            if column_modality(column) == key:
+                return str(column)
         raise ManifestError(
             f"{self.path} has no column for modality {key} (columns: "
             f"{column_list(self.table.columns)})."

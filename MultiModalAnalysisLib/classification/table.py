@@ -20,11 +20,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from MultiModalAnalysisLib.case import MASK_WORDS, Manifest, column_list, read_manifest
+from MultiModalAnalysisLib.case import (
+    MASK_WORDS,
+    Manifest,
+    column_list,
+    column_modality,
+    read_manifest,
+)
 from MultiModalAnalysisLib.classification.labels import normalise_label
 from MultiModalAnalysisLib.errors import ManifestError
 from MultiModalAnalysisLib.io import has_image_suffix
-from MultiModalAnalysisLib.modalities import canonical_modality
 
 log = logging.getLogger(__name__)
 
@@ -217,17 +222,12 @@ def _is_mask_column(column: str) -> bool:
     return any(word in column.lower() for word in MASK_WORDS)
 
 
-def _modality_of(column: str) -> str:
-    """The canonical modality of an image column (``CT``, ``ct_image`` -> ``CT``)."""
-    return canonical_modality(re.sub(r"_image$", "", str(column), flags=re.IGNORECASE))
-
-
 def _mask_modality(column: str) -> str | None:
     """The modality a mask column is named after (``CT_mask`` -> ``CT``, ``PET-seg`` ->
     ``PET``), or None (``mask``)."""
     words = "|".join(MASK_WORDS)
     stem = re.sub(rf"[_\-\s]*({words})$", "", column, flags=re.IGNORECASE)
-    return _modality_of(stem) if stem and stem != column else None
+    return column_modality(stem) if stem and stem != column else None
 
 
 def default_mask_column(manifest: Manifest, modalities: Sequence[str] | None = None) -> str:
@@ -251,7 +251,7 @@ def default_mask_column(manifest: Manifest, modalities: Sequence[str] | None = N
         return candidates[0]
     if modalities is None:
         modalities = [c for c in paths if not _is_mask_column(c)]
-    first = _modality_of(modalities[0]) if modalities else None
+    first = column_modality(modalities[0]) if modalities else None
     paired = [c for c in candidates if first is not None and _mask_modality(c) == first]
     if len(paired) == 1:
         others = [c for c in candidates if c != paired[0]]
