@@ -297,9 +297,9 @@ def train_segmentation(
         # everything that holds state is built here, so a CUDA out-of-memory error can
         # restart the training on the CPU from the same seed
         use_amp = torch_device.type == "cuda"
-        spec = copy.deepcopy(network or DEFAULT_NETWORK)
+        spec_copy = copy.deepcopy(spec)  # the metadata must not share the caller's dict
         torch.manual_seed(seed)
-        net = build_network(spec, len(names), n_labels + 1).to(torch_device)
+        net = build_network(spec_copy, len(names), n_labels + 1).to(torch_device)
         transforms = _augmentations(patch_zyx, patches_per_case)
         transforms.set_random_state(seed=seed)
         dataset = Dataset([{"image": c.image, "label": c.label[None]} for c in training],
@@ -324,7 +324,7 @@ def train_segmentation(
             "label_colors": {str(k): list(v) for k, v in default_label_colors(n_labels).items()},
             "label_values_in_training": {str(k): v for k, v in values_as_labels.items()},
             "patch_size": [int(s) for s in patch_size],
-            "network": spec,
+            "network": spec_copy,
             "postprocess": postprocess if postprocess is not None else (
                 {"keep_largest": True, "fill_holes": True} if n_labels == 1 else {}),
             "versions": library_versions(),
