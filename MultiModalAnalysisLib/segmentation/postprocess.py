@@ -48,10 +48,15 @@ def component_at(mask: sitk.Image, index_xyz: tuple[int, int, int]) -> sitk.Imag
     return sitk.Cast(sitk.Equal(components, int(label)), sitk.sitkUInt8)
 
 
+def _check_min_volume(min_volume_mm3: float) -> None:
+    if not min_volume_mm3 >= 0:  # also NaN
+        raise ConfigError(f"the minimum component volume must be 0 mm^3 or more, not "
+                          f"{min_volume_mm3}.")
+
+
 def remove_small_components(mask: sitk.Image, min_volume_mm3: float) -> sitk.Image:
     """Drop the connected components smaller than ``min_volume_mm3`` (binary UInt8 out)."""
-    if min_volume_mm3 < 0:
-        raise ConfigError(f"min_volume_mm3 must not be negative, got {min_volume_mm3}.")
+    _check_min_volume(min_volume_mm3)
     min_voxels = int(np.ceil(min_volume_mm3 / voxel_volume_mm3(mask)))
     components = sitk.RelabelComponent(
         sitk.ConnectedComponent(_binary(mask)), minimumObjectSize=max(min_voxels, 1)
@@ -85,9 +90,7 @@ def clean_labels(
     Returns:
         A new label map of the same pixel type on the same grid.
     """
-    if not min_volume_mm3 >= 0:  # also NaN
-        raise ConfigError(f"the minimum component volume must be 0 mm^3 or more, not "
-                          f"{min_volume_mm3}.")
+    _check_min_volume(min_volume_mm3)  # here too: a negative value never reaches the removal
     if not (keep_largest or fill or min_volume_mm3 > 0):
         return sitk.Image(labels)
     source = sitk.GetArrayViewFromImage(labels)
