@@ -126,10 +126,14 @@ class MRMRSelector(SelectorMixin, BaseEstimator):
         f_statistic, _ = anova_f_scores(X, y)
         # A negative F comes from rounding only (scikit-learn takes the within-class sum of
         # squares as a difference, which can fall below 0 for a nearly constant feature);
-        # left as it is, its relevance is NaN, which np.argmax would choose first.
-        f_statistic = np.nan_to_num(np.clip(f_statistic, 0.0, None), posinf=0.0)
+        # left as it is, its relevance is NaN, which np.argmax would choose first. An
+        # infinite F (no spread within either class, different between them: the feature
+        # separates the classes) is a correlation of 1 with the class.
+        f_statistic = np.clip(f_statistic, 0.0, None)
+        separating = np.isposinf(f_statistic)
+        finite = np.where(separating, 0.0, f_statistic)
         dof = max(X.shape[0] - 2, 1)
-        relevance = np.sqrt(f_statistic / (f_statistic + dof))
+        relevance = np.where(separating, 1.0, np.sqrt(finite / (finite + dof)))
         z = _standardise(X)
         n_keep = int(min(max(self.n_features, 1), X.shape[1]))
         chosen = [int(np.argmax(relevance))]

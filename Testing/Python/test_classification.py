@@ -412,3 +412,16 @@ def test_an_estimator_is_refitted_on_each_training_fold_only():
     evaluate_cv(X, y, ClassifierSettings(cv_folds=5, cv_repeats=1, n_bootstrap=200),
                 estimator=clone(Recorder()))
     assert seen == [16] * 5
+
+
+def test_mrmr_ranks_a_feature_that_separates_the_classes_first():
+    # Constant within each class and different between them: F is infinite, the feature
+    # correlates perfectly with the class. Its relevance used to be mapped to 0.
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    separating = np.where(y == 1, 2.0, 1.0)
+    informative = y + np.array([0.3, -0.2, 0.1, -0.4, 0.2, -0.3, 0.4, -0.1])
+    X = np.column_stack([informative, separating])
+    selector = MRMRSelector(n_features=2).fit(X, y)
+    assert selector.relevance_[1] == 1.0
+    assert 0.0 < selector.relevance_[0] < 1.0
+    assert selector.ranking_.tolist() == [1, 0]
