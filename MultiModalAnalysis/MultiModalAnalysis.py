@@ -214,7 +214,9 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         p = self._parameterNode
         if p is None:
             return
-        self.inputsTable.setRows(list(p.inputVolumes), list(p.inputModalities))
+        self.inputsTable.setRows(
+            list(p.inputVolumes), list(p.inputModalities), self.logic.inputLandmarks(p)
+        )
         self.updateButtonStates()
 
     def updateButtonStates(self):
@@ -241,12 +243,13 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     # ------------------------------------------------------------------ inputs
 
-    def onInputsEdited(self, volumes, modalities):
+    def onInputsEdited(self, volumes, modalities, landmarks):
         if self._parameterNode is None:
             return
         with slicer.util.NodeModify(self._parameterNode.parameterNode):
             self._parameterNode.inputVolumes = volumes
             self._parameterNode.inputModalities = modalities
+            self._parameterNode.inputLandmarks = [n.GetID() if n else "" for n in landmarks]
         self._currentVolumes = None
 
     def onReferenceChosen(self, node):
@@ -423,6 +426,20 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
         pairs += [(n, m) for n, m in zip(p.inputVolumes, modalities, strict=False) if n]
         return pairs
 
+    @staticmethod
+    def inputLandmarks(p) -> list:
+        """The point-list node (or None) of each further volume, as ``p.inputVolumes``."""
+        ids = list(p.inputLandmarks) + [""] * len(p.inputVolumes)
+        scene = p.parameterNode.GetScene() or slicer.mrmlScene
+        return [scene.GetNodeByID(i) if i else None for i in ids[: len(p.inputVolumes)]]
+
+    def landmarks(self, p) -> list:
+        """The point list (or None) of each of :meth:`inputs`, the reference first."""
+        further = self.inputLandmarks(p)
+        return [p.referenceLandmarks] + [
+            points for n, points in zip(p.inputVolumes, further, strict=False) if n
+        ]
+
     def workflow(self, p, stages, volumes=None):
         """Steps for ``stages`` over the inputs (or the volumes a previous step produced)."""
         if p.referenceVolume is None:
@@ -433,8 +450,11 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
         settings = self.settings(p)
         if tuple(stages) == ("preprocess",):
             settings.preprocess = True  # the Preprocess button applies the presets regardless
+        # The volumes of a previous step come in the order of the inputs (reference first),
+        # and sit where the inputs do: the landmarks clicked on the inputs apply to them.
         steps, state = workflow_steps(
-            volumes or self.inputs(p), settings, mask_node=mask, stages=stages
+            volumes or self.inputs(p), settings, mask_node=mask, stages=stages,
+            landmarks=self.landmarks(p),
         )
         if "classify" in stages and "features" not in stages:
             state.features = p.outputFeatures

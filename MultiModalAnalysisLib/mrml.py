@@ -674,6 +674,124 @@ def labels_from_segmentation_node(node: Any, reference_node: Any | None = None) 
 
 
 # --------------------------------------------------------------------------------------
+# markups (landmarks)
+
+_POSITION_DEFINED = 2  # vtkMRMLMarkupsNode.PositionDefined (Undefined 0, Preview 1, Missing 3)
+
+
+def points_from_markups(node: Any) -> tuple[np.ndarray, list[str]]:
+    """The placed control points of a markups node, in world LPS mm, and their labels.
+
+    World coordinates: through the markups node's parent transforms, so a point sits where
+    Slicer shows it (the same space as :func:`image_from_volume_node`'s geometry). Points
+    not placed (a preview, or marked "missing": not visible in this image) are left out.
+
+    Returns:
+        ``(points, labels)``: an (N, 3) array and N labels.
+
+    Raises:
+        ConfigError: ``node`` is not a markups node.
+        MMAError: it holds no placed point.
+    """
+    if node is None or not node.IsA("vtkMRMLMarkupsNode"):
+        raise ConfigError(
+            f"{_node_label(node)} is not a markups node: choose point landmarks (a Markups "
+            "point list)."
+        )
+    points, labels = [], []
+    for index in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointPositionStatus(index) != _POSITION_DEFINED:
+            continue
+        position = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(index, position)
+        points.append(_FLIP @ np.array(position, dtype=float))
+        labels.append(node.GetNthControlPointLabel(index))
+    if not points:
+        raise MMAError(
+            f"the landmarks {_node_label(node)} hold no placed point: click the points in the "
+            "views (Markups module), or choose another point list."
+        )
+    return np.array(points), labels
+
+
+def landmark_pairs(fixed_node: Any, moving_node: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Paired landmarks (fixed LPS points, moving LPS points) from two markups nodes.
+
+    Points pair up by label when the two lists share labels (points renamed after the
+    anatomy: "carina", "L1"); the shared labels must then be all of them. Otherwise (each
+    list with Slicer's own labels, "F-1" and "F_1-1") they pair in order. A point marked
+    missing in either list drops its pair.
+
+    Raises:
+        ConfigError, MMAError: not markups, no placed points, labels that do not match, or
+            lists of different lengths.
+    """
+    fixed_points, fixed_labels = points_from_markups(fixed_node)
+    moving_points, moving_labels = points_from_markups(moving_node)
+    names = (_node_label(fixed_node), _node_label(moving_node))
+    every = [[node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
+             for node in (fixed_node, moving_node)]
+    unique = all(len(set(labels)) == len(labels) for labels in every)
+    shared = set(every[0]) & set(every[1])
+    if unique and shared:
+        only = [[label for label in labels if label not in shared] for labels in every]
+        if only[0] or only[1]:
+            raise MMAError(
+                f"the landmarks {names[0]} and {names[1]} pair up by their labels, but "
+                + "; ".join(
+                    f"{', '.join(labels)} {'is' if len(labels) == 1 else 'are'} only in {name}"
+                    for labels, name in zip(only, names, strict=True) if labels)
+                + ". Give each anatomical point the same label in both lists (or mark it "
+                "missing where it is not visible)."
+            )
+        row = {label: i for i, label in enumerate(moving_labels)}
+        both = [i for i, label in enumerate(fixed_labels) if label in row]
+        if not both:
+            raise MMAError(f"no landmark is placed in both {names[0]} and {names[1]}.")
+        return fixed_points[both], moving_points[[row[fixed_labels[i]] for i in both]]
+    # In order: pair control points by index, dropping pairs with a point not placed.
+    counts = (fixed_node.GetNumberOfControlPoints(), moving_node.GetNumberOfControlPoints())
+    if counts[0] != counts[1]:
+        raise MMAError(
+            f"the landmarks {names[0]} hold {counts[0]} points and {names[1]} "
+            f"{counts[1]}: click the same anatomical points in both, in the same order "
+            "(or give them the same labels; mark a point missing where it is not visible)."
+        )
+    both = [i for i in range(counts[0])
+            if fixed_node.GetNthControlPointPositionStatus(i) == _POSITION_DEFINED
+            and moving_node.GetNthControlPointPositionStatus(i) == _POSITION_DEFINED]
+    if not both:
+        raise MMAError(f"no landmark is placed in both {names[0]} and {names[1]}.")
+    fixed_index = _placed_rank(fixed_node)
+    moving_index = _placed_rank(moving_node)
+    return (fixed_points[[fixed_index[i] for i in both]],
+            moving_points[[moving_index[i] for i in both]])
+
+
+def _placed_rank(node: Any) -> dict[int, int]:
+    """Control point index -> its row among the placed points (``points_from_markups``)."""
+    ranks, row = {}, 0
+    for index in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointPositionStatus(index) == _POSITION_DEFINED:
+            ranks[index] = row
+            row += 1
+    return ranks
+
+
+def markups_from_points(points: Any, scene: Any | None = None, name: str = "",
+                        labels: Sequence[str] | None = None) -> Any:
+    """A new point list (markups fiducial node) holding LPS ``points`` (N x 3, mm)."""
+    points = np.asarray(points, dtype=float).reshape(-1, 3)
+    if labels is not None and len(labels) != len(points):
+        raise ConfigError(f"{len(labels)} labels for {len(points)} points.")
+    node = _add_node(_scene(scene), "vtkMRMLMarkupsFiducialNode", name, "Landmarks")
+    for index, point in enumerate(points):
+        label = labels[index] if labels is not None else ""
+        node.AddControlPoint((_FLIP @ point).tolist(), label)
+    return node
+
+
+# --------------------------------------------------------------------------------------
 # tables
 
 

@@ -193,6 +193,9 @@ def register_task(
     fixed_modality: str | None = None,
     moving_modality: str | None = None,
     fixed_mask_node: Any | None = None,
+    fixed_landmarks_node: Any | None = None,
+    moving_landmarks_node: Any | None = None,
+    landmark_transform: str = "rigid",
     scene: Any | None = None,
     name: str = "",
     **options: Any,
@@ -201,6 +204,12 @@ def register_task(
 
     Publishes a transform node (linear, or grid for deformable) that aligns the moving volume
     when set as its parent, and the warped moving volume on the fixed grid.
+
+    Landmarks: two markups point lists, the same anatomical points clicked on the fixed and
+    on the moving volume (paired by label, else in order: :func:`mrml.landmark_pairs`). With
+    ``transform`` rigid/affine/deformable they start the registration (3 pairs or more) and
+    its TRE at them is reported; with ``transform="landmarks"`` the landmarks alone give the
+    transform (``landmark_transform``: rigid, similarity or affine; no image metric).
     """
     fixed = _read_volume(fixed_node, "fixed")
     moving = _read_volume(moving_node, "moving")
@@ -209,16 +218,27 @@ def register_task(
         if fixed_mask_node is not None
         else None
     )
+    landmarks = _landmarks(fixed_landmarks_node, moving_landmarks_node)
     label = f"{_name(moving_node)} to {_name(fixed_node)}"
+    if transform == "landmarks":
+        if landmarks is None:
+            raise MMAError(
+                f"registering {label} by landmarks needs point lists on both volumes: click "
+                "the same anatomical points on each (Markups module) and choose both lists."
+            )
+        from MultiModalAnalysisLib.registration import register_landmarks
 
-    def compute(progress: Progress, cancel: threading.Event | None) -> Any:
-        from MultiModalAnalysisLib.registration import register
+        register_landmarks(*landmarks, transform=landmark_transform)  # refuse bad points now
+        compute = _landmark_registration(fixed, moving, landmarks, landmark_transform)
+    else:
+        def compute(progress: Progress, cancel: threading.Event | None) -> Any:
+            from MultiModalAnalysisLib.registration import register
 
-        return register(
-            fixed, moving, transform=transform, metric=metric, fixed_mask=fixed_mask,
-            device=device, fixed_modality=fixed_modality, moving_modality=moving_modality,
-            progress=progress, cancel=cancel, **options,
-        )
+            return register(
+                fixed, moving, transform=transform, metric=metric, fixed_mask=fixed_mask,
+                device=device, fixed_modality=fixed_modality, moving_modality=moving_modality,
+                landmarks=landmarks, progress=progress, cancel=cancel, **options,
+            )
 
     def publish(result: Any) -> RegistrationNodes:
         target = scene or fixed_node.GetScene()
@@ -230,6 +250,47 @@ def register_task(
         return RegistrationNodes(transform_node, warped, dict(result.metrics))
 
     return NodeTask(f"register {label}", compute, publish)
+
+
+def _landmarks(fixed_node: Any | None, moving_node: Any | None):
+    """Paired LPS points from two markups nodes; ``None`` when neither is given."""
+    if fixed_node is None and moving_node is None:
+        return None
+    if fixed_node is None or moving_node is None:
+        given, missing = ("fixed", "moving") if moving_node is None else ("moving", "fixed")
+        raise MMAError(
+            f"landmarks were given on the {given} volume only: choose the point list of the "
+            f"{missing} volume too (the same anatomical points, clicked on each)."
+        )
+    return mrml.landmark_pairs(fixed_node, moving_node)
+
+
+def _landmark_registration(fixed, moving, landmarks, kind):
+    """compute() of a registration from landmarks alone."""
+
+    def compute(progress: Progress, cancel: threading.Event | None) -> Any:
+        import time
+
+        from MultiModalAnalysisLib.metrics import target_registration_error
+        from MultiModalAnalysisLib.registration import RegistrationResult, register_landmarks
+
+        check_cancel(cancel, "the landmark registration")
+        started = time.perf_counter()
+        transform = register_landmarks(*landmarks, transform=kind)
+        # At the points the transform was fitted to: the fit's residual, not an independent
+        # target registration error.
+        residual = target_registration_error(transform, *landmarks)
+        metrics = {
+            "transform_type": f"landmarks ({kind})",
+            "landmark_pairs": int(len(residual)),
+            "landmark_residual_mm_mean": round(float(residual.mean()), 3),
+            "landmark_residual_mm_max": round(float(residual.max()), 3),
+            "runtime_s": round(time.perf_counter() - started, 3),
+        }
+        progress(1.0, "landmark registration done")
+        return RegistrationResult(transform, metrics, fixed, moving)
+
+    return compute
 
 
 def register_volumes(fixed_node: Any, moving_node: Any, *, progress=None, cancel=None, **kw):

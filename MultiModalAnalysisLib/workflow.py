@@ -24,6 +24,7 @@ from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.progress import Progress, check_cancel
 
 STAGES = ("preprocess", "register", "fuse", "segment", "features", "classify")
+REGISTRATION_TYPES = ("rigid", "affine", "deformable", "landmarks", "none")
 
 
 @dataclass
@@ -31,7 +32,7 @@ class WorkflowSettings:
     """Every setting of the pipeline (the module's parameter node holds the same)."""
 
     preprocess: bool = True
-    registration_type: str = "rigid"  # rigid | affine | deformable | none
+    registration_type: str = "rigid"  # rigid | affine | deformable | landmarks | none
     registration_metric: str = "auto"
     device: str = "auto"
     fusion_method: str = ""  # "" skips fusion
@@ -45,10 +46,10 @@ class WorkflowSettings:
 
     def check(self) -> None:
         """Refuse settings that cannot work, before any work starts."""
-        if self.registration_type not in ("rigid", "affine", "deformable", "none"):
+        if self.registration_type not in REGISTRATION_TYPES:
             raise ConfigError(
                 f"unknown registration type '{self.registration_type}': use rigid, affine, "
-                "deformable or none."
+                "deformable, landmarks or none."
             )
         if self.segmentation_method == "model" and not _given(self.segmentation_model):
             raise ConfigError("segmentation method 'model' needs a model file: choose one.")
@@ -85,6 +86,7 @@ def workflow_steps(
     mask_node: Any | None = None,
     stages: Sequence[str] = STAGES,
     scene: Any | None = None,
+    landmarks: Sequence[Any | None] | None = None,
 ) -> tuple[list[tuple[str, Callable[[], Any]]], WorkflowState]:
     """The steps of one run over volumes loaded in Slicer, and the state they fill.
 
@@ -94,6 +96,10 @@ def workflow_steps(
         mask_node: a segmentation/labelmap to measure (default: the segmentation step's output).
         stages: which of :data:`STAGES` to run.
         scene: where new nodes go (default: the reference volume's scene).
+        landmarks: a markups point list (or ``None``) per volume, in the order of
+            ``volumes``: the reference's points pair with each further volume's (by label,
+            else in order). They start each registration that has both (and its TRE at them
+            is reported); registration type "landmarks" uses them alone.
 
     Returns:
         ``(steps, state)``: give ``steps`` to :class:`jobs.StepRunner`; read ``state`` after.
@@ -116,6 +122,16 @@ def workflow_steps(
         mask_node,
     )
     target = scene or volumes[0][0].GetScene()
+    points = _landmarks_by_modality(modalities, landmarks)
+    if "register" in stages and settings.registration_type == "landmarks":
+        missing = [m for m in modalities[1:] if points.get(m) is None]
+        if points.get(modalities[0]) is None or missing:
+            lacking = ([modalities[0]] if points.get(modalities[0]) is None else []) + missing
+            raise ConfigError(
+                "registration by landmarks needs a point list on every volume: none is "
+                f"chosen for {', '.join(lacking)}. Click the same anatomical points on each "
+                "volume (Markups module) and choose the lists in Inputs."
+            )
     steps: list[tuple[str, Callable[[], Any]]] = []
 
     def then(task_factory: Callable[[], nodes.NodeTask], keep: Callable[[Any], None]):
@@ -147,7 +163,8 @@ def workflow_steps(
                     state.volumes[state.reference], state.volumes[m],
                     transform=settings.registration_type, metric=settings.registration_metric,
                     device=settings.device, fixed_modality=state.reference, moving_modality=m,
-                    scene=target,
+                    fixed_landmarks_node=points.get(state.reference) if points.get(m) else None,
+                    moving_landmarks_node=points.get(m), scene=target,
                 ),
                 lambda out, m=modality: _keep_registration(state, m, out),
             )))
@@ -182,6 +199,18 @@ def workflow_steps(
             lambda node: setattr(state, "prediction", node),
         )))
     return steps, state
+
+
+def _landmarks_by_modality(modalities: Sequence[str], landmarks: Sequence[Any | None] | None,
+                           ) -> dict[str, Any]:
+    if landmarks is None:
+        return {}
+    if len(landmarks) > len(modalities):
+        raise ConfigError(
+            f"{len(landmarks)} landmark lists for {len(modalities)} volumes: give one (or "
+            "None) per volume."
+        )
+    return {m: node for m, node in zip(modalities, landmarks, strict=False) if node is not None}
 
 
 def _keep_registration(state: WorkflowState, modality: str, out: nodes.RegistrationNodes):
@@ -221,6 +250,11 @@ def batch_task(
     on, so one bad scan does not lose a cohort's run.
     """
     settings.check()
+    if settings.registration_type == "landmarks":
+        raise ConfigError(
+            "a batch cannot register by landmarks (they are clicked per case in Slicer): "
+            "choose rigid, affine, deformable or none for the batch."
+        )
     folders = [Path(f) for f in case_folders]
     if not folders:
         raise MMAError("no case folder was given for the batch.")

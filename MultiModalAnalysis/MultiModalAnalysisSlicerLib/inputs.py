@@ -30,23 +30,26 @@ def guessNodeModality(volumeNode) -> str:
 
 
 class InputVolumesTable:
-    """Keeps a QTableWidget of (volume, modality) rows and two parameter-node lists in step.
+    """Keeps a QTableWidget of (volume, modality, landmarks) rows and three parameter-node
+    lists in step.
 
-    Each row has a node selector and a modality combo box; choosing a volume guesses its
-    modality (the user can change it). ``onChanged(volumes, modalities)`` is called after
-    every edit; :meth:`setRows` fills the table from the parameter node.
+    Each row has a volume selector, a modality combo box and an optional point-list selector
+    (landmarks clicked on that volume, paired with the reference landmarks); choosing a
+    volume guesses its modality (the user can change it). ``onChanged(volumes, modalities,
+    landmarks)`` is called after every edit (``landmarks[i]`` is a node or None);
+    :meth:`setRows` fills the table from the parameter node.
     """
 
     def __init__(self, tableWidget, onChanged):
         self.table = tableWidget
         self.onChanged = onChanged
         self._updating = False
-        self.table.setColumnCount(2)
-        self.table.setHorizontalHeaderLabels(["Volume", "Modality"])
+        self.table.setColumnCount(3)
+        self.table.setHorizontalHeaderLabels(["Volume", "Modality", "Landmarks"])
         self.table.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
         self.table.verticalHeader().setVisible(False)
 
-    def _addRowWidgets(self, node, modality):
+    def _addRowWidgets(self, node, modality, landmarks=None):
         row = self.table.rowCount
         self.table.insertRow(row)
         selector = slicer.qMRMLNodeComboBox()
@@ -64,8 +67,21 @@ class InputVolumesTable:
         selector.connect("nodeActivated(vtkMRMLNode*)", lambda n, c=combo: self._nodeChosen(n, c))
         selector.connect("currentNodeChanged(vtkMRMLNode*)", lambda _node: self._emit())
         combo.connect("currentIndexChanged(int)", lambda _index: self._emit())
+        points = slicer.qMRMLNodeComboBox()
+        points.nodeTypes = ["vtkMRMLMarkupsFiducialNode"]
+        points.addEnabled = True
+        points.removeEnabled = False
+        points.renameEnabled = True
+        points.noneEnabled = True
+        points.noneDisplay = "None"
+        points.toolTip = ("Optional: the reference landmarks' anatomical points, clicked on this "
+                          "volume (paired by label, else in order).")
+        points.setMRMLScene(slicer.mrmlScene)
+        points.setCurrentNode(landmarks)
+        points.connect("currentNodeChanged(vtkMRMLNode*)", lambda _node: self._emit())
         self.table.setCellWidget(row, 0, selector)
         self.table.setCellWidget(row, 1, combo)
+        self.table.setCellWidget(row, 2, points)
 
     def _nodeChosen(self, node, combo):
         if not self._updating and node is not None:
@@ -76,24 +92,27 @@ class InputVolumesTable:
             self.onChanged(*self.rows())
 
     def rows(self):
-        """(volumes, modalities) as shown; rows without a volume are left out."""
-        volumes, modalities = [], []
+        """(volumes, modalities, landmarks) as shown; rows without a volume are left out."""
+        volumes, modalities, landmarks = [], [], []
         for row in range(self.table.rowCount):
             node = self.table.cellWidget(row, 0).currentNode()
             if node is not None:
                 volumes.append(node)
                 modalities.append(self.table.cellWidget(row, 1).currentText)
-        return volumes, modalities
+                landmarks.append(self.table.cellWidget(row, 2).currentNode())
+        return volumes, modalities, landmarks
 
-    def setRows(self, volumes, modalities):
+    def setRows(self, volumes, modalities, landmarks=()):
         """Show these rows (from the parameter node) without echoing changes back."""
-        if list(zip(*self.rows(), strict=True)) == list(zip(volumes, modalities, strict=False)):
+        landmarks = list(landmarks) + [None] * (len(volumes) - len(landmarks))
+        wanted = list(zip(volumes, modalities, landmarks, strict=False))
+        if list(zip(*self.rows(), strict=True)) == wanted:
             return
         self._updating = True
         try:
             self.table.setRowCount(0)
-            for node, modality in zip(volumes, modalities, strict=False):
-                self._addRowWidgets(node, modality)
+            for node, modality, points in wanted:
+                self._addRowWidgets(node, modality, points)
         finally:
             self._updating = False
 

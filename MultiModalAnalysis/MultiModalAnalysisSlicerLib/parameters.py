@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Annotated
 
 from slicer import (
+    vtkMRMLMarkupsFiducialNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
     vtkMRMLTableNode,
@@ -13,7 +14,7 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 
 from MultiModalAnalysisLib.modality_guess import MODALITY_CHOICES
 
-REGISTRATION_TYPES = ("rigid", "affine", "deformable", "none")
+REGISTRATION_TYPES = ("rigid", "affine", "deformable", "landmarks", "none")
 REGISTRATION_METRICS = ("auto", "mi", "ncc", "lncc")
 DEVICES = ("auto", "cpu", "cuda")
 FUSION_METHODS = ("average", "maximum", "checkerboard", "overlay", "laplacian", "wavelet")
@@ -24,8 +25,9 @@ SEGMENTATION_METHODS = ("gmm", "kmeans", "threshold", "model")
 class MultiModalAnalysisParameterNode:
     """Inputs, settings of every step, and the outputs of the last run.
 
-    ``inputVolumes[i]`` has modality ``inputModalities[i]`` (the widget keeps them the same
-    length). Paths left empty read as ``Path(".")``.
+    ``inputVolumes[i]`` has modality ``inputModalities[i]`` and the landmarks (point list)
+    whose node ID is ``inputLandmarks[i]``, "" for none (the widget keeps the three lists the
+    same length). Paths left empty read as ``Path(".")``.
     """
 
     # Inputs
@@ -33,6 +35,8 @@ class MultiModalAnalysisParameterNode:
     referenceModality: Annotated[str, Choice(list(MODALITY_CHOICES))] = "CT"
     inputVolumes: list[vtkMRMLScalarVolumeNode]
     inputModalities: list[str]
+    referenceLandmarks: vtkMRMLMarkupsFiducialNode
+    inputLandmarks: list[str]
     caseId: str = ""
     # Preprocess
     preprocess: bool = True

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from synthetic import centred_grid, make_image, physical_points, rotation_direction
 
 from MultiModalAnalysisLib import mrml
-from MultiModalAnalysisLib.errors import ConfigError, GeometryError, LabelError
+from MultiModalAnalysisLib.errors import ConfigError, GeometryError, LabelError, MMAError
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (test extra)")
 
@@ -371,3 +371,83 @@ def test_table_node_round_trips_a_dataframe_with_numbers_text_and_index(mrml_sce
     assert back["voxels"].tolist() == [120, 95]
     assert back["tumour"].tolist() == [1, 0]
     assert back["modality"].tolist() == ["CT", "PET"]
+
+
+# ---------------------------------------------------------------------------------- markups
+
+
+def _click(node, ras, label=None):
+    """A control point placed at world RAS ``ras`` (as a click in a view places it)."""
+    index = node.AddControlPointWorld([float(v) for v in ras], label or "")
+    return index
+
+
+def test_landmark_clicked_on_a_voxel_in_slicer_is_that_voxels_point_in_the_engine(
+        mrml_scene, oblique_image):
+    # The volume sits under a linear transform (as after a registration), and the point list
+    # under another one: the click happens in world coordinates, where Slicer shows both.
+    volume = mrml.volume_node_from_image(oblique_image, mrml_scene, "moved")
+    parent = mrml.transform_node_from_transform(
+        sitk.Euler3DTransform((0, 0, 0), 0.2, 0.0, -0.1, (5.0, -3.0, 2.0)), mrml_scene, "p")
+    volume.SetAndObserveTransformNodeID(parent.GetID())
+    image = mrml.image_from_volume_node(volume)
+    voxels = [(3, 4, 5), (10, 2, 7), (0, 0, 0)]
+    shown = []
+    for ijk in voxels:
+        ras = mrml._matrix_from_image(oblique_image) @ np.array([*ijk, 1.0])
+        world = [0.0, 0.0, 0.0]
+        parent.GetTransformToParent().TransformPoint(ras[:3].tolist(), world)
+        shown.append(world)
+    landmarks = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    markups_parent = mrml.transform_node_from_transform(
+        sitk.TranslationTransform(3, (4.0, 1.0, -2.0)), mrml_scene, "markups parent")
+    landmarks.SetAndObserveTransformNodeID(markups_parent.GetID())
+    for world in shown:
+        _click(landmarks, world)
+
+    points, labels = mrml.points_from_markups(landmarks)
+
+    assert labels == ["clicks-1", "clicks-2", "clicks-3"]
+    for point, ijk in zip(points, voxels, strict=True):
+        assert np.allclose(image.TransformPhysicalPointToContinuousIndex(point), ijk, atol=1e-6)
+
+
+def test_landmarks_pair_by_label_or_in_order_and_skip_points_marked_missing(mrml_scene):
+    lps = np.array([[1.0, 2.0, 3.0], [10.0, -4.0, 7.0], [-6.0, 5.0, 0.0], [3.0, 3.0, 9.0]])
+    fixed = mrml.markups_from_points(lps, mrml_scene, "on CT",
+                                     labels=["carina", "L1", "tip", "knee"])
+    # The same anatomy clicked in another order on the moving volume: pairs by label.
+    moving = mrml.markups_from_points(lps[[2, 0, 3, 1]] + 100.0, mrml_scene, "on MR",
+                                      labels=["tip", "carina", "knee", "L1"])
+    f, m = mrml.landmark_pairs(fixed, moving)
+    assert np.allclose(m - f, 100.0)
+    assert np.allclose(f, lps)
+    moving.SetNthControlPointPositionMissing(0)  # "tip" is not visible on the moving volume
+    f, m = mrml.landmark_pairs(fixed, moving)
+    assert np.allclose(m - f, 100.0)
+    assert np.allclose(f, lps[[0, 1, 3]])
+
+    # Slicer's own labels ("A-1", "B-1"): in order; a point marked missing drops its pair.
+    a = mrml.markups_from_points(lps, mrml_scene, "A")
+    b = mrml.markups_from_points(lps + 100.0, mrml_scene, "B")
+    b.SetNthControlPointPositionMissing(1)
+    f, m = mrml.landmark_pairs(a, b)
+    assert len(f) == 3 and np.allclose(m - f, 100.0)
+    assert np.allclose(f, lps[[0, 2, 3]])
+
+
+def test_landmarks_that_cannot_pair_are_refused_with_what_to_do(mrml_scene, oblique_image):
+    lps = np.array([[1.0, 2.0, 3.0], [10.0, -4.0, 7.0], [-6.0, 5.0, 0.0]])
+    fixed = mrml.markups_from_points(lps, mrml_scene, "F", labels=["carina", "L1", "tip"])
+    renamed = mrml.markups_from_points(lps, mrml_scene, "M", labels=["carina", "L2", "tip"])
+    with pytest.raises(MMAError, match=r"L1 is only in 'F'; L2 is only in 'M'"):
+        mrml.landmark_pairs(fixed, renamed)
+    shorter = mrml.markups_from_points(lps[:2], mrml_scene, "G")
+    with pytest.raises(MMAError, match="hold 3 points and 'G' 2"):
+        mrml.landmark_pairs(mrml.markups_from_points(lps, mrml_scene, "H"), shorter)
+    empty = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "nothing")
+    with pytest.raises(MMAError, match="'nothing' hold no placed point"):
+        mrml.points_from_markups(empty)
+    volume = mrml.volume_node_from_image(oblique_image, mrml_scene, "a volume")
+    with pytest.raises(ConfigError, match="'a volume' is not a markups node"):
+        mrml.points_from_markups(volume)

@@ -273,3 +273,65 @@ def test_features_of_the_tumour_segment_go_to_a_table_node_like_the_engine(patie
     assert any(name.startswith("PET_cm_") for name in expected)
     for name, value in expected.items():
         assert frame[name].iloc[0] == pytest.approx(value, rel=1e-5, abs=1e-8, nan_ok=True), name
+
+
+# ---------------------------------------------------------------------- landmarks
+
+
+def tumour_landmarks(ct: sitk.Image, mask: sitk.Image, count: int = 5) -> np.ndarray:
+    """``count`` LPS points spread over the tumour (what a clinician might click)."""
+    index = np.argwhere(sitk.GetArrayFromImage(mask) > 0)
+    chosen = index[np.linspace(0, len(index) - 1, count).astype(int)]
+    return np.array([ct.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]])
+                     for idx in chosen])
+
+
+def test_landmarks_alone_register_a_moved_volume_and_others_start_an_intensity_registration(
+        mrml_scene, sts002):
+    ct = sts002.image("CT")
+    centre = ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()])
+    truth = sitk.Euler3DTransform(centre, 0.05, -0.04, 0.08, (6.0, -4.0, 3.0))
+    fixed = mrml.volume_node_from_image(ct, mrml_scene, "CT")
+    moving = mrml.volume_node_from_image(moved_rigidly(sts002.image("PET"), truth), mrml_scene,
+                                         "PET moved")
+    points = tumour_landmarks(ct, sts002.mask("CT_mask"))
+    on_ct = mrml.markups_from_points(points, mrml_scene, "on CT")
+    # Clicked on the moved PET: where the moved volume shows the same anatomy.
+    on_pet = mrml.markups_from_points([truth.TransformPoint(tuple(p)) for p in points],
+                                      mrml_scene, "on PET")
+
+    alone = nodes.register_volumes(fixed, moving, transform="landmarks",
+                                   fixed_landmarks_node=on_ct, moving_landmarks_node=on_pet)
+
+    recovered = mrml.transform_from_transform_node(alone.transform_node)
+    assert transform_distance(recovered, truth, points).max() < 1e-3
+    assert alone.metrics["transform_type"] == "landmarks (rigid)"
+    assert alone.metrics["landmark_pairs"] == 5
+    assert alone.metrics["landmark_residual_mm_max"] < 1e-3
+    assert mrml.image_from_volume_node(alone.warped_node).GetSize() == ct.GetSize()
+
+    # The same points start a rigid intensity registration and measure it.
+    refined = nodes.register_volumes(fixed, moving, transform="rigid", fixed_modality="CT",
+                                     moving_modality="PET", fixed_landmarks_node=on_ct,
+                                     moving_landmarks_node=on_pet)
+    assert refined.metrics["landmark_pairs"] == 5
+    # PET and CT share the scanner's alignment: the refined result stays within the few mm
+    # by which the mutual-information optimum sits off it on these crops (docs/benchmarks.md).
+    assert refined.metrics["tre_mm_median"] < 10.0
+    error = transform_distance(mrml.transform_from_transform_node(refined.transform_node),
+                               truth, points)
+    assert np.median(error) == pytest.approx(refined.metrics["tre_mm_median"], abs=1e-2)
+
+
+def test_landmarks_on_one_volume_only_or_missing_for_a_landmark_registration_are_refused(
+        patient):
+    points = np.array([[0.0, 0.0, 0.0], [20.0, 0.0, 0.0], [0.0, 20.0, 5.0]])
+    on_ct = mrml.markups_from_points(points, patient["CT"].GetScene(), "on CT")
+    with pytest.raises(MMAError, match="given on the fixed volume only"):
+        nodes.register_task(patient["CT"], patient["PET"], fixed_landmarks_node=on_ct)
+    with pytest.raises(MMAError, match="needs point lists on both volumes"):
+        nodes.register_task(patient["CT"], patient["PET"], transform="landmarks")
+    on_line = mrml.markups_from_points(points * [1, 0, 0], patient["CT"].GetScene(), "line")
+    with pytest.raises(MMAError, match="lie on one line"):
+        nodes.register_task(patient["CT"], patient["PET"], transform="landmarks",
+                            fixed_landmarks_node=on_ct, moving_landmarks_node=on_line)

@@ -365,3 +365,16 @@ def test_extensions_index_entry_follows_the_catalog_schema():
     homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', text).group(1)
     assert entry["scm_url"].removesuffix(".git") == homepage
     assert 1 <= entry["tier"] <= 5
+
+
+def test_the_modules_registration_choices_are_the_engines():
+    from MultiModalAnalysisLib.workflow import REGISTRATION_TYPES
+
+    tree = ast.parse((SLICER_LIB / "parameters.py").read_text())
+    assigned = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id == "REGISTRATION_TYPES"
+    }
+    assert assigned["REGISTRATION_TYPES"] == REGISTRATION_TYPES

@@ -81,6 +81,32 @@ def test_run_all_refuses_bad_settings_before_any_work(inputs):
         workflow_steps([(None, "CT")], WorkflowSettings())
 
 
+def test_registration_by_landmarks_uses_each_volumes_point_list_and_needs_all_of_them(
+        inputs, tmp_path):
+    volumes, _ = inputs
+    scene = volumes[0][0].GetScene()
+    points = np.array([[-30.0, 10.0, 5.0], [25.0, -5.0, 0.0], [0.0, 30.0, -10.0],
+                       [5.0, 5.0, 25.0]])
+    shift = np.array([4.0, -2.0, 3.0])  # the PET shown 4 / -2 / 3 mm away from the CT
+    on_ct = mrml.markups_from_points(points, scene, "on CT")
+    on_pet = mrml.markups_from_points(points + shift, scene, "on PET")
+    settings = WorkflowSettings(preprocess=False, registration_type="landmarks",
+                                segmentation_method="")
+
+    with pytest.raises(ConfigError, match="none is chosen for PET"):
+        workflow_steps(volumes, settings, stages=("register",), landmarks=[on_ct, None])
+    with pytest.raises(ConfigError, match="a batch cannot register by landmarks"):
+        batch_task([tmp_path], settings, modalities=["CT", "PET"], scene=scene)
+
+    steps, state = workflow_steps(volumes, settings, stages=("register",),
+                                  landmarks=[on_ct, on_pet])
+    StepRunner(steps).run_to_end()
+    transform = mrml.transform_from_transform_node(state.transforms["PET"])
+    assert np.allclose([transform.TransformPoint(tuple(p)) for p in points], points + shift,
+                       atol=1e-6)
+    assert state.registration_metrics["PET"]["landmark_pairs"] == 4
+
+
 def test_features_without_segmentation_or_mask_explain_what_is_missing(inputs):
     volumes, _ = inputs
     settings = WorkflowSettings(preprocess=False, registration_type="none",
