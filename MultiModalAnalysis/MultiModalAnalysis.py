@@ -529,6 +529,8 @@ class MultiModalAnalysisTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_WholeWorkflowOnBundledPatient()
+        self.setUp()
+        self.test_RegistrationByLandmarks()
 
     def test_WholeWorkflowOnBundledPatient(self):
         import numpy as np
@@ -616,6 +618,49 @@ class MultiModalAnalysisTest(ScriptedLoadableModuleTest):
             self.assertAlmostEqual(float(frame[name].iloc[0]), expected[name], places=3)
         self.assertTrue(2.0 < float(frame["PET_stat_max"].iloc[0]) < 50.0)
         self.delayDisplay(f"Test passed: registration error {error:.2f} mm, Dice {overlap:.3f}")
+
+
+    def test_RegistrationByLandmarks(self):
+        """Point lists chosen in the parameter node reach the registration and pair up."""
+        import numpy as np
+        import SimpleITK as sitk
+
+        from MultiModalAnalysisLib.case import load_case
+        from MultiModalAnalysisLib.metrics import transform_distance
+        from MultiModalAnalysisLib.sample_data import sample_case_dir
+
+        case = load_case(sample_case_dir())
+        ct = case.image("CT")
+        centre = ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()])
+        truth = sitk.Euler3DTransform(centre, 0.05, -0.04, 0.08, (6.0, -4.0, 3.0))
+        scene = slicer.mrmlScene
+        ctNode = mrml.volume_node_from_image(ct, scene, "CT")
+        mrNode = mrml.volume_node_from_image(
+            _movedRigidly(case.image("MR_T1"), truth), scene, "MR T1"
+        )
+        tumour = np.argwhere(sitk.GetArrayFromImage(case.mask("CT_mask")) > 0)
+        chosen = tumour[np.linspace(0, len(tumour) - 1, 5).astype(int)]
+        points = [ct.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]]) for idx in chosen]
+        onCt = mrml.markups_from_points(points, scene, "on CT")
+        onMr = mrml.markups_from_points([truth.TransformPoint(p) for p in points], scene, "on MR")
+
+        logic = MultiModalAnalysisLogic()
+        p = logic.getParameterNode()
+        p.referenceVolume = ctNode
+        p.referenceModality = "CT"
+        p.inputVolumes = [mrNode]
+        p.inputModalities = ["MR-T1"]
+        p.referenceLandmarks = onCt
+        p.inputLandmarks = [onMr.GetID()]
+        p.preprocess = False
+        p.registrationType = "landmarks"
+        state = logic.run(p, ("register",))
+
+        recovered = mrml.transform_from_transform_node(state.transforms["MR_T1"])
+        error = float(transform_distance(recovered, truth, points).max())
+        self.assertLess(error, 1e-3, f"landmark registration error {error:.4f} mm")
+        self.assertEqual(state.registration_metrics["MR_T1"]["landmark_pairs"], 5)
+        self.delayDisplay(f"Test passed: landmark registration error {error:.1e} mm")
 
 
 def _movedRigidly(image, rigid):
