@@ -110,6 +110,36 @@ def resample_to_spacing(
     """
     old_spacing = np.array(image.GetSpacing(), dtype=float)
     new_spacing = _parse_spacing(spacing, old_spacing)
+    reference = spacing_grid(image, new_spacing)
+
+    source = image
+    if antialias and not is_label:
+        sigmas = np.where(new_spacing > old_spacing * 1.01, new_spacing / 2.0, 0.0)
+        source = as_float32(image)
+        for axis, sigma in enumerate(sigmas):
+            if sigma > 0:
+                source = sitk.RecursiveGaussian(source, float(sigma), direction=axis)
+
+    return sitk.Resample(
+        source if is_label else as_float32(source),
+        reference,
+        sitk.Transform(3, sitk.sitkIdentity),
+        _interpolator(interpolator, is_label),
+        _default_value(image, is_label, default_value),
+        image.GetPixelID() if is_label else sitk.sitkFloat32,
+    )
+
+
+def spacing_grid(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
+    """The grid ``resample_to_spacing`` makes (an empty UInt8 image): ``image``'s physical
+    extent and orientation at ``spacing`` (mm per axis), the outer edge of the first voxel
+    kept where it was.
+
+    Raises:
+        ConfigError: the grid would exceed ``MAX_VOXELS``.
+    """
+    old_spacing = np.array(image.GetSpacing(), dtype=float)
+    new_spacing = np.array(spacing, dtype=float)
     old_size = np.array(image.GetSize(), dtype=float)
     new_size = np.maximum(np.round(old_size * old_spacing / new_spacing), 1).astype(int)
     voxels = int(np.prod(new_size.astype(np.int64)))
@@ -120,31 +150,14 @@ def resample_to_spacing(
             f"over the {MAX_VOXELS / 1e9:.0f} G-voxel limit): choose a coarser spacing "
             f"(the image's own is {old_spacing.round(3).tolist()} mm)."
         )
-    # Keep the outer edge of the first voxel where it was: shift the centre by half the
-    # spacing change, along the image axes.
+    # Shift the centre by half the spacing change, along the image axes.
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     new_origin = np.array(image.GetOrigin()) + direction @ ((new_spacing - old_spacing) / 2)
-
-    source = image
-    if antialias and not is_label:
-        sigmas = np.where(new_spacing > old_spacing * 1.01, new_spacing / 2.0, 0.0)
-        source = as_float32(image)
-        for axis, sigma in enumerate(sigmas):
-            if sigma > 0:
-                source = sitk.RecursiveGaussian(source, float(sigma), direction=axis)
-
     reference = sitk.Image([int(s) for s in new_size], sitk.sitkUInt8)
     reference.SetSpacing(new_spacing.tolist())
     reference.SetOrigin(new_origin.tolist())
     reference.SetDirection(image.GetDirection())
-    return sitk.Resample(
-        source if is_label else as_float32(source),
-        reference,
-        sitk.Transform(3, sitk.sitkIdentity),
-        _interpolator(interpolator, is_label),
-        _default_value(image, is_label, default_value),
-        image.GetPixelID() if is_label else sitk.sitkFloat32,
-    )
+    return reference
 
 
 def _parse_spacing(spacing: float | Sequence[float | None], current: np.ndarray) -> np.ndarray:

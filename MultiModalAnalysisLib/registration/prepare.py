@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from MultiModalAnalysisLib.errors import EmptyImageError
 from MultiModalAnalysisLib.images import as_float32, same_grid, validate_image, validate_mask
 from MultiModalAnalysisLib.preprocess import resample_to_reference, resample_to_spacing
+from MultiModalAnalysisLib.preprocess.resample import spacing_grid
 
 # Clipping to these percentiles keeps metal, hot spots and noise spikes from squeezing the
 # useful intensities into a few histogram bins (mutual information) or dominating NCC.
@@ -110,10 +111,38 @@ def level_spacing(image: sitk.Image, spacing_mm: float) -> list[float]:
 
 
 def downsample(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
-    """``image`` smoothed and resampled to ``spacing`` (unchanged if it already has it)."""
-    if np.allclose(spacing, image.GetSpacing(), rtol=0.02):
+    """``image`` smoothed and resampled to ``spacing`` (unchanged if it already has it).
+
+    The smoothing is ``resample_to_spacing``'s anti-aliasing (a Gaussian of sigma half the
+    new spacing along each axis that gets coarser). Along axes at least twice as coarse, most
+    of it is done first by averaging blocks of whole voxels (``BinShrink``, a single pass;
+    blocks no wider than half the new spacing), and the Gaussian then adds only the variance
+    the block lacks, on the smaller grid. Same anti-aliasing, to within the kernel's shape,
+    at a third to a sixth of the time on a full-resolution CT (4 mm level).
+    """
+    old = np.array(image.GetSpacing(), dtype=float)
+    new = np.array(spacing, dtype=float)
+    if np.allclose(new, old, rtol=0.02):
         return image
-    return resample_to_spacing(image, list(spacing))
+    factors = np.maximum(1, np.floor(new / (2 * old) + 1e-6)).astype(int)
+    if factors.max() == 1:
+        return resample_to_spacing(image, new.tolist())
+    reference = spacing_grid(image, new)
+    source = as_float32(image)
+    pad = (-np.array(image.GetSize())) % factors  # whole blocks: repeat the last voxels
+    if pad.any():
+        source = sitk.ZeroFluxNeumannPad(source, [0, 0, 0], [int(p) for p in pad])
+    source = sitk.BinShrink(source, [int(f) for f in factors])
+    block_variance = ((factors * old) ** 2 - old ** 2) / 12  # f samples, ``old`` apart
+    for axis in range(3):
+        if new[axis] > old[axis] * 1.01:  # as resample_to_spacing: sigma = new spacing / 2
+            variance = (new[axis] / 2) ** 2 - block_variance[axis]
+            if variance > 0:
+                source = sitk.RecursiveGaussian(source, float(np.sqrt(variance)),
+                                                direction=axis)
+    minimum = float(sitk.GetArrayViewFromImage(source).min())
+    return sitk.Resample(source, reference, sitk.Transform(3, sitk.sitkIdentity),
+                         sitk.sitkLinear, minimum, sitk.sitkFloat32)
 
 
 def downsample_mask(mask: sitk.Image | None, image: sitk.Image, erode: int = 0,
