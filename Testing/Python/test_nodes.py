@@ -187,13 +187,18 @@ def moved_rigidly(image: sitk.Image, rigid: sitk.Euler3DTransform) -> sitk.Image
     return moved
 
 
+def known_rigid_move(ct: sitk.Image) -> sitk.Euler3DTransform:
+    """About 5 degrees and 8 mm, about the CT's centre: what the registration tests undo."""
+    centre = ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()])
+    return sitk.Euler3DTransform(centre, 0.05, -0.04, 0.08, (6.0, -4.0, 3.0))
+
+
 @pytest.mark.slow
 def test_register_mr_to_ct_recovers_a_known_rigid_move_and_hardens_onto_the_tumour(
     mrml_scene, sts002
 ):
     ct = sts002.image("CT")
-    centre = ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()])
-    truth = sitk.Euler3DTransform(centre, 0.05, -0.04, 0.08, (6.0, -4.0, 3.0))
+    truth = known_rigid_move(ct)
     fixed = mrml.volume_node_from_image(ct, mrml_scene, "CT")
     moving = mrml.volume_node_from_image(moved_rigidly(sts002.image("MR_T1"), truth), mrml_scene,
                                          "MR moved")
@@ -289,8 +294,7 @@ def tumour_landmarks(ct: sitk.Image, mask: sitk.Image, count: int = 5) -> np.nda
 def test_landmarks_alone_register_a_moved_volume_and_others_start_an_intensity_registration(
         mrml_scene, sts002):
     ct = sts002.image("CT")
-    centre = ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()])
-    truth = sitk.Euler3DTransform(centre, 0.05, -0.04, 0.08, (6.0, -4.0, 3.0))
+    truth = known_rigid_move(ct)
     fixed = mrml.volume_node_from_image(ct, mrml_scene, "CT")
     moving = mrml.volume_node_from_image(moved_rigidly(sts002.image("PET"), truth), mrml_scene,
                                          "PET moved")
