@@ -618,7 +618,6 @@ class MultiModalAnalysisTest(ScriptedLoadableModuleTest):
         self.assertTrue(2.0 < float(frame["PET_stat_max"].iloc[0]) < 50.0)
         self.delayDisplay(f"Test passed: registration error {error:.2f} mm, Dice {overlap:.3f}")
 
-
     def test_RegistrationByLandmarks(self):
         """Point lists chosen in the parameter node reach the registration and pair up."""
         import numpy as np
