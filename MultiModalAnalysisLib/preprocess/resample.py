@@ -114,11 +114,7 @@ def resample_to_spacing(
 
     source = image
     if antialias and not is_label:
-        sigmas = np.where(new_spacing > old_spacing * 1.01, new_spacing / 2.0, 0.0)
-        source = as_float32(image)
-        for axis, sigma in enumerate(sigmas):
-            if sigma > 0:
-                source = sitk.RecursiveGaussian(source, float(sigma), direction=axis)
+        source = smooth_along_axes(as_float32(image), antialias_sigmas(old_spacing, new_spacing))
 
     return sitk.Resample(
         source if is_label else as_float32(source),
@@ -128,6 +124,23 @@ def resample_to_spacing(
         _default_value(image, is_label, default_value),
         image.GetPixelID() if is_label else sitk.sitkFloat32,
     )
+
+
+def antialias_sigmas(old_spacing: Sequence[float], new_spacing: Sequence[float]) -> np.ndarray:
+    """The Gaussian sigma (mm) per axis that keeps a resampling from ``old_spacing`` to
+    ``new_spacing`` from aliasing: half the new spacing along axes that get coarser, 0
+    along the others."""
+    old, new = np.asarray(old_spacing, dtype=float), np.asarray(new_spacing, dtype=float)
+    return np.where(new > old * 1.01, new / 2.0, 0.0)
+
+
+def smooth_along_axes(image: sitk.Image, sigmas: Sequence[float]) -> sitk.Image:
+    """``image`` smoothed by a recursive Gaussian of ``sigmas[axis]`` mm along each axis
+    (none where the sigma is 0)."""
+    for axis, sigma in enumerate(sigmas):
+        if sigma > 0:
+            image = sitk.RecursiveGaussian(image, float(sigma), direction=axis)
+    return image
 
 
 def spacing_grid(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:

@@ -13,7 +13,11 @@ import SimpleITK as sitk
 from MultiModalAnalysisLib.errors import EmptyImageError
 from MultiModalAnalysisLib.images import as_float32, same_grid, validate_image, validate_mask
 from MultiModalAnalysisLib.preprocess import resample_to_reference, resample_to_spacing
-from MultiModalAnalysisLib.preprocess.resample import spacing_grid
+from MultiModalAnalysisLib.preprocess.resample import (
+    antialias_sigmas,
+    smooth_along_axes,
+    spacing_grid,
+)
 
 # Clipping to these percentiles keeps metal, hot spots and noise spikes from squeezing the
 # useful intensities into a few histogram bins (mutual information) or dominating NCC.
@@ -134,12 +138,9 @@ def downsample(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
         source = sitk.ZeroFluxNeumannPad(source, [0, 0, 0], [int(p) for p in pad])
     source = sitk.BinShrink(source, [int(f) for f in factors])
     block_variance = ((factors * old) ** 2 - old ** 2) / 12  # f samples, ``old`` apart
-    for axis in range(3):
-        if new[axis] > old[axis] * 1.01:  # as resample_to_spacing: sigma = new spacing / 2
-            variance = (new[axis] / 2) ** 2 - block_variance[axis]
-            if variance > 0:
-                source = sitk.RecursiveGaussian(source, float(np.sqrt(variance)),
-                                                direction=axis)
+    sigmas = antialias_sigmas(old, new)  # resample_to_spacing's Gaussian, less the block's
+    residual = np.sqrt(np.clip(sigmas ** 2 - block_variance, 0.0, None))
+    source = smooth_along_axes(source, np.where(sigmas > 0, residual, 0.0))
     minimum = float(sitk.GetArrayViewFromImage(source).min())
     return sitk.Resample(source, reference, sitk.Transform(3, sitk.sitkIdentity),
                          sitk.sitkLinear, minimum, sitk.sitkFloat32)
