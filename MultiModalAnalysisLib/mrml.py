@@ -679,6 +679,29 @@ def labels_from_segmentation_node(node: Any, reference_node: Any | None = None) 
 _POSITION_DEFINED = 2  # vtkMRMLMarkupsNode.PositionDefined (Undefined 0, Preview 1, Missing 3)
 
 
+def _control_points(node: Any) -> list[tuple[str, np.ndarray | None]]:
+    """``(label, world LPS point)`` of every control point of a markups node, the point
+    ``None`` where it is not placed (a preview, or marked "missing").
+
+    Raises:
+        ConfigError: ``node`` is not a markups node.
+    """
+    if node is None or not node.IsA("vtkMRMLMarkupsNode"):
+        raise ConfigError(
+            f"{_node_label(node)} is not a markups node: choose point landmarks (a Markups "
+            "point list)."
+        )
+    points = []
+    for index in range(node.GetNumberOfControlPoints()):
+        point = None
+        if node.GetNthControlPointPositionStatus(index) == _POSITION_DEFINED:
+            position = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(index, position)
+            point = _FLIP @ np.array(position, dtype=float)
+        points.append((node.GetNthControlPointLabel(index), point))
+    return points
+
+
 def points_from_markups(node: Any) -> tuple[np.ndarray, list[str]]:
     """The placed control points of a markups node, in world LPS mm, and their labels.
 
@@ -693,25 +716,19 @@ def points_from_markups(node: Any) -> tuple[np.ndarray, list[str]]:
         ConfigError: ``node`` is not a markups node.
         MMAError: it holds no placed point.
     """
-    if node is None or not node.IsA("vtkMRMLMarkupsNode"):
-        raise ConfigError(
-            f"{_node_label(node)} is not a markups node: choose point landmarks (a Markups "
-            "point list)."
-        )
-    points, labels = [], []
-    for index in range(node.GetNumberOfControlPoints()):
-        if node.GetNthControlPointPositionStatus(index) != _POSITION_DEFINED:
-            continue
-        position = [0.0, 0.0, 0.0]
-        node.GetNthControlPointPositionWorld(index, position)
-        points.append(_FLIP @ np.array(position, dtype=float))
-        labels.append(node.GetNthControlPointLabel(index))
-    if not points:
+    placed = [(label, point) for label, point in _placed(node) if point is not None]
+    return np.array([point for _, point in placed]), [label for label, _ in placed]
+
+
+def _placed(node: Any) -> list[tuple[str, np.ndarray | None]]:
+    """:func:`_control_points`, refusing a list without any placed point."""
+    points = _control_points(node)
+    if all(point is None for _, point in points):
         raise MMAError(
             f"the landmarks {_node_label(node)} hold no placed point: click the points in the "
             "views (Markups module), or choose another point list."
         )
-    return np.array(points), labels
+    return points
 
 
 def landmark_pairs(fixed_node: Any, moving_node: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -726,56 +743,37 @@ def landmark_pairs(fixed_node: Any, moving_node: Any) -> tuple[np.ndarray, np.nd
         ConfigError, MMAError: not markups, no placed points, labels that do not match, or
             lists of different lengths.
     """
-    fixed_points, fixed_labels = points_from_markups(fixed_node)
-    moving_points, moving_labels = points_from_markups(moving_node)
+    lists = [_placed(node) for node in (fixed_node, moving_node)]
     names = (_node_label(fixed_node), _node_label(moving_node))
-    every = [[node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
-             for node in (fixed_node, moving_node)]
-    unique = all(len(set(labels)) == len(labels) for labels in every)
-    shared = set(every[0]) & set(every[1])
+    labels = [[label for label, _ in points] for points in lists]
+    unique = all(len(set(each)) == len(each) for each in labels)
+    shared = set(labels[0]) & set(labels[1])
     if unique and shared:
-        only = [[label for label in labels if label not in shared] for labels in every]
+        only = [[label for label in each if label not in shared] for each in labels]
         if only[0] or only[1]:
             raise MMAError(
                 f"the landmarks {names[0]} and {names[1]} pair up by their labels, but "
                 + "; ".join(
-                    f"{', '.join(labels)} {'is' if len(labels) == 1 else 'are'} only in {name}"
-                    for labels, name in zip(only, names, strict=True) if labels)
+                    f"{', '.join(each)} {'is' if len(each) == 1 else 'are'} only in {name}"
+                    for each, name in zip(only, names, strict=True) if each)
                 + ". Give each anatomical point the same label in both lists (or mark it "
                 "missing where it is not visible)."
             )
-        row = {label: i for i, label in enumerate(moving_labels)}
-        both = [i for i, label in enumerate(fixed_labels) if label in row]
-        if not both:
-            raise MMAError(f"no landmark is placed in both {names[0]} and {names[1]}.")
-        return fixed_points[both], moving_points[[row[fixed_labels[i]] for i in both]]
-    # In order: pair control points by index, dropping pairs with a point not placed.
-    counts = (fixed_node.GetNumberOfControlPoints(), moving_node.GetNumberOfControlPoints())
-    if counts[0] != counts[1]:
-        raise MMAError(
-            f"the landmarks {names[0]} hold {counts[0]} points and {names[1]} "
-            f"{counts[1]}: click the same anatomical points in both, in the same order "
-            "(or give them the same labels; mark a point missing where it is not visible)."
-        )
-    both = [i for i in range(counts[0])
-            if fixed_node.GetNthControlPointPositionStatus(i) == _POSITION_DEFINED
-            and moving_node.GetNthControlPointPositionStatus(i) == _POSITION_DEFINED]
-    if not both:
+        moving_by_label = dict(lists[1])
+        pairs = [(point, moving_by_label[label]) for label, point in lists[0]]
+    else:
+        if len(lists[0]) != len(lists[1]):
+            raise MMAError(
+                f"the landmarks {names[0]} hold {len(lists[0])} points and {names[1]} "
+                f"{len(lists[1])}: click the same anatomical points in both, in the same "
+                "order (or give them the same labels; mark a point missing where it is not "
+                "visible)."
+            )
+        pairs = [(f, m) for (_, f), (_, m) in zip(lists[0], lists[1], strict=True)]
+    pairs = [(f, m) for f, m in pairs if f is not None and m is not None]
+    if not pairs:
         raise MMAError(f"no landmark is placed in both {names[0]} and {names[1]}.")
-    fixed_index = _placed_rank(fixed_node)
-    moving_index = _placed_rank(moving_node)
-    return (fixed_points[[fixed_index[i] for i in both]],
-            moving_points[[moving_index[i] for i in both]])
-
-
-def _placed_rank(node: Any) -> dict[int, int]:
-    """Control point index -> its row among the placed points (``points_from_markups``)."""
-    ranks, row = {}, 0
-    for index in range(node.GetNumberOfControlPoints()):
-        if node.GetNthControlPointPositionStatus(index) == _POSITION_DEFINED:
-            ranks[index] = row
-            row += 1
-    return ranks
+    return np.array([f for f, _ in pairs]), np.array([m for _, m in pairs])
 
 
 def markups_from_points(points: Any, scene: Any | None = None, name: str = "",

@@ -226,9 +226,8 @@ def register_task(
                 f"registering {label} by landmarks needs point lists on both volumes: click "
                 "the same anatomical points on each (Markups module) and choose both lists."
             )
-        from MultiModalAnalysisLib.registration import register_landmarks
-
-        register_landmarks(*landmarks, transform=landmark_transform)  # refuse bad points now
+        # Fitted now (a least-squares fit of a few points: instant), so bad points are
+        # refused before the task is queued; compute() only hands the result over.
         compute = _landmark_registration(fixed, moving, landmarks, landmark_transform)
     else:
         def compute(progress: Progress, cancel: threading.Event | None) -> Any:
@@ -266,29 +265,33 @@ def _landmarks(fixed_node: Any | None, moving_node: Any | None):
 
 
 def _landmark_registration(fixed, moving, landmarks, kind):
-    """compute() of a registration from landmarks alone."""
+    """compute() of a registration from landmarks alone; the transform is fitted here.
+
+    Raises:
+        MMAError: too few points, or points that leave the transform undetermined.
+    """
+    import time
+
+    from MultiModalAnalysisLib.metrics import target_registration_error
+    from MultiModalAnalysisLib.registration import RegistrationResult, register_landmarks
+
+    started = time.perf_counter()
+    transform = register_landmarks(*landmarks, transform=kind)
+    # At the points the transform was fitted to: the fit's residual, not an independent
+    # target registration error.
+    residual = target_registration_error(transform, *landmarks)
+    metrics = {
+        "transform_type": f"landmarks ({kind})",
+        "landmark_pairs": int(len(residual)),
+        "landmark_residual_mm_mean": round(float(residual.mean()), 3),
+        "landmark_residual_mm_max": round(float(residual.max()), 3),
+        "runtime_s": round(time.perf_counter() - started, 3),
+    }
 
     def compute(progress: Progress, cancel: threading.Event | None) -> Any:
-        import time
-
-        from MultiModalAnalysisLib.metrics import target_registration_error
-        from MultiModalAnalysisLib.registration import RegistrationResult, register_landmarks
-
         check_cancel(cancel, "the landmark registration")
-        started = time.perf_counter()
-        transform = register_landmarks(*landmarks, transform=kind)
-        # At the points the transform was fitted to: the fit's residual, not an independent
-        # target registration error.
-        residual = target_registration_error(transform, *landmarks)
-        metrics = {
-            "transform_type": f"landmarks ({kind})",
-            "landmark_pairs": int(len(residual)),
-            "landmark_residual_mm_mean": round(float(residual.mean()), 3),
-            "landmark_residual_mm_max": round(float(residual.max()), 3),
-            "runtime_s": round(time.perf_counter() - started, 3),
-        }
         progress(1.0, "landmark registration done")
-        return RegistrationResult(transform, metrics, fixed, moving)
+        return RegistrationResult(transform, dict(metrics), fixed, moving)
 
     return compute
 
