@@ -611,3 +611,41 @@ def test_pyramid_downsampling_by_blocks_matches_the_gaussian_anti_aliasing():
             assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995
         else:  # no aliasing: the voxel-level pattern is gone, as with the Gaussian
             assert np.abs(a).max() < 0.05 and np.abs(b).max() < 0.05
+
+
+def test_metric_before_and_after_read_a_regular_subset_of_a_large_level(monkeypatch):
+    """On a level with many voxels, the reported metric reads every s-th fixed voxel along
+    each axis: it ranks transforms as the all-voxel value does, at an eighth of the reads
+    (its histogram spans the subset's own intensity range, so the value itself moves a
+    little); local NCC and a mask too thin to stride read every voxel."""
+    from MultiModalAnalysisLib.registration import linear
+    from MultiModalAnalysisLib.registration.prepare import build_pyramid
+
+    fixed = phantom("CT", size=(88, 80, 72), spacing=(1.0, 1.0, 1.25))
+    moving = phantom("MR", transform=rigid((3.0, -2.0, 4.0), (4.0, -3.0, 2.0)), seed=2)
+    level = build_pyramid(fixed, moving, [1.25])[0]  # 71 x 64 x 72 voxels
+    monkeypatch.setattr(linear, "EVALUATION_VOXELS", 30_000)  # a stride of 2
+    # The true transform, then ever further from it.
+    transforms = [rigid((3.0, -2.0, 4.0 + d), (4.0 + d, -3.0, 2.0)).GetInverse()
+                  for d in (0.0, 1.0, 2.5, 5.0)]
+
+    subset, _ = linear._evaluation_grid(level, "mi")
+    assert subset.GetNumberOfPixels() * 8 <= level.fixed.GetNumberOfPixels()
+    sampled = [linear.evaluate_metric(level, "mi", t) for t in transforms]
+    monkeypatch.setattr(linear, "EVALUATION_VOXELS", 10 ** 9)  # every voxel
+    full = [linear.evaluate_metric(level, "mi", t) for t in transforms]
+    assert np.all(np.diff(full) > 0) and np.all(np.diff(sampled) > 0)
+    assert np.allclose(sampled, full, rtol=0.15)
+    monkeypatch.setattr(linear, "EVALUATION_VOXELS", 30_000)
+
+    lncc, _ = linear._evaluation_grid(level, "lncc")
+    assert lncc is level.fixed
+    plane = np.zeros(sitk.GetArrayViewFromImage(level.fixed).shape, np.uint8)
+    plane[0] = 1  # the first slice: the stride-2 subset takes the second, fourth...
+    thin = sitk.GetImageFromArray(plane)
+    thin.CopyInformation(level.fixed)
+    thin_level = build_pyramid(fixed, moving, [1.25], fixed_mask=thin)[0]
+    monkeypatch.setattr(linear, "EVALUATION_VOXELS", thin_level.fixed_voxels // 8)
+    subset, mask = linear._evaluation_grid(thin_level, "mi")
+    assert subset is thin_level.fixed and mask is thin_level.fixed_mask
+    assert np.isfinite(linear.evaluate_metric(thin_level, "mi", transforms[0]))
