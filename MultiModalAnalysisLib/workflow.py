@@ -124,9 +124,8 @@ def workflow_steps(
     target = scene or volumes[0][0].GetScene()
     points = _landmarks_by_modality(modalities, landmarks)
     if "register" in stages and settings.registration_type == "landmarks":
-        missing = [m for m in modalities[1:] if points.get(m) is None]
-        if points.get(modalities[0]) is None or missing:
-            lacking = ([modalities[0]] if points.get(modalities[0]) is None else []) + missing
+        lacking = [m for m in modalities if points.get(m) is None]
+        if lacking:
             raise ConfigError(
                 "registration by landmarks needs a point list on every volume: none is "
                 f"chosen for {', '.join(lacking)}. Click the same anatomical points on each "
