@@ -13,8 +13,8 @@ from slicer import (
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
 from MultiModalAnalysisLib.modality_guess import MODALITY_CHOICES
+from MultiModalAnalysisLib.workflow import REGISTRATION_TYPES
 
-REGISTRATION_TYPES = ("rigid", "affine", "deformable", "landmarks", "none")
 REGISTRATION_METRICS = ("auto", "mi", "ncc", "lncc")
 DEVICES = ("auto", "cpu", "cuda")
 FUSION_METHODS = ("average", "maximum", "checkerboard", "overlay", "laplacian", "wavelet")

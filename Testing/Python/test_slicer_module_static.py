@@ -368,13 +368,18 @@ def test_extensions_index_entry_follows_the_catalog_schema():
 
 
 def test_the_modules_registration_choices_are_the_engines():
-    from MultiModalAnalysisLib.workflow import REGISTRATION_TYPES
+    """The parameter node offers the engine's registration types: it imports them (no copy
+    of its own that could fall behind) and uses them for ``registrationType``."""
+    from MultiModalAnalysisLib import workflow
 
     tree = ast.parse((SLICER_LIB / "parameters.py").read_text())
-    assigned = {
-        node.targets[0].id: ast.literal_eval(node.value)
-        for node in tree.body
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-        and node.targets[0].id == "REGISTRATION_TYPES"
+    imported = {
+        alias.name for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.module == "MultiModalAnalysisLib.workflow"
+        for alias in node.names if alias.asname is None
     }
-    assert assigned["REGISTRATION_TYPES"] == REGISTRATION_TYPES
+    assigned = {target.id for node in tree.body if isinstance(node, ast.Assign)
+                for target in node.targets if isinstance(target, ast.Name)}
+    assert "REGISTRATION_TYPES" in imported and "REGISTRATION_TYPES" not in assigned
+    assert "landmarks" in workflow.REGISTRATION_TYPES
+    assert "Choice(list(REGISTRATION_TYPES))" in ast.unparse(tree)
