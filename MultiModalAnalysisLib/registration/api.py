@@ -99,7 +99,8 @@ def register(
         search: run the coarse search for a starting pose (default: yes, unless an initial
             transform or landmarks are given, when a narrower search is run).
         ignore_fill: leave constant fill (corners outside a resampled scan's original field
-            of view) of the moving image out of the metric.
+            of view, the background of a skull-stripped brain) of either image out of the
+            metric, where no mask is given for that image.
         linear_settings, torch_settings, bspline_settings: expert settings per stage.
         threads: CPU threads that score the rigid/affine candidate poses (default: the
             cores this process may use, at most two). The result does not depend on it;
@@ -132,10 +133,21 @@ def register(
     moving_image = registration_image(moving, "the moving image")
     fixed_region = registration_mask(fixed_mask, fixed_image, "the fixed mask")
     moving_region = registration_mask(moving_mask, moving_image, "the moving mask")
-    eroded = 0
+    # Constant fill (outside a resampled scan's field of view, or around a skull-stripped
+    # brain) is not the patient in either image: with it left out of the fixed samples too,
+    # a pair that both have it (two skull-stripped MRs) is scored where both show tissue;
+    # with it left out of the moving image only, most fixed samples landed in the moving
+    # fill and no pose overlapped enough to be scored.
+    # The moving fill's edge is peeled off (smoothing mixes the fill into the tissue beside
+    # it) only where the fixed image has no fill of its own: where both have it, that mixed
+    # band lines up in both, and peeling it off the moving side alone dropped the fixed
+    # samples at the brain's outline in the right pose, so a wrong one scored better.
+    fixed_fill = moving_fill = None
+    if fixed_region is None and ignore_fill:
+        fixed_region = fixed_fill = fill_mask(fixed_image)
     if moving_region is None and ignore_fill:
-        moving_region = fill_mask(moving_image)
-        eroded = 1 if moving_region is not None else 0
+        moving_region = moving_fill = fill_mask(moving_image)
+    eroded_moving = 1 if moving_fill is not None and fixed_fill is None else 0
     concrete = choose_metric(metric, fixed_modality, moving_modality)
     settings = linear_settings or _levels_for(LinearSettings(), fixed_image, moving_image)
     if threads is not None:
@@ -157,7 +169,7 @@ def register(
         settings = _without_search(settings)
 
     levels = build_pyramid(fixed_image, moving_image, settings.spacings_mm, fixed_region,
-                           moving_region, erode_moving=eroded)
+                           moving_region, erode_moving=eroded_moving)
     finest = levels[-1]
     sitk_metric = "mi" if concrete == "mind" else concrete
     before = evaluate_metric(finest, sitk_metric, initial_transform or sitk.Transform())

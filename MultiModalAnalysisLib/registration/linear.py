@@ -116,8 +116,15 @@ def _run(method: sitk.ImageRegistrationMethod, level: Level, cancel: threading.E
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             return method.Execute(level.fixed, level.moving)
-    except RuntimeError:
+    except RuntimeError as error:
         check_cancel(cancel, "the registration")
+        if "do not sufficiently overlap" in str(error):
+            raise GeometryError(
+                f"the registration moved the images apart on the {level.spacing_mm:g} mm "
+                "level: no metric sample of the fixed image maps into the moving image (or "
+                "its mask) any more. Check that both images show the same body region and "
+                "that any masks cover it, or give an initial transform (e.g. from "
+                "landmarks).") from None
         raise
     finally:
         method.RemoveAllCommands()
