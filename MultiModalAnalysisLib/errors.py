@@ -61,6 +61,10 @@ class ModelError(MMAError):
     """A model file or folder is missing, unreadable, or does not fit the given inputs."""
 
 
+class TrainingError(MMAError):
+    """A training run failed on its own terms (e.g. its loss stopped being finite)."""
+
+
 class MMAWarning(UserWarning):
     """Base of the project's warnings. Each is also logged where it is raised, so the
     ``mma`` command line (whose log goes to stderr) does not print them a second time."""

@@ -4,6 +4,7 @@ MC-dropout, probabilities brought back to the reference image's grid, then clean
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.device import run_with_device_fallback
+from MultiModalAnalysisLib.device import autocast, autocast_dtype, run_with_device_fallback
 from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.images import image_from_array
 from MultiModalAnalysisLib.preprocess import resample_to_reference
@@ -25,6 +26,8 @@ from MultiModalAnalysisLib.segmentation.model_file import (
 from MultiModalAnalysisLib.segmentation.model_inputs import prepare_channels
 from MultiModalAnalysisLib.segmentation.postprocess import clean_labels
 from MultiModalAnalysisLib.segmentation.result import SegmentationResult, probability_image
+
+log = logging.getLogger(__name__)
 
 # Test-time augmentation: flips of the in-plane axes of a [batch, channel, z, y, x] tensor.
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (3, 4))
@@ -74,23 +77,33 @@ def predict_probabilities(
     else:
         passes = [tuple(f) for f in flips] or [()]
     volume = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))[None].to(device)
+    reduced = autocast_dtype(device)
+
+    def one_pass(dims, dtype):
+        with torch.no_grad(), autocast(device, dtype):
+            source = torch.flip(volume, dims) if dims else volume
+            # Volumes smaller than a window are padded by repeating their edge, as the
+            # training patches were; zeros would read as mid-window intensities.
+            logits = sliding_window_inference(
+                source, list(patch_size_zyx), sw_batch_size, network, overlap=overlap,
+                mode="gaussian", padding_mode="replicate",
+            )
+            probabilities = torch.softmax(logits.float(), dim=1)
+            if dims:
+                probabilities = torch.flip(probabilities, dims)
+        return probabilities[0].cpu().numpy()
+
     total = None
     foreground_sq = None
     try:
         for i, dims in enumerate(passes):
             check_cancel(cancel, "segmentation with the model")
-            with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
-                source = torch.flip(volume, dims) if dims else volume
-                # Volumes smaller than a window are padded by repeating their edge, as the
-                # training patches were; zeros would read as mid-window intensities.
-                logits = sliding_window_inference(
-                    source, list(patch_size_zyx), sw_batch_size, network, overlap=overlap,
-                    mode="gaussian", padding_mode="replicate",
-                )
-                probabilities = torch.softmax(logits.float(), dim=1)
-                if dims:
-                    probabilities = torch.flip(probabilities, dims)
-            probabilities = probabilities[0].cpu().numpy()
+            probabilities = one_pass(dims, reduced)
+            if reduced is not None and not np.isfinite(probabilities).all():
+                log.warning("the network's output overflowed in %s on %s; that pass was "
+                            "run again in float32.", str(reduced).replace("torch.", ""),
+                            device)
+                probabilities = one_pass(dims, None)
             foreground = 1.0 - probabilities[0]
             total = probabilities if total is None else total + probabilities
             squared = foreground**2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from MultiModalAnalysisLib.case import Manifest
-from MultiModalAnalysisLib.errors import ConfigError, ManifestError
+from MultiModalAnalysisLib.errors import ConfigError, ManifestError, TrainingError
 from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.preprocess import preset_for
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
@@ -44,6 +45,10 @@ from MultiModalAnalysisLib.segmentation.training_data import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_SKIPPED_STEPS = 50
+"""Steps whose loss is not finite are left out (a step on one would turn every weight into
+NaN); past this many in one training, it stops with a :class:`TrainingError`."""
 
 
 @dataclass
@@ -227,7 +232,7 @@ def train_segmentation(
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
 
-    from MultiModalAnalysisLib.device import run_with_device_fallback
+    from MultiModalAnalysisLib.device import autocast, autocast_dtype, run_with_device_fallback
 
     start = time.perf_counter()
     report = as_progress(progress)
@@ -296,7 +301,7 @@ def train_segmentation(
     def fit(torch_device) -> TrainingResult:
         # everything that holds state is built here, so a CUDA out-of-memory error can
         # restart the training on the CPU from the same seed
-        use_amp = torch_device.type == "cuda"
+        reduced = autocast_dtype(torch_device)  # bfloat16 on a GPU that has it
         spec_copy = copy.deepcopy(spec)  # the metadata must not share the caller's dict
         torch.manual_seed(seed)
         net = build_network(spec_copy, len(names), n_labels + 1).to(torch_device)
@@ -310,7 +315,8 @@ def train_segmentation(
         optimiser = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs * steps,
                                                                eta_min=learning_rate * 0.01)
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        # float16 needs its gradients scaled (they underflow); bfloat16 and float32 do not
+        scaler = torch.amp.GradScaler("cuda", enabled=reduced == torch.float16)
         loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
 
         metadata: dict[str, Any] = {
@@ -333,6 +339,7 @@ def train_segmentation(
         history: list[dict[str, Any]] = []
         best = {"dice": -1.0, "epoch": 0, "state": None}
         stale = 0
+        skipped = 0  # steps left out because their loss was not finite
 
         def save_model(epoch: int) -> None:
             metadata["training"] = {
@@ -349,6 +356,8 @@ def train_segmentation(
                 "learning_rate": learning_rate,
                 "seed": seed,
                 "device": str(torch_device),
+                "precision": str(reduced or torch.float32).replace("torch.", ""),
+                "skipped_steps": skipped,
                 "runtime_s": round(time.perf_counter() - start, 1),
                 "history": history,
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -371,14 +380,27 @@ def train_segmentation(
                 inputs = _plain(batch["image"]).to(torch_device).float()
                 targets = _plain(batch["label"]).to(torch_device).long()
                 optimiser.zero_grad(set_to_none=True)
-                with torch.autocast(torch_device.type, enabled=use_amp):
+                with autocast(torch_device, reduced):
                     loss = loss_function(net(inputs), targets)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    # A step on a non-finite loss would turn every weight into NaN.
+                    skipped += 1
+                    if skipped > MAX_SKIPPED_STEPS:
+                        raise TrainingError(
+                            f"the training diverged: the loss was not finite in "
+                            f"{skipped} steps (the last at epoch {epoch}). Lower the "
+                            "learning rate, or train on the CPU (full float32).")
+                    scheduler.step()
+                    continue
                 scaler.scale(loss).backward()
                 scaler.step(optimiser)
                 scaler.update()
                 scheduler.step()
-                losses.append(float(loss.detach()))
-            record: dict[str, Any] = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5)}
+                losses.append(value)
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "loss": round(float(np.mean(losses)), 5) if losses else float("nan")}
             last = epoch == epochs
             if validation and (epoch % validate_every == 0 or last):
                 check_cancel(cancel, "segmentation training")

@@ -193,14 +193,29 @@ def test_training_keeps_the_best_epoch_stops_early_and_can_be_cancelled(tmp_path
 
 def test_training_that_runs_out_of_gpu_memory_restarts_on_the_cpu(tmp_path, phantom,
                                                                    monkeypatch, caplog):
-    """No GPU here: "cuda" is granted, the first use of it fails and is taken for an
-    out-of-memory error; the training must start again on the CPU and give the CPU result."""
+    """Putting the network on the GPU runs out of memory (simulated, GPU or not: "cuda" is
+    granted where there is none); the training must start again on the CPU and give the
+    CPU result."""
     from MultiModalAnalysisLib import device as device_module
+    from MultiModalAnalysisLib.segmentation import train as train_module
 
-    real_resolve = device_module.resolve_device
+    real_resolve, real_build = device_module.resolve_device, train_module.build_network
     monkeypatch.setattr(device_module, "resolve_device", lambda d="auto": torch.device(
         "cuda") if str(d) == "cuda" else real_resolve(d))
-    monkeypatch.setattr(device_module, "is_cuda_oom", lambda error: True)
+
+    def build_network(*args, **kwargs):
+        network = real_build(*args, **kwargs)
+        to = network.to
+
+        def to_device(device, *more, **options):
+            if torch.device(device).type == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+            return to(device, *more, **options)
+
+        network.to = to_device
+        return network
+
+    monkeypatch.setattr(train_module, "build_network", build_network)
     manifest = write_cohort(tmp_path, {"case1": phantom})
     settings = {**QUICK, "iterations_per_epoch": 2, "epochs": 1, "validation_cases": []}
     settings.pop("device")
@@ -213,3 +228,68 @@ def test_training_that_runs_out_of_gpu_memory_restarts_on_the_cpu(tmp_path, phan
                              **settings)
     weights = [r.model.network.state_dict() for r in (fallback, cpu)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+class _SometimesNaN:
+    """DiceCELoss whose value is NaN on the steps ``nan_steps`` says (counted from 0)."""
+
+    def __init__(self, loss_class, nan_steps):
+        self.loss = loss_class(to_onehot_y=True, softmax=True)
+        self.nan_steps, self.calls = nan_steps, 0
+
+    def __call__(self, output, target):
+        value = self.loss(output, target)
+        nan = self.nan_steps(self.calls)
+        self.calls += 1
+        return value * float("nan") if nan else value
+
+
+def test_training_leaves_out_steps_whose_loss_is_not_finite(tmp_path, phantom, monkeypatch):
+    """A step on a NaN loss would make every weight NaN (what float16 overflow did on a GPU);
+    such steps are skipped and counted, and a training that keeps diverging stops clearly."""
+    import monai.losses
+
+    from MultiModalAnalysisLib.errors import TrainingError
+    from MultiModalAnalysisLib.segmentation import train as train_module
+
+    manifest = write_cohort(tmp_path, {"case1": phantom})
+    settings = {**QUICK, "iterations_per_epoch": 6, "epochs": 1, "validation_cases": []}
+    real = monai.losses.DiceCELoss
+    monkeypatch.setattr(monai.losses, "DiceCELoss",
+                        lambda **kw: _SometimesNaN(real, lambda step: step % 3 == 1))
+    result = train_segmentation(manifest, MODALITIES, "mask", None, **settings)
+    training = result.model.metadata["training"]
+    assert training["skipped_steps"] == 2 and training["precision"] == "float32"
+    assert all(torch.isfinite(w).all() for w in result.model.network.state_dict().values())
+    assert np.isfinite(result.history[0]["loss"])
+
+    monkeypatch.setattr(train_module, "MAX_SKIPPED_STEPS", 3)
+    monkeypatch.setattr(monai.losses, "DiceCELoss",
+                        lambda **kw: _SometimesNaN(real, lambda step: True))
+    with pytest.raises(TrainingError, match="not finite in 4 steps"):
+        train_segmentation(manifest, MODALITIES, "mask", None, **settings)
+
+
+def test_a_reduced_precision_pass_that_overflows_is_run_again_in_float32(monkeypatch, caplog):
+    """On a GPU, networks run in bfloat16 (float16 where there is no bfloat16); a pass whose
+    output is not finite is recomputed in float32 rather than returned as NaN. Here the CPU
+    stands in for the GPU, with autocast to bfloat16, and a layer overflows in it."""
+    from MultiModalAnalysisLib.device import autocast_dtype
+    from MultiModalAnalysisLib.segmentation import inference
+
+    class OverflowsInBfloat16(torch.nn.Module):
+        def forward(self, x):
+            return x * float("inf") if x.dtype == torch.bfloat16 else x
+
+    network = torch.nn.Sequential(torch.nn.Conv3d(2, 2, 1), OverflowsInBfloat16())
+    channels = np.random.default_rng(0).normal(size=(2, 8, 16, 16)).astype(np.float32)
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu) is None  # the CPU itself stays in float32
+    expected, _ = inference.predict_probabilities(network, channels, (8, 16, 16), cpu)
+    monkeypatch.setattr(inference, "autocast_dtype", lambda device: torch.bfloat16)
+    with caplog.at_level("WARNING"):
+        found, _ = inference.predict_probabilities(network, channels, (8, 16, 16), cpu,
+                                                   flips=((), (4,)))
+    assert "run again in float32" in caplog.text
+    assert np.isfinite(found).all()
+    np.testing.assert_allclose(found, expected, atol=1e-6)
