@@ -87,8 +87,14 @@ def test_deep_model_folder_round_trip_gives_identical_probabilities(deep_model, 
     assert meta["inputs"]["channels"] == ["CT", "PET", "mask"]
     assert meta["inputs"]["crop"]["size"] == 16 and {"torch", "monai"} <= set(meta["versions"])
     loaded = load_classifier(folder)
+    # The model was trained on the CPU; the loaded one runs on "auto", a GPU where there is
+    # one, whose (TF32) convolutions differ in the fourth decimal (7.7e-5 seen on an H100).
+    import torch
+
+    tolerance = 1e-3 if torch.cuda.is_available() else 1e-6
     np.testing.assert_allclose(loaded.predict_manifest(cohorts[1])["probability_1"],
-                               model.predict_manifest(cohorts[1])["probability_1"], atol=1e-6)
+                               model.predict_manifest(cohorts[1])["probability_1"],
+                               atol=tolerance)
 
 
 def test_deep_classifier_names_a_missing_modality(deep_model):
