@@ -153,11 +153,12 @@ def run_fold(args) -> None:
         result = train_segmentation(
             args.work / "sts_cases.csv", MODALITIES, LABEL, model_path, cases=train_ids,
             validation_cases=test_ids, validate_every=args.validate_every, keep_best=False,
-            patience=None, device="cpu", cache_dir=args.work / "cases", **recipe,
+            patience=None, device=args.device, cache_dir=args.work / "cases", **recipe,
         )
+        training = result.model.metadata["training"]
         (fold_dir / "training.json").write_text(json.dumps(
-            {"runtime_s": result.runtime_s, "history": result.history, "threads": args.threads},
-            indent=2))
+            {"runtime_s": result.runtime_s, "history": result.history, "threads": args.threads,
+             "device": training["device"], "precision": training["precision"]}, indent=2))
     evaluation = {}
     for case_id in test_ids:
         case = load_case(args.data / case_id, MODALITIES)
@@ -250,6 +251,9 @@ def main() -> None:
     fold.add_argument("fold", type=int, choices=range(FOLDS))
     fold.add_argument("--validate-every", type=int, default=5)
     fold.add_argument("--skip-training", action="store_true")
+    fold.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                      help="where to train (the test patients are always segmented on the "
+                      "CPU, for the CPU inference time)")
     fold.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                       help="override a recipe setting (experiments), e.g. epochs=60")
     fold.add_argument("--tag", default="", help="prefix of the fold folder (experiments)")
