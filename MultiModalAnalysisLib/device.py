@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, TypeVar
 
 from MultiModalAnalysisLib.errors import ConfigError
@@ -109,12 +109,10 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` to ``dtype`` on ``device``, or no autocast where it is None."""
-    import contextlib
-
     import torch
 
     if dtype is None:
-        return contextlib.nullcontext()
+        return nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
 

@@ -48,8 +48,8 @@ class WorkflowSettings:
         """Refuse settings that cannot work, before any work starts."""
         if self.registration_type not in REGISTRATION_TYPES:
             raise ConfigError(
-                f"unknown registration type '{self.registration_type}': use rigid, affine, "
-                "deformable, landmarks or none."
+                f"unknown registration type '{self.registration_type}': use "
+                f"{', '.join(REGISTRATION_TYPES[:-1])} or {REGISTRATION_TYPES[-1]}."
             )
         if self.segmentation_method == "model" and not _given(self.segmentation_model):
             raise ConfigError("segmentation method 'model' needs a model file: choose one.")

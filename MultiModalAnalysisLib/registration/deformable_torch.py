@@ -143,12 +143,12 @@ class ScalingAndSquaring:
         import torch
 
         self.steps = int(steps)
-        axes = [torch.arange(int(n), dtype=torch.float32, device=device) for n in shape]
-        scale = [2.0 / max(int(n) - 1, 1) for n in shape]
-        identity = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # (D, H, W, zyx)
-        identity = identity * torch.tensor(scale, device=device) - 1.0
+        shape = [int(n) for n in shape]
+        axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
+        scale = [2.0 / max(n - 1, 1) for n in shape]
+        points = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).view(-1, 3)
         # grid_sample wants (x, y, z) in [-1, 1]; the field's channels are (z, y, x) voxels
-        self.identity = identity.flip(-1)[None]
+        self.identity = torch_stack_xyz(points, scale).view(1, *shape, 3)
         self.scale = torch.tensor(scale[::-1], dtype=torch.float32, device=device)
 
     def __call__(self, velocity):
