@@ -110,11 +110,11 @@ def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from MultiModalAnalysisLib.images import same_grid, validate_mask
     from MultiModalAnalysisLib.io import read_image, read_mask, write_image
     from MultiModalAnalysisLib.modalities import modality_family
     from MultiModalAnalysisLib.preprocess import (
         apply_modality_preset,
+        mask_on_grid,
         resample_to_reference,
         resample_to_spacing,
     )
@@ -124,16 +124,9 @@ def _run_preprocess(args: argparse.Namespace) -> int:
             "modality %r is not one the presets know (CT, PET, MR_T1, MR_T2, FLAIR, ...): the "
             "image is only converted to float32.", args.modality)
     image = read_image(args.image)
-    mask = read_mask(args.mask) if args.mask else None
-    if mask is not None and not same_grid(mask, image):
-        # as segment, features and register do: the mask onto the image's grid
-        log.warning("the mask %s is not on %s's grid (size %s vs %s): resampling it onto the "
-                    "image (nearest neighbour).", args.mask.name, args.image.name,
-                    mask.GetSize(), image.GetSize())
-        mask = validate_mask(resample_to_reference(mask, image, is_label=True,
-                                                   name=f"the mask {args.mask}"),
-                             f"the mask {args.mask} on {args.image.name}'s grid",
-                             reference=image)
+    # as segment, features and register do: the mask onto the image's grid
+    mask = mask_on_grid(read_mask(args.mask), image, f"the mask {args.mask}",
+                        warn=True) if args.mask else None
     with ProgressBar("preprocess", enabled=not args.quiet) as bar:
         result = apply_modality_preset(image, args.modality, mask=mask, progress=bar)
     if args.reference:

@@ -37,7 +37,11 @@ from MultiModalAnalysisLib.case import Case
 from MultiModalAnalysisLib.errors import ConfigError, GeometryError
 from MultiModalAnalysisLib.images import image_from_array, same_grid, validate_image
 from MultiModalAnalysisLib.modalities import canonical_modality
-from MultiModalAnalysisLib.preprocess import resample_to_reference, resample_to_spacing
+from MultiModalAnalysisLib.preprocess import (
+    mask_on_grid,
+    resample_to_reference,
+    resample_to_spacing,
+)
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 
 log = logging.getLogger(__name__)
@@ -370,11 +374,7 @@ def wavelet_fusion(
     b = sitk.GetArrayFromImage(image_b).astype(np.float64)
     inside = np.ones(a.shape, bool)
     if mask is not None:
-        mask_on_a = mask if same_grid(mask, image_a) else resample_to_reference(
-            mask, image_a, is_label=True, name="the fusion mask")
-        inside = sitk.GetArrayFromImage(mask_on_a) > 0
-        if not inside.any():
-            raise ConfigError("the fusion mask selects no voxel of the first image.")
+        inside = sitk.GetArrayFromImage(mask_on_grid(mask, image_a, "the fusion mask")) > 0
     if sqrt_a:
         a = np.sqrt(np.clip(a, 0.0, None))
     a = _scale_255(a, inside)

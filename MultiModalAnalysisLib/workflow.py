@@ -286,7 +286,11 @@ def batch_task(
 def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -> dict:
     from MultiModalAnalysisLib.case import load_case
     from MultiModalAnalysisLib.features import extract_features
-    from MultiModalAnalysisLib.preprocess import apply_modality_preset, resample_to_reference
+    from MultiModalAnalysisLib.preprocess import (
+        apply_modality_preset,
+        mask_on_grid,
+        resample_to_reference,
+    )
 
     case = load_case(folder, modalities)
     reference = modalities[0]
@@ -309,7 +313,7 @@ def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -
             ).warped
     progress(0.5, f"{case.case_id}: registered")
     if mask_name:
-        mask = resample_to_reference(case.mask(mask_name), fixed, is_label=True, name=mask_name)
+        mask = mask_on_grid(case.mask(mask_name), fixed, f"{case.case_id}'s {mask_name}")
     else:
         from MultiModalAnalysisLib.segmentation import segment
 

@@ -41,6 +41,7 @@ from MultiModalAnalysisLib.preprocess.presets import (
 )
 from MultiModalAnalysisLib.preprocess.resample import (
     INTERPOLATORS,
+    mask_on_grid,
     resample_to_reference,
     resample_to_spacing,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "foreground_mask",
     "gaussian_smooth",
     "histogram_match",
+    "mask_on_grid",
     "median_filter",
     "n4_bias_correction",
     "percentile_clip",

@@ -6,14 +6,23 @@ nearest neighbour and keep their pixel type.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import ConfigError, GeometryError
-from MultiModalAnalysisLib.images import as_float32, physical_bounds, physical_corners
+from MultiModalAnalysisLib.errors import ConfigError, EmptyImageError, GeometryError
+from MultiModalAnalysisLib.images import (
+    as_float32,
+    physical_bounds,
+    physical_corners,
+    same_grid,
+    validate_mask,
+)
+
+log = logging.getLogger(__name__)
 
 Interpolator = Literal["linear", "nearest", "bspline", "gaussian"]
 INTERPOLATORS = {
@@ -81,6 +90,43 @@ def resample_to_reference(
     )
     return resampled
 
+
+
+def mask_on_grid(
+    mask: sitk.Image, reference: sitk.Image, name: str = "mask", *, warn: bool = False
+) -> sitk.Image:
+    """``mask`` as a binary UInt8 image (values 0/1) on ``reference``'s grid.
+
+    The mask is checked (binary, not empty) and, when it is on another grid, resampled onto
+    the reference by nearest neighbour. Nothing is modified in place.
+
+    Args:
+        mask: a binary label image (0 outside, one value inside).
+        reference: the image whose grid the mask must take.
+        name: how to call the mask in messages.
+        warn: log a warning when the mask has to be resampled (for command lines, where a
+            user may not expect it).
+
+    Raises:
+        LabelError: a multi-label or non-integer mask.
+        EmptyImageError: the mask selects no voxel, on its own grid or on the reference's
+            (it lies outside the reference's field of view, or is thinner than its voxels).
+        GeometryError: the mask and the reference share no physical space.
+    """
+    binary = validate_mask(mask, name)
+    if same_grid(binary, reference):
+        return binary
+    if warn:
+        log.warning("%s is not on the image's grid (size %s vs %s): resampling it onto the "
+                    "image (nearest neighbour).", name, binary.GetSize(), reference.GetSize())
+    resampled = resample_to_reference(binary, reference, is_label=True, name=name)
+    if not sitk.GetArrayViewFromImage(resampled).any():
+        raise EmptyImageError(
+            f"{name} selects no voxel of the image grid it belongs to: it lies outside that "
+            "image's field of view, or is thinner than its voxels. Check that the mask "
+            "belongs to this image."
+        )
+    return resampled
 
 MAX_VOXELS = 1_000_000_000
 """Largest grid resample_to_spacing makes (4 GB as float32): a typo such as 0.05 mm would

@@ -10,9 +10,12 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import EmptyImageError
-from MultiModalAnalysisLib.images import as_float32, same_grid, validate_image, validate_mask
-from MultiModalAnalysisLib.preprocess import resample_to_reference, resample_to_spacing
+from MultiModalAnalysisLib.images import as_float32, validate_image
+from MultiModalAnalysisLib.preprocess import (
+    mask_on_grid,
+    resample_to_reference,
+    resample_to_spacing,
+)
 from MultiModalAnalysisLib.preprocess.resample import (
     antialias_sigmas,
     smooth_along_axes,
@@ -46,17 +49,7 @@ def registration_mask(mask: sitk.Image | None, image: sitk.Image, name: str) -> 
         EmptyImageError: the mask selects no voxel (also after resampling).
         LabelError: a multi-label or non-integer mask.
     """
-    if mask is None:
-        return None
-    binary = validate_mask(mask, name)
-    if not same_grid(binary, image):
-        binary = resample_to_reference(binary, image, is_label=True, name=name)
-        if not sitk.GetArrayViewFromImage(binary).any():
-            raise EmptyImageError(
-                f"{name} selects no voxel of the image it belongs to (it lies outside that "
-                "image's field of view). Check that the mask belongs to this image."
-            )
-    return binary
+    return None if mask is None else mask_on_grid(mask, image, name)
 
 
 def fill_mask(image: sitk.Image, min_fraction: float = 0.01) -> sitk.Image | None:

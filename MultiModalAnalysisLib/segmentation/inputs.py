@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import ConfigError, EmptyImageError, MissingModalityError
-from MultiModalAnalysisLib.images import same_grid, validate_image, validate_mask
+from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError
+from MultiModalAnalysisLib.images import same_grid, validate_image
 from MultiModalAnalysisLib.modalities import canonical_modality
-from MultiModalAnalysisLib.preprocess import resample_to_reference
+from MultiModalAnalysisLib.preprocess import mask_on_grid, resample_to_reference
 
 
 @dataclass
@@ -88,13 +88,4 @@ def region_array(mask: sitk.Image | None, reference: sitk.Image, name: str = "ma
     """
     if mask is None:
         return np.ones(reference.GetSize()[::-1], dtype=bool)
-    binary = validate_mask(mask, name)
-    if not same_grid(binary, reference):
-        binary = resample_to_reference(binary, reference, is_label=True, name=name)
-    region = sitk.GetArrayViewFromImage(binary) != 0
-    if not region.any():
-        raise EmptyImageError(
-            f"{name} does not cover any voxel of the images' grid: check that it belongs to "
-            "these images."
-        )
-    return np.asarray(region)
+    return sitk.GetArrayFromImage(mask_on_grid(mask, reference, name)) != 0

@@ -13,8 +13,12 @@ from synthetic import (
     rotation_direction,
 )
 
-from MultiModalAnalysisLib.errors import ConfigError, GeometryError
-from MultiModalAnalysisLib.preprocess import resample_to_reference, resample_to_spacing
+from MultiModalAnalysisLib.errors import ConfigError, EmptyImageError, GeometryError, LabelError
+from MultiModalAnalysisLib.preprocess import (
+    mask_on_grid,
+    resample_to_reference,
+    resample_to_spacing,
+)
 
 COEFFICIENTS = np.array([0.7, -1.3, 2.1])
 
@@ -96,6 +100,46 @@ def test_resample_refuses_images_that_do_not_overlap(oblique_image):
     far = make_image(np.zeros((5, 5, 5), np.float32), origin=(500.0, 500.0, 500.0))
     with pytest.raises(GeometryError, match="do(es)? not overlap"):
         resample_to_reference(oblique_image, far, name="MR")
+
+
+def test_a_mask_is_put_on_another_grid_as_a_binary_mask_in_the_same_place(oblique_image):
+    values = np.zeros(oblique_image.GetSize()[::-1], np.int16)
+    values[3:9, 5:15, 6:20] = 7  # one label, not 1: the result is still 0/1
+    mask = make_image(values, oblique_image.GetSpacing(), oblique_image.GetOrigin(),
+                      oblique_image.GetDirection())
+    before = sitk.GetArrayFromImage(mask).copy()
+
+    same = mask_on_grid(mask, oblique_image)
+    assert same.GetPixelID() == sitk.sitkUInt8
+    assert np.array_equal(sitk.GetArrayFromImage(same), (values != 0).astype(np.uint8))
+
+    coarse = resample_to_spacing(oblique_image, 2.0)
+    onto = mask_on_grid(mask, coarse, "the tumour mask")
+    assert onto.GetSize() == coarse.GetSize() and onto.GetOrigin() == coarse.GetOrigin()
+    assert set(np.unique(sitk.GetArrayFromImage(onto))) == {0, 1}
+    centre = mask.TransformContinuousIndexToPhysicalPoint((12.5, 9.5, 5.5))
+    assert onto[coarse.TransformPhysicalPointToIndex(centre)] == 1
+    volume_in = (values != 0).sum() * np.prod(mask.GetSpacing())
+    volume_out = sitk.GetArrayFromImage(onto).sum() * np.prod(coarse.GetSpacing())
+    assert abs(volume_out - volume_in) / volume_in < 0.35
+    assert np.array_equal(sitk.GetArrayFromImage(mask), before)  # the input is untouched
+
+
+def test_a_mask_that_misses_the_grid_or_holds_several_labels_is_refused(oblique_image):
+    values = np.zeros(oblique_image.GetSize()[::-1], np.uint8)
+    values[0, 0, 0] = 1  # one corner voxel: outside the smaller grid below
+    corner = make_image(values, oblique_image.GetSpacing(), oblique_image.GetOrigin(),
+                        oblique_image.GetDirection())
+    centre = oblique_image.TransformContinuousIndexToPhysicalPoint(
+        [(n - 1) / 2 for n in oblique_image.GetSize()])
+    small = make_image(np.zeros((4, 4, 4), np.float32), origin=tuple(np.subtract(centre, 4.0)))
+    with pytest.raises(EmptyImageError, match="the tumour mask selects no voxel"):
+        mask_on_grid(corner, small, "the tumour mask")
+    values[5, 5, 5] = 2
+    two = make_image(values, oblique_image.GetSpacing(), oblique_image.GetOrigin(),
+                     oblique_image.GetDirection())
+    with pytest.raises(LabelError, match="2 different labels"):
+        mask_on_grid(two, oblique_image)
 
 
 def test_resample_to_spacing_rejects_non_positive_spacing(oblique_image):
