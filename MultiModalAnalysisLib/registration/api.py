@@ -187,6 +187,7 @@ def register(
             fixed_image, moving_image, result_transform, deformable_metric, fixed_region,
             moving_region, backend, device, torch_settings, bspline_settings,
             report.sub(linear_share * 0.95, 0.95), cancel)
+        metrics["deformable_metric"] = deformable_metric
         metrics.update(extra)
 
     check_cancel(cancel, "the registration")

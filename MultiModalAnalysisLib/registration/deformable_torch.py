@@ -13,7 +13,8 @@ Design:
   shape without the batch axis against the field's without its channel axis, so the
   grid is rebuilt on the host and copied to the device at every squaring. That was
   2.5 s of the 4.9 s a 256^3 pair took on an H100), and the displacement is sampled where
-  needed.
+  needed. The dense "lncc" path warps the moving image with ``VoxelWarp``, the same
+  computation as ``Warp`` with its grid built once, for the same reason.
 - Cross-modal similarity is evaluated on random samples drawn anew at every iteration
   (stochastic gradient, as elastix does): MONAI's ``GlobalMutualInformationLoss`` ("mi"),
   or the squared difference of MIND-SSC descriptors ("mind"); within one modality, NCC on
@@ -34,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +87,7 @@ class _Level:
     velocity_shape: tuple[int, int, int]
     fixed_mind: object = None
     moving_mind: object = None
+    warp: object = None  # the dense "lncc" path's VoxelWarp, made on first use
 
 
 def _normalised(array: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -134,15 +135,14 @@ def _build_level(fixed: sitk.Image, moving: sitk.Image, linear: sitk.Transform,
     return level
 
 
-class ScalingAndSquaring:
-    """The displacement of a stationary velocity field (both ``(1, 3, D, H, W)`` in voxels
-    along z, y, x): ``u = v / 2^n``, then ``n`` times ``u <- u + u(x + u)`` (bilinear,
-    border padding), as MONAI's ``DVF2DDF``, with the sampling grid built once."""
+class VoxelWarp:
+    """Volumes ``(1, C, D, H, W)`` sampled at ``x + u(x)`` on one grid, ``u`` a ``(1, 3, D, H,
+    W)`` displacement in voxels along z, y, x (bilinear): MONAI's ``Warp`` with the identity
+    grid built once, where MONAI 1.6.1 rebuilds it on the host at every call."""
 
-    def __init__(self, shape, steps: int, device) -> None:
+    def __init__(self, shape, device, padding_mode: str = "border") -> None:
         import torch
 
-        self.steps = int(steps)
         shape = [int(n) for n in shape]
         axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
         scale = [2.0 / max(n - 1, 1) for n in shape]
@@ -150,15 +150,29 @@ class ScalingAndSquaring:
         # grid_sample wants (x, y, z) in [-1, 1]; the field's channels are (z, y, x) voxels
         self.identity = torch_stack_xyz(points, scale).view(1, *shape, 3)
         self.scale = torch.tensor(scale[::-1], dtype=torch.float32, device=device)
+        self.padding_mode = padding_mode
 
-    def __call__(self, velocity):
+    def __call__(self, volume, displacement):
         import torch.nn.functional as F
 
+        grid = self.identity + displacement.permute(0, 2, 3, 4, 1).flip(-1) * self.scale
+        return F.grid_sample(volume, grid, mode="bilinear", padding_mode=self.padding_mode,
+                             align_corners=True)
+
+
+class ScalingAndSquaring:
+    """The displacement of a stationary velocity field (both ``(1, 3, D, H, W)`` in voxels
+    along z, y, x): ``u = v / 2^n``, then ``n`` times ``u <- u + u(x + u)`` (bilinear,
+    border padding), as MONAI's ``DVF2DDF``, with the sampling grid built once."""
+
+    def __init__(self, shape, steps: int, device) -> None:
+        self.steps = int(steps)
+        self.warp = VoxelWarp(shape, device, "border")
+
+    def __call__(self, velocity):
         displacement = velocity / (2 ** self.steps)
         for _ in range(self.steps):
-            grid = self.identity + displacement.permute(0, 2, 3, 4, 1).flip(-1) * self.scale
-            displacement = displacement + F.grid_sample(
-                displacement, grid, mode="bilinear", padding_mode="border", align_corners=True)
+            displacement = displacement + self.warp(displacement, displacement)
         return displacement
 
 
@@ -180,6 +194,7 @@ class _Deformation:
         self.velocity = torch.zeros((1, 3, *velocity_shape), device=device, requires_grad=True)
         # image voxel index -> velocity-grid voxel index (both grids share the origin)
         self.to_velocity = spacing / self.velocity_spacing
+        self._dense_grid = None  # the image voxels on the velocity grid, made on first use
 
     def displacement_mm(self):
         """(1, 3, Dv, Hv, Wv) displacement in mm along the grid axes (z, y, x)."""
@@ -198,34 +213,38 @@ class _Deformation:
 
     def dense_mm(self):
         """(1, 3, D, H, W) displacement in mm on the image grid."""
-        return self._resample(self.displacement_mm(), self.image_shape, self.to_velocity)
-
-    def _resample(self, field, shape, step, offset_zyx=(0.0, 0.0, 0.0)):
-        """A velocity-grid field at the voxels ``index * step + offset`` of a grid of
-        ``shape`` (the velocity grid may extend past that grid, so this is not an
-        interpolate-to-size)."""
-        import torch
         import torch.nn.functional as F
 
-        axes = [torch.arange(n, device=self.device, dtype=field.dtype) * step + float(o)
+        if self._dense_grid is None:
+            self._dense_grid = self._grid(self.image_shape, self.to_velocity)
+        return F.grid_sample(self.displacement_mm(), self._dense_grid, mode="bilinear",
+                             padding_mode="border", align_corners=True)
+
+    def _grid(self, shape, step, offset_zyx=(0.0, 0.0, 0.0)):
+        """``grid_sample`` coordinates on the velocity grid of the voxels ``index * step +
+        offset`` of a grid of ``shape`` (the velocity grid may extend past that grid, so
+        sampling there is not an interpolate-to-size)."""
+        import torch
+
+        axes = [torch.arange(n, device=self.device, dtype=torch.float32) * step + float(o)
                 for n, o in zip(shape, offset_zyx, strict=True)]
         points = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).view(-1, 3)
         scale = [2.0 / max(n - 1, 1) for n in self.velocity_shape]
-        grid = torch_stack_xyz(points, scale).view(1, *shape, 3)
-        return F.grid_sample(field, grid, mode="bilinear", padding_mode="border",
-                             align_corners=True)
+        return torch_stack_xyz(points, scale).view(1, *shape, 3)
 
     def upsample_to(self, other: _Deformation) -> None:
         """Initialise ``other`` (a finer level) with this level's velocity."""
         import torch
+        import torch.nn.functional as F
 
         # The levels' grids start half a voxel apart (each keeps the outer edge of the
         # volume), so the finer velocity nodes sit at an offset on this level's grid.
         offset = self.direction.T @ (other.origin - self.origin) / self.velocity_spacing
+        grid = self._grid(other.velocity_shape, other.velocity_spacing / self.velocity_spacing,
+                          offset[::-1])
         with torch.no_grad():
-            other.velocity.copy_(self._resample(
-                self.velocity, other.velocity_shape,
-                other.velocity_spacing / self.velocity_spacing, offset[::-1]))
+            other.velocity.copy_(F.grid_sample(self.velocity, grid, mode="bilinear",
+                                               padding_mode="border", align_corners=True))
 
 
 def torch_stack_xyz(points_zyx, scale_zyx):
@@ -252,13 +271,9 @@ def _similarity_loss(metric: str, level: _Level, deformation: _Deformation, gene
     import torch
 
     if metric == "lncc":
-        from monai.networks.blocks import Warp
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            warp = Warp(mode="bilinear", padding_mode="zeros")
-        displacement = deformation.dense_mm() / deformation.image_spacing
-        warped = warp(level.moving, displacement)
+        if level.warp is None:
+            level.warp = VoxelWarp(level.fixed.shape[2:], level.fixed.device, "zeros")
+        warped = level.warp(level.moving, deformation.dense_mm() / deformation.image_spacing)
         return losses["lncc"](warped, level.fixed)
     count = level.sample_index.shape[0]
     pick = torch.randint(0, count, (min(samples, count),), generator=generator)

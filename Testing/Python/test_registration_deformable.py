@@ -88,6 +88,21 @@ def test_deformable_registration_recovers_a_smooth_deformation_ct_mr(
     assert result.metrics["metric_after"] < result.metrics["metric_before"]
 
 
+
+def test_same_modality_deformable_registration_uses_dense_lncc_and_recovers(deformed_pair):
+    """CT to CT: ``auto`` picks the dense local NCC path (the whole moving image warped at
+    every iteration), which must recover the bump as the sampled cross-modal path does."""
+    fixed, _, points, truth = deformed_pair
+    moving = phantom("CT", transform=bump_field(fixed), seed=11)
+    moved = np.linalg.norm(points - truth, axis=1) > 2.0
+    result = register(fixed, moving, "deformable", backend="torch", device="cpu",
+                      fixed_modality="CT", moving_modality="CT", torch_settings=FAST_TORCH)
+    error = registration_error(result.transform, truth, points)[moved]
+    before = np.linalg.norm(points - truth, axis=1)[moved]
+    assert result.metrics["deformable_metric"] == "lncc"
+    assert np.median(error) < 1.5 and np.median(error) < 0.4 * np.median(before)
+    assert result.metrics["folding_percent"] < 0.1
+
 def test_deformable_result_round_trips_through_an_h5_file(deformed_pair, tmp_path):
     fixed, moving, points, _ = deformed_pair
     settings = TorchDeformableSettings(spacings_mm=(6.0,), iterations=(20,), samples=4000)
@@ -225,3 +240,30 @@ def test_scaling_and_squaring_matches_monai_dvf2ddf_and_builds_its_grid_once(mon
     assert not made  # nothing rebuilt per call
     assert float(expected.abs().max()) > 2.0
     torch.testing.assert_close(found, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_voxel_warp_matches_monai_warp_with_zero_padding_and_builds_its_grid_once(monkeypatch):
+    """The dense "lncc" path's warp is MONAI's Warp (bilinear, zeros outside) with the
+    identity grid made once."""
+    import torch
+    from monai.networks.blocks import Warp
+
+    from MultiModalAnalysisLib.registration.deformable_torch import VoxelWarp
+
+    generator = torch.Generator().manual_seed(1)
+    volume = torch.rand((1, 1, 9, 12, 7), generator=generator)
+    displacement = torch.nn.functional.interpolate(
+        torch.randn((1, 3, 3, 4, 3), generator=generator) * 2.5, size=(9, 12, 7),
+        mode="trilinear", align_corners=True)  # some points leave the volume: zeros there
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = Warp(mode="bilinear", padding_mode="zeros")(volume, displacement)
+    warp = VoxelWarp(volume.shape[2:], "cpu", "zeros")
+    made = []
+    real_stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: made.append(1) or real_stack(*a, **k))
+    found = warp(volume, displacement)
+    assert not made
+    assert float((expected - volume).abs().max()) > 0.3  # the warp moved something
+    assert int((expected == 0).sum()) > 0  # and padded with zeros somewhere
+    torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
