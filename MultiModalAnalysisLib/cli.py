@@ -468,6 +468,10 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
                         help="torch device of the deformable torch backend")
     parser.add_argument("--fixed-mask", type=Path, help="region of the fixed image to match")
     parser.add_argument("--moving-mask", type=Path, help="region of the moving image to use")
+    parser.add_argument("--mask-margin", type=float, metavar="MM",
+                        help="how far around each mask the metric also looks (default: 10 mm "
+                        "for a mask covering less than half its image, e.g. a lesion, else "
+                        "0; 0 keeps the masks exactly)")
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                         help="deformable backend (auto: torch)")
     parser.add_argument("--fixed-modality", help="e.g. CT (default: from the file name)")
@@ -502,7 +506,7 @@ def _run_register(args: argparse.Namespace) -> int:
             moving_mask=moving_mask, initial_transform=initial, device=args.device,
             backend=args.backend, fixed_modality=fixed_modality,
             moving_modality=moving_modality, progress=bar, landmarks=landmarks,
-            threads=args.threads)
+            threads=args.threads, mask_margin_mm=args.mask_margin)
     paths = result.save(args.output_dir, qc=not args.no_qc)
     metrics = result.metrics
     print(f"{args.transform} registration of {args.moving.name} onto {args.fixed.name} in "

@@ -182,10 +182,23 @@ def antialias_sigmas(old_spacing: Sequence[float], new_spacing: Sequence[float])
 
 def smooth_along_axes(image: sitk.Image, sigmas: Sequence[float]) -> sitk.Image:
     """``image`` smoothed by a recursive Gaussian of ``sigmas[axis]`` mm along each axis
-    (none where the sigma is 0)."""
+    (none where the sigma is 0). Along an axis of fewer than 4 voxels, where ITK's recursive
+    filter cannot run (a coarse level of a thin slab), a sampled Gaussian (edges repeated)
+    does the same."""
     for axis, sigma in enumerate(sigmas):
-        if sigma > 0:
+        if sigma <= 0:
+            continue
+        if image.GetSize()[axis] >= 4:
             image = sitk.RecursiveGaussian(image, float(sigma), direction=axis)
+            continue
+        from scipy.ndimage import gaussian_filter1d
+
+        array = gaussian_filter1d(sitk.GetArrayFromImage(image).astype(np.float32),
+                                  float(sigma) / image.GetSpacing()[axis],
+                                  axis=image.GetDimension() - 1 - axis, mode="nearest")
+        smoothed = sitk.GetImageFromArray(array)
+        smoothed.CopyInformation(image)
+        image = smoothed
     return image
 
 

@@ -34,8 +34,12 @@ from MultiModalAnalysisLib.registration.linear import (
 from MultiModalAnalysisLib.registration.prepare import (
     build_pyramid,
     fill_mask,
+    grow_mask,
+    is_region,
+    region_margin,
     registration_image,
     registration_mask,
+    with_masks,
 )
 from MultiModalAnalysisLib.registration.result import RegistrationResult
 from MultiModalAnalysisLib.registration.similarity import choose_metric, metric_label
@@ -69,6 +73,7 @@ def register(
     landmarks: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]]] | None = None,
     search: bool | None = None,
     ignore_fill: bool = True,
+    mask_margin_mm: float | None = None,
     linear_settings: LinearSettings | None = None,
     torch_settings: TorchDeformableSettings | None = None,
     bspline_settings: BSplineSettings | None = None,
@@ -86,6 +91,10 @@ def register(
         fixed_mask: the region of the fixed image the metric looks at (e.g. the body or a
             box around the tumour); any grid.
         moving_mask: the region of the moving image that may be used.
+        mask_margin_mm: how far around each mask the metric also looks (mm). By default
+            10 mm for a mask that covers less than half its image (a lesion: its inside is
+            often too uniform to align two modalities by), none for a larger one; 0 keeps
+            every mask exactly as given.
         initial_transform: fixed -> moving transform to start from (e.g. from
             :func:`register_landmarks`); the search then looks for a correction around it.
         device: torch device for the torch backend ("auto", "cpu", "cuda").
@@ -133,6 +142,13 @@ def register(
     moving_image = registration_image(moving, "the moving image")
     fixed_region = registration_mask(fixed_mask, fixed_image, "the fixed mask")
     moving_region = registration_mask(moving_mask, moving_image, "the moving mask")
+    if mask_margin_mm is not None and not (math.isfinite(mask_margin_mm)
+                                           and mask_margin_mm >= 0):
+        raise ConfigError(f"mask_margin_mm must be a distance >= 0 in mm, not {mask_margin_mm}.")
+    margins = {name: region_margin(region, mask_margin_mm) for name, region in
+               (("fixed", fixed_region), ("moving", moving_region)) if region is not None}
+    fixed_region = grow_mask(fixed_region, margins["fixed"]) if "fixed" in margins else None
+    moving_region = grow_mask(moving_region, margins["moving"]) if "moving" in margins else None
     # Constant fill (outside a resampled scan's field of view, or around a skull-stripped
     # brain) is not the patient in either image: with it left out of the fixed samples too,
     # a pair that both have it (two skull-stripped MRs) is scored where both show tissue;
@@ -148,6 +164,13 @@ def register(
     if moving_region is None and ignore_fill:
         moving_region = moving_fill = fill_mask(moving_image)
     eroded_moving = 1 if moving_fill is not None and fixed_fill is None else 0
+    # A region of interest (a lesion and its margin) is where the result must be right,
+    # but too small a part of the images to find the pose in from a distant start: the
+    # search for a start scores the whole images (less their fill), the polish, the final
+    # refinement and the affine stage the region. With the region from the start, PET to
+    # CT with the GTV as fixed mask ended 24-36 mm off on 4 of 13 STS patients.
+    regions = (fixed_mask is not None and is_region(fixed_region),
+               moving_mask is not None and is_region(moving_region))
     concrete = choose_metric(metric, fixed_modality, moving_modality)
     settings = linear_settings or _levels_for(LinearSettings(), fixed_image, moving_image)
     if threads is not None:
@@ -169,16 +192,29 @@ def register(
         settings = _without_search(settings)
 
     levels = build_pyramid(fixed_image, moving_image, settings.spacings_mm, fixed_region,
-                           moving_region, erode_moving=eroded_moving)
+                           moving_region, erode_moving=eroded_moving, regions=regions)
+    search_levels = None
+    if any(regions) and settings.search:
+        # each region of interest replaced by the image's fill mask, as without a mask
+        fixed_search, moving_search = fixed_region, moving_region
+        if regions[0]:
+            fixed_search = fixed_fill = fill_mask(fixed_image) if ignore_fill else None
+        if regions[1]:
+            moving_search = moving_fill = fill_mask(moving_image) if ignore_fill else None
+        search_levels = with_masks(
+            levels, fixed_search, moving_search,
+            erode_moving=int(moving_fill is not None and fixed_fill is None))
     finest = levels[-1]
     sitk_metric = "mi" if concrete == "mind" else concrete
     before = evaluate_metric(finest, sitk_metric, initial_transform or sitk.Transform())
     linear_kind = "rigid" if kind == "rigid" else "affine"
     linear_share = 1.0 if kind != "deformable" else 0.4
     result_transform = register_linear(
-        levels, linear_kind, sitk_metric, initial_transform, settings,
+        levels, linear_kind, sitk_metric, initial_transform, settings, search_levels=search_levels,
         progress=report.sub(0.0, linear_share * 0.95), cancel=cancel)
     metrics: dict[str, Any] = {"transform_type": kind}
+    if margins:
+        metrics["mask_margin_mm"] = margins
 
     if kind == "deformable":
         deformable_metric = choose_metric(metric, fixed_modality, moving_modality,

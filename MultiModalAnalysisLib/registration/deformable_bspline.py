@@ -12,7 +12,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from MultiModalAnalysisLib.progress import Progress, check_cancel
-from MultiModalAnalysisLib.registration.prepare import downsample, level_spacing
+from MultiModalAnalysisLib.registration.prepare import (
+    MIN_VOXELS_PER_AXIS,
+    downsample,
+    level_spacing,
+    thin_capped,
+)
 from MultiModalAnalysisLib.registration.similarity import set_sitk_metric
 
 
@@ -66,8 +71,9 @@ def register_deformable_bspline(
     """
     settings = settings or BSplineSettings()
     report = progress or Progress()
-    grid = downsample(fixed, [settings.image_spacing_mm] * 3)
-    source = downsample(moving, level_spacing(moving, settings.image_spacing_mm))
+    grid = downsample(fixed, thin_capped(fixed, [settings.image_spacing_mm] * 3))
+    source = downsample(moving, thin_capped(moving, level_spacing(
+        moving, settings.image_spacing_mm)))
     extent = np.array(grid.GetSize()) * np.array(grid.GetSpacing())
     mesh = [max(1, int(round(e / settings.control_spacing_mm))) for e in extent]
     bspline = sitk.BSplineTransformInitializer(grid, mesh, order=3)
@@ -84,8 +90,12 @@ def register_deformable_bspline(
         method.SetMetricMovingMask(moving_mask)
     method.SetMovingInitialTransform(linear)
     method.SetInitialTransform(bspline, inPlace=True)
-    method.SetShrinkFactorsPerLevel([2, 1])
-    method.SetSmoothingSigmasPerLevel([settings.image_spacing_mm, 0.0])
+    if min(grid.GetSize()) >= 2 * MIN_VOXELS_PER_AXIS:
+        method.SetShrinkFactorsPerLevel([2, 1])
+        method.SetSmoothingSigmasPerLevel([settings.image_spacing_mm, 0.0])
+    else:  # a thin slab: ITK's pyramid would halve it below what its smoothing accepts
+        method.SetShrinkFactorsPerLevel([1])
+        method.SetSmoothingSigmasPerLevel([0.0])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     # Steps capped at a fraction of a voxel: unregularised B-splines fold easily where the
     # metric is flat (PET away from the lesion), and small steps keep them smooth.

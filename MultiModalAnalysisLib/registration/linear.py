@@ -324,6 +324,7 @@ def rigid_to_affine(rigid: sitk.Euler3DTransform) -> sitk.AffineTransform:
 def register_linear(levels: Sequence[Level], kind: str, metric: str,
                     initial_transform: sitk.Transform | None = None,
                     settings: LinearSettings | None = None, *,
+                    search_levels: Sequence[Level] | None = None,
                     progress: Progress | None = None,
                     cancel: threading.Event | None = None) -> sitk.Transform:
     """Rigid or affine registration over a pyramid; returns the fixed -> moving transform.
@@ -336,24 +337,28 @@ def register_linear(levels: Sequence[Level], kind: str, metric: str,
         initial_transform: applied first (fixed -> moving); the search and optimisation
             look for a correction on top of it.
         settings: see :class:`LinearSettings`.
+        search_levels: the levels the search for a start scores (the same images with
+            other masks: without a region of interest), ``levels`` by default.
 
     Raises:
         GeometryError: no start maps the fixed region into the moving image at all.
     """
     try:
         return _register_linear(levels, kind, metric, initial_transform,
-                                settings or LinearSettings(), progress or Progress(), cancel)
+                                settings or LinearSettings(), progress or Progress(), cancel,
+                                search_levels or levels)
     finally:
         release_work()  # the scoring's work arrays (tens of MB)
 
 
 def _register_linear(levels: Sequence[Level], kind: str, metric: str,
                      initial_transform: sitk.Transform | None, settings: LinearSettings,
-                     report: Progress, cancel: threading.Event | None) -> sitk.Transform:
+                     report: Progress, cancel: threading.Event | None,
+                     search_levels: Sequence[Level]) -> sitk.Transform:
     coarse = levels[0]
     centre = (centre_of_mass(coarse.fixed_mask, None) if coarse.fixed_mask is not None
               else image_centre(coarse.fixed))
-    starts = starting_transforms(coarse, centre) if initial_transform is None else [
+    starts = starting_transforms(search_levels[0], centre) if initial_transform is None else [
         _euler_at(centre)]
     starts = [s for s in starts if overlap_fraction(coarse, _then(initial_transform, s)) > 0.05]
     if not starts:
@@ -370,7 +375,7 @@ def _register_linear(levels: Sequence[Level], kind: str, metric: str,
     first_rigid = 0
     if settings.search and (initial_transform is None or initial_transform.IsLinear()):
         found = search_rigid_start(
-            coarse, levels[fine], centre, [s.GetParameters() for s in starts],
+            search_levels[0], search_levels[fine], centre, [s.GetParameters() for s in starts],
             moving_initial=initial_transform, shift_mm=settings.search_shift_mm,
             angle_deg=settings.search_angle_deg, keep=settings.search_keep,
             samples=settings.search_samples, fine_samples=settings.search_fine_samples,

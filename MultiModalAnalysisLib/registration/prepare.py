@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from MultiModalAnalysisLib.errors import ImageDimensionError
 from MultiModalAnalysisLib.images import as_float32, validate_image
 from MultiModalAnalysisLib.preprocess import (
     mask_on_grid,
@@ -27,13 +28,29 @@ from MultiModalAnalysisLib.preprocess.resample import (
 CLIP_PERCENTILES = (0.5, 99.5)
 
 
+MIN_VOXELS_PER_AXIS = 4
+"""The fewest voxels along any axis of an image to register: a rigid transform of a slab
+thinner than this is not determined along its normal."""
+
+
 def registration_image(image: sitk.Image, name: str) -> sitk.Image:
     """A float32 copy of ``image`` with intensities clipped to robust percentiles.
 
     Raises:
-        ImageDimensionError, EmptyImageError, NonFiniteImageError, ConstantImageError.
+        ImageDimensionError: not a 3-D scalar volume, or fewer than ``MIN_VOXELS_PER_AXIS``
+            voxels along an axis (a single slice saved as a 3-D file).
+        EmptyImageError, NonFiniteImageError, ConstantImageError.
     """
     image = validate_image(image, name, require_contrast=True)
+    size = image.GetSize()
+    if min(size) < MIN_VOXELS_PER_AXIS:
+        thin = "xyz"[int(np.argmin(size))]
+        raise ImageDimensionError(
+            f"{name} has only {min(size)} voxel(s) along {thin} (size "
+            f"{' x '.join(map(str, size))}): 3-D registration needs at least "
+            f"{MIN_VOXELS_PER_AXIS} voxels along every axis. A single slice is a 2-D image; "
+            "register the whole volume it comes from."
+        )
     array = sitk.GetArrayViewFromImage(image)
     step = max(1, array.size // 200_000)  # percentiles of a subsample are plenty
     low, high = np.percentile(array.ravel()[::step], CLIP_PERCENTILES)
@@ -50,6 +67,58 @@ def registration_mask(mask: sitk.Image | None, image: sitk.Image, name: str) -> 
         LabelError: a multi-label or non-integer mask.
     """
     return None if mask is None else mask_on_grid(mask, image, name)
+
+
+REGION_FRACTION = 0.5
+"""A user's mask that covers less than this share of its image (a lesion, an organ, a box
+around them; not a body mask) is a *region of interest*: it gets a margin
+(``REGION_MARGIN_MM``), the search for a start scores the whole images instead, and the
+stages after it sample the side whose scored part is smaller and bin intensities by what
+the region shows (``search.SearchSpace.from_level``). The constant-fill masks are never
+regions."""
+REGION_MARGIN_MM = 10.0
+"""The margin a region of interest gets by default. The inside of a lesion is often nearly
+uniform on one modality (a soft-tissue sarcoma on CT), so its voxels alone barely constrain
+a cross-modal alignment: PET to CT on STS_001 with the GTV as the fixed mask ended 48 mm off
+with the GTV alone, 4.3 mm off with 10 mm around it (4.4 mm without a mask)."""
+
+
+def is_region(mask: sitk.Image | None) -> bool:
+    """Whether ``mask`` is a region of interest (see ``REGION_FRACTION``)."""
+    return mask is not None and float(sitk.GetArrayViewFromImage(mask).mean()) < REGION_FRACTION
+
+
+def region_margin(mask: sitk.Image | None, margin_mm: float | None) -> float:
+    """The margin (mm) a registration mask gets: ``margin_mm`` when given, else
+    ``REGION_MARGIN_MM`` for a region of interest and 0 for a larger mask."""
+    if mask is None:
+        return 0.0
+    if margin_mm is not None:
+        return float(margin_mm)
+    return REGION_MARGIN_MM if is_region(mask) else 0.0
+
+
+def grow_mask(mask: sitk.Image, margin_mm: float) -> sitk.Image:
+    """A binary mask grown by ``margin_mm`` (physical distance: anisotropic voxels are
+    handled), on its own grid; the mask itself when the margin is 0."""
+    if margin_mm <= 0:
+        return mask
+    array = sitk.GetArrayViewFromImage(mask) > 0
+    index = np.argwhere(array)
+    reach = np.ceil(margin_mm / np.array(mask.GetSpacing())[::-1]).astype(int) + 1
+    low = np.maximum(index.min(axis=0) - reach, 0)
+    high = np.minimum(index.max(axis=0) + reach + 1, array.shape)
+    box = sitk.RegionOfInterest(sitk.Cast(mask > 0, sitk.sitkUInt8),
+                                [int(n) for n in (high - low)[::-1]],
+                                [int(i) for i in low[::-1]])  # only where it can grow
+    distance = sitk.SignedMaurerDistanceMap(box, insideIsPositive=False,
+                                            squaredDistance=False, useImageSpacing=True)
+    grown = np.zeros(array.shape, np.uint8)
+    grown[tuple(slice(a, b) for a, b in zip(low, high, strict=True))] = (
+        sitk.GetArrayViewFromImage(distance) <= margin_mm)
+    result = sitk.GetImageFromArray(grown)
+    result.CopyInformation(mask)
+    return result
 
 
 def fill_mask(image: sitk.Image, min_fraction: float = 0.01) -> sitk.Image | None:
@@ -94,6 +163,10 @@ class Level:
     prepared: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     """Work derived from this level's images, kept for every scorer of the level (the
     search's prepared target volume per bin count, see ``search.SearchSpace.from_level``)."""
+    fixed_region: bool = False
+    """The fixed mask is a user's region of interest (not a body or fill mask), to be
+    sampled and binned as one (``search.SearchSpace.from_level``)."""
+    moving_region: bool = False
 
     @property
     def fixed_voxels(self) -> int:
@@ -105,6 +178,15 @@ class Level:
 def level_spacing(image: sitk.Image, spacing_mm: float) -> list[float]:
     """The spacing of ``image`` at a level: ``spacing_mm`` but never finer than the image."""
     return [max(float(spacing_mm), s) for s in image.GetSpacing()]
+
+
+def thin_capped(image: sitk.Image, spacing: Sequence[float]) -> list[float]:
+    """``spacing`` finer along any axis where it would leave fewer than
+    ``MIN_VOXELS_PER_AXIS`` voxels over the image's extent (a thin slab on a coarse level),
+    but never finer than the image there."""
+    extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
+    cap = np.maximum(extent / MIN_VOXELS_PER_AXIS, image.GetSpacing())
+    return [float(min(s, c)) for s, c in zip(spacing, cap, strict=True)]
 
 
 def downsample(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
@@ -165,11 +247,13 @@ def build_pyramid(
     *,
     erode_fixed: int = 0,
     erode_moving: int = 0,
+    regions: tuple[bool, bool] = (False, False),
 ) -> list[Level]:
     """One :class:`Level` per spacing, returned coarse to fine.
 
     ``erode_*`` peel voxels off a mask's edge on every level: for masks of the valid field
     of view, so that no sample sits where smoothing or the gradient mixes in the fill.
+    ``regions`` says which masks (fixed, moving) are regions of interest.
     """
     # Finest level first, each coarser one from the one before: the full-resolution images
     # are smoothed only once.
@@ -180,13 +264,25 @@ def build_pyramid(
         # with both images on the same slice positions (common after a resampling),
         # samples on the fixed slices favour shifts by whole slices (the interpolation
         # artefact of mutual information); off-grid samples do not.
-        f = downsample(f, [float(spacing)] * 3)
-        m = downsample(m, level_spacing(m, spacing))
+        f = downsample(f, thin_capped(fixed, [float(spacing)] * 3))
+        m = downsample(m, thin_capped(moving, level_spacing(m, spacing)))
         levels.append(
             Level(float(spacing), f, m, downsample_mask(fixed_mask, f, erode_fixed),
-                  downsample_mask(moving_mask, m, erode_moving))
+                  downsample_mask(moving_mask, m, erode_moving),
+                  fixed_region=regions[0], moving_region=regions[1])
         )
     return levels[::-1]
+
+
+def with_masks(levels: Sequence[Level], fixed_mask: sitk.Image | None,
+               moving_mask: sitk.Image | None, *, erode_fixed: int = 0,
+               erode_moving: int = 0) -> list[Level]:
+    """The same levels (sharing their images) with other masks, none of them a region of
+    interest."""
+    return [Level(level.spacing_mm, level.fixed, level.moving,
+                  downsample_mask(fixed_mask, level.fixed, erode_fixed),
+                  downsample_mask(moving_mask, level.moving, erode_moving))
+            for level in levels]
 
 
 def image_centre(image: sitk.Image) -> np.ndarray:

@@ -38,6 +38,9 @@ from MultiModalAnalysisLib.registration.transforms import matrix_offset
 
 BINS = 16
 MIN_OVERLAP = 0.5
+AROUND_MM = 10.0
+"""How far around a region's bounding box the other image's intensities are read for its
+bins: what a pose near the right one can map the region onto."""
 
 
 def euler_matrices(angles: np.ndarray) -> np.ndarray:
@@ -346,7 +349,10 @@ class SearchSpace:
         part: up to 0.2 s on a 2 mm level) is prepared once per level and bin count and
         shared by every space of that level (``level.prepared``); only the samples are new.
         """
-        from_moving = _volume(level.moving) < _volume(level.fixed)
+        fixed_region = _region(level.fixed_mask, level.fixed_region)
+        moving_region = _region(level.moving_mask, level.moving_region)
+        from_moving = (_scored_volume(level.moving, moving_region)
+                       < _scored_volume(level.fixed, fixed_region))
         source, source_mask = ((level.moving, level.moving_mask) if from_moving
                                else (level.fixed, level.fixed_mask))
         target, target_mask = ((level.fixed, level.fixed_mask) if from_moving
@@ -355,6 +361,8 @@ class SearchSpace:
         keep = np.ones(array.shape, bool)
         if source_mask is not None:
             keep = sitk.GetArrayFromImage(source_mask) > 0
+        source_region, target_region = ((moving_region, fixed_region) if from_moving
+                                        else (fixed_region, moving_region))
         index = np.argwhere(keep)  # z, y, x
         rng = np.random.default_rng(seed)
         if len(index) > samples and not edge_weighted:
@@ -372,8 +380,15 @@ class SearchSpace:
         points = (np.array(source.GetOrigin())
                   + (jittered[:, ::-1] * np.array(source.GetSpacing())) @ direction.T)
         values = map_coordinates(array, jittered.T, order=1, mode="nearest")
-        target_array, to_index, sampler = _prepared_target(level, target, target_mask, bins)
-        return cls(points.astype(np.float32), _to_bins(values, array[keep], bins),
+        target_array, to_index, sampler = _prepared_target(
+            level, target, target_mask, target_region, bins, (source, source_region),
+            from_moving)
+        # In a small region (a lesion), the image's full range leaves the region's
+        # intensities in a bin or two: bin by its quantiles there instead.
+        edges = _quantile_edges(array[keep], bins) if source_region is not None else None
+        sample_bins = (_to_bins(values, array[keep], bins) if edges is None else np.clip(
+            _binned(values, edges, bins), 0, bins - 1).astype(np.int64))
+        return cls(points.astype(np.float32), sample_bins,
                    target_array, to_index, np.array(target.GetOrigin()), from_moving,
                    sampler, bins, max(1, int(threads)))
 
@@ -467,20 +482,90 @@ class SearchSpace:
 
 
 def _prepared_target(level: Level, target: sitk.Image, target_mask: sitk.Image | None,
-                     bins: int) -> tuple[np.ndarray, np.ndarray, LinearSampler]:
+                     target_region: np.ndarray | None, bins: int,
+                     source_region: tuple[sitk.Image, np.ndarray | None],
+                     from_moving: bool) -> tuple[np.ndarray, np.ndarray, LinearSampler]:
     """The scored image of ``level`` scaled to ``bins``, its physical-to-index matrix and
     its sampler (which holds the mask): built on first use, then shared through
-    ``level.prepared``."""
-    key = ("search target", bins)
+    ``level.prepared``.
+
+    The scale is linear over the image's range, unless a region of interest restricts the
+    score: the target's own (``target_region``, a boolean array), or the samples' image's
+    (``source_region``: that image and its region array, or None). Then the target is
+    binned by the quantiles of its intensities in that region (the source's, read around
+    its bounding box), so that what the region shows fills the bins; values beyond go to
+    the outer bins.
+    """
+    key = ("search target", bins, from_moving)
     if key not in level.prepared:
-        array = _scale(sitk.GetArrayFromImage(target).astype(np.float32), bins)
+        array = sitk.GetArrayFromImage(target).astype(np.float32)
         valid = None
         if target_mask is not None:
             valid = (sitk.GetArrayFromImage(target_mask) > 0).astype(np.float32)
         direction = np.array(target.GetDirection()).reshape(3, 3)
         to_index = np.linalg.inv(direction @ np.diag(target.GetSpacing()))
-        level.prepared[key] = (array, to_index, LinearSampler(array, valid))
+        edges = None
+        if target_region is not None:
+            edges = _quantile_edges(array[target_region], bins)
+        elif source_region[1] is not None:
+            edges = _quantile_edges(_around(array, target, *source_region), bins)
+        scaled = _scale(array, bins) if edges is None else _binned(array, edges, bins)
+        level.prepared[key] = (scaled, to_index, LinearSampler(scaled, valid))
     return level.prepared[key]
+
+
+def _region(mask: sitk.Image | None, is_region: bool) -> np.ndarray | None:
+    """A region-of-interest mask as a boolean [z, y, x] array (None for other masks)."""
+    if mask is None or not is_region:
+        return None
+    return sitk.GetArrayFromImage(mask) > 0
+
+
+def _scored_volume(image: sitk.Image, region: np.ndarray | None) -> float:
+    """The physical volume an image is scored over: its region's, else the whole image's."""
+    if region is None:
+        return _volume(image)
+    return float(region.sum() * np.prod(image.GetSpacing()))
+
+
+def _around(array: np.ndarray, image: sitk.Image, source: sitk.Image,
+            region: np.ndarray) -> np.ndarray:
+    """``image``'s intensities (``array``) in the bounding box of ``source``'s ``region``,
+    grown by ``AROUND_MM`` (both in one physical frame, as they are before a
+    registration); the whole array if the box misses the image."""
+    index = np.argwhere(region)[:, ::-1]  # x, y, z
+    low, high = index.min(axis=0), index.max(axis=0)
+    corners = np.array([[(low, high)[c >> axis & 1][axis] for axis in range(3)]
+                        for c in range(8)], dtype=float)
+    source_direction = np.array(source.GetDirection()).reshape(3, 3)
+    physical = (np.array(source.GetOrigin())
+                + (corners * np.array(source.GetSpacing())) @ source_direction.T)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    to_index = np.linalg.inv(direction @ np.diag(image.GetSpacing()))
+    mapped = (physical - np.array(image.GetOrigin())) @ to_index.T
+    margin = AROUND_MM / np.array(image.GetSpacing())
+    start = np.clip(np.floor(mapped.min(axis=0) - margin), 0, None).astype(int)
+    stop = np.minimum(np.ceil(mapped.max(axis=0) + margin) + 1,
+                      np.array(image.GetSize())).astype(int)
+    if np.any(stop <= start):
+        return array.ravel()
+    return array[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]].ravel()
+
+
+def _quantile_edges(values: np.ndarray, bins: int) -> np.ndarray | None:
+    """Equal-frequency bin edges of ``values`` (fewer where values repeat); None when they
+    have fewer than three distinct edges (a flat region: the linear scale then)."""
+    if values.size == 0:
+        return None
+    edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, bins + 1)))
+    return edges if len(edges) >= 3 else None
+
+
+def _binned(values: np.ndarray, edges: np.ndarray, bins: int) -> np.ndarray:
+    """``values`` on the continuous bin scale [0, bins) through the quantile ``edges``
+    (piecewise linear between them; values beyond the outer edges go to the outer bins)."""
+    scale = np.linspace(0.0, bins - 1e-3, len(edges))
+    return np.interp(values, edges, scale).astype(np.float32)
 
 
 def _volume(image: sitk.Image) -> float:

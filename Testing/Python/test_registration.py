@@ -116,6 +116,75 @@ def test_two_skull_stripped_images_register_where_both_show_tissue():
     assert result.warnings == []
 
 
+
+def _lesion_mask(image: sitk.Image) -> sitk.Image:
+    """The phantom's two uniform label-2 ellipsoids (1 % of the grid) as a mask on ``image``."""
+    from synthetic import physical_points
+
+    inside = labels_at(physical_points(image)) == 2
+    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
+    mask.CopyInformation(image)
+    return mask
+
+
+def test_a_lesion_mask_focuses_a_cross_modal_registration_without_losing_it(ct_phantom):
+    """A fixed mask on a uniform lesion: its inside alone says nothing about the alignment.
+    The search scores the whole images, the rest the lesion and a 10 mm margin."""
+    perturbation = rigid((5.0, -4.0, 6.0), (7.0, -6.0, 5.0))
+    moving = phantom("MR", transform=perturbation, seed=3)
+    lesion = _lesion_mask(ct_phantom)
+    points = inner_points()
+    near = np.array([np.linalg.norm((p - (-14.0, 8.0, 6.0)) / (21.0, 19.0, 23.0)) <= 1.0
+                     for p in points])  # within ~10 mm of the lesion
+    truth = inverse_map_points(perturbation, points[near])
+
+    result = register(ct_phantom, moving, "rigid", fixed_mask=lesion, fixed_modality="CT",
+                      moving_modality="MR_T1")
+
+    assert near.sum() >= 20
+    assert result.metrics["mask_margin_mm"] == {"fixed": 10.0}
+    assert np.median(registration_error(result.transform, truth, points[near])) < 1.0
+    assert result.warnings == []
+
+
+def test_a_lesion_mask_alone_bins_intensities_by_what_the_lesion_shows(ct_phantom):
+    """Same image, moved, strict lesion mask (no margin): the lesion's intensities (one
+    tissue plus noise) sat in one of the 16 bins of the image's whole range, so no pose
+    scored better than another (a real CT: 74 mm off). Binned by the lesion's quantiles,
+    its noise pattern, the same in both, gives the pose."""
+    perturbation = rigid((-4.0, 3.0, 5.0), (5.0, -3.0, 7.0))
+    moving = move_image_rigidly(ct_phantom, perturbation)
+    points = inner_points()
+    truth = inverse_map_points(perturbation, points)
+
+    result = register(ct_phantom, moving, "rigid", fixed_mask=_lesion_mask(ct_phantom),
+                      mask_margin_mm=0, fixed_modality="CT", moving_modality="CT")
+
+    assert result.metrics["mask_margin_mm"] == {"fixed": 0.0}
+    assert np.median(registration_error(result.transform, truth, points)) < 0.5
+    with pytest.raises(ConfigError, match="mask_margin_mm"):
+        register(ct_phantom, moving, "rigid", fixed_mask=_lesion_mask(ct_phantom),
+                 mask_margin_mm=-2.0)
+
+
+def test_a_mask_grows_by_a_physical_margin_on_an_anisotropic_grid():
+    from MultiModalAnalysisLib.registration.prepare import grow_mask, is_region, region_margin
+
+    array = np.zeros((15, 31, 31), np.uint8)
+    array[7, 15, 15] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.SetSpacing((1.0, 1.0, 3.0))
+    grown = sitk.GetArrayFromImage(grow_mask(mask, 6.0))
+    z, y, x = np.meshgrid(np.arange(15) * 3.0, np.arange(31) * 1.0, np.arange(31) * 1.0,
+                          indexing="ij")
+    within = (z - 21.0) ** 2 + (y - 15.0) ** 2 + (x - 15.0) ** 2 <= 36.0
+    np.testing.assert_array_equal(grown > 0, within)
+    assert sitk.GetArrayViewFromImage(mask).sum() == 1  # the input is untouched
+    assert is_region(mask) and region_margin(mask, None) == 10.0
+    assert region_margin(mask, 0) == 0.0
+    body = sitk.GetImageFromArray(np.ones((15, 31, 31), np.uint8))
+    assert not is_region(body) and region_margin(body, None) == 0.0
+
 def test_affine_registration_recovers_scaling_and_shear(ct_phantom):
     perturbation = random_affine(np.random.default_rng(7), 8.0, 10.0, max_scale=0.08,
                                  max_shear=0.04)
@@ -251,6 +320,11 @@ def test_bad_inputs_get_clear_errors(ct_phantom):
     slice_2d = sitk.Image([30, 30], sitk.sitkFloat32)
     with pytest.raises(ImageDimensionError, match="2-D"):
         register(ct_phantom, slice_2d)
+    one_slice = ct_phantom[:, :, 17:18]  # a single slice saved as a 3-D volume
+    with pytest.raises(ImageDimensionError, match="only 1 voxel.*along z.*at least 4"):
+        register(ct_phantom, one_slice)
+    with pytest.raises(ImageDimensionError, match="the fixed image has only 3 voxel"):
+        register(ct_phantom[:, :, 10:13], ct_phantom)
     empty = sitk.Image(ct_phantom.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(ct_phantom)
     with pytest.raises(EmptyImageError, match="fixed mask"):
@@ -265,6 +339,33 @@ def test_bad_inputs_get_clear_errors(ct_phantom):
     with pytest.raises(ConfigError, match="backend"):
         register(ct_phantom, ct_phantom, "deformable", backend="demons")
 
+
+
+def test_a_thin_slab_registers_though_its_coarse_levels_are_thinner_than_itk_smooths():
+    """Six 1 mm slices: on the 8 and 4 mm levels the slab is 1-2 voxels thick, where ITK's
+    recursive Gaussian refuses to run (fewer than 4 voxels along an axis)."""
+    from MultiModalAnalysisLib.preprocess.resample import smooth_along_axes
+
+    slab = phantom("CT", size=(44, 40, 6), spacing=(2.0, 2.0, 1.0))
+    perturbation = rigid((0.0, 0.0, 2.0), (3.0, -2.0, 0.0))
+    moved = move_image_rigidly(slab, perturbation)
+    result = register(slab, moved, "rigid", fixed_modality="CT", moving_modality="CT")
+    points = np.array([(x, y, 0.0) for x in range(-30, 31, 6) for y in range(-30, 31, 6)],
+                      dtype=float)  # in the slab's middle plane
+    errors = registration_error(result.transform, inverse_map_points(perturbation, points),
+                                points)
+    assert np.median(errors) < 0.5
+    from MultiModalAnalysisLib.registration.deformable_bspline import BSplineSettings
+
+    bspline = register(slab, moved, "deformable", backend="bspline", metric="mi",
+                       bspline_settings=BSplineSettings(iterations=5))
+    assert bspline.metrics["folding_percent"] < 0.1  # ITK's own pyramid ran too
+
+    step = sitk.GetImageFromArray(np.repeat([[[0.0]], [[0.0]], [[10.0]]], 5, axis=2)
+                                  .repeat(5, axis=1).astype(np.float32))  # 5 x 5 x 3
+    smoothed = sitk.GetArrayFromImage(smooth_along_axes(step, (0.0, 0.0, 1.0)))
+    assert 0.0 < smoothed[1, 2, 2] < 5.0 < smoothed[2, 2, 2] < 10.0  # the edge is blurred
+    assert np.allclose(smoothed[:, 0, 0], smoothed[:, 4, 4])  # and only along z
 
 def test_a_registration_that_ends_worse_than_it_started_warns(ct_phantom, monkeypatch):
     from MultiModalAnalysisLib.registration import api

@@ -59,11 +59,12 @@ def test_mma_register_deformable_reports_jacobian_and_folding(tmp_path):
     status = main(["-q", "register", str(tmp_path / "fixed.nii.gz"),
                    str(tmp_path / "moving.nii.gz"), "--transform", "deformable",
                    "--output-dir", str(out), "--fixed-mask", str(tmp_path / "mask.nii.gz"),
-                   "--metric", "mi", "--device", "cpu", "--no-qc"])
+                   "--metric", "mi", "--device", "cpu", "--no-qc", "--mask-margin", "4"])
 
     assert status == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"runtime_s", "jacobian_min", "jacobian_max", "folding_percent"} <= set(metrics)
+    assert metrics["mask_margin_mm"] == {"fixed": 4.0}
     assert metrics["folding_percent"] < 0.1
     transform = sitk.ReadTransform(str(out / "transform.h5"))
     assert not transform.IsLinear()
