@@ -102,7 +102,9 @@ def register_deformable_bspline(
     method.SetOptimizerAsGradientDescentLineSearch(
         1.0, settings.iterations, convergenceMinimumValue=1e-6, convergenceWindowSize=5,
         lineSearchUpperLimit=2.0, maximumStepSizeInPhysicalUnits=settings.image_spacing_mm / 4)
-    method.SetOptimizerScalesFromPhysicalShift()
+    # Unit scales: every parameter is a control point's displacement in mm. (ITK's physical-shift
+    # estimate of them probes each of the thousands of parameters: 87 of the 99 s that 5
+    # iterations took on a 97 x 99 x 59 CT.)
     count = [0]
 
     def on_iteration() -> None:

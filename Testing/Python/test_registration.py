@@ -338,6 +338,8 @@ def test_bad_inputs_get_clear_errors(ct_phantom):
         register(ct_phantom, ct_phantom, "elastic")
     with pytest.raises(ConfigError, match="backend"):
         register(ct_phantom, ct_phantom, "deformable", backend="demons")
+    with pytest.raises(ConfigError, match="local NCC is a metric of the torch backend"):
+        register(ct_phantom, ct_phantom, "deformable", backend="bspline", metric="lncc")
 
 
 
@@ -357,9 +359,10 @@ def test_a_thin_slab_registers_though_its_coarse_levels_are_thinner_than_itk_smo
     assert np.median(errors) < 0.5
     from MultiModalAnalysisLib.registration.deformable_bspline import BSplineSettings
 
-    bspline = register(slab, moved, "deformable", backend="bspline", metric="mi",
-                       bspline_settings=BSplineSettings(iterations=5))
+    bspline = register(slab, moved, "deformable", backend="bspline", fixed_modality="CT",
+                       moving_modality="CT", bspline_settings=BSplineSettings(iterations=5))
     assert bspline.metrics["folding_percent"] < 0.1  # ITK's own pyramid ran too
+    assert bspline.metrics["deformable_metric"] == "ncc"  # not ITK's crawling local NCC
 
     step = sitk.GetImageFromArray(np.repeat([[[0.0]], [[0.0]], [[10.0]]], 5, axis=2)
                                   .repeat(5, axis=1).astype(np.float32))  # 5 x 5 x 3
