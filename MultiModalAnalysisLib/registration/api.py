@@ -130,6 +130,11 @@ def register(
     started = time.perf_counter()
     kind = _choice(transform, TRANSFORM_TYPES, "transform type")
     backend = _choice(backend, BACKENDS, "deformable backend")
+    if mask_margin_mm is not None and (isinstance(mask_margin_mm, bool)
+                                       or not isinstance(mask_margin_mm, (int, float))
+                                       or not math.isfinite(mask_margin_mm)
+                                       or mask_margin_mm < 0):
+        raise ConfigError(f"mask_margin_mm must be a distance >= 0 in mm, not {mask_margin_mm!r}.")
     if kind == "deformable" and backend == "bspline" and metric == "lncc":
         raise ConfigError(
             "local NCC is a metric of the torch backend only: ITK's (ANTS neighbourhood "
@@ -147,9 +152,12 @@ def register(
     moving_image = registration_image(moving, "the moving image")
     fixed_region = registration_mask(fixed_mask, fixed_image, "the fixed mask")
     moving_region = registration_mask(moving_mask, moving_image, "the moving mask")
-    if mask_margin_mm is not None and not (math.isfinite(mask_margin_mm)
-                                           and mask_margin_mm >= 0):
-        raise ConfigError(f"mask_margin_mm must be a distance >= 0 in mm, not {mask_margin_mm}.")
+    # A region of interest (a lesion and its margin) is where the result must be right,
+    # but too small a part of the images to find the pose in from a distant start: the
+    # search for a start scores the whole images (less their fill), the polish, the final
+    # refinement and the affine stage the region. With the region from the start, PET to
+    # CT with the GTV as fixed mask ended 24-36 mm off on 4 of 13 STS patients.
+    regions = (is_region(fixed_region), is_region(moving_region))
     margins = {name: region_margin(region, mask_margin_mm) for name, region in
                (("fixed", fixed_region), ("moving", moving_region)) if region is not None}
     fixed_region = grow_mask(fixed_region, margins["fixed"]) if "fixed" in margins else None
@@ -169,13 +177,6 @@ def register(
     if moving_region is None and ignore_fill:
         moving_region = moving_fill = fill_mask(moving_image)
     eroded_moving = 1 if moving_fill is not None and fixed_fill is None else 0
-    # A region of interest (a lesion and its margin) is where the result must be right,
-    # but too small a part of the images to find the pose in from a distant start: the
-    # search for a start scores the whole images (less their fill), the polish, the final
-    # refinement and the affine stage the region. With the region from the start, PET to
-    # CT with the GTV as fixed mask ended 24-36 mm off on 4 of 13 STS patients.
-    regions = (fixed_mask is not None and is_region(fixed_region),
-               moving_mask is not None and is_region(moving_region))
     concrete = choose_metric(metric, fixed_modality, moving_modality)
     settings = linear_settings or _levels_for(LinearSettings(), fixed_image, moving_image)
     if threads is not None:
@@ -224,8 +225,9 @@ def register(
     if kind == "deformable":
         deformable_metric = choose_metric(metric, fixed_modality, moving_modality,
                                           deformable=True)
-        if backend == "bspline" and deformable_metric == "lncc":
-            deformable_metric = "ncc"  # "auto" within one modality: ITK's local NCC crawls
+        if backend == "bspline" and deformable_metric in ("lncc", "mind"):
+            # "auto" within one modality: ITK's local NCC crawls; MIND is torch's alone
+            deformable_metric = {"lncc": "ncc", "mind": "mi"}[deformable_metric]
         result_transform, extra = _deformable(
             fixed_image, moving_image, result_transform, deformable_metric, fixed_region,
             moving_region, backend, device, torch_settings, bspline_settings,

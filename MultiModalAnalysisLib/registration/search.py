@@ -532,7 +532,9 @@ def _around(array: np.ndarray, image: sitk.Image, source: sitk.Image,
             region: np.ndarray) -> np.ndarray:
     """``image``'s intensities (``array``) in the bounding box of ``source``'s ``region``,
     grown by ``AROUND_MM`` (both in one physical frame, as they are before a
-    registration); the whole array if the box misses the image."""
+    registration); the whole array if the region is empty or the box misses the image."""
+    if not region.any():
+        return array.ravel()
     index = np.argwhere(region)[:, ::-1]  # x, y, z
     low, high = index.min(axis=0), index.max(axis=0)
     corners = np.array([[(low, high)[c >> axis & 1][axis] for axis in range(3)]
