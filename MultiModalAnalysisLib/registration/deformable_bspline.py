@@ -90,7 +90,8 @@ def register_deformable_bspline(
         method.SetMetricMovingMask(moving_mask)
     method.SetMovingInitialTransform(linear)
     method.SetInitialTransform(bspline, inPlace=True)
-    if min(grid.GetSize()) >= 2 * MIN_VOXELS_PER_AXIS:
+    levels = 2 if min(grid.GetSize()) >= 2 * MIN_VOXELS_PER_AXIS else 1
+    if levels == 2:
         method.SetShrinkFactorsPerLevel([2, 1])
         method.SetSmoothingSigmasPerLevel([settings.image_spacing_mm, 0.0])
     else:  # a thin slab: ITK's pyramid would halve it below what its smoothing accepts
@@ -109,7 +110,7 @@ def register_deformable_bspline(
 
     def on_iteration() -> None:
         count[0] += 1
-        report(min(0.99, count[0] / (2 * settings.iterations)), "B-spline deformation")
+        report(min(0.99, count[0] / (levels * settings.iterations)), "B-spline deformation")
         if cancel is not None and cancel.is_set():
             raise _Cancelled()
 
