@@ -91,7 +91,6 @@ def resample_to_reference(
     return resampled
 
 
-
 def mask_on_grid(
     mask: sitk.Image, reference: sitk.Image, name: str = "mask", *, warn: bool = False
 ) -> sitk.Image:
@@ -127,6 +126,7 @@ def mask_on_grid(
             "belongs to this image."
         )
     return resampled
+
 
 MAX_VOXELS = 1_000_000_000
 """Largest grid resample_to_spacing makes (4 GB as float32): a typo such as 0.05 mm would

@@ -275,7 +275,7 @@ def _deformable(fixed, moving, linear, metric, fixed_region, moving_region, back
         deformation = field
     else:
         deformation = register_deformable_bspline(
-            fixed, moving, linear, "mi" if metric == "mind" else metric,
+            fixed, moving, linear, metric,
             fixed_mask=fixed_region, moving_mask=moving_region, settings=bspline_settings,
             progress=progress, cancel=cancel)
         reference = _jacobian_grid(fixed)

@@ -144,12 +144,10 @@ class VoxelWarp:
         import torch
 
         shape = [int(n) for n in shape]
-        axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
-        scale = [2.0 / max(n - 1, 1) for n in shape]
-        points = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).view(-1, 3)
+        self.identity = voxel_grid(shape, shape, device)
         # grid_sample wants (x, y, z) in [-1, 1]; the field's channels are (z, y, x) voxels
-        self.identity = torch_stack_xyz(points, scale).view(1, *shape, 3)
-        self.scale = torch.tensor(scale[::-1], dtype=torch.float32, device=device)
+        self.scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape[::-1]],
+                                  dtype=torch.float32, device=device)
         self.padding_mode = padding_mode
 
     def __call__(self, volume, displacement):
@@ -213,38 +211,46 @@ class _Deformation:
 
     def dense_mm(self):
         """(1, 3, D, H, W) displacement in mm on the image grid."""
-        import torch.nn.functional as F
-
         if self._dense_grid is None:
-            self._dense_grid = self._grid(self.image_shape, self.to_velocity)
-        return F.grid_sample(self.displacement_mm(), self._dense_grid, mode="bilinear",
-                             padding_mode="border", align_corners=True)
-
-    def _grid(self, shape, step, offset_zyx=(0.0, 0.0, 0.0)):
-        """``grid_sample`` coordinates on the velocity grid of the voxels ``index * step +
-        offset`` of a grid of ``shape`` (the velocity grid may extend past that grid, so
-        sampling there is not an interpolate-to-size)."""
-        import torch
-
-        axes = [torch.arange(n, device=self.device, dtype=torch.float32) * step + float(o)
-                for n, o in zip(shape, offset_zyx, strict=True)]
-        points = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).view(-1, 3)
-        scale = [2.0 / max(n - 1, 1) for n in self.velocity_shape]
-        return torch_stack_xyz(points, scale).view(1, *shape, 3)
+            self._dense_grid = voxel_grid(self.image_shape, self.velocity_shape, self.device,
+                                          self.to_velocity)
+        return _on_grid(self.displacement_mm(), self._dense_grid)
 
     def upsample_to(self, other: _Deformation) -> None:
         """Initialise ``other`` (a finer level) with this level's velocity."""
         import torch
-        import torch.nn.functional as F
 
         # The levels' grids start half a voxel apart (each keeps the outer edge of the
         # volume), so the finer velocity nodes sit at an offset on this level's grid.
         offset = self.direction.T @ (other.origin - self.origin) / self.velocity_spacing
-        grid = self._grid(other.velocity_shape, other.velocity_spacing / self.velocity_spacing,
-                          offset[::-1])
+        grid = voxel_grid(other.velocity_shape, self.velocity_shape, self.device,
+                          other.velocity_spacing / self.velocity_spacing, offset[::-1])
         with torch.no_grad():
-            other.velocity.copy_(F.grid_sample(self.velocity, grid, mode="bilinear",
-                                               padding_mode="border", align_corners=True))
+            other.velocity.copy_(_on_grid(self.velocity, grid))
+
+
+def voxel_grid(shape, volume_shape, device, step: float = 1.0,
+               offset_zyx=(0.0, 0.0, 0.0)):
+    """``grid_sample`` coordinates ``(1, *shape, 3)``, in a volume of ``volume_shape``
+    voxels, of the points ``index * step + offset`` (voxels of that volume) of a grid of
+    ``shape``. The volume may extend past that grid (e.g. a velocity grid a little larger
+    than the image it covers), so sampling there is not an interpolate-to-size."""
+    import torch
+
+    axes = [torch.arange(int(n), device=device, dtype=torch.float32) * step + float(o)
+            for n, o in zip(shape, offset_zyx, strict=True)]
+    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).view(-1, 3)
+    scale = [2.0 / max(n - 1, 1) for n in volume_shape]
+    return torch_stack_xyz(points, scale).view(1, *[int(n) for n in shape], 3)
+
+
+def _on_grid(field, grid):
+    """A (1, C, D, H, W) field sampled at ``voxel_grid`` coordinates (bilinear, edge values
+    beyond the field)."""
+    import torch.nn.functional as F
+
+    return F.grid_sample(field, grid, mode="bilinear", padding_mode="border",
+                         align_corners=True)
 
 
 def torch_stack_xyz(points_zyx, scale_zyx):
