@@ -501,7 +501,8 @@ def segmentation_node_from_labels(
         names: label value -> segment name (or a list for labels 1, 2, ...); default
             ``"label <value>"``.
         colors: label value -> (r, g, b) in 0..1.
-        reference_node: the volume whose geometry the segmentation takes as its reference.
+        reference_node: the volume whose geometry the segmentation takes as its reference
+            (default: the label image's own grid).
         name: the segmentation node's name.
         show_3d: also build the closed-surface representation (3-D display).
     """
@@ -522,8 +523,10 @@ def segmentation_node_from_labels(
     _ensure_conversion_rules()  # a segmentation copies the converters when it is created
     segmentation = _add_node(scene, "vtkMRMLSegmentationNode", name, "Segmentation")
     segmentation.CreateDefaultDisplayNodes()
-    if reference_node is not None:
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    # Without a reference volume the label image's own grid is the reference geometry, so
+    # the segments come back on it (Slicer would otherwise export them cropped).
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(
+        reference_node if reference_node is not None else labelmap)
     try:
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
             labelmap, segmentation
@@ -796,7 +799,14 @@ def markups_from_points(points: Any, scene: Any | None = None, name: str = "",
 def table_node_from_dataframe(df: pd.DataFrame, scene: Any | None = None, name: str = "") -> Any:
     """A table node with one column per DataFrame column (a named or non-default index first).
 
-    Numbers become numeric columns (booleans 0/1), everything else text.
+    Numbers become numeric columns (booleans 0/1); an integer or boolean column with
+    missing values (pandas' ``Int64``/``boolean``), or with values beyond 64-bit signed
+    integers, becomes a float column (missing: NaN). Everything else is text, where a
+    missing value is an empty string (VTK text columns have no "missing").
+
+    Raises:
+        ConfigError: two columns have the same name (a table node's columns are found by
+            name).
     """
     import pandas as pd
     import vtk
@@ -805,16 +815,31 @@ def table_node_from_dataframe(df: pd.DataFrame, scene: Any | None = None, name: 
     scene = _scene(scene)
     if df.index.name is not None or not isinstance(df.index, pd.RangeIndex):
         df = df.reset_index()
+    names = [str(column) for column in df.columns]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(
+            f"the table names the column(s) {', '.join(twice)} more than once (the index "
+            "counts as a column): give each column its own name."
+        )
     node = _add_node(scene, "vtkMRMLTableNode", name, "Table")
     table = node.GetTable()
-    for column in df.columns:
-        series = df[column]
-        if pd.api.types.is_bool_dtype(series):
+    for position, column in enumerate(df.columns):
+        series = df.iloc[:, position]
+        numeric = pd.api.types.is_bool_dtype(series) or pd.api.types.is_integer_dtype(series)
+        if numeric and (series.isna().any() or (
+                pd.api.types.is_unsigned_integer_dtype(series)
+                and len(series) and series.max() > np.iinfo(np.int64).max)):
+            array = numpy_to_vtk(
+                series.astype("float64").to_numpy(dtype=np.float64, na_value=np.nan),
+                deep=True)
+        elif pd.api.types.is_bool_dtype(series):
             array = numpy_to_vtk(series.to_numpy(dtype=np.int32), deep=True)
         elif pd.api.types.is_integer_dtype(series):
             array = numpy_to_vtk(series.to_numpy(dtype=np.int64), deep=True)
         elif pd.api.types.is_float_dtype(series):
-            array = numpy_to_vtk(series.to_numpy(dtype=np.float64), deep=True)
+            array = numpy_to_vtk(
+                series.to_numpy(dtype=np.float64, na_value=np.nan), deep=True)
         else:
             array = vtk.vtkStringArray()
             for value in series:
@@ -826,7 +851,13 @@ def table_node_from_dataframe(df: pd.DataFrame, scene: Any | None = None, name: 
 
 
 def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
+    """None, NaN, pandas' NA or NaT (a scalar that means "no value")."""
+    import pandas as pd
+
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or array in a cell: a value
+        return False
 
 
 def dataframe_from_table_node(node: Any) -> pd.DataFrame:

@@ -342,6 +342,14 @@ def test_labels_round_trip_through_a_segmentation_keeping_values_and_grid(mrml_s
         assert np.allclose(back.GetDirection(), two_labels.GetDirection(), atol=1e-6)
         assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(two_labels))
     assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == 0
+    # Without a reference volume the labels come back on their own grid too, not on a grid
+    # cropped to the segments.
+    alone = mrml.segmentation_node_from_labels(two_labels, mrml_scene)
+    back = mrml.labels_from_segmentation_node(alone)
+    assert back.GetSize() == two_labels.GetSize()
+    assert np.allclose(back.GetOrigin(), two_labels.GetOrigin(), atol=1e-4)
+    assert np.allclose(back.GetDirection(), two_labels.GetDirection(), atol=1e-6)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(two_labels))
 
 
 def test_segment_drawn_in_slicer_gets_the_smallest_free_label_value(mrml_scene, two_labels):
@@ -371,6 +379,25 @@ def test_table_node_round_trips_a_dataframe_with_numbers_text_and_index(mrml_sce
     assert back["voxels"].tolist() == [120, 95]
     assert back["tumour"].tolist() == [1, 0]
     assert back["modality"].tolist() == ["CT", "PET"]
+
+
+def test_table_node_keeps_missing_values_and_large_integers_and_refuses_twice_named_columns(
+    mrml_scene,
+):
+    table = pd.DataFrame({
+        "count": pd.array([3, None, 5], dtype="Int64"),
+        "flag": pd.array([True, None, False], dtype="boolean"),
+        "huge": np.array([1, 2, 2**63 + 2**12], dtype=np.uint64),
+        "note": ["a", None, pd.NA],
+    })
+    back = mrml.dataframe_from_table_node(mrml.table_node_from_dataframe(table, mrml_scene))
+    assert back["count"].iloc[0] == 3 and np.isnan(back["count"].iloc[1])
+    assert back["flag"].iloc[0] == 1 and np.isnan(back["flag"].iloc[1])
+    assert back["huge"].iloc[2] == pytest.approx(2.0**63, rel=1e-12)  # not a negative number
+    assert back["note"].tolist() == ["a", "", ""]
+    twice = pd.DataFrame([[1, 2]], columns=["a", "a"])
+    with pytest.raises(ConfigError, match="names the column.* a more than once"):
+        mrml.table_node_from_dataframe(twice, mrml_scene)
 
 
 # ---------------------------------------------------------------------------------- markups
