@@ -138,13 +138,16 @@ def multichannel_stack(
     return sitk.Compose([sitk.Cast(image, sitk.sitkFloat32) for image in chosen])
 
 
-def fuse(images: Sequence[sitk.Image], method: str = "average", **options: Any) -> sitk.Image:
+def fuse(images: Sequence[sitk.Image], method: str = "average", *,
+         names: Sequence[str] | None = None, **options: Any) -> sitk.Image:
     """A fused image on the first image's grid (see the module docstring for each method).
 
     Args:
         images: two or more co-registered volumes; the others are resampled onto the first
             one's grid (no transform) when they are on another grid.
         method: "average", "maximum", "checkerboard", "overlay", "laplacian" or "wavelet".
+        names: what to call each image in messages (e.g. its file); "image 1", ... by
+            default.
         options: per method: ``weights`` (average), ``square_mm`` (checkerboard),
             ``colormap``, ``alpha``, ``threshold`` (overlay), ``levels`` (laplacian), and the
             keyword arguments of :func:`wavelet_fusion` (wavelet: exactly two images).
@@ -163,10 +166,14 @@ def fuse(images: Sequence[sitk.Image], method: str = "average", **options: Any) 
     if len(images) < 2:
         raise ConfigError("fusion needs at least two images.")
     # every method scales each image by its own range: a constant image has none
-    images = [validate_image(image, f"image {i + 1}", require_contrast=True)
-              for i, image in enumerate(images)]
+    names = list(names) if names is not None else [f"image {i + 1}" for i in range(len(images))]
+    if len(names) != len(images):
+        raise ConfigError(f"give one name per image: {len(images)} images, {len(names)} names.")
+    images = [validate_image(image, name, require_contrast=True)
+              for image, name in zip(images, names, strict=True)]
     reference = images[0]
-    aligned = [reference] + [_onto(image, reference) for image in images[1:]]
+    aligned = [reference] + [_onto(image, reference, name)
+                             for image, name in zip(images[1:], names[1:], strict=True)]
     if name == "wavelet":
         if len(aligned) != 2:
             raise ConfigError("wavelet fusion combines exactly two images.")
@@ -196,7 +203,8 @@ def unit_scale(array: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return np.clip((array - low) / (high - low if high > low else 1.0), 0.0, 1.0)
 
 
-def _onto(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+def _onto(image: sitk.Image, reference: sitk.Image, name: str = "an image to fuse"
+          ) -> sitk.Image:
     """``image`` on ``reference``'s grid, smoothed first along the axes where that grid is
     coarser (so a fine MR taken to a PET grid does not alias; an axis where the reference
     is as fine is left sharp)."""
@@ -210,7 +218,7 @@ def _onto(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
         sigma = np.where(sigma > 0.25 * spacing, sigma, 0.0)
         source = sitk.DiscreteGaussian(sitk.Cast(image, sitk.sitkFloat32),
                                        (sigma ** 2).tolist(), 32, 0.01, True)
-    return resample_to_reference(source, reference, name="an image to fuse")
+    return resample_to_reference(source, reference, name=name)
 
 
 def _reference_spacing_along(image: sitk.Image, reference: sitk.Image) -> np.ndarray:
@@ -230,6 +238,7 @@ def _weighted_mean(arrays: list[np.ndarray], weights: Sequence[float] | None) ->
     if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
         raise ConfigError(f"weights must be non-negative numbers, not all 0 (got "
                           f"{', '.join(f'{w:g}' for w in weights)}).")
+    weights = weights / weights.max()  # (relative weights: huge ones must not overflow)
     return np.tensordot(weights / weights.sum(), np.stack(arrays), axes=1)
 
 
@@ -260,6 +269,9 @@ def colour_overlay(base: sitk.Image, overlay: sitk.Image, *, colormap: str = "ho
 
     if colormap not in colormaps:
         raise ConfigError(f"unknown colour map '{colormap}'.")
+    for setting, value in (("alpha", alpha), ("threshold", threshold)):
+        if not 0.0 <= float(value) <= 1.0:  # (also refuses NaN)
+            raise ConfigError(f"the overlay's {setting} must be from 0 to 1, not {value}.")
     grey = unit_scale(sitk.GetArrayFromImage(base))
     top = unit_scale(sitk.GetArrayFromImage(_onto(overlay, base)))
     colours = colormaps[colormap](top)[..., :3]

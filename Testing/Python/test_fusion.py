@@ -10,7 +10,12 @@ from registration_phantoms import phantom, rigid
 from synthetic import make_image
 
 from MultiModalAnalysisLib.case import Case
-from MultiModalAnalysisLib.errors import ConfigError, ConstantImageError, GeometryError
+from MultiModalAnalysisLib.errors import (
+    ConfigError,
+    ConstantImageError,
+    GeometryError,
+    MMAError,
+)
 from MultiModalAnalysisLib.fusion import (
     FUSION_METHODS,
     fuse,
@@ -194,6 +199,16 @@ def test_fusion_refuses_unknown_methods_and_bad_options():
         fuse([ct, mr], "checkerboard", square_mm=0)
     with pytest.raises(ConfigError, match="one weight per image: 2 images, 1 weight"):
         fuse([ct, mr], "average", weights=[1.0])
+    # Huge weights are relative weights like any others (no overflow to an empty image).
+    assert np.allclose(sitk.GetArrayFromImage(fuse([ct, mr], "average", weights=[1e308, 1e308])),
+                       sitk.GetArrayFromImage(fuse([ct, mr], "average")), atol=1e-6)
+    flat = sitk.Image(mr.GetSize(), sitk.sitkFloat32)
+    flat.CopyInformation(mr)
+    with pytest.raises(MMAError, match="flat.nii.gz"):  # messages name the file given
+        fuse([ct, flat], "average", names=["ct.nii.gz", "flat.nii.gz"])
+    for setting in ({"alpha": 1.5}, {"alpha": float("nan")}, {"threshold": -0.1}):
+        with pytest.raises(ConfigError, match="must be from 0 to 1"):
+            fuse([ct, mr], "overlay", **setting)
     with pytest.raises(ConfigError, match="1 or more levels"):
         fuse([ct, mr], "laplacian", levels=0)
     with pytest.raises(ConfigError, match=r"supports at most \d level\(s\) of the 'sym8'"):
