@@ -579,7 +579,8 @@ def _run_fuse(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.fusion import fuse
     from MultiModalAnalysisLib.io import read_image, read_mask, write_image
 
-    images = [read_image(args.reference)] + [read_image(path) for path in args.images]
+    paths = [args.reference, *args.images]
+    images = [read_image(path) for path in paths]
     if args.mask and args.method != "wavelet":
         log.warning("--mask applies to wavelet fusion only; ignored for --method %s.",
                     args.method)
@@ -595,7 +596,7 @@ def _run_fuse(args: argparse.Namespace) -> int:
                             "level": args.level,
                             "mask": read_mask(args.mask) if args.mask else None},
     }.get(args.method, dict)()
-    fused = fuse(images, args.method, **options)
+    fused = fuse(images, args.method, names=[str(p) for p in paths], **options)
     print(f"wrote {write_image(fused, args.output)} ({args.method} fusion of "
           f"{len(images)} images on the grid of {args.reference.name})")
 def _image_argument(value: str) -> tuple[str | None, Path]:
@@ -675,7 +676,8 @@ def _add_segment(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--regularisation", choices=["icm", "smoothing", "none"],
                         help="gmm/kmeans spatial regularisation (default icm)")
     parser.add_argument("--threshold", choices=["otsu", "range", "suv-fraction"],
-                        help="threshold kind (default: suv-fraction on PET, else otsu)")
+                        help="threshold kind (default: range with --low/--high, "
+                        "suv-fraction with --fraction or on PET, else otsu)")
     parser.add_argument("--channel", help="threshold: which image (default: PET or the first)")
     parser.add_argument("--low", type=float, help="threshold range: lower bound")
     parser.add_argument("--high", type=float, help="threshold range: upper bound")
@@ -717,7 +719,13 @@ def _run_segment(args: argparse.Namespace) -> int:
     if args.method in ("threshold", "model") and args.classes != 3:
         log.warning(
             "--classes applies to gmm and kmeans only; ignored for --method %s.", args.method)
-    mask = read_mask(args.mask) if args.mask else None
+    mask = None
+    if args.mask:
+        from MultiModalAnalysisLib.preprocess import mask_on_grid
+
+        # (as features and register do: onto the labels' grid, saying so when it moves)
+        mask = mask_on_grid(read_mask(args.mask), next(iter(images.values())),
+                            f"--mask {args.mask}", warn=True)
     with ProgressBar("segment", enabled=not args.quiet) as bar:
         result = segment(images, args.method, args.classes, model=model, mask=mask,
                          device=args.device, progress=bar, **options)
@@ -840,6 +848,25 @@ TABLE_OUTPUTS = ("manifest", "features", "classify")  # --output is a CSV table
 TABLE_SUFFIXES = (".csv", ".csv.gz")  # (pandas writes commas, whatever the name)
 
 
+def _check_model_output(command: str, path: Path) -> None:
+    """A model's --output: a folder (or, for a segmentation network, a .pt file), refused
+    before training when it is an existing file or reads like another kind of file."""
+    from MultiModalAnalysisLib.errors import ConfigError
+    from MultiModalAnalysisLib.io import has_image_suffix
+
+    single_file = command == "train-segmentation" and path.suffix.lower() in (".pt", ".pth")
+    kind = "a folder" + (" (or a .pt file)" if command == "train-segmentation" else "")
+    if path.is_file() and not single_file:
+        raise ConfigError(f"--output {path} is a file: the model is written as {kind}; give "
+                          "a new or model folder name.")
+    if single_file and path.is_dir():
+        raise ConfigError(f"--output {path} is a folder: give a file name ending in "
+                          f"{path.suffix} or the folder without it.")
+    if has_image_suffix(path) or str(path).lower().endswith(TABLE_SUFFIXES + (".json",)):
+        raise ConfigError(f"--output {path} reads like an image or table file: the model is "
+                          f"written as {kind}; give a folder name, e.g. {path.parent / 'model'}.")
+
+
 def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
     """Inputs are never modified: an output path that names an input file, or two outputs
     that name one file, is an error before any work is done; so are an output file that is
@@ -909,6 +936,8 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
         if resolved.parent not in probed:  # (register's five files share one folder)
             _check_writable(resolved.parent, label, path)
             probed.add(resolved.parent)
+    if command in FOLDER_OUTPUTS and getattr(args, "output", None) is not None:
+        _check_model_output(command, Path(args.output))
 
 
 def _check_writable(folder: Path, label: str, path: Path) -> None:

@@ -252,9 +252,18 @@ def describe(image: sitk.Image) -> str:
     return f"{size} voxels at {spacing} mm, {image.GetPixelIDTypeAsString()}"
 
 
-def implausible_intensities(modality: str, image: sitk.Image) -> str | None:
-    """A reason to doubt that ``image`` is of ``modality`` (CT in HU, PET in SUV or Bq/ml),
-    from its value range; ``None`` when it looks right or the modality has no fixed scale."""
+# FDG uptake rarely exceeds 50 SUV even in the hottest lesion; the 99th percentile of a
+# PET in SUV is a few units (2-21 over the 20 STS crops, whose maxima are 5-53). A PET
+# whose 99th percentile is above this is in Bq/ml, or is another image (an MR: hundreds).
+SUV_P99_MAX = 100.0
+
+
+def implausible_intensities(
+    modality: str, image: sitk.Image, *, pet_in_suv: bool = False
+) -> str | None:
+    """A reason to doubt that ``image`` is of ``modality`` (CT in HU, PET in SUV or Bq/ml,
+    or in SUV only with ``pet_in_suv``), from its value range; ``None`` when it looks right
+    or the modality has no fixed scale."""
     from MultiModalAnalysisLib.modalities import modality_family
 
     family = modality_family(modality)
@@ -267,4 +276,11 @@ def implausible_intensities(modality: str, image: sitk.Image) -> str | None:
         return f"values {low:g}..{high:g} do not look like CT in HU (air/fat below -100)"
     if family == "PET" and low < -1.0:
         return f"values {low:g}..{high:g} go below 0, unlike PET uptake"
+    if family == "PET" and pet_in_suv and high > SUV_P99_MAX:
+        array = sitk.GetArrayViewFromImage(image)
+        step = max(1, int(round((array.size / 1_000_000) ** (1 / 3))))  # a sample is enough
+        p99 = float(np.percentile(array[::step, ::step, ::step], 99))
+        if p99 > SUV_P99_MAX:
+            return (f"values {low:g}..{high:g} (99th percentile {p99:.4g}) are far above "
+                    "SUV, unlike PET uptake in SUV (Bq/ml, or another image)")
     return None

@@ -391,10 +391,11 @@ def segment_task(
         from MultiModalAnalysisLib.segmentation import segment
 
         reference = images[reference_name]
-        on_grid = {m: _on_grid(image, reference, m) for m, image in images.items()}
+        # The volumes go in on their own grids: segment() brings them onto the reference's
+        # and leaves out where one has no data (a resampled copy would be padded there).
         region = _on_grid(mask, reference, "mask", is_label=True) if mask is not None else None
         return segment(
-            on_grid, method=method, classes=classes, model=model, mask=region, device=device,
+            images, method=method, classes=classes, model=model, mask=region, device=device,
             progress=progress, cancel=cancel, **options,
         )
 

@@ -69,11 +69,54 @@ def is_monai_bundle(path: str | Path) -> bool:
     return configs.is_dir() and any((configs / n).is_file() for n in CONFIG_NAMES)
 
 
-def _find_transform(transforms: list, name: str) -> dict | None:
-    for entry in transforms:
+def _find_transform(transforms: list, name: str) -> int | None:
+    """The position of the first transform named ``name`` in a preprocessing list."""
+    for position, entry in enumerate(transforms):
         if isinstance(entry, dict) and str(entry.get("_target_", "")).split(".")[-1] == name:
-            return entry
+            return position
     return None
+
+
+def _setting(parser, key: str, config: Path) -> Any:
+    """A config value with its references (``@name``) and expressions (``$...``) resolved."""
+    try:
+        return parser.get_parsed_content(key, instantiate=False)
+    except Exception as error:  # a bundle may reference anything; report it plainly
+        raise ModelError(f"could not read '{key}' of {config}: {error}") from None
+
+
+def _read_configs(folder: Path, config: Path):
+    """The bundle's parsed inference config and its metadata (``{}`` without one)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(config))
+    except Exception as error:  # JSON or YAML syntax, unreadable file
+        raise ModelError(f"cannot read the bundle config {config}: "
+                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                         ". Fix or replace the file.") from None
+    meta_path = folder / "configs" / "metadata.json"
+    metadata: Any = {}
+    if meta_path.is_file():
+        try:
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise ModelError(f"cannot read the bundle metadata {meta_path}: {error}. Fix or "
+                             "replace the file.") from None
+    if not isinstance(metadata, dict):
+        raise ModelError(f"the bundle metadata {meta_path} is not a JSON object.")
+    return parser, metadata
+
+
+def _number_list(value: Any, key: str, config: Path, kind: type) -> list | None:
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, list | tuple) else [value] * 3
+    try:
+        return [kind(v) for v in values]
+    except (TypeError, ValueError):
+        raise ModelError(f"'{key}' of {config} should be numbers, not {value!r}.") from None
 
 
 def load_monai_bundle(folder: str | Path) -> MonaiBundle:
@@ -83,7 +126,6 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         ModelError: not a bundle, no network definition, missing or unfitting weights.
     """
     import torch
-    from monai.bundle import ConfigParser
 
     folder = Path(folder)
     if not is_monai_bundle(folder):
@@ -91,10 +133,7 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
             f"{folder} is not a MONAI bundle: expected configs/inference.json (or .yaml)."
         )
     config = next(p for p in (folder / "configs" / n for n in CONFIG_NAMES) if p.is_file())
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    meta_path = folder / "configs" / "metadata.json"
-    metadata = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    parser, metadata = _read_configs(folder, config)
     parser["bundle_root"] = str(folder)
     key = "network_def" if "network_def" in parser else "network" if "network" in parser else None
     if key is None:
@@ -107,11 +146,19 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
 
     preprocessing = parser.get("preprocessing", {}) or {}
     transforms = preprocessing.get("transforms", []) if isinstance(preprocessing, dict) else []
-    spacing_entry = _find_transform(transforms, "Spacingd")
-    orientation_entry = _find_transform(transforms, "Orientationd")
+    transforms = transforms if isinstance(transforms, list) else []
+    spacing, orientation = None, None
+    if (at := _find_transform(transforms, "Spacingd")) is not None:
+        key = f"preprocessing#transforms#{at}#pixdim"
+        spacing = _number_list(_setting(parser, key, config), key, config, float)
+    if (at := _find_transform(transforms, "Orientationd")) is not None:
+        orientation = str(_setting(parser, f"preprocessing#transforms#{at}#axcodes", config))
     intensity = _intensity_transforms(parser, transforms)
     inferer = parser.get("inferer", {}) or {}
-    roi = inferer.get("roi_size") if isinstance(inferer, dict) else None
+    roi = None
+    if isinstance(inferer, dict) and "roi_size" in inferer:
+        roi = _number_list(_setting(parser, "inferer#roi_size", config), "inferer#roi_size",
+                           config, int)
 
     data_format = metadata.get("network_data_format", {})
     inputs = data_format.get("inputs", {}).get("image", {})
@@ -126,9 +173,9 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         network=network,
         in_channels=int(inputs.get("num_channels", 1)),
         label_names=label_names,
-        roi_size=[int(r) for r in roi] if isinstance(roi, list | tuple) else None,
-        spacing=[float(s) for s in spacing_entry["pixdim"]] if spacing_entry else None,
-        orientation=str(orientation_entry.get("axcodes")) if orientation_entry else None,
+        roi_size=roi,
+        spacing=spacing,
+        orientation=orientation,
         intensity=intensity,
         metadata=metadata,
     )
@@ -140,6 +187,15 @@ def _load_weights(network, folder: Path, torch):
     if weights.is_file():
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a foreign or broken file
+            # (torch's own text suggests weights_only=False, i.e. running the file's code:
+            # not advice to pass on about a file that does not load as plain weights)
+            raise ModelError(
+                f"the weights {weights} cannot be read as plain tensors ({type(error).__name__}"
+                "): the file is damaged or is not a weights file. Replace it with the "
+                "bundle's own models/model.pt."
+            ) from None
+        try:
             if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
                 state = state["model"]  # checkpoints saved by MONAI's CheckpointSaver
             network.load_state_dict(state)
@@ -150,7 +206,12 @@ def _load_weights(network, folder: Path, torch):
             ) from None
         return network.eval()
     if torchscript.is_file():
-        return torch.jit.load(str(torchscript), map_location="cpu").eval()
+        try:
+            return torch.jit.load(str(torchscript), map_location="cpu").eval()
+        except Exception as error:
+            raise ModelError(f"the TorchScript network {torchscript} cannot be loaded "
+                             f"({type(error).__name__}): the file is damaged or not "
+                             "TorchScript.") from None
     raise ModelError(f"bundle {folder} has no weights (models/model.pt or models/model.ts).")
 
 
@@ -176,11 +237,13 @@ def segment_with_bundle(
     *,
     device: str = "auto",
     overlap: float = 0.5,
+    region: np.ndarray | None = None,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> SegmentationResult:
     """Run a bundle's network on ``images`` (its input channels, in order); labels on the
-    first image's grid."""
+    first image's grid, background outside ``region`` (boolean ``[z, y, x]`` on that grid)
+    when one is given."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -220,9 +283,13 @@ def segment_with_bundle(
     probabilities = run_with_device_fallback(run, device, f"bundle {bundle.name}")
     report(0.8, "network done")
     zyx = np.transpose(probabilities, (0, 3, 2, 1))
-    from MultiModalAnalysisLib.segmentation.inference import probabilities_on_reference
+    from MultiModalAnalysisLib.segmentation.inference import (
+        background_outside,
+        probabilities_on_reference,
+    )
 
-    on_reference = probabilities_on_reference(zyx, stack.reference, reference)
+    on_reference = background_outside(
+        probabilities_on_reference(zyx, stack.reference, reference), region)
     labels = image_from_array(on_reference.argmax(axis=0).astype(np.uint8), reference)
     report(1.0, "segmented")
     names = {k: v for k, v in bundle.label_names.items() if k < on_reference.shape[0]}
@@ -233,5 +300,5 @@ def segment_with_bundle(
         label_colors=default_label_colors(max(names, default=1)),
         method="model",
         info={"bundle": str(bundle.folder), "roi_size": roi, "spacing": bundle.spacing,
-              "orientation": bundle.orientation},
+              "orientation": bundle.orientation, "masked": region is not None},
     )

@@ -10,6 +10,7 @@ K the highest, so "class 3 of PET" means the same thing on every case.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Literal
 
@@ -18,7 +19,8 @@ import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import ConfigError, ConstantImageError, MissingModalityError
 from MultiModalAnalysisLib.images import image_from_array
-from MultiModalAnalysisLib.segmentation.inputs import ImageStack, region_array, stack_images
+from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
+from MultiModalAnalysisLib.segmentation.inputs import ImageStack, stack_images, stack_region
 from MultiModalAnalysisLib.segmentation.regularise import icm, smooth_probabilities
 from MultiModalAnalysisLib.segmentation.result import (
     SegmentationResult,
@@ -27,6 +29,9 @@ from MultiModalAnalysisLib.segmentation.result import (
 )
 
 Regularisation = Literal["icm", "smoothing", "none"]
+# Voxels classified at a time: bounds the memory of the posteriors' intermediates and
+# lets a cancel request through between blocks.
+VOXELS_PER_BLOCK = 1 << 20
 REGULARISATIONS = ("icm", "smoothing", "none")
 
 
@@ -79,8 +84,16 @@ class VoxelClassifier:
         raise NotImplementedError
 
     # -- the estimator API -------------------------------------------------------------
-    def fit(self, images: Mapping[str, sitk.Image], mask: sitk.Image | None = None):
+    def fit(
+        self,
+        images: Mapping[str, sitk.Image],
+        mask: sitk.Image | None = None,
+        *,
+        cancel: threading.Event | None = None,
+    ):
         """Learn the classes from the voxels inside ``mask`` (the whole grid without one).
+
+        ``cancel`` is checked before and after the model's fit (``OperationCancelled``).
 
         Sets ``channels_``, ``center_``, ``scale_`` (per-channel standardisation),
         ``order_`` (model component of each class), ``means_`` (class means per channel, in
@@ -88,7 +101,7 @@ class VoxelClassifier:
         """
         self._check_parameters()
         stack = stack_images(images)
-        region = region_array(mask, stack.reference)
+        region = stack_region(stack, mask, warn=False)  # (segment() warns)
         values = stack.channels[:, region].T.astype(np.float64)  # [voxels, channels]
         if values.shape[0] < self.n_classes:
             raise ConfigError(
@@ -109,7 +122,9 @@ class VoxelClassifier:
         if features.shape[0] > self.max_samples:
             features = features[rng.choice(features.shape[0], self.max_samples, replace=False)]
         self.n_samples_fit_ = int(features.shape[0])
+        check_cancel(cancel, f"{self.method_name} segmentation")
         self._fit_model(features)
+        check_cancel(cancel, f"{self.method_name} segmentation")
         order_channel = stack.index(self.order_by) if self.order_by else 0
         means = self._component_means() * self.scale_ + self.center_
         self.order_ = np.argsort(means[:, order_channel], kind="stable")
@@ -136,17 +151,37 @@ class VoxelClassifier:
         return self.fit(images, mask).predict(images, mask)
 
     def segment(
-        self, images: Mapping[str, sitk.Image], mask: sitk.Image | None = None
+        self,
+        images: Mapping[str, sitk.Image],
+        mask: sitk.Image | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
     ) -> SegmentationResult:
-        """Labels and probabilities of ``images`` in one pass (the model must be fitted)."""
+        """Labels and probabilities of ``images`` in one pass (the model must be fitted).
+
+        ``progress(fraction, message)`` is told as the voxels are classified; ``cancel`` is
+        checked between blocks of voxels and between regularisation sweeps.
+        """
         if not hasattr(self, "order_"):
             raise ConfigError(f"this {type(self).__name__} is not fitted yet: call fit() first.")
+        report = as_progress(progress)
         stack = self._stack_matching_channels(images)
-        region = region_array(mask, stack.reference)
-        values = stack.channels[:, region].T.astype(np.float64)
-        log_posteriors = self._log_posteriors((values - self.center_) / self.scale_)
+        region = stack_region(stack, mask)
+        values = stack.channels[:, region].T  # [voxels, channels], float32
+        log_posteriors = np.empty((values.shape[0], self.n_classes), dtype=np.float32)
+        for start in range(0, values.shape[0], VOXELS_PER_BLOCK):
+            check_cancel(cancel, f"{self.method_name} segmentation")
+            block = values[start:start + VOXELS_PER_BLOCK].astype(np.float64)
+            log_posteriors[start:start + VOXELS_PER_BLOCK] = self._log_posteriors(
+                (block - self.center_) / self.scale_)
+            report(0.7 * min(start + VOXELS_PER_BLOCK, len(values)) / max(len(values), 1),
+                   "classifying voxels")
         log_posteriors = log_posteriors[:, self.order_]  # class order: 1..K
-        classes, probabilities = self._regularise(log_posteriors, region, stack)
+        check_cancel(cancel, f"{self.method_name} segmentation")
+        report(0.7, f"regularising ({self.regularisation})")
+        classes, probabilities = self._regularise(log_posteriors, region, stack, cancel)
+        report(1.0, "labelled")
         labels = np.where(region, classes + 1, 0).astype(np.uint8)
         outside = (~region).astype(np.float32)[None]
         per_label = np.concatenate([outside, probabilities], axis=0)  # component k = label k
@@ -195,7 +230,11 @@ class VoxelClassifier:
         return stack
 
     def _regularise(
-        self, log_posteriors: np.ndarray, region: np.ndarray, stack: ImageStack
+        self,
+        log_posteriors: np.ndarray,
+        region: np.ndarray,
+        stack: ImageStack,
+        cancel: threading.Event | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Class index (0-based, -1 outside) and probabilities ``[class, z, y, x]``."""
         volume = np.full((self.n_classes, *region.shape), -np.inf, dtype=np.float32)
@@ -203,7 +242,7 @@ class VoxelClassifier:
         volume[:, ~region] = 0.0
         spacing_zyx = stack.reference.GetSpacing()[::-1]
         if self.regularisation == "icm":
-            return icm(volume, region, spacing_zyx, self.beta, self.iterations)
+            return icm(volume, region, spacing_zyx, self.beta, self.iterations, cancel)
         probabilities = np.exp(volume - volume.max(axis=0, keepdims=True))
         probabilities /= probabilities.sum(axis=0, keepdims=True)
         probabilities *= region[None]

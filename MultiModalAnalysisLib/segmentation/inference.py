@@ -18,7 +18,7 @@ from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.images import image_from_array
 from MultiModalAnalysisLib.preprocess import resample_to_reference
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
-from MultiModalAnalysisLib.segmentation.inputs import require_images
+from MultiModalAnalysisLib.segmentation.inputs import region_array, require_images
 from MultiModalAnalysisLib.segmentation.model_file import (
     SegmentationModel,
     load_segmentation_model,
@@ -154,6 +154,17 @@ def probabilities_on_reference(
     return stacked / stacked.sum(axis=0, keepdims=True)
 
 
+def background_outside(probabilities: np.ndarray, region: np.ndarray | None) -> np.ndarray:
+    """``[class, z, y, x]`` probabilities with every voxel outside ``region`` (a boolean
+    ``[z, y, x]``; ``None``: no region) certain background (class 0)."""
+    if region is None:
+        return probabilities
+    restricted = probabilities.copy()
+    restricted[:, ~region] = 0.0
+    restricted[0, ~region] = 1.0
+    return restricted
+
+
 def segment_with_model(
     images: Mapping[str, sitk.Image],
     model: Any,
@@ -164,6 +175,7 @@ def segment_with_model(
     mc_samples: int = 0,
     presets_applied: bool = False,
     cleanup: dict[str, Any] | None = None,
+    mask: sitk.Image | None = None,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> SegmentationResult:
@@ -179,18 +191,23 @@ def segment_with_model(
         presets_applied: the images already went through the modality presets.
         cleanup: ``keep_largest`` / ``fill_holes`` / ``min_volume_mm3``; default: the
             clean-up stored with the model.
+        mask: labels only inside this region (any grid; nearest neighbour onto the
+            first image's): the network sees the whole images, and everything outside the
+            region is background, before the clean-up (so "the largest component" is the
+            largest inside the region).
         progress: ``progress(fraction, message)`` callback.
         cancel: stops the work when set.
     """
     require_images(images)
     report = as_progress(progress)
     model = resolve_model(model)
+    reference = images[next(iter(images))]
+    region = region_array(mask, reference) if mask is not None else None
     if not isinstance(model, SegmentationModel):
         from MultiModalAnalysisLib.segmentation.bundle import segment_with_bundle
 
         return segment_with_bundle(images, model, device=device, overlap=overlap,
-                                   progress=report, cancel=cancel)
-    reference = images[next(iter(images))]
+                                   region=region, progress=report, cancel=cancel)
     ordered = model.check_inputs(images)
     channels, grid = prepare_channels(
         ordered, model.modalities, model.spacing, model.normalisations, reference=reference,
@@ -206,7 +223,8 @@ def segment_with_model(
 
     probabilities, variance = run_with_device_fallback(run, device, "segmentation with a model")
     model.network.to("cpu")
-    on_reference = probabilities_on_reference(probabilities, grid, reference)
+    on_reference = background_outside(
+        probabilities_on_reference(probabilities, grid, reference), region)
     labels = image_from_array(on_reference.argmax(axis=0).astype(np.uint8), reference)
     settings = model.postprocess if cleanup is None else cleanup
     labels = clean_labels(
@@ -235,5 +253,6 @@ def segment_with_model(
             "tta": bool(tta) and mc_samples == 0,
             "mc_samples": mc_samples,
             "cleanup": settings,
+            "masked": region is not None,
         },
     )

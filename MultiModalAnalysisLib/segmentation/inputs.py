@@ -3,16 +3,19 @@ multichannel array, and an optional region mask on that grid."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError
+from MultiModalAnalysisLib.errors import ConfigError, GeometryError, MissingModalityError
 from MultiModalAnalysisLib.images import same_grid, validate_image
 from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.preprocess import mask_on_grid, resample_to_reference
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,11 +26,24 @@ class ImageStack:
         names: the channel names, in order.
         reference: the grid every channel is on (the first image's grid by default).
         channels: float32 array ``[channel, z, y, x]``.
+        covered: boolean ``[z, y, x]``: the voxels inside every image's field of view
+            (an image on another grid that does not cover the whole reference grid is
+            padded with its minimum there, which is no measurement); ``None`` when every
+            image covers the whole grid.
+        uncovered_by: the images that leave part of the grid uncovered.
     """
 
     names: list[str]
     reference: sitk.Image
     channels: np.ndarray
+    covered: np.ndarray | None = None
+    uncovered_by: list[str] = field(default_factory=list)
+
+    def coverage(self) -> np.ndarray:
+        """:attr:`covered`, the whole grid when every image covers it."""
+        if self.covered is None:
+            return np.ones(self.channels.shape[1:], dtype=bool)
+        return self.covered
 
     def index(self, name: str) -> int:
         """The channel number of ``name`` (any modality spelling)."""
@@ -69,12 +85,32 @@ def stack_images(
     first = validate_image(images[names[0]], names[0])
     grid = reference if reference is not None else first
     channels = []
+    covered = None
+    uncovered_by = []
     for name in names:
         image = validate_image(images[name], name)
         if not same_grid(image, grid):
+            inside = field_of_view(image, grid)
+            if not inside.all():
+                covered = inside if covered is None else covered & inside
+                uncovered_by.append(name)
             image = resample_to_reference(image, grid, name=name)
         channels.append(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
-    return ImageStack(names, grid, np.stack(channels))
+    return ImageStack(names, grid, np.stack(channels), covered, uncovered_by)
+
+
+def field_of_view(image: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """Boolean ``[z, y, x]`` on ``reference``'s grid: where ``image`` has data.
+
+    Nearest neighbour with the same inside rule as the linear resampling of the stack
+    (within half a voxel of the image's outer voxel centres)."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    inside = sitk.Resample(
+        ones, reference, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkNearestNeighbor, 0,
+        sitk.sitkUInt8,
+    )
+    return sitk.GetArrayFromImage(inside) != 0
 
 
 def region_array(mask: sitk.Image | None, reference: sitk.Image, name: str = "mask") -> np.ndarray:
@@ -89,3 +125,38 @@ def region_array(mask: sitk.Image | None, reference: sitk.Image, name: str = "ma
     if mask is None:
         return np.ones(reference.GetSize()[::-1], dtype=bool)
     return sitk.GetArrayFromImage(mask_on_grid(mask, reference, name)) != 0
+
+
+def stack_region(
+    stack: ImageStack, mask: sitk.Image | None, *, warn: bool = True
+) -> np.ndarray:
+    """The voxels to classify: the mask's region (the whole grid without one) less the
+    voxels outside any image's field of view.
+
+    Args:
+        stack: the images on one grid.
+        mask: the user's region, or ``None``.
+        warn: log a warning when the fields of view leave part of the region out.
+
+    Raises:
+        GeometryError: no voxel of the region is inside every image.
+    """
+    region = region_array(mask, stack.reference)
+    if stack.covered is None:
+        return region
+    kept = region & stack.covered
+    lost = int(region.sum() - kept.sum())
+    where = "the mask" if mask is not None else f"{stack.names[0]}'s grid"
+    if not kept.any():
+        raise GeometryError(
+            f"no voxel of {where} lies inside the field of view of every image "
+            f"({', '.join(stack.uncovered_by)} cover none of it): give images that overlap "
+            "(registered into one frame)."
+        )
+    if lost and warn:
+        log.warning(
+            "%.1f %% of %s (%d voxels) lies outside the field of view of %s: those voxels are "
+            "left unlabelled (0).", 100.0 * lost / max(int(region.sum()), 1), where, lost,
+            ", ".join(stack.uncovered_by),
+        )
+    return kept

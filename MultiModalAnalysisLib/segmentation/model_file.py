@@ -97,7 +97,8 @@ class SegmentationModel:
         Raises:
             MissingModalityError: a modality the model needs is not among ``images``.
             ModelError: an image's values do not fit its modality (a CT that is not in HU,
-                a PET with negative uptake: e.g. two inputs swapped).
+                a PET with negative uptake or values far above SUV: e.g. two inputs
+                swapped, or a PET in Bq/ml).
         """
         by_name = {}
         for name, image in images.items():
@@ -120,7 +121,8 @@ class SegmentationModel:
         if extra:
             log.info("model '%s' ignores the inputs %s", self.name, ", ".join(extra))
         doubts = [f"{m}: {doubt}" for m in self.modalities
-                  if (doubt := implausible_intensities(m, by_name[m])) is not None]
+                  if (doubt := implausible_intensities(m, by_name[m], pet_in_suv=True))
+                  is not None]
         if doubts:
             # The network's intensity windows assume these units: a swapped or unconverted
             # input gives a confident, wrong segmentation (a PET given as CT segmented
@@ -217,7 +219,17 @@ def load_segmentation_model(path: str | Path, device: str = "cpu") -> Segmentati
             f"{weights} was written by a newer MultiModalAnalysis (format "
             f"{payload['format_version']} > {FORMAT_VERSION}): update the extension."
         )
-    metadata = payload["metadata"]
+    metadata = _checked_metadata(payload.get("metadata"), weights)
+    copy = weights.parent / METADATA_FILE
+    if weights.name == WEIGHTS_FILE and copy.is_file():
+        try:
+            differs = json.loads(copy.read_text(encoding="utf-8")) != json.loads(
+                json.dumps(metadata))
+        except (OSError, ValueError):
+            differs = True
+        if differs:
+            log.warning("%s differs from the metadata inside %s (or cannot be read); the one "
+                        "inside the weights file is used.", copy, weights.name)
     network = build_network(
         metadata["network"], len(metadata["modalities"]), len(metadata["label_names"]) + 1
     )
@@ -230,3 +242,53 @@ def load_segmentation_model(path: str | Path, device: str = "cpu") -> Segmentati
         ) from None
     network.eval().to(resolve_device(device))
     return SegmentationModel(network, metadata, weights)
+
+
+# metadata key -> what it must be, for a model to be usable
+_REQUIRED_METADATA = {
+    "modalities": "a non-empty list of modality names",
+    "spacing": "three positive numbers (mm)",
+    "patch_size": "three positive whole numbers (voxels)",
+    "normalisation": "a mapping with an entry per modality",
+    "network": "a mapping describing the network",
+    "label_names": "a non-empty mapping of label value -> name",
+}
+
+
+def _checked_metadata(metadata: Any, weights: Path) -> dict[str, Any]:
+    """The model's metadata, refused with a clear message when a needed field is missing
+    or malformed (a hand-edited or damaged file)."""
+
+    def positive(values: Any, whole: bool) -> bool:
+        try:
+            return len(values) == 3 and all(
+                float(v) > 0 and (not whole or float(v) == int(v)) for v in values)
+        except (TypeError, ValueError):
+            return False
+
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{weights} holds no metadata: it cannot be used (retrain the model).")
+    problems = [key for key in _REQUIRED_METADATA if key not in metadata]
+    if not problems:
+        checks = {
+            "modalities": isinstance(metadata["modalities"], list)
+            and bool(metadata["modalities"])
+            and all(isinstance(m, str) for m in metadata["modalities"]),
+            "spacing": positive(metadata["spacing"], whole=False),
+            "patch_size": positive(metadata["patch_size"], whole=True),
+            "normalisation": isinstance(metadata["normalisation"], dict),
+            "network": isinstance(metadata["network"], dict),
+            "label_names": isinstance(metadata["label_names"], dict)
+            and bool(metadata["label_names"]),
+        }
+        problems = [key for key, ok in checks.items() if not ok]
+        if not problems and any(
+                m not in metadata["normalisation"] for m in metadata["modalities"]):
+            problems = ["normalisation"]
+    if problems:
+        raise ModelError(
+            f"the metadata in {weights} is damaged: "
+            + "; ".join(f"'{key}' should be {_REQUIRED_METADATA[key]}" for key in problems)
+            + ". Use the model as `mma train-segmentation` wrote it, or retrain it."
+        )
+    return metadata

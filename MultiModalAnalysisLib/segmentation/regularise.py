@@ -8,10 +8,13 @@ offers a 3-D, mask-aware, anisotropic Potts ICM, hence our own.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from MultiModalAnalysisLib.progress import check_cancel
 
 
 def smooth_probabilities(
@@ -62,6 +65,7 @@ def icm(
     spacing_zyx: Sequence[float],
     beta: float = 1.0,
     iterations: int = 5,
+    cancel: threading.Event | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Iterated conditional modes on a Potts MRF.
 
@@ -75,6 +79,7 @@ def icm(
         spacing_zyx: voxel size in mm, for the neighbour weights.
         beta: strength of the smoothness prior (0: plain maximum a posteriori).
         iterations: at most this many sweeps.
+        cancel: stops between sweeps when set (``OperationCancelled``).
 
     Returns:
         ``(classes, probabilities)``: class index per voxel (-1 outside the region) and the
@@ -85,6 +90,7 @@ def icm(
     if beta > 0:
         kernel = _neighbour_kernel(spacing_zyx)
         for _ in range(max(int(iterations), 0)):
+            check_cancel(cancel, "regularisation")
             neighbours = np.stack([
                 ndimage.correlate((classes == k).astype(np.float32), kernel, mode="constant")
                 for k in range(log_probabilities.shape[0])

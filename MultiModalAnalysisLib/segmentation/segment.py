@@ -8,17 +8,18 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import ConfigError
-from MultiModalAnalysisLib.images import validate_image
-from MultiModalAnalysisLib.modalities import modality_family
+from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError
+from MultiModalAnalysisLib.images import image_from_array, validate_image
+from MultiModalAnalysisLib.modalities import canonical_modality, modality_family
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 from MultiModalAnalysisLib.segmentation.classical import (
     GaussianMixtureSegmenter,
     KMeansSegmenter,
 )
-from MultiModalAnalysisLib.segmentation.inputs import require_images, stack_images
+from MultiModalAnalysisLib.segmentation.inputs import require_images, stack_images, stack_region
 from MultiModalAnalysisLib.segmentation.postprocess import clean_labels
 from MultiModalAnalysisLib.segmentation.result import SegmentationResult
 from MultiModalAnalysisLib.segmentation.threshold import (
@@ -31,10 +32,14 @@ log = logging.getLogger(__name__)
 
 METHODS = ("gmm", "kmeans", "threshold", "model")
 THRESHOLDS = ("otsu", "range", "suv_fraction")
+# The settings each threshold kind takes (any other of these is refused, not ignored).
+_THRESHOLD_SETTINGS = {"otsu": (), "range": ("low", "high"), "suv_fraction": ("fraction",)}
+_THRESHOLD_USES = {"low": "range", "high": "range", "fraction": "suv_fraction"}
 _CLASSICAL_OPTIONS = {
     "order_by", "regularisation", "beta", "iterations", "smoothing_mm", "max_samples",
     "random_state", "n_init",
 }
+_MODEL_OPTIONS = {"tta", "overlap", "mc_samples", "presets_applied"}
 _CLEANUP_OPTIONS = {"keep_largest", "fill_holes", "min_volume_mm3"}
 
 
@@ -61,18 +66,22 @@ def segment(
         classes: number of classes for gmm/kmeans.
         model: for ``"model"``: a model file or folder, a MONAI bundle folder, or a model
             loaded with :func:`load_segmentation_model` / :func:`load_monai_bundle`.
-        mask: restrict the segmentation to this region (gmm, kmeans, threshold).
+        mask: restrict the segmentation to this region (a model sees the whole images and
+            labels only inside it).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (networks only).
         progress: ``progress(fraction, message)`` callback.
         cancel: stops the work when set.
         **options: method settings.
             gmm/kmeans: ``order_by``, ``regularisation`` (icm/smoothing/none), ``beta``,
             ``iterations``, ``smoothing_mm``, ``max_samples``, ``random_state``, ``n_init``.
-            threshold: ``threshold`` (otsu/range/suv_fraction; default suv_fraction for a
-            PET image, else otsu), ``channel`` (which image; default the PET image for
-            suv_fraction, else the first), ``low``, ``high``, ``fraction`` (0.4).
+            threshold: ``threshold`` (otsu/range/suv_fraction; default range when ``low`` or
+            ``high`` is given, suv_fraction when ``fraction`` is or for a PET image, else
+            otsu; a setting the chosen kind does not use is refused), ``channel`` (which
+            image; default the PET image for suv_fraction, else the first), ``low``,
+            ``high``, ``fraction`` (0.4).
             model: ``tta`` (test-time flips, default True), ``overlap`` (0.5),
-            ``presets_applied`` (the images already went through the modality presets).
+            ``mc_samples`` (MC-dropout passes instead of flips), ``presets_applied`` (the
+            images already went through the modality presets).
             Any method: ``keep_largest``, ``fill_holes``, ``min_volume_mm3`` clean-ups (a
             model applies those stored with it by default).
 
@@ -86,16 +95,17 @@ def segment(
     check_cancel(cancel, "segmentation")
     method = str(method).lower()
     if method in ("gmm", "kmeans"):
-        result = _classical(images, method, classes, mask, options, report)
+        result = _classical(images, method, classes, mask, options, report, cancel)
     elif method == "threshold":
         result = _threshold(images, mask, options)
     elif method == "model":
         from MultiModalAnalysisLib.segmentation.inference import segment_with_model
 
+        _unknown(options, _MODEL_OPTIONS, "model")
         cleanup = {k: options.pop(k) for k in list(options) if k in _CLEANUP_OPTIONS}
         result = segment_with_model(
-            images, model, device=device, cleanup=cleanup or None, progress=report.sub(0, 0.98),
-            cancel=cancel, **options,
+            images, model, device=device, cleanup=cleanup or None, mask=mask,
+            progress=report.sub(0, 0.98), cancel=cancel, **options,
         )
         options = {}
     else:
@@ -121,7 +131,7 @@ def _unknown(options: Mapping[str, Any], allowed: set[str], method: str) -> None
     unknown = sorted(set(options) - allowed - _CLEANUP_OPTIONS)
     if unknown:
         raise ConfigError(
-            f"unknown option(s) for method '{method}': {', '.join(unknown)} (allowed: "
+            f"method '{method}' does not take the option(s) {', '.join(unknown)} (it takes: "
             f"{', '.join(sorted(allowed | _CLEANUP_OPTIONS))})."
         )
 
@@ -133,15 +143,21 @@ def _classical(
     mask: sitk.Image | None,
     options: dict[str, Any],
     report,
+    cancel: threading.Event | None,
 ) -> SegmentationResult:
     _unknown(options, _CLASSICAL_OPTIONS, method)
     settings = {k: v for k, v in options.items() if k in _CLASSICAL_OPTIONS}
     estimator_type = GaussianMixtureSegmenter if method == "gmm" else KMeansSegmenter
+    try:
+        whole = float(classes).is_integer() and not isinstance(classes, bool)
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        raise ConfigError(f"classes must be a whole number (1 to 254), not {classes!r}.")
     estimator = estimator_type(int(classes), **settings)
     report(0.05, f"fitting {method} with {classes} classes")
-    estimator.fit(images, mask)
-    report(0.6, "labelling and regularising")
-    return estimator.segment(images, mask)
+    estimator.fit(images, mask, cancel=cancel)
+    return estimator.segment(images, mask, progress=report.sub(0.3, 0.98), cancel=cancel)
 
 
 def _threshold(
@@ -152,18 +168,43 @@ def _threshold(
     pet_names = [n for n in names if modality_family(n) == "PET"]
     channel = options.get("channel")
     kind = options.get("threshold")
-    if kind is None:
+    if kind is None and (options.get("low") is not None or options.get("high") is not None):
+        kind = "range"  # bounds given: they are the threshold
+    elif kind is None and options.get("fraction") is not None:
+        kind = "suv_fraction"
+    elif kind is None:
         looked_at = channel or (pet_names[0] if pet_names else names[0])
         kind = "suv_fraction" if modality_family(looked_at) == "PET" else "otsu"
     kind = str(kind).lower().replace("-", "_")
     if kind not in THRESHOLDS:
         raise ConfigError(f"unknown threshold '{kind}': use one of {', '.join(THRESHOLDS)}.")
+    given = {k for k, v in options.items() if v is not None}
+    not_taken = sorted(given & (_THRESHOLD_USES.keys() - set(_THRESHOLD_SETTINGS[kind])))
+    if not_taken:
+        uses = sorted({_THRESHOLD_USES[k] for k in not_taken})
+        raise ConfigError(
+            f"the {kind} threshold does not use {', '.join(not_taken)} (it takes "
+            f"{', '.join(_THRESHOLD_SETTINGS[kind]) or 'no setting'}): drop "
+            f"{'it' if len(not_taken) == 1 else 'them'}, or choose the threshold that uses "
+            f"{'it' if len(not_taken) == 1 else 'them'} ({' / '.join(uses)})."
+        )
     if channel is None:
         channel = pet_names[0] if kind == "suv_fraction" and pet_names else names[0]
-    stack = stack_images(images)
-    image = sitk.GetImageFromArray(stack.channels[stack.index(channel)])
-    image.CopyInformation(stack.reference)
-    image = validate_image(image, channel)
+    names_by_key = {canonical_modality(n): n for n in names}
+    channel = channel if channel in images else names_by_key.get(canonical_modality(channel))
+    if channel is None:
+        raise MissingModalityError(
+            f"there is no image named {options.get('channel')} among the inputs "
+            f"({', '.join(map(str, names))})."
+        )
+    # The channel alone, on the first image's grid; where it has no data (its padding is
+    # no measurement) is left out of the threshold's region.
+    stack = stack_images({channel: images[channel]}, reference=validate_image(
+        images[names[0]], names[0]))
+    image = validate_image(image_from_array(stack.channels[0], stack.reference), channel)
+    if stack.covered is not None:
+        region = stack_region(stack, mask)
+        mask = image_from_array(region.astype(np.uint8), stack.reference)
     if kind == "otsu":
         labels, value = otsu_threshold(image, mask, name=channel)
         name = f"{channel} > {value:.4g} (Otsu)"

@@ -56,6 +56,23 @@ def test_outputs_never_replace_inputs_reached_indirectly(tmp_path, capsys):
     assert image.read_bytes() == before
 
 
+def test_a_model_output_that_is_a_file_or_reads_like_one_is_refused_before_training(
+    tmp_path, capsys
+):
+    manifest = _cohort(tmp_path)
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    for command in ("train-segmentation", "train-classifier"):
+        settings = (["--modalities", "CT", "--label-column", "CT_mask"]
+                    if command == "train-segmentation" else ["--label-column", "x"])
+        _refused(capsys, [command, "--manifest", str(manifest), *settings, "--output",
+                          str(taken)], "is a file: the model is written as a folder")
+        _refused(capsys, [command, "--manifest", str(manifest), *settings, "--output",
+                          str(tmp_path / "model.nii.gz")], "reads like an image or table file")
+    assert taken.read_text() == "keep me"
+    assert not (tmp_path / "model.nii.gz").exists()
+
+
 def test_an_output_where_nothing_can_be_written_is_refused_before_the_work(tmp_path, capsys):
     manifest = _cohort(tmp_path)
     blocker = tmp_path / "a_file"

@@ -103,3 +103,30 @@ def test_bundle_problems_are_reported_clearly(tmp_path):
         load_monai_bundle(folder)
     with pytest.raises(ModelError, match="not a MONAI bundle"):
         load_monai_bundle(tmp_path)
+    (folder / "models" / "model.pt").write_bytes(b"damaged")
+    with pytest.raises(ModelError, match="cannot be read as plain tensors") as raised:
+        load_monai_bundle(folder)
+    assert "weights_only" not in str(raised.value)
+
+
+def test_bundle_settings_given_by_reference_are_resolved_and_damaged_configs_refused(tmp_path):
+    folder = write_bundle(tmp_path / "bundle")
+    config_path = folder / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config["pixdim"], config["roi"] = [2.0, 2.0, 2.0], [16, 16, 16]
+    config["preprocessing"]["transforms"][3]["pixdim"] = "@pixdim"
+    config["inferer"]["roi_size"] = "@roi"
+    config_path.write_text(json.dumps(config))
+    bundle = load_monai_bundle(folder)
+    assert bundle.spacing == [2.0, 2.0, 2.0] and bundle.roi_size == [16, 16, 16]
+    config["inferer"]["roi_size"] = "@nowhere"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="could not read 'inferer#roi_size'"):
+        load_monai_bundle(folder)
+    config_path.write_text(json.dumps(config)[:-20])
+    with pytest.raises(ModelError, match="cannot read the bundle config .*inference.json"):
+        load_monai_bundle(folder)
+    config_path.write_text("{}")
+    (folder / "configs" / "metadata.json").write_text("{oops")
+    with pytest.raises(ModelError, match="cannot read the bundle metadata"):
+        load_monai_bundle(folder)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from synthetic import make_image
 
-from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError
+from MultiModalAnalysisLib.errors import (
+    ConfigError,
+    GeometryError,
+    MissingModalityError,
+    OperationCancelled,
+)
 from MultiModalAnalysisLib.metrics import dice
 from MultiModalAnalysisLib.preprocess import resample_to_spacing
 from MultiModalAnalysisLib.segmentation import (
@@ -127,6 +134,85 @@ def test_images_on_different_grids_are_resampled_onto_the_first(rng):
     assert class_dice(result.labels, truth, 3) >= 0.9
 
 
+def test_voxels_outside_an_images_field_of_view_are_left_unlabelled(rng, caplog):
+    # The PET covers only the upper half (in y) of the MR's grid: resampled onto the MR grid
+    # the rest is padding, which must not be classified as if it were tissue.
+    images, truth = phantom(rng)
+    half = images["PET"][:, 24:, :]
+    with caplog.at_level("WARNING"):
+        result = segment({"MR_T1": images["MR_T1"], "PET": half}, "gmm", 3, order_by="PET")
+    labels = sitk.GetArrayFromImage(result.labels)
+    assert not labels[:, :24, :].any()
+    assert labels[:, 24:, :].all()
+    assert "outside the field of view of PET" in caplog.text
+    # Inside the PET's field of view the three classes are still recovered.
+    inside = sitk.GetArrayFromImage(truth)[:, 24:, :]
+    for k in (1, 2, 3):
+        found, wanted = labels[:, 24:, :] == k, inside == k
+        assert 2 * (found & wanted).sum() / (found.sum() + wanted.sum()) >= 0.95
+    # Outside it, the probabilities say "outside the region".
+    outside = sitk.GetArrayFromImage(result.probabilities)[:, :24, :, 0]
+    assert np.all(outside == 1.0)
+    # A mask lying wholly outside the PET's field of view is refused, not silently emptied.
+    mask = sitk.Image(images["MR_T1"].GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(images["MR_T1"])
+    mask[:, 2:10, :] = 1
+    with pytest.raises(GeometryError, match="field of view"):
+        segment({"MR_T1": images["MR_T1"], "PET": half}, "kmeans", 3, mask=mask)
+
+
+def test_threshold_settings_choose_the_kind_and_settings_it_does_not_use_are_refused():
+    pet, _ = pet_with_two_lesions()
+    pet_array = sitk.GetArrayFromImage(pet)
+    # Bounds alone mean a range threshold, even on PET (whose default is suv_fraction).
+    result = segment({"PET": pet}, "threshold", low=7.0)
+    assert result.info["threshold"] == "range"
+    assert sitk.GetArrayFromImage(result.labels).sum() == (pet_array >= 7.0).sum()
+    for options, unused in (({"threshold": "otsu", "fraction": 0.5}, "fraction"),
+                            ({"threshold": "suv_fraction", "low": 1.0}, "low"),
+                            ({"threshold": "range", "low": 1.0, "fraction": 0.3}, "fraction")):
+        with pytest.raises(ConfigError, match=f"does not use {unused}"):
+            segment({"PET": pet}, "threshold", **options)
+
+
+def test_a_threshold_on_another_grid_ignores_the_padding_outside_its_field_of_view(rng):
+    # An MR whose grid reaches past the PET's: the PET's padding (its minimum) would pull an
+    # Otsu threshold down into the background; inside its field of view it separates the
+    # classes as on its own grid.
+    images, _ = phantom(rng)
+    pet = images["PET"]
+    own = segment({"PET": pet}, "threshold", threshold="otsu").info["threshold_value"]
+    wide = sitk.ConstantPad(images["MR_T1"], (0, 60, 0), (0, 60, 0), 0.0)
+    result = segment({"MR_T1": wide, "PET": pet}, "threshold", threshold="otsu", channel="PET")
+    assert abs(result.info["threshold_value"] - own) < 2.0
+    labels = sitk.GetArrayFromImage(result.labels)
+    assert not labels[:, :60, :].any() and not labels[:, -60:, :].any()
+
+
+@pytest.mark.parametrize("stage", ["classifying voxels", "regularising"])
+def test_classification_reports_progress_and_stops_when_cancelled(rng, monkeypatch, stage):
+    from MultiModalAnalysisLib.segmentation import classical
+
+    monkeypatch.setattr(classical, "VOXELS_PER_BLOCK", 4096)  # the phantom in 12 blocks
+    images, _ = phantom(rng)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(fraction, message):
+        seen.append((fraction, message))
+        if message.startswith(stage):
+            cancel.set()
+
+    with pytest.raises(OperationCancelled):
+        segment(images, "gmm", 3, progress=progress, cancel=cancel)
+    # Stopped at the first check after the request: one more block at most.
+    classified = [f for f, m in seen if m == "classifying voxels"]
+    assert len(classified) == (1 if stage == "classifying voxels" else 12)
+    assert np.all(np.diff([f for f, _ in seen]) >= 0)
+    with pytest.raises(ConfigError, match="whole number"):
+        segment(images, "kmeans", 2.5)
+
+
 def test_predicting_with_other_channels_than_fitted_is_refused(rng):
     images, _ = phantom(rng)
     model = KMeansSegmenter(3).fit(images)
@@ -138,7 +224,7 @@ def test_segment_refuses_unknown_methods_and_options(rng):
     images, _ = phantom(rng)
     with pytest.raises(ConfigError, match="unknown segmentation method"):
         segment(images, "watershed")
-    with pytest.raises(ConfigError, match="unknown option"):
+    with pytest.raises(ConfigError, match="does not take the option.*smoothness"):
         segment(images, "gmm", smoothness=3)
     with pytest.raises(MissingModalityError):
         segment({}, "gmm")

@@ -99,6 +99,30 @@ def test_mma_segment_user_errors_are_one_line_with_status_2(cohort, capsys):
                    "--order-by", "PET", "--output", str(folder / "x.nii.gz")])
     err = capsys.readouterr().err
     assert status == 2 and "no image named PET" in err
+    status = main(["-q", "segment", str(case / "PET_image.nii.gz"), "--method", "threshold",
+                   "--threshold", "otsu", "--fraction", "0.5", "--output",
+                   str(folder / "x.nii.gz")])
+    err = capsys.readouterr().err
+    assert status == 2 and "otsu threshold does not use fraction" in err
+    assert not (folder / "x.nii.gz").exists()
+
+
+def test_mma_segment_resamples_a_mask_on_another_grid_and_says_so(cohort, capsys, caplog):
+    folder, _, (images, mask) = cohort
+    case = folder / "case1"
+    coarse = sitk.Resample(mask, [s // 2 for s in mask.GetSize()], sitk.Transform(),
+                           sitk.sitkNearestNeighbor, mask.GetOrigin(),
+                           [2 * s for s in mask.GetSpacing()], mask.GetDirection())
+    sitk.WriteImage(coarse, str(folder / "coarse_mask.nii.gz"))
+    with caplog.at_level("WARNING"):
+        status = main(["-q", "segment", str(case / "PET_image.nii.gz"), "--method",
+                       "threshold", "--mask", str(folder / "coarse_mask.nii.gz"), "--output",
+                       str(folder / "masked.nii.gz")])
+    assert status == 0, capsys.readouterr().err
+    assert "coarse_mask.nii.gz is not on the image's grid" in caplog.text
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "masked.nii.gz")))
+    on_grid = sitk.Resample(coarse, mask, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    assert labels.any() and not labels[sitk.GetArrayFromImage(on_grid) == 0].any()
 
 
 @pytest.mark.parametrize("options, message", [

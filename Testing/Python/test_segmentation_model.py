@@ -12,7 +12,12 @@ import SimpleITK as sitk
 import torch
 from segmentation_phantoms import tumour_case, write_cohort
 
-from MultiModalAnalysisLib.errors import MissingModalityError, ModelError, OperationCancelled
+from MultiModalAnalysisLib.errors import (
+    ConfigError,
+    MissingModalityError,
+    ModelError,
+    OperationCancelled,
+)
 from MultiModalAnalysisLib.metrics import dice
 from MultiModalAnalysisLib.segmentation import (
     SegmentationModel,
@@ -98,6 +103,15 @@ def test_inputs_that_do_not_match_the_model_are_refused_clearly(trained, phantom
     reordered = {"mr-t1": images["MR_T1"], "ct": images["CT"], "pt": images["PET"]}
     result = segment(reordered, "model", model=folder / "model", device="cpu", tta=False)
     assert result.labels.GetSize() == images["MR_T1"].GetSize()
+    # An MR given as the PET (and the PET as the MR) has values far above SUV: refused,
+    # where the network would answer with confidence; so is a PET in Bq/ml.
+    swapped = {"CT": images["CT"], "PET": images["MR_T1"], "MR_T1": images["PET"]}
+    assert np.percentile(sitk.GetArrayViewFromImage(images["MR_T1"]), 99) > 100
+    with pytest.raises(ModelError, match="PET: values .* far above SUV"):
+        segment(swapped, "model", model=folder / "model", device="cpu")
+    becquerel = {**images, "PET": sitk.Clamp(images["PET"], lowerBound=0.0) * 5000.0}
+    with pytest.raises(ModelError, match="far above SUV"):
+        segment(becquerel, "model", model=folder / "model", device="cpu")
 
     with pytest.raises(ModelError, match="no segmentation model"):
         load_segmentation_model(tmp_path / "nothing")
@@ -115,6 +129,14 @@ def test_inputs_that_do_not_match_the_model_are_refused_clearly(trained, phantom
     with pytest.raises(ModelError, match="newer"):
         load_segmentation_model(tmp_path / "future.pt")
     payload["format_version"] = 1
+    for key, value in (("modalities", None), ("patch_size", [32, 0, 16]),
+                       ("label_names", {})):
+        damaged = {**payload, "metadata": {**payload["metadata"], key: value}}
+        if value is None:
+            del damaged["metadata"][key]
+        torch.save(damaged, tmp_path / "damaged.pt")
+        with pytest.raises(ModelError, match=f"metadata .* is damaged: '{key}' should be"):
+            load_segmentation_model(tmp_path / "damaged.pt")
     payload["metadata"]["network"]["kwargs"]["channels"] = [8, 16, 32, 64]
     torch.save(payload, tmp_path / "mismatch.pt")
     with pytest.raises(ModelError, match="do not fit"):
@@ -140,6 +162,34 @@ def test_tta_gives_probabilities_and_an_uncertainty_map_on_the_reference_grid(
     assert written["uncertainty"].name == "p_uncertainty.nii.gz"
     mc = segment(images, "model", model=folder / "model", device="cpu", mc_samples=3)
     assert mc.uncertainty is not None and mc.info["mc_samples"] == 3
+
+
+def test_a_mask_restricts_the_models_labels_and_classical_options_are_refused(
+    trained, phantom
+):
+    _, _, folder = trained
+    images, mask = phantom
+    whole = sitk.GetArrayFromImage(
+        segment(images, "model", model=folder / "model", device="cpu", tta=False).labels)
+    # A box over one half of the tumour (in x): the labels stay inside it, and inside it
+    # they are what the model finds without the box.
+    box = sitk.Image(mask.GetSize(), sitk.sitkUInt8)
+    box.CopyInformation(mask)
+    found = np.argwhere(whole)
+    middle = int(np.median(found[:, 2]))
+    box[:middle, :, :] = 1
+    result = segment(images, "model", model=folder / "model", device="cpu", tta=False,
+                     mask=box)
+    labels = sitk.GetArrayFromImage(result.labels)
+    inside = sitk.GetArrayFromImage(box) != 0
+    assert labels.any() and not labels[~inside].any()
+    assert whole[~inside].sum() > 0.25 * whole.sum()  # the box did cut the tumour
+    np.testing.assert_array_equal(labels[inside], whole[inside])
+    background = sitk.GetArrayFromImage(result.probabilities)[..., 0]
+    assert np.all(background[~inside] == 1.0)
+    assert result.info["masked"]
+    with pytest.raises(ConfigError, match="does not take the option.*regularisation"):
+        segment(images, "model", model=folder / "model", device="cpu", regularisation="icm")
 
 
 def test_training_is_reproducible_with_a_seed(tmp_path, phantom):
