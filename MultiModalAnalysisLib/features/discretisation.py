@@ -11,7 +11,7 @@ import math
 import torch
 
 from MultiModalAnalysisLib.errors import ConfigError
-from MultiModalAnalysisLib.features.settings import Discretisation
+from MultiModalAnalysisLib.features.settings import MAX_GREY_LEVELS, Discretisation
 
 
 def discretise(
@@ -26,7 +26,8 @@ def discretise(
         name: the image's name for messages.
 
     Raises:
-        ConfigError: ``none`` on intensities that are not positive whole numbers.
+        ConfigError: ``none`` on intensities that are not positive whole numbers; more than
+            ``MAX_GREY_LEVELS`` grey levels; a fixed-bin-size lower bound above the ROI.
     """
     values = image[mask]
     low, high = float(values.min()), float(values.max())
@@ -40,8 +41,21 @@ def discretise(
         n_levels = bins
     elif scheme.method == "fixed_bin_size":
         lower = low if scheme.lower_bound is None else scheme.lower_bound
-        levels = (torch.floor((image - lower) / scheme.bin_width) + 1).clamp(min=1)
+        if lower > high:
+            raise ConfigError(
+                f"{name}: the discretisation lower bound {lower:g} is above the highest "
+                f"intensity in the ROI ({high:g}): every voxel would fall below the first bin. "
+                "Check the lower bound (or resegmentation_range) against the image's units."
+            )
         n_levels = int(math.floor((high - lower) / scheme.bin_width)) + 1
+        if n_levels > MAX_GREY_LEVELS:
+            raise ConfigError(
+                f"{name}: a bin width of {scheme.bin_width:g} over the ROI's intensities "
+                f"{lower:g}..{high:g} makes {n_levels} grey levels, more than the "
+                f"{MAX_GREY_LEVELS} the texture matrices take: use a wider bin width (e.g. 25 "
+                "HU for CT, 0.5 SUV for PET; is the image in the units you think?)."
+            )
+        levels = (torch.floor((image - lower) / scheme.bin_width) + 1).clamp(min=1)
         levels = levels.clamp(max=n_levels)
     else:
         if low < 1 or not bool(torch.all(values == torch.round(values))):
@@ -52,5 +66,11 @@ def discretise(
             )
         levels = torch.round(image)
         n_levels = int(high)
+        if n_levels > MAX_GREY_LEVELS:
+            raise ConfigError(
+                f"{name}: discretisation_method 'none' takes the intensities as grey levels, "
+                f"up to {n_levels} here, more than the {MAX_GREY_LEVELS} the texture matrices "
+                "take: choose fixed_bin_number or fixed_bin_size."
+            )
     grey = torch.where(mask, levels, torch.zeros_like(levels)).to(torch.int64)
     return grey, n_levels

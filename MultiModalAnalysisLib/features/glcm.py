@@ -75,10 +75,22 @@ def glcm_feature_values(
     return compute_variants(variants, glcm_features, "cm")
 
 
+def _anti_diagonal_sums(matrices: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N]`` -> ``[B, 2N - 1]``: entry s sums the cells with i + j = s.
+
+    Each row padded to 2N and the buffer read back with rows of 2N - 1 puts cell (i, j) in
+    column i + j of row i, so the sums are column sums."""
+    batch, n, _ = matrices.shape
+    padded = matrices.new_zeros(batch, n, 2 * n)
+    padded[:, :, :n] = matrices
+    skewed = padded.view(batch, -1)[:, : n * (2 * n - 1)].reshape(batch, n, 2 * n - 1)
+    return skewed.sum(1)
+
+
 def glcm_features(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     """IBSI GLCM features of ``[B, Ng, Ng]`` counts; NaN for an empty matrix."""
     counts = counts.to(torch.float64)
-    batch, n_levels, _ = counts.shape
+    n_levels = counts.shape[1]
     device = counts.device
     total = counts.sum((1, 2))
     p = counts / total.clamp(min=1e-300).view(-1, 1, 1)
@@ -90,15 +102,13 @@ def glcm_features(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     var_i = (p_i * (levels - mu_i.view(-1, 1)) ** 2).sum(1)
     var_j = (p_j * (levels - mu_j.view(-1, 1)) ** 2).sum(1)
 
-    # Distributions of |i - j| (0..Ng-1) and i + j (2..2Ng) as one-hot products: the same
-    # arithmetic on a GPU as on a CPU, without scatter loops.
-    difference = (i - j).abs().view(-1).long()
-    sums = (i + j).view(-1).long() - 2
-    flat = p.view(batch, -1)
-    one_hot_diff = torch.nn.functional.one_hot(difference, n_levels).to(torch.float64)
-    one_hot_sum = torch.nn.functional.one_hot(sums, 2 * n_levels - 1).to(torch.float64)
-    p_diff = flat @ one_hot_diff
-    p_sum = flat @ one_hot_sum
+    # Distributions of |i - j| (0..Ng-1) and i + j (2..2Ng) as sums over the anti-diagonals
+    # of a skewed copy: the same arithmetic on a GPU as on a CPU (no atomic scatter), in
+    # memory of twice the matrix's size (one-hot products took Ng^3: 24 GB at 1000 levels).
+    p_sum = _anti_diagonal_sums(p)
+    by_difference = _anti_diagonal_sums(p.flip(-1))  # index Ng - 1 + (i - j)
+    p_diff = by_difference[:, n_levels - 1:].clone()
+    p_diff[:, 1:] += by_difference[:, : n_levels - 1].flip(-1)
     k_diff = torch.arange(n_levels, dtype=torch.float64, device=device)
     k_sum = torch.arange(2, 2 * n_levels + 1, dtype=torch.float64, device=device)
     diff_avg = (p_diff * k_diff).sum(1)

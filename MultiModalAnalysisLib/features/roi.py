@@ -19,10 +19,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from MultiModalAnalysisLib.errors import EmptyImageError, GeometryError, LabelError
+from MultiModalAnalysisLib.errors import ConfigError, EmptyImageError, GeometryError, LabelError
 from MultiModalAnalysisLib.features.neighbours import flat_positions
 from MultiModalAnalysisLib.features.settings import FeatureSettings
 from MultiModalAnalysisLib.images import overlap_fraction, same_grid, validate_image
+from MultiModalAnalysisLib.preprocess.resample import MAX_VOXELS
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,12 @@ def _interpolate(image: sitk.Image, mask: sitk.Image, settings: FeatureSettings)
     old_size = np.array(image.GetSize())
     # IBSI grid alignment: keep the grid centre, extent rounded up to whole voxels
     new_size = np.maximum(np.ceil(old_size * old_spacing / new_spacing), 1).astype(int)
+    if float(np.prod(new_size.astype(float))) > MAX_VOXELS:
+        raise ConfigError(
+            f"new_spacing {tuple(new_spacing.tolist())} mm would resample the image to "
+            f"{' x '.join(map(str, new_size))} voxels, more than the {MAX_VOXELS:.0e} that "
+            "fit in memory: give a coarser spacing (in mm, e.g. 1 1 1)."
+        )
     direction = np.array(image.GetDirection()).reshape(3, 3)
     centre = np.array(image.TransformContinuousIndexToPhysicalPoint((old_size - 1) / 2.0))
     origin = centre - direction @ ((new_size - 1) / 2.0 * new_spacing)

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
@@ -67,6 +68,10 @@ FAMILIES = ("morph", "loc", "stat", "ih", "ivh", "cm", "rlm", "szm", "dzm", "ngt
 TEXTURE_FAMILIES = ("cm", "rlm", "szm", "dzm", "ngt", "ngl")
 AGGREGATIONS = ("2D", "2.5D", "3D")
 DISCRETISATION_METHODS = ("fixed_bin_number", "fixed_bin_size", "none")
+# Most grey levels a texture family takes: its matrices grow with their square (GLCM: 8 MB
+# per direction at 1024 levels), and more levels than this means a bin width far finer than
+# the image's noise (0.1 on a CT in HU, or SUV-sized bins on a PET in Bq/ml).
+MAX_GREY_LEVELS = 1024
 INTERPOLATION_METHODS = ("nearest", "linear", "bspline")
 GRID_MISMATCH_POLICIES = ("resample", "error")
 
@@ -199,8 +204,11 @@ class FeatureSettings:
             spacing = self.new_spacing
             if isinstance(spacing, (int, float)):
                 spacing = (spacing,) * 3
-            spacing = tuple(float(s) for s in spacing)
-            if len(spacing) != 3 or min(spacing) <= 0:
+            try:
+                spacing = tuple(float(s) for s in spacing)
+            except (TypeError, ValueError):
+                spacing = ()
+            if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
                 raise ConfigError(
                     f"new_spacing must be one positive number or three (x, y, z mm), not "
                     f"{self.new_spacing!r}."
@@ -212,21 +220,33 @@ class FeatureSettings:
             raise ConfigError("roi_partial_volume_threshold must lie in (0, 1].")
         if self.resegmentation_range is not None:
             low, high = _pair(self.resegmentation_range, "resegmentation_range")
+            if any(v is not None and math.isnan(v) for v in (low, high)):
+                raise ConfigError("resegmentation_range holds NaN: give numbers, or null for "
+                                  "an open end.")
             if low is not None and high is not None and low > high:
                 raise ConfigError(f"resegmentation_range [{low}, {high}] is empty (low > high).")
             self.resegmentation_range = (low, high)
-        if self.resegmentation_outlier_sigma is not None and self.resegmentation_outlier_sigma <= 0:
-            raise ConfigError("resegmentation_outlier_sigma must be positive (e.g. 3).")
+        if self.resegmentation_outlier_sigma is not None:
+            _positive("resegmentation_outlier_sigma", self.resegmentation_outlier_sigma,
+                      "e.g. 3")
         for prefix in ("", "ih_", "ivh_"):
             method = getattr(self, f"{prefix}discretisation_method")
             if method is not None:
                 _choose(f"{prefix}discretisation_method", method, DISCRETISATION_METHODS)
             number = getattr(self, f"{prefix}discretisation_bin_number")
-            if number is not None and int(number) < 1:
-                raise ConfigError(f"{prefix}discretisation_bin_number must be at least 1.")
+            if number is not None:
+                # (the IVH is a histogram, not a texture matrix: it may have many more bins)
+                most = MAX_GREY_LEVELS if prefix != "ivh_" else 100 * MAX_GREY_LEVELS
+                setattr(self, f"{prefix}discretisation_bin_number",
+                        _whole(f"{prefix}discretisation_bin_number", number, 1, most))
             width = getattr(self, f"{prefix}discretisation_bin_width")
-            if width is not None and float(width) <= 0:
-                raise ConfigError(f"{prefix}discretisation_bin_width must be positive.")
+            if width is not None:
+                _positive(f"{prefix}discretisation_bin_width", width, "e.g. 25 HU for CT")
+            bound = getattr(self, f"{prefix}discretisation_lower_bound", None)
+            if bound is not None and not math.isfinite(_number(
+                    f"{prefix}discretisation_lower_bound", bound)):
+                raise ConfigError(f"{prefix}discretisation_lower_bound must be a finite "
+                                  "number (or null).")
         if (
             self.ivh_discretisation_method == "fixed_bin_size"
             and not self.ivh_discretisation_bin_width
@@ -246,10 +266,10 @@ class FeatureSettings:
         for family in self.families:
             _choose("families", family, FAMILIES)
         for name in ("glcm_distance", "ngtdm_distance", "ngldm_distance"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be a whole number of voxels, at least 1.")
-        if float(self.ngldm_coarseness) < 0:
-            raise ConfigError("ngldm_coarseness must not be negative.")
+            setattr(self, name, _whole(name, getattr(self, name), 1, 100))
+        coarseness = _number("ngldm_coarseness", self.ngldm_coarseness)
+        if not math.isfinite(coarseness) or coarseness < 0:
+            raise ConfigError("ngldm_coarseness must be a finite number, not negative.")
         _choose("mask_grid_mismatch", self.mask_grid_mismatch, GRID_MISMATCH_POLICIES)
 
     # -- (de)serialisation ---------------------------------------------------------------
@@ -318,6 +338,32 @@ def _pattern(patterns: tuple[str, ...]) -> re.Pattern:
 def _choose(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}: '{value}' is not one of {', '.join(choices)}.")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, not {value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, not {value!r}.") from None
+
+
+def _whole(name: str, value: Any, least: int, most: int) -> int:
+    """``value`` as an int from ``least`` to ``most``, refusing fractions, NaN and booleans."""
+    number = _number(name, value)
+    if not (math.isfinite(number) and number == int(number) and least <= number <= most):
+        raise ConfigError(f"{name} must be a whole number from {least} to {most}, not "
+                          f"{value!r}.")
+    return int(number)
+
+
+def _positive(name: str, value: Any, example: str) -> float:
+    number = _number(name, value)
+    if not (math.isfinite(number) and number > 0):
+        raise ConfigError(f"{name} must be a positive, finite number ({example}), not "
+                          f"{value!r}.")
+    return number
 
 
 def _pair(value: Any, name: str) -> tuple[float | None, float | None]:

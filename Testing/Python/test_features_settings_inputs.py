@@ -59,15 +59,52 @@ def test_settings_file_with_a_subset_keeps_the_other_defaults(tmp_path):
     [
         ({"bin_count": 3}, "unknown feature setting"),
         ({"discretisation_method": "equal_width"}, "not one of"),
-        ({"discretisation_bin_number": 0}, "at least 1"),
+        ({"discretisation_bin_number": 0}, "whole number from 1 to 1024"),
+        ({"discretisation_bin_number": 32.7}, "whole number from 1 to 1024"),
+        ({"discretisation_bin_number": True}, "must be a number"),
+        ({"discretisation_bin_number": 5000}, "whole number from 1 to 1024"),
+        ({"discretisation_bin_width": float("nan")}, "positive, finite number"),
+        ({"discretisation_bin_width": float("inf")}, "positive, finite number"),
         ({"resegmentation_range": [100, -100]}, "empty"),
+        ({"resegmentation_range": [float("nan"), 100]}, "NaN"),
         ({"families": ["glcm"]}, "not one of"),
         ({"new_spacing": [1, 2]}, "three"),
+        ({"new_spacing": float("nan")}, "three"),
+        ({"glcm_distance": 1.5}, "glcm_distance must be a whole number"),
     ],
 )
 def test_bad_settings_are_refused_with_a_message_naming_them(values, message):
     with pytest.raises(ConfigError, match=message):
         load_settings(values)
+
+
+def test_settings_that_the_image_makes_unusable_are_refused_before_the_matrices():
+    """A bin width far finer than the intensities (a PET-sized bin on a CT) would make the
+    texture matrices exhaust the memory; a lower bound above the ROI leaves no bin."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MultiModalAnalysisLib.features import extract_features
+
+    values = np.random.default_rng(0).normal(0, 300, (12, 16, 16)).astype(np.float32)
+    image = sitk.GetImageFromArray(values)
+    mask = sitk.GetImageFromArray(np.pad(np.ones((8, 10, 10), np.uint8), ((2, 2), (3, 3), (3, 3))))
+    fine = {"discretisation_method": "fixed_bin_size", "discretisation_bin_width": 0.1,
+            "families": ["cm"]}
+    with pytest.raises(ConfigError, match="makes .* grey levels, more than the 1024"):
+        extract_features({"CT": image}, mask, settings=fine)
+    above = {"discretisation_method": "fixed_bin_size", "discretisation_bin_width": 25,
+             "discretisation_lower_bound": 5000, "families": ["cm"]}
+    with pytest.raises(ConfigError, match="lower bound 5000 is above the highest intensity"):
+        extract_features({"CT": image}, mask, settings=above)
+    with pytest.raises(ConfigError, match="new_spacing .* more than the 1e\\+09"):
+        extract_features({"CT": image}, mask, settings={"new_spacing": 0.001,
+                                                        "families": ["stat"]})
+    # A thousand levels work, in memory of the matrix's size (the one-hot sums took Ng^3).
+    many = {"discretisation_bin_number": 1000, "families": ["cm"], "texture_aggregation": ["3D"]}
+    values = extract_features({"CT": image}, mask, settings=many)
+    glcm = [v for k, v in values.items() if k.startswith("CT_cm_")]
+    assert len(glcm) > 20 and np.isfinite(glcm).all()
 
 
 def test_unparsable_settings_file_is_a_config_error(tmp_path):
