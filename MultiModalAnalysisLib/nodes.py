@@ -533,13 +533,17 @@ def classify_task(
                 "trained with."
             )
         check_cancel(cancel, "classification")
-        probabilities = np.asarray(classifier.predict_proba(table[classifier.feature_names]))
+        from MultiModalAnalysisLib.classification.model import predictions_of
+
+        # (the model's own threshold and class names, as mma classify decides)
+        predicted = predictions_of(classifier, table[classifier.feature_names])
         keep = [c for c in ("case_id", "segment") if c in table.columns]
         result = table[keep].copy() if keep else pd.DataFrame(index=table.index)
-        result["prediction"] = probabilities.argmax(axis=1).astype(int)
-        result["probability"] = probabilities[:, 1].astype(float)
+        result = pd.concat([result, predicted], axis=1)
         metadata = getattr(classifier, "metadata", None) or {}
-        outcome = str(metadata.get("label_column", metadata.get("outcome", "outcome")))
+        label = metadata.get("label") if isinstance(metadata.get("label"), dict) else {}
+        outcome = str(label.get("column") or metadata.get("label_column")
+                      or metadata.get("outcome", "outcome"))
         result["label"] = [f"{outcome} = {p}" for p in result["prediction"]]
         progress(1.0, "classified")
         return result.reset_index(drop=True)

@@ -12,6 +12,7 @@ and publishes one table (features and predictions, one row per case).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from MultiModalAnalysisLib import mrml, nodes
 from MultiModalAnalysisLib.errors import ConfigError, MMAError, OperationCancelled
 from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.progress import Progress, check_cancel
+
+log = logging.getLogger(__name__)
 
 STAGES = ("preprocess", "register", "fuse", "segment", "features", "classify")
 REGISTRATION_TYPES = ("rigid", "affine", "deformable", "landmarks", "none")
@@ -273,7 +276,7 @@ def batch_task(
             except MMAError as error:
                 rows.append({"case_id": folder.name, "error": str(error)})
         table = pd.DataFrame(rows)
-        if _given(settings.classifier) and "error" not in table.columns:
+        if _given(settings.classifier):
             table = _add_predictions(table, settings.classifier)
         return table
 
@@ -332,12 +335,27 @@ def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -
     return {"case_id": case.case_id, **features}
 
 
-def _add_predictions(table: Any, classifier_path: str) -> Any:
-    from MultiModalAnalysisLib.classification import load_classifier
+def _add_predictions(table: Any, classifier: Any) -> Any:
+    """``table`` with the classifier's ``prediction``, ``probability`` and ``threshold``
+    for each case that was measured (a failed case, with an ``error``, gets none), decided
+    as ``mma classify`` decides. A classifier that cannot read the table leaves the
+    measurements and says why in ``prediction_error``: an hour's batch is not lost."""
+    from MultiModalAnalysisLib.classification.model import predictions_of
 
-    classifier = load_classifier(classifier_path)
-    probabilities = classifier.predict_proba(table[classifier.feature_names])
     table = table.copy()
-    table["prediction"] = probabilities.argmax(axis=1)
-    table["probability"] = probabilities[:, 1]
+    try:
+        if isinstance(classifier, str | Path):
+            from MultiModalAnalysisLib.classification import load_classifier
+
+            classifier = load_classifier(classifier)
+        measured = table.index if "error" not in table.columns else table.index[
+            table["error"].isna() | (table["error"] == "")]
+        if len(measured):
+            names = [c for c in classifier.feature_names if c in table.columns]
+            predicted = predictions_of(classifier, table.loc[measured, names])
+            for column in predicted.columns:
+                table[column] = predicted[column]
+    except MMAError as error:
+        log.warning("the batch's classifier could not be applied: %s", error)
+        table["prediction_error"] = str(error)
     return table

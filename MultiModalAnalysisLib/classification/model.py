@@ -193,6 +193,21 @@ class TrainedClassifier:
         return folder
 
 
+def predictions_of(classifier: Any, features: pd.DataFrame) -> pd.DataFrame:
+    """``prediction`` (the class name), ``probability`` (of the positive class) and the
+    ``threshold`` that decides, per row of ``features``, as :meth:`TrainedClassifier.predict`
+    and ``mma classify`` decide. A stand-in without a threshold or class names takes 0.5
+    and 0 / 1."""
+    probability = np.asarray(classifier.predict_proba(features), dtype=float)[:, 1]
+    threshold = float(getattr(classifier, "threshold", 0.5))
+    classes = list(getattr(classifier, "class_names", [0, 1]))
+    return pd.DataFrame({
+        "prediction": np.asarray(classes)[(probability >= threshold).astype(int)],
+        "probability": probability,
+        "threshold": threshold,
+    }, index=features.index)
+
+
 def prediction_frame(
     case_ids: Sequence[str], probability: np.ndarray, threshold: float, classes: list[str]
 ) -> pd.DataFrame:

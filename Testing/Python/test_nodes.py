@@ -161,6 +161,18 @@ def test_classify_table_adds_prediction_and_probability_per_row(mrml_scene):
                                                             1 / (1 + math.e ** -4)])
     assert result["label"].tolist() == ["LungMets = 0", "LungMets = 1"]
 
+    # A trained model's own threshold and class names decide, as in mma classify (0.04
+    # here: P = 0.047 is "yes", where the argmax said 0).
+    class Calibrated(ThresholdModel):
+        threshold = 0.04
+        class_names = ["no", "yes"]
+        metadata = {"label": {"column": "LungMets"}}
+
+    result = mrml.dataframe_from_table_node(nodes.classify_table(table, Calibrated()))
+    assert result["prediction"].tolist() == ["yes", "yes"]
+    assert result["threshold"].tolist() == [0.04, 0.04]
+    assert result["label"].tolist() == ["LungMets = yes", "LungMets = yes"]
+
     class NeedsMore(ThresholdModel):
         feature_names = ["PET_stat_max", "MR_T1_glcm_contrast"]
 

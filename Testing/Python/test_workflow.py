@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 
@@ -133,6 +134,40 @@ def test_run_all_on_the_bundled_patient_registers_segments_and_measures(inputs, 
     assert frame["segment"].tolist() == ["GTV"]
     pet_columns = [c for c in frame.columns if c.startswith("PET_")]
     assert pet_columns and np.isfinite(frame[pet_columns].to_numpy(dtype=float)).any()
+
+
+def test_batch_predictions_skip_failed_cases_and_follow_the_models_threshold(caplog):
+    from MultiModalAnalysisLib.errors import FeatureSetError
+    from MultiModalAnalysisLib.workflow import _add_predictions
+
+    class Calibrated:
+        feature_names = ["PET_stat_max"]
+        threshold = 0.3
+        class_names = ["no", "yes"]
+
+        def predict_proba(self, features):
+            p = features["PET_stat_max"].to_numpy(dtype=float) / 10.0
+            return np.column_stack([1 - p, p])
+
+    table = pd.DataFrame({"case_id": ["A", "B", "C"], "PET_stat_max": [3.4, np.nan, 2.0],
+                          "error": [np.nan, "B: not an image", np.nan]})
+    out = _add_predictions(table, Calibrated())
+    # A and C are predicted (0.34 >= 0.3: yes; 0.2: no), B, which failed, is not; one
+    # failed case no longer drops every case's prediction.
+    assert out["prediction"].tolist()[::2] == ["yes", "no"] and pd.isna(out["prediction"][1])
+    assert out["probability"].tolist()[::2] == pytest.approx([0.34, 0.2])
+    assert "error" in out.columns and table.columns.tolist() == ["case_id", "PET_stat_max",
+                                                                  "error"]  # input kept
+
+    class Broken(Calibrated):
+        def predict_proba(self, features):
+            raise FeatureSetError("the table lacks PET_stat_max")
+
+    with caplog.at_level("WARNING"):
+        out = _add_predictions(table, Broken())
+    assert out["PET_stat_max"].tolist()[::2] == [3.4, 2.0]  # the measurements are kept
+    assert (out["prediction_error"] == "the table lacks PET_stat_max").all()
+    assert "could not be applied" in caplog.text
 
 
 @pytest.mark.slow
