@@ -395,7 +395,9 @@ def _join_outcomes(table, outcomes: Path):
     import pandas as pd
 
     try:
-        extra = pd.read_csv(outcomes, sep=None, engine="python", encoding="utf-8")
+        # the ids as written (a folder 001 must match 001, not 1)
+        extra = pd.read_csv(outcomes, sep=None, engine="python", encoding="utf-8",
+                            converters={0: str})
     except (ValueError, OSError, pd.errors.ParserError) as error:
         raise ManifestError(f"cannot read the outcomes file {outcomes}: {error}") from error
     if extra.shape[1] < 2:
@@ -403,6 +405,12 @@ def _join_outcomes(table, outcomes: Path):
                             "the case id first, then e.g. LungMets).")
     extra = extra.rename(columns={extra.columns[0]: "case_id"})
     extra["case_id"] = extra["case_id"].astype(str).str.strip()
+    twice = sorted(set(extra.loc[extra["case_id"].duplicated(), "case_id"]))
+    if twice:
+        raise ManifestError(
+            f"the outcomes file {outcomes} has more than one row for case(s) "
+            f"{', '.join(twice[:5])}{', ...' if len(twice) > 5 else ''}: keep one row per case."
+        )
     clash = sorted(set(extra.columns[1:]) & set(table.columns))
     if clash:
         raise ManifestError(f"the outcomes file {outcomes} has columns named like the "

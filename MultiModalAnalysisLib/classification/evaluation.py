@@ -147,6 +147,9 @@ class CVResult:
             table[f"probability_repeat_{r + 1}"] = self.probabilities[r]
         return table
 
+    # what save() writes: a model folder retrained without cross-validation loses them
+    FILES = ("cv_metrics.json", "cv_predictions.csv", "roc_curve.png", "confusion_matrix.png")
+
     def save(self, output_dir: str | Path, title: str = "") -> dict[str, Path]:
         """Write cv_metrics.json, cv_predictions.csv, roc_curve.png, confusion_matrix.png."""
         from MultiModalAnalysisLib.classification.figures import (

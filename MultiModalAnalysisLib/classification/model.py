@@ -188,6 +188,15 @@ class TrainedClassifier:
         if self.cv_result is not None:
             self.cv_result.save(folder, title=f"{self.metadata['label']['column']}: "
                                 f"{self.metadata['settings']['classifier']}")
+        else:
+            from MultiModalAnalysisLib.classification.evaluation import CVResult
+
+            # A model retrained here without cross-validation must not sit beside the
+            # figures of the one it replaces.
+            for name in CVResult.FILES:
+                if (folder / name).is_file():
+                    (folder / name).unlink()
+                    log.info("removed %s: the previous model's cross-validation", folder / name)
         write_metadata(folder, self.metadata)
         (folder / "MODEL_CARD.md").write_text(model_card(self.metadata), encoding="utf-8")
         return folder

@@ -157,3 +157,12 @@ def test_outcomes_join_is_checked_and_keeps_integer_labels(tmp_path, sample_case
     table.to_csv(tmp_path / "m.csv", index=False)
     assert (tmp_path / "m.csv").read_text().splitlines()[1].endswith(",0")  # not 0.0
     assert table["LungMets"].isna().tolist() == [False, True, False]
+
+    # Zero-padded folder names match the ids as written; a case twice is refused.
+    copy_cohort(sample_case_path, tmp_path / "padded", ["001", "002"])
+    (tmp_path / "padded.csv").write_text("id,LungMets\n001,0\n002,1\n")
+    table = manifest_from_folder(tmp_path / "padded" / "cohort", tmp_path / "padded.csv")
+    assert table["LungMets"].tolist() == [0, 1]
+    (tmp_path / "twice.csv").write_text("id,LungMets\nP1,0\nP1,1\nP2,0\n")
+    with pytest.raises(ManifestError, match="more than one row for case.* P1"):
+        manifest_from_folder(cohort, tmp_path / "twice.csv")

@@ -70,6 +70,21 @@ def test_model_folder_holds_metadata_card_and_cv_figures(trained):
     assert "AUC" in card and "24 cases" in card
 
 
+def test_retraining_into_a_model_folder_without_cv_removes_the_old_cv_figures(trained, tmp_path):
+    import shutil
+
+    _, folder, X, y = trained
+    again = tmp_path / "CLF"
+    shutil.copytree(folder, again)
+    train_classifier(X, y, QUICK, label_column="LungMets", output=again, source="synthetic",
+                     evaluate=False)
+    assert json.loads((again / "classifier.json").read_text())["cross_validation"] is None
+    for name in ("cv_metrics.json", "cv_predictions.csv", "roc_curve.png",
+                 "confusion_matrix.png"):
+        assert not (again / name).exists(), name
+    assert (folder / "cv_metrics.json").is_file()  # (the original is untouched)
+
+
 def test_missing_features_the_model_uses_are_named_in_the_error(trained):
     model, folder, X, _ = trained
     loaded = load_classifier(folder)
