@@ -330,6 +330,11 @@ def read_manifest(path: str | Path) -> Manifest:
             f"manifest {path} has no 'case_id' column (columns: "
             f"{column_list(table.columns)}). Name the patient-id column case_id."
         )
+    blank = [i + 2 for i, v in enumerate(table["case_id"]) if pd.isna(v) or not str(v).strip()]
+    if blank:  # (row numbers as a spreadsheet shows them: the header is row 1)
+        raise ManifestError(
+            f"manifest {path} has no case_id on row(s) {', '.join(map(str, blank[:10]))}"
+            f"{', ...' if len(blank) > 10 else ''}: give every case an id.")
     table["case_id"] = table["case_id"].astype(str).str.strip()
     duplicated = table["case_id"][table["case_id"].duplicated()].tolist()
     if duplicated:

@@ -34,6 +34,7 @@ from MultiModalAnalysisLib.classification.labels import encode_labels
 from MultiModalAnalysisLib.classification.modelfile import (
     FORMAT,
     FORMAT_VERSION,
+    METADATA_FILE,
     library_versions,
     now_iso,
     read_metadata,
@@ -329,12 +330,45 @@ def load_radiomics_classifier(folder: Path, metadata: dict[str, Any]) -> Trained
     """Load the joblib model of a radiomics classifier folder (checksum verified first)."""
     import joblib
 
+    _check_metadata(folder, metadata)
     weights = verify_weights(folder, metadata)
     warn_on_version_change(metadata, f"classifier {folder}")
     estimator = joblib.load(weights)
     if not isinstance(estimator, TunedClassifier):
         raise ConfigError(f"{weights} does not hold a MultiModalAnalysis classifier.")
+    fitted = getattr(estimator, "feature_names_in_", None)
+    if fitted is not None and list(map(str, fitted)) != metadata["features"]["input"]:
+        raise ConfigError(f"the features listed in {folder / METADATA_FILE} are not those the "
+                          "model was fitted on (edited?): use the folder as it was written.")
     return TrainedClassifier(estimator, metadata)
+
+
+def _check_metadata(folder: Path, metadata: dict[str, Any]) -> None:
+    """Refuse a classifier.json whose fields the model needs are missing or malformed (a
+    hand-edited or damaged file) with a message, rather than a KeyError later."""
+
+    def strings(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    label = metadata.get("label")
+    features = metadata.get("features")
+    model = metadata.get("model")
+    problems = []
+    if not (isinstance(label, dict) and isinstance(label.get("column"), str)
+            and isinstance(label.get("classes"), list) and len(label["classes"]) == 2
+            and "positive" in label):
+        problems.append("'label' (column, two classes, positive)")
+    if not (isinstance(features, dict) and strings(features.get("input"))
+            and strings(features.get("used"))
+            and set(features["used"]) <= set(features["input"])):
+        problems.append("'features' (input, and used among them)")
+    threshold = model.get("threshold") if isinstance(model, dict) else None
+    if not (isinstance(threshold, int | float) and 0.0 <= float(threshold) <= 1.0):
+        problems.append("'model.threshold' (a probability)")
+    if problems:
+        raise ConfigError(
+            f"{folder / METADATA_FILE} is damaged: {'; '.join(problems)} missing or "
+            "malformed. Use the folder as `mma train-classifier` wrote it, or retrain.")
 
 
 def load_classifier(path: str | Path):

@@ -106,6 +106,11 @@ def test_manifest_errors_name_the_file_and_the_problem(tmp_path, sample_case_pat
     with pytest.raises(ManifestError, match=r"more than once: \['A'\]"):
         read_manifest(dup)
 
+    blank = tmp_path / "blank.csv"
+    blank.write_text("case_id,CT\nA,a.nii.gz\n,b.nii.gz\n  ,c.nii.gz\n")
+    with pytest.raises(ManifestError, match="no case_id on row\\(s\\) 3, 4"):
+        read_manifest(blank)
+
     ok = tmp_path / "ok.csv"
     ok.write_text(f"case_id,CT\nA,{sample_case_path / 'CT_image.nii.gz'}\nB,\n")
     manifest = read_manifest(ok)

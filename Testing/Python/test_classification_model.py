@@ -70,6 +70,30 @@ def test_model_folder_holds_metadata_card_and_cv_figures(trained):
     assert "AUC" in card and "24 cases" in card
 
 
+def test_a_damaged_classifier_json_is_refused_with_a_message(trained, tmp_path):
+    import shutil
+
+    _, folder, _, _ = trained
+
+    def damaged(edit):
+        copy = tmp_path / f"CLF{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(folder, copy)
+        meta = json.loads((copy / "classifier.json").read_text())
+        edit(meta)
+        (copy / "classifier.json").write_text(json.dumps(meta))
+        return copy
+
+    for edit, problem in (
+        (lambda m: m.pop("label"), "'label'"),
+        (lambda m: m["features"]["used"].append("ZZZ"), "'features'"),
+        (lambda m: m["model"].update(threshold="high"), "'model.threshold'"),
+    ):
+        with pytest.raises(ConfigError, match=f"is damaged: {problem}"):
+            load_classifier(damaged(edit))
+    with pytest.raises(ConfigError, match="not those the model was fitted on"):
+        load_classifier(damaged(lambda m: m["features"]["input"].reverse()))
+
+
 def test_retraining_into_a_model_folder_without_cv_removes_the_old_cv_figures(trained, tmp_path):
     import shutil
 
