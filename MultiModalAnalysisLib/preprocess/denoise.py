@@ -10,19 +10,21 @@ import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.filters import execute_filter
-from MultiModalAnalysisLib.images import as_float32
+from MultiModalAnalysisLib.images import as_float32, validate_image
 from MultiModalAnalysisLib.progress import ProgressCallback, check_cancel
 
 
 def gaussian_smooth(image: sitk.Image, sigma_mm: float = 1.0) -> sitk.Image:
     """Gaussian smoothing with standard deviation ``sigma_mm`` (physical units)."""
     _require_positive("sigma_mm", sigma_mm)
+    image = validate_image(image, "the image to smooth")  # (one NaN would spread everywhere)
     return sitk.SmoothingRecursiveGaussian(as_float32(image), float(sigma_mm))
 
 
 def median_filter(image: sitk.Image, radius_mm: float = 1.0) -> sitk.Image:
     """Median filter over a box of half-width ``radius_mm`` (at least one voxel per axis)."""
     _require_positive("radius_mm", radius_mm)
+    image = validate_image(image, "the image to filter")
     radius = [max(1, int(round(radius_mm / s))) for s in image.GetSpacing()]
     return sitk.Median(as_float32(image), radius)
 
@@ -47,6 +49,7 @@ def anisotropic_diffusion(
     if iterations < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}.")
     _require_positive("conductance", conductance)
+    image = validate_image(image, "the image to smooth")
     check_cancel(cancel, "anisotropic diffusion")
     diffusion = sitk.CurvatureAnisotropicDiffusionImageFilter()
     diffusion.SetNumberOfIterations(int(iterations))
@@ -71,7 +74,7 @@ def bilateral_filter(
             median absolute deviation of the image minus its 1 mm median filter).
     """
     _require_positive("domain_sigma_mm", domain_sigma_mm)
-    image = as_float32(image)
+    image = as_float32(validate_image(image, "the image to smooth"))
     if range_sigma is None:
         range_sigma = 2.0 * estimate_noise_sigma(image)
     _require_positive("range_sigma", range_sigma)
@@ -106,9 +109,16 @@ def denoise(image: sitk.Image, method: str = "anisotropic", **options) -> sitk.I
         raise ConfigError(
             f"unknown denoising method '{method}': use one of {', '.join(DENOISERS)}."
         ) from None
-    return function(image, **options)
+    try:
+        return function(image, **options)
+    except TypeError as error:  # an option this method does not take
+        raise ConfigError(f"denoising method '{method}': {error}.") from None
 
 
 def _require_positive(label: str, value: float) -> None:
-    if not value > 0:
+    try:
+        positive = float(value) > 0
+    except (TypeError, ValueError):
+        positive = False
+    if not positive:  # (also refuses NaN)
         raise ConfigError(f"{label} must be > 0, got {value}.")

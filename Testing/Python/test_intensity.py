@@ -179,3 +179,35 @@ def test_clahe_spreads_a_compressed_histogram(rng):
 def test_denoise_rejects_an_unknown_method(two_tissue):
     with pytest.raises(ConfigError, match="unknown denoising method"):
         denoise(two_tissue[0], "wavelet-magic")
+
+
+def test_filters_and_resampling_refuse_nan_and_2d_images_and_unknown_options(two_tissue):
+    """One NaN voxel would spread over the whole image through a Gaussian (or diffusion)."""
+    from MultiModalAnalysisLib.errors import ImageDimensionError, NonFiniteImageError
+    from MultiModalAnalysisLib.preprocess import (
+        crop_to_mask,
+        median_filter,
+        resample_to_reference,
+        resample_to_spacing,
+    )
+
+    image = two_tissue[0]
+    array = sitk.GetArrayFromImage(image)
+    array[5, 5, 5] = np.nan
+    with_nan = sitk.GetImageFromArray(array)
+    with_nan.CopyInformation(image)
+    for step in (gaussian_smooth, median_filter, anisotropic_diffusion, bilateral_filter,
+                 lambda im: resample_to_spacing(im, 2.0)):
+        with pytest.raises(NonFiniteImageError, match="1 NaN or infinite voxel"):
+            step(with_nan)
+    flat = image[:, :, 3]  # one slice: a 2-D image
+    for step in (gaussian_smooth, lambda im: resample_to_spacing(im, 2.0),
+                 lambda im: resample_to_reference(im, image)):
+        with pytest.raises(ImageDimensionError, match="2-D"):
+            step(flat)
+    with pytest.raises(ImageDimensionError, match="2-D"):
+        crop_to_mask(image, sitk.Cast(flat > 100, sitk.sitkUInt8))
+    with pytest.raises(ConfigError, match="denoising method 'gaussian'.*sigma"):
+        denoise(image, "gaussian", sigma=2)
+    with pytest.raises(ConfigError, match="sigma_mm must be > 0"):
+        gaussian_smooth(image, float("nan"))
