@@ -60,6 +60,8 @@ def extract_cohort_features(
     mask_column = manifest.column(mask_column)
     columns = {canonical_modality(m): manifest.modality_column(m) for m in modalities}
     failed: dict[str, MMAError] = {}
+    if on_error == "stop":
+        _require_files(manifest, [*columns.values(), mask_column])
     cases = _read_ahead(manifest, columns, mask_column)
     try:
         for number, (case_id, images, mask, problem) in enumerate(cases):
@@ -88,6 +90,29 @@ def extract_cohort_features(
     table = pd.DataFrame(rows)
     table.attrs["failed"] = {case_id: str(error) for case_id, error in failed.items()}
     return table
+
+
+def _require_files(manifest: Manifest, columns: Sequence[str]) -> None:
+    """Refuse, before any case is measured, a manifest naming files that are not there: a
+    run that stops at its 80th case loses the 79 before it."""
+    missing = []
+    for case_id in manifest.case_ids:
+        row = manifest.row(case_id)
+        for column in columns:
+            try:
+                path = _path(manifest, row, column, case_id)
+            except MMAError:
+                missing.append(f"case {case_id}: no path in column '{column}'")
+                continue
+            if not path.exists():
+                missing.append(f"case {case_id}: {column} {path}")
+    if missing:
+        raise MissingModalityError(
+            f"{len(missing)} file(s) the manifest {manifest.path} names are missing ("
+            + "; ".join(missing[:5]) + ("; ..." if len(missing) > 5 else "")
+            + "). Nothing was measured: fix the paths, or leave those cases out "
+            "(--skip-failed, on_error='skip')."
+        )
 
 
 def _for_case(error: MMAError, case_id: str) -> MMAError:

@@ -108,15 +108,20 @@ def test_cohort_reads_ahead_in_order_and_a_missing_file_names_its_case(tmp_path,
     means = table["CT_stat_mean"].to_numpy()
     assert np.all(np.abs(means - (100 + np.array(shifts))) < 5)
 
-    (tmp_path / "case_4" / "CT_mask.nii.gz").unlink()
-    with pytest.raises(MMAError, match="case_4"):
-        extract_cohort_features(manifest, ["CT"], "CT_mask", settings, device="cpu")
-
-    # an empty mask: the message names the case; with on_error="skip" both are left out
+    # an empty mask: the message names the case
     empty = sitk.ReadImage(str(tmp_path / "case_2" / "CT_mask.nii.gz")) * 0
     sitk.WriteImage(empty, str(tmp_path / "case_2" / "CT_mask.nii.gz"))
     with pytest.raises(MMAError, match="^case case_2: .*empty"):
         extract_cohort_features(manifest, ["CT"], "CT_mask", settings, device="cpu")
+
+    # a missing file is found before any case is measured (not at its turn, after the
+    # cases before it), and the message says how to leave such cases out
+    (tmp_path / "case_4" / "CT_mask.nii.gz").unlink()
+    with pytest.raises(MMAError, match="1 file.* missing .*case case_4: CT_mask .*"
+                       "Nothing was measured.*--skip-failed"):
+        extract_cohort_features(manifest, ["CT"], "CT_mask", settings, device="cpu")
+    # with on_error="skip" both bad cases are left out (case_4 failing in its turn while
+    # the next cases are read ahead)
     table = extract_cohort_features(manifest, ["CT"], "CT_mask", settings, device="cpu",
                                     on_error="skip")
     assert table["case_id"].tolist() == ["case_0", "case_1", "case_3", "case_5"]
