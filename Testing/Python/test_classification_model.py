@@ -282,7 +282,7 @@ FEATURE_SETTINGS = {"families": ["stat", "ih"],
 
 
 def test_an_image_manifest_is_turned_into_features_then_classified_alike(image_manifest,
-                                                                          tmp_path):
+                                                                          tmp_path, caplog):
     table = read_feature_table(image_manifest, "LungMets", feature_settings=FEATURE_SETTINGS,
                                device="cpu")
     assert len(table) == 16 and table.labels.sum() == 6
@@ -310,6 +310,14 @@ def test_an_image_manifest_is_turned_into_features_then_classified_alike(image_m
     probability = predictions["probability_1"].to_numpy()
     # the hot PET core makes the classes separable: training-set ranking is near perfect
     assert probability[labels == 1].min() > np.median(probability[labels == 0])
+    # A model trained on a bare feature table does not know how its features were made:
+    # applied to images it says so, rather than silently computing them some way.
+    bare = train_classifier(table.features, table.labels.to_numpy(),
+                            settings={"classifier": "logistic_l2", "n_features": [2]},
+                            evaluate=False)
+    with caplog.at_level("WARNING"):
+        bare.predict_manifest(image_manifest, feature_settings=FEATURE_SETTINGS)
+    assert "trained on a feature table, which does not record" in caplog.text
 
 
 def test_cli_choices_are_the_engine_choices():
