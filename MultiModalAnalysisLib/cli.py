@@ -110,6 +110,7 @@ def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.images import implausible_intensities
     from MultiModalAnalysisLib.io import read_image, read_mask, write_image
     from MultiModalAnalysisLib.modalities import modality_family
     from MultiModalAnalysisLib.preprocess import (
@@ -124,6 +125,13 @@ def _run_preprocess(args: argparse.Namespace) -> int:
             "modality %r is not one the presets know (CT, PET, MR_T1, MR_T2, FLAIR, ...): the "
             "image is only converted to float32.", args.modality)
     image = read_image(args.image)
+    doubt = implausible_intensities(args.modality, image)
+    if doubt:
+        log.warning("%s (%s): %s; the %s preset assumes those units.", args.image,
+                    args.modality, doubt, modality_family(args.modality))
+    if args.mask and modality_family(args.modality) != "MR":
+        log.warning("--mask is used by the MR presets only (N4, z-score); ignored for %s.",
+                    args.modality)
     # as segment, features and register do: the mask onto the image's grid
     mask = mask_on_grid(read_mask(args.mask), image, f"the mask {args.mask}",
                         warn=True) if args.mask else None
@@ -133,6 +141,13 @@ def _run_preprocess(args: argparse.Namespace) -> int:
         result = resample_to_reference(result, read_image(args.reference), name=str(args.image))
     elif args.spacing:
         result = resample_to_spacing(result, args.spacing)
+        collapsed = [axis for axis, (old, new) in enumerate(zip(image.GetSize(),
+                     result.GetSize(), strict=True)) if old > 1 and new == 1]
+        if collapsed:
+            log.warning("--spacing %s is coarser than the image along axis %s: the result "
+                        "has a single voxel there (size %s). Is the spacing in mm?",
+                        " ".join(f"{v:g}" for v in args.spacing),
+                        ", ".join("xyz"[a] for a in collapsed), result.GetSize())
     print(f"wrote {write_image(result, args.output)}")
     return 0
 

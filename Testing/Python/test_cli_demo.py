@@ -135,6 +135,21 @@ def test_cli_preprocess_and_manifest(tmp_path, sample_case_path, capsys, caplog)
     assert sitk.ReadImage(str(tmp_path / "mr_masked.nii.gz")).GetSize() == (115, 90, 35)
     assert "resampling it onto the image" in caplog.text
 
+    # What a user may not expect is said: a mask the PET preset does not use, an MR given
+    # as CT, a spacing coarser than the image.
+    caplog.clear()
+    status = main(["-q", "preprocess", str(sample_case_path / "PET_image.nii.gz"),
+                   "--modality", "PET", "--mask", str(sample_case_path / "CT_mask.nii.gz"),
+                   "--output", str(tmp_path / "pet.nii.gz")])
+    assert status == 0 and "--mask is used by the MR presets only" in caplog.text
+    status = main(["-q", "preprocess", str(sample_case_path / "MR_T1_image.nii.gz"),
+                   "--modality", "CT", "--output", str(tmp_path / "mr_as_ct.nii.gz")])
+    assert status == 0 and "do not look like CT in HU" in caplog.text
+    status = main(["-q", "preprocess", str(sample_case_path / "CT_image.nii.gz"),
+                   "--modality", "CT", "--spacing", "1000", "1000", "1000",
+                   "--output", str(tmp_path / "ct_1000.nii.gz")])
+    assert status == 0 and "coarser than the image along axis x, y, z" in caplog.text
+
     status = main(["manifest", str(sample_case_path.parent), "--output",
                    str(tmp_path / "cases.csv")])
     assert status == 0
