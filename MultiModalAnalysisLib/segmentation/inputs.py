@@ -128,7 +128,7 @@ def region_array(mask: sitk.Image | None, reference: sitk.Image, name: str = "ma
 
 
 def stack_region(
-    stack: ImageStack, mask: sitk.Image | None, *, warn: bool = True
+    stack: ImageStack, mask: sitk.Image | None, *, warn: bool = True, grid: str | None = None
 ) -> np.ndarray:
     """The voxels to classify: the mask's region (the whole grid without one) less the
     voxels outside any image's field of view.
@@ -137,6 +137,8 @@ def stack_region(
         stack: the images on one grid.
         mask: the user's region, or ``None``.
         warn: log a warning when the fields of view leave part of the region out.
+        grid: the name of the image whose grid the stack is on, for messages (default: the
+            first channel's).
 
     Raises:
         GeometryError: no voxel of the region is inside every image.
@@ -146,7 +148,7 @@ def stack_region(
         return region
     kept = region & stack.covered
     lost = int(region.sum() - kept.sum())
-    where = "the mask" if mask is not None else f"{stack.names[0]}'s grid"
+    where = "the mask" if mask is not None else f"{grid or stack.names[0]}'s grid"
     if not kept.any():
         raise GeometryError(
             f"no voxel of {where} lies inside the field of view of every image "

@@ -203,7 +203,7 @@ def _threshold(
         images[names[0]], names[0]))
     image = validate_image(image_from_array(stack.channels[0], stack.reference), channel)
     if stack.covered is not None:
-        region = stack_region(stack, mask)
+        region = stack_region(stack, mask, grid=str(names[0]))
         mask = image_from_array(region.astype(np.uint8), stack.reference)
     if kind == "otsu":
         labels, value = otsu_threshold(image, mask, name=channel)

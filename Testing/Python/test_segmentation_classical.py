@@ -175,7 +175,9 @@ def test_threshold_settings_choose_the_kind_and_settings_it_does_not_use_are_ref
             segment({"PET": pet}, "threshold", **options)
 
 
-def test_a_threshold_on_another_grid_ignores_the_padding_outside_its_field_of_view(rng):
+def test_a_threshold_on_another_grid_ignores_the_padding_outside_its_field_of_view(
+    rng, caplog
+):
     # An MR whose grid reaches past the PET's: the PET's padding (its minimum) would pull an
     # Otsu threshold down into the background; inside its field of view it separates the
     # classes as on its own grid.
@@ -183,7 +185,10 @@ def test_a_threshold_on_another_grid_ignores_the_padding_outside_its_field_of_vi
     pet = images["PET"]
     own = segment({"PET": pet}, "threshold", threshold="otsu").info["threshold_value"]
     wide = sitk.ConstantPad(images["MR_T1"], (0, 60, 0), (0, 60, 0), 0.0)
-    result = segment({"MR_T1": wide, "PET": pet}, "threshold", threshold="otsu", channel="PET")
+    with caplog.at_level("WARNING"):
+        result = segment({"MR_T1": wide, "PET": pet}, "threshold", threshold="otsu",
+                         channel="PET")
+    assert "of MR_T1's grid (" in caplog.text and "field of view of PET" in caplog.text
     assert abs(result.info["threshold_value"] - own) < 2.0
     labels = sitk.GetArrayFromImage(result.labels)
     assert not labels[:, :60, :].any() and not labels[:, -60:, :].any()
