@@ -115,6 +115,7 @@ def run_prepare(args) -> None:
 
 
 def run_baselines(args) -> None:
+    args.work.mkdir(parents=True, exist_ok=True)
     out = args.work / "baselines.json"
     results = {}
     for case_id in sorted(p.name for p in args.data.iterdir() if p.is_dir()):
