@@ -18,6 +18,7 @@ orientation can be combined directly.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.progress import Progress, ProgressCallback, as_progress, check_cancel
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,6 +78,30 @@ def _on_grid(image: sitk.Image, reference: sitk.Image, name: str, is_label: bool
     if same_grid(image, reference):
         return image
     return resample_to_reference(image, reference, is_label=is_label, name=name)
+
+
+def _within_field_of_view(
+    region: sitk.Image | None, field_of_view: sitk.Image | None, reference: sitk.Image
+) -> sitk.Image | None:
+    """``region`` (``None``: the whole grid) less the voxels outside ``field_of_view``."""
+    if field_of_view is None:
+        return region
+    inside = sitk.GetArrayFromImage(_on_grid(field_of_view, reference, "field of view",
+                                             is_label=True)) != 0
+    if inside.all():
+        return region
+    wanted = np.ones(inside.shape, bool) if region is None else (
+        sitk.GetArrayFromImage(region) != 0)
+    kept = wanted & inside
+    if not kept.any():
+        raise MMAError("no voxel to segment lies inside every registered volume's field of "
+                       "view: check the registration.")
+    log.warning("%.1f %% of the region to segment lies outside a registered volume's field of "
+                "view: those voxels are left unlabelled (0).",
+                100.0 * (1 - kept.sum() / max(int(wanted.sum()), 1)))
+    result = sitk.GetImageFromArray(kept.astype(np.uint8))
+    result.CopyInformation(reference)
+    return result
 
 
 def _label_image(mask_node: Any, reference_node: Any) -> sitk.Image:
@@ -181,6 +207,9 @@ class RegistrationNodes:
     transform_node: Any  # set it as the moving volume's parent to align it with the fixed
     warped_node: Any  # the moving volume resampled on the fixed grid
     metrics: dict[str, Any] = field(default_factory=dict)
+    # UInt8 on the fixed grid: 1 where the warped volume has data (inside the moving
+    # volume's field of view), 0 where it is padding
+    field_of_view: sitk.Image | None = None
 
 
 def register_task(
@@ -246,7 +275,11 @@ def register_task(
         )
         warped_name = f"{_name(moving_node)} registered"
         warped = mrml.volume_node_from_image(result.warped, target, warped_name)
-        return RegistrationNodes(transform_node, warped, dict(result.metrics))
+        ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(moving)
+        covered = sitk.Resample(ones, fixed, result.transform, sitk.sitkNearestNeighbor, 0,
+                                sitk.sitkUInt8)
+        return RegistrationNodes(transform_node, warped, dict(result.metrics), covered)
 
     return NodeTask(f"register {label}", compute, publish)
 
@@ -371,6 +404,7 @@ def segment_task(
     scene: Any | None = None,
     name: str = "",
     show_3d: bool = True,
+    field_of_view: sitk.Image | None = None,
     **options: Any,
 ) -> NodeTask[SegmentationNodes]:
     """Segment co-registered volumes (``segmentation.segment``) into a segmentation node.
@@ -382,6 +416,9 @@ def segment_task(
         model: a model file (or loaded model) for ``method="model"``.
         mask_node: restricts the segmentation (segmentation or labelmap node).
         show_3d: also build the 3-D surface of the segments.
+        field_of_view: where every volume has data, on the first volume's grid (registered
+            volumes are padded outside their own field of view, which must not be
+            segmented as tissue): left unlabelled outside, with a warning.
     """
     images, reference_node = _images_on_reference(volume_nodes)
     reference_name = next(iter(images))
@@ -394,6 +431,7 @@ def segment_task(
         # The volumes go in on their own grids: segment() brings them onto the reference's
         # and leaves out where one has no data (a resampled copy would be padded there).
         region = _on_grid(mask, reference, "mask", is_label=True) if mask is not None else None
+        region = _within_field_of_view(region, field_of_view, reference)
         return segment(
             images, method=method, classes=classes, model=model, mask=region, device=device,
             progress=progress, cancel=cancel, **options,

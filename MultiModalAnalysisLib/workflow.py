@@ -76,6 +76,8 @@ class WorkflowState:
     mask_node: Any | None = None  # the region for features (user's, else the segmentation)
     transforms: dict[str, Any] = field(default_factory=dict)
     registration_metrics: dict[str, dict] = field(default_factory=dict)
+    # modality -> where its registered volume has data, on the reference grid (UInt8)
+    fields_of_view: dict[str, Any] = field(default_factory=dict)
     fused: Any | None = None
     segmentation: nodes.SegmentationNodes | None = None
     features: Any | None = None
@@ -183,6 +185,7 @@ def workflow_steps(
                 classes=settings.segmentation_classes,
                 model=settings.segmentation_model if _given(settings.segmentation_model) else None,
                 device=settings.device, show_3d=settings.show_3d, scene=target,
+                field_of_view=_common_field_of_view(state),
             ),
             lambda out: setattr(state, "segmentation", out),
         )))
@@ -219,6 +222,19 @@ def _keep_registration(state: WorkflowState, modality: str, out: nodes.Registrat
     state.volumes[modality] = out.warped_node
     state.transforms[modality] = out.transform_node
     state.registration_metrics[modality] = out.metrics
+    if out.field_of_view is not None:
+        state.fields_of_view[modality] = out.field_of_view
+
+
+def _common_field_of_view(state: WorkflowState) -> Any:
+    """Where every registered volume has data (UInt8 on the reference grid), or None."""
+    import SimpleITK as sitk
+
+    common = None
+    for modality, covered in state.fields_of_view.items():
+        if modality in state.volumes:
+            common = covered if common is None else sitk.And(common, covered)
+    return common
 
 
 def _region_node(state: WorkflowState) -> Any:

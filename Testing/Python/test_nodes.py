@@ -250,6 +250,35 @@ def test_register_mr_to_ct_recovers_a_known_rigid_move_and_hardens_onto_the_tumo
     difference = np.abs(sitk.GetArrayFromImage(hardened) - warped)
     scale = np.percentile(np.abs(warped[tumour]), 99)
     assert np.median(difference[tumour]) < 0.05 * scale
+    # Where the warped MR has data is published with it: the hardened MR's own field of
+    # view on the CT grid (the MR crop leaves much of the CT crop uncovered).
+    covered = sitk.GetArrayFromImage(result.field_of_view) != 0
+    expected = sitk.GetArrayFromImage(sitk.Resample(
+        sitk.Cast(mrml.image_from_volume_node(moving) * 0 + 1, sitk.sitkUInt8), ct,
+        sitk.Transform(), sitk.sitkNearestNeighbor, 0)) != 0
+    assert 0.2 < 1 - covered.mean() < 0.9
+    assert (covered == expected).mean() > 0.99
+
+
+def test_segmenting_registered_volumes_leaves_out_where_one_has_no_data(patient, sts002):
+    # A registered volume is padded where it does not reach: given its field of view, the
+    # segmentation leaves that part unlabelled instead of classifying the padding.
+    ct = sts002.image("CT")
+    covered = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    covered.CopyInformation(ct)
+    half = ct.GetSize()[0] // 2
+    covered[:half, :, :] = 1
+    result = nodes.segment_volumes({"CT": patient["CT"], "PET": patient["PET"]},
+                                   method="threshold", show_3d=False, field_of_view=covered)
+    labels = sitk.GetArrayFromImage(
+        mrml.labels_from_segmentation_node(result.segmentation_node, patient["CT"]))
+    unrestricted = nodes.segment_volumes({"CT": patient["CT"], "PET": patient["PET"]},
+                                         method="threshold", show_3d=False)
+    whole = sitk.GetArrayFromImage(
+        mrml.labels_from_segmentation_node(unrestricted.segmentation_node, patient["CT"]))
+    assert whole[:, :, half:].any(), "the test needs a lesion in the uncovered half"
+    assert not labels[:, :, half:].any()
+    assert np.array_equal(labels[:, :, :half] != 0, whole[:, :, :half] != 0)
 
 def test_fuse_nodes_on_the_first_volume_grid(patient):
     fused = nodes.fuse_volumes([patient["CT"], patient["PET"]], method="average")
