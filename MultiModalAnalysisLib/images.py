@@ -41,6 +41,25 @@ def is_integer_image(image: sitk.Image) -> bool:
     return image.GetPixelID() in _INTEGER_TYPES
 
 
+def require_3d(image: sitk.Image, name: str = "image") -> None:
+    """Refuse an image that is not 3-D (any pixel type; no other check).
+
+    Raises:
+        ImageDimensionError: a 2-D slice or a 4-D series, saying which it looks like.
+    """
+    dimension = image.GetDimension()
+    if dimension != 3:
+        hint = (
+            "a single slice; load the whole series or volume"
+            if dimension == 2
+            else "a time series or multi-volume file; extract one 3-D volume first"
+        )
+        raise ImageDimensionError(
+            f"{name} is {dimension}-D (size {image.GetSize()}); a 3-D volume is needed: this "
+            f"looks like {hint}."
+        )
+
+
 def validate_image(
     image: sitk.Image,
     name: str = "image",
@@ -70,17 +89,7 @@ def validate_image(
             f"{name} has {components} components per voxel (a vector or colour image); a "
             "scalar 3-D volume is needed. Split the channels or convert it to grey levels."
         )
-    dimension = image.GetDimension()
-    if dimension != 3:
-        hint = (
-            "a single slice; load the whole series or volume"
-            if dimension == 2
-            else "a time series or multi-volume file; extract one 3-D volume first"
-        )
-        raise ImageDimensionError(
-            f"{name} is {dimension}-D (size {image.GetSize()}); a 3-D volume is needed: this "
-            f"looks like {hint}."
-        )
+    require_3d(image, name)
     if any(size == 0 for size in image.GetSize()):
         raise EmptyImageError(f"{name} has no voxels (size {image.GetSize()}).")
     size = image.GetSize()

@@ -275,11 +275,12 @@ def register_task(
         )
         warped_name = f"{_name(moving_node)} registered"
         warped = mrml.volume_node_from_image(result.warped, target, warped_name)
-        ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-        ones.CopyInformation(moving)
-        covered = sitk.Resample(ones, fixed, result.transform, sitk.sitkNearestNeighbor, 0,
-                                sitk.sitkUInt8)
-        return RegistrationNodes(transform_node, warped, dict(result.metrics), covered)
+        from MultiModalAnalysisLib.images import image_from_array
+        from MultiModalAnalysisLib.segmentation.inputs import field_of_view
+
+        covered = field_of_view(moving, fixed, result.transform).astype(np.uint8)
+        return RegistrationNodes(transform_node, warped, dict(result.metrics),
+                                 image_from_array(covered, fixed))
 
     return NodeTask(f"register {label}", compute, publish)
 

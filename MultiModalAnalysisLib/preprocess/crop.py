@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import (
-    ConfigError,
-    EmptyImageError,
-    GeometryError,
-    ImageDimensionError,
+from MultiModalAnalysisLib.errors import ConfigError, EmptyImageError, GeometryError
+from MultiModalAnalysisLib.images import (
+    physical_corners,
+    require_3d,
+    validate_image,
+    validate_mask,
 )
-from MultiModalAnalysisLib.images import physical_corners, validate_image, validate_mask
 
 
 def foreground_mask(image: sitk.Image, threshold: float | None = None) -> sitk.Image:
@@ -54,9 +54,7 @@ def mask_index_bounds(mask: sitk.Image, image: sitk.Image) -> tuple[np.ndarray, 
     The mask may be on another grid than the image: the box is mapped through physical
     space, so a crop from a mask on a coarser or rotated grid is still right.
     """
-    if mask.GetDimension() != 3:
-        raise ImageDimensionError(f"the mask is {mask.GetDimension()}-D (size {mask.GetSize()})"
-                                  "; a 3-D mask is needed.")
+    require_3d(mask, "the mask")
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8))
     if not stats.HasLabel(1):

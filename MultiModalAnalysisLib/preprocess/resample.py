@@ -13,16 +13,12 @@ from typing import Literal
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import (
-    ConfigError,
-    EmptyImageError,
-    GeometryError,
-    ImageDimensionError,
-)
+from MultiModalAnalysisLib.errors import ConfigError, EmptyImageError, GeometryError
 from MultiModalAnalysisLib.images import (
     as_float32,
     physical_bounds,
     physical_corners,
+    require_3d,
     same_grid,
     validate_image,
     validate_mask,
@@ -85,8 +81,8 @@ def resample_to_reference(
     Raises:
         GeometryError: the image and the reference share no physical space.
     """
-    _require_3d(image, name)
-    _require_3d(reference, f"the grid {name} is resampled onto")
+    require_3d(image, name)
+    require_3d(reference, f"the grid {name} is resampled onto")
     _require_mapped_overlap(image, reference, transform, name)
     resampled = sitk.Resample(
         image if is_label else as_float32(image),
@@ -165,7 +161,7 @@ def resample_to_spacing(
     if image.GetNumberOfComponentsPerPixel() == 1:  # (3-D, and NaN would spread)
         image = validate_image(image, "the image to resample")
     else:
-        _require_3d(image, "the image to resample")
+        require_3d(image, "the image to resample")
     old_spacing = np.array(image.GetSpacing(), dtype=float)
     new_spacing = _parse_spacing(spacing, old_spacing)
     reference = spacing_grid(image, new_spacing)
@@ -256,14 +252,6 @@ def _parse_spacing(spacing: float | Sequence[float | None], current: np.ndarray)
     if not np.all(np.isfinite(result)) or np.any(result <= 0):
         raise ConfigError(f"spacing must be positive numbers of mm, got {spacing}.")
     return result
-
-
-def _require_3d(image: sitk.Image, name: str) -> None:
-    if image.GetDimension() != 3:
-        raise ImageDimensionError(
-            f"{name} is {image.GetDimension()}-D (size {image.GetSize()}); a 3-D volume is "
-            "needed."
-        )
 
 
 def _require_mapped_overlap(

@@ -4,7 +4,7 @@ multichannel array, and an optional region mask on that grid."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,21 +39,26 @@ class ImageStack:
     covered: np.ndarray | None = None
     uncovered_by: list[str] = field(default_factory=list)
 
-    def coverage(self) -> np.ndarray:
-        """:attr:`covered`, the whole grid when every image covers it."""
-        if self.covered is None:
-            return np.ones(self.channels.shape[1:], dtype=bool)
-        return self.covered
-
     def index(self, name: str) -> int:
         """The channel number of ``name`` (any modality spelling)."""
-        wanted = canonical_modality(name)
-        for i, channel in enumerate(self.names):
-            if channel == name or canonical_modality(channel) == wanted:
-                return i
-        raise MissingModalityError(
-            f"there is no image named {name} among the inputs ({', '.join(self.names)})."
-        )
+        return self.names.index(find_channel(self.names, name))
+
+
+def find_channel(names: Sequence[str], name: str) -> str:
+    """The one of ``names`` that is ``name``, or the same modality in another spelling.
+
+    Raises:
+        MissingModalityError: none is.
+    """
+    if name in names:
+        return name
+    wanted = canonical_modality(name)
+    for channel in names:
+        if channel == name or canonical_modality(channel) == wanted:
+            return channel
+    raise MissingModalityError(
+        f"there is no image named {name} among the inputs ({', '.join(map(str, names))})."
+    )
 
 
 def require_images(images: Mapping[str, sitk.Image]) -> None:
@@ -99,16 +104,19 @@ def stack_images(
     return ImageStack(names, grid, np.stack(channels), covered, uncovered_by)
 
 
-def field_of_view(image: sitk.Image, reference: sitk.Image) -> np.ndarray:
-    """Boolean ``[z, y, x]`` on ``reference``'s grid: where ``image`` has data.
+def field_of_view(
+    image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None
+) -> np.ndarray:
+    """Boolean ``[z, y, x]`` on ``reference``'s grid: where ``image`` has data, seen
+    through ``transform`` (reference point -> image point; identity by default).
 
     Nearest neighbour with the same inside rule as the linear resampling of the stack
     (within half a voxel of the image's outer voxel centres)."""
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
     inside = sitk.Resample(
-        ones, reference, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkNearestNeighbor, 0,
-        sitk.sitkUInt8,
+        ones, reference, transform or sitk.Transform(3, sitk.sitkIdentity),
+        sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8,
     )
     return sitk.GetArrayFromImage(inside) != 0
 

@@ -11,15 +11,20 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError
+from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.images import image_from_array, validate_image
-from MultiModalAnalysisLib.modalities import canonical_modality, modality_family
+from MultiModalAnalysisLib.modalities import modality_family
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 from MultiModalAnalysisLib.segmentation.classical import (
     GaussianMixtureSegmenter,
     KMeansSegmenter,
 )
-from MultiModalAnalysisLib.segmentation.inputs import require_images, stack_images, stack_region
+from MultiModalAnalysisLib.segmentation.inputs import (
+    find_channel,
+    require_images,
+    stack_images,
+    stack_region,
+)
 from MultiModalAnalysisLib.segmentation.postprocess import clean_labels
 from MultiModalAnalysisLib.segmentation.result import SegmentationResult
 from MultiModalAnalysisLib.segmentation.threshold import (
@@ -190,13 +195,7 @@ def _threshold(
         )
     if channel is None:
         channel = pet_names[0] if kind == "suv_fraction" and pet_names else names[0]
-    names_by_key = {canonical_modality(n): n for n in names}
-    channel = channel if channel in images else names_by_key.get(canonical_modality(channel))
-    if channel is None:
-        raise MissingModalityError(
-            f"there is no image named {options.get('channel')} among the inputs "
-            f"({', '.join(map(str, names))})."
-        )
+    channel = find_channel(names, channel)
     # The channel alone, on the first image's grid; where it has no data (its padding is
     # no measurement) is left out of the threshold's region.
     stack = stack_images({channel: images[channel]}, reference=validate_image(
