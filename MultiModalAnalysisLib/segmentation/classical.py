@@ -285,7 +285,19 @@ class GaussianMixtureSegmenter(VoxelClassifier):
         ).fit(features)
 
     def _log_posteriors(self, features: np.ndarray) -> np.ndarray:
-        weighted = self.model_._estimate_weighted_log_prob(features)
+        # log w_k + log N(x | mu_k, Sigma_k) from the fitted model's public attributes
+        # (full covariances: precisions_cholesky_[k] is the Cholesky factor of Sigma_k^-1),
+        # not sklearn's private _estimate_weighted_log_prob.
+        model = self.model_
+        weighted = np.empty((features.shape[0], self.n_classes), dtype=np.float64)
+        for k in range(self.n_classes):
+            factor = model.precisions_cholesky_[k]
+            projected = (features - model.means_[k]) @ factor
+            weighted[:, k] = (
+                np.log(model.weights_[k])
+                + np.log(np.diag(factor)).sum()
+                - 0.5 * (features.shape[1] * np.log(2.0 * np.pi) + (projected**2).sum(axis=1))
+            )
         return weighted - _logsumexp(weighted)
 
     def _component_means(self) -> np.ndarray:

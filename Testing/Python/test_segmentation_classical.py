@@ -115,6 +115,17 @@ def test_class_order_follows_the_named_channel_and_probabilities_sum_to_one(rng)
     assert uncertainty[border].mean() > 3 * uncertainty[~border].mean()
 
 
+def test_gmm_posteriors_equal_the_fitted_mixtures_own(rng):
+    # The posteriors are computed from the mixture's public fitted attributes; they must be
+    # the ones scikit-learn's predict_proba gives, including far out in the tails.
+    images, _ = phantom(rng)
+    model = GaussianMixtureSegmenter(3, order_by="PET", random_state=0).fit(images)
+    features = rng.normal(0.0, 3.0, (2000, 2))
+    ours = np.exp(model._log_posteriors(features))
+    np.testing.assert_allclose(ours, model.model_.predict_proba(features), atol=1e-9)
+    np.testing.assert_allclose(ours.sum(axis=1), 1.0, atol=1e-12)
+
+
 def test_classification_inside_a_mask_labels_only_the_mask(rng):
     images, truth = phantom(rng)
     region = sitk.Cast(sitk.Greater(truth, 1), sitk.sitkUInt8)  # slab + ball
