@@ -149,8 +149,7 @@ class TrainedClassifier:
 
     def predict(self, features: pd.DataFrame) -> np.ndarray:
         """Class names per row, positive where P(positive) >= the model's threshold."""
-        positive = self.predict_proba(features)[:, 1] >= self.threshold
-        return np.array(self.class_names, dtype=object)[positive.astype(int)]
+        return decide(self.predict_proba(features)[:, 1], self.threshold, self.class_names)
 
     def predict_table(self, table: FeatureTable) -> pd.DataFrame:
         """Per-case probabilities for a feature table: case_id, probability, prediction."""
@@ -224,7 +223,7 @@ def predictions_of(classifier: Any, features: pd.DataFrame) -> pd.DataFrame:
     threshold = float(getattr(classifier, "threshold", 0.5))
     classes = list(getattr(classifier, "class_names", [0, 1]))
     return pd.DataFrame({
-        "prediction": np.asarray(classes)[(probability >= threshold).astype(int)],
+        "prediction": decide(probability, threshold, classes),
         "probability": probability,
         "threshold": threshold,
     }, index=features.index)
@@ -238,9 +237,19 @@ def prediction_frame(
     return pd.DataFrame({
         "case_id": list(case_ids),
         f"probability_{classes[1]}": probability,
-        "prediction": np.array(classes, dtype=object)[(probability >= threshold).astype(int)],
+        "prediction": decide(probability, threshold, classes),
         "threshold": threshold,
     })
+
+
+def decide(probability: np.ndarray, threshold: float, classes: Sequence[Any]) -> np.ndarray:
+    """The class per row: ``classes[1]`` (the positive class) where P(positive) >=
+    ``threshold``, else ``classes[0]``. The one place the decision is made."""
+    positive = np.asarray(probability, dtype=float) >= threshold
+    names = np.asarray(list(classes))
+    if names.dtype.kind in "US":  # class names as Python strings, numbers as numbers
+        names = names.astype(object)
+    return names[positive.astype(int)]
 
 
 def train_classifier(
