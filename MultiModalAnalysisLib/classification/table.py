@@ -28,7 +28,7 @@ from MultiModalAnalysisLib.case import (
     read_manifest,
 )
 from MultiModalAnalysisLib.classification.labels import normalise_label
-from MultiModalAnalysisLib.errors import ManifestError
+from MultiModalAnalysisLib.errors import ConfigError, ManifestError
 from MultiModalAnalysisLib.io import has_image_suffix
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ def feature_table_from_frame(
         ManifestError: no ``case_id`` column, a label column that cannot hold a binary
             outcome (see :func:`check_label_column`), unknown excluded column, or no numeric
             feature left.
+        ConfigError: a ``feature_pattern`` that is no regular expression, or that matches
+            no column.
     """
     if "case_id" not in table.columns:
         raise ManifestError(f"{source} has no 'case_id' column.")
@@ -160,10 +162,17 @@ def feature_table_from_frame(
     dropped: dict[str, str] = dict.fromkeys(exclude, "excluded by the user")
     candidates = table.drop(columns=[c for c in [label_column, *exclude] if c is not None])
     if feature_pattern:
-        pattern = re.compile(feature_pattern)
+        pattern = _compiled(feature_pattern)
+        matching = [c for c in candidates.columns if pattern.search(str(c))]
+        if not matching:
+            raise ConfigError(
+                f"the feature pattern {feature_pattern!r} matches none of the "
+                f"{candidates.shape[1]} candidate column(s) of {source} (e.g. "
+                f"{column_list(candidates.columns)}). It is a regular expression searched "
+                "in each column name, e.g. 'glcm' or '^CT_.*(firstorder|glszm)'.")
         dropped.update({c: f"does not match {feature_pattern!r}"
-                        for c in candidates.columns if not pattern.search(str(c))})
-        candidates = candidates[[c for c in candidates.columns if pattern.search(str(c))]]
+                        for c in candidates.columns if c not in set(matching)})
+        candidates = candidates[matching]
     numeric = candidates.apply(pd.to_numeric, errors="coerce")
     coerced = []
     for column in candidates.columns:
@@ -187,6 +196,15 @@ def feature_table_from_frame(
     return FeatureTable(features, labels, label_column, source, dropped, excluded)
 
 
+def _compiled(feature_pattern: str) -> re.Pattern:
+    try:
+        return re.compile(feature_pattern)
+    except re.error as error:
+        raise ConfigError(
+            f"the feature pattern {feature_pattern!r} is not a regular expression: "
+            f"{error}.") from None
+
+
 def read_feature_table(
     path: str | Path,
     label_column: str | None = None,
@@ -205,7 +223,11 @@ def read_feature_table(
     Raises:
         ManifestError: unreadable CSV, missing columns, or an image manifest without a
             clear mask column.
+        ConfigError: a ``feature_pattern`` that is no regular expression, or that matches
+            no column.
     """
+    if feature_pattern:
+        _compiled(feature_pattern)  # before any image of a manifest is read
     manifest = read_manifest(path)
     if image_path_columns(manifest.table):
         return features_from_image_manifest(

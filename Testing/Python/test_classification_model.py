@@ -184,6 +184,16 @@ def test_feature_table_leaves_out_text_columns_and_unlabelled_cases(tmp_path):
     assert result.excluded_cases == {"c": "no LungMets value"}
     assert result.dropped_columns["comment"] == "not numeric"
     assert np.isnan(result.features.loc["b", "CT_stat_mean"])  # imputed later, in the folds
+    kept = read_feature_table(path, "LungMets", exclude=["OtherOutcome"],
+                              feature_pattern="^PET_")
+    assert list(kept.features.columns) == ["PET_stat_max"]
+    assert kept.dropped_columns["CT_stat_mean"] == "does not match '^PET_'"
+    # A pattern that keeps nothing says so (not "no numeric feature column"), and a broken
+    # one is a ConfigError, not a traceback from re.
+    with pytest.raises(ConfigError, match="matches none of the 3 candidate"):
+        read_feature_table(path, "LungMets", exclude=["OtherOutcome"], feature_pattern="^MR_")
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        read_feature_table(path, "LungMets", feature_pattern="glcm(")
 
 
 def test_a_label_column_that_is_no_binary_outcome_is_refused_naming_the_outcome_columns(
