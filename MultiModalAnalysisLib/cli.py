@@ -199,10 +199,14 @@ def _add_features(subparsers: argparse._SubParsersAction) -> None:
     cohort.add_argument("--skip-failed", action="store_true",
                         help="leave out a case that cannot be read or measured (with a "
                         "warning naming it) instead of stopping the run")
-    parser.add_argument("--output", "-o", type=Path, required=True, help="features CSV")
+    parser.add_argument("--output", "-o", type=Path, help="features CSV (required unless "
+                        "--list-features)")
     parser.add_argument("--settings", type=Path,
                         help="JSON or YAML file of IBSI settings (see FeatureSettings)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--list-features", action="store_true",
+                        help="print the IBSI tags these settings compute, one per line "
+                        "(each image's columns are <image>_<tag>), and stop")
     parser.set_defaults(func=_run_features)
 
 
@@ -218,6 +222,13 @@ def _run_features(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.io import read_image
 
     settings = load_settings(args.settings)
+    if args.list_features:
+        from MultiModalAnalysisLib.features.extract import feature_tags
+
+        print("\n".join(feature_tags(settings)))
+        return 0
+    if args.output is None:
+        raise ConfigError("give --output, the features CSV to write.")
     if args.manifest:
         if args.image or args.mask:
             raise ConfigError("give either --manifest or --image/--mask, not both.")

@@ -147,6 +147,37 @@ def image_features(
     return floats
 
 
+def feature_tags(settings: FeatureSettings | dict | str | None = None) -> list[str]:
+    """The IBSI tags :func:`extract_features` gives with ``settings``, in column order.
+
+    Found by computing them (on the CPU) on a small built-in phantom, a ball of 16^3
+    voxels of random intensities inside the settings' re-segmentation range, so the list
+    is what the extraction itself makes: each family and aggregation level the settings
+    ask for, ``features`` patterns applied. ``mma features --list-features`` prints it.
+    """
+    import numpy as np
+
+    settings = load_settings(settings)
+    low, high = settings.resegmentation_range or (None, None)
+    low = 0.0 if low is None else float(low)
+    high = low + 100.0 if high is None else float(high)
+    rng = np.random.default_rng(0)
+    size = 16
+    values = rng.uniform(low, high, (size, size, size))
+    if settings.intensity_rounding or high - low >= 20:
+        values = np.clip(np.round(values), np.ceil(low), np.floor(high))
+    image = sitk.GetImageFromArray(values.astype(np.float64))
+    image.SetSpacing(tuple(float(s) for s in settings.new_spacing or (1.0, 1.0, 1.0)))
+    z, y, x = np.indices((size, size, size)) - (size - 1) / 2
+    mask = sitk.GetImageFromArray((x**2 + y**2 + z**2 <= 6.5**2).astype(np.uint8))
+    mask.CopyInformation(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedFeatureWarning)
+        with cpu_threads(1):
+            computed = image_features(image, mask, settings, torch.device("cpu"), workers=1)
+    return list(computed)
+
+
 def _check_feature_patterns(settings: FeatureSettings, computed: Mapping[str, object]) -> None:
     """A ``features`` entry that selects nothing is a typo, not a wish for an empty table."""
     unmatched = settings.unmatched_features(computed)
@@ -155,7 +186,8 @@ def _check_feature_patterns(settings: FeatureSettings, computed: Mapping[str, ob
         raise ConfigError(
             f"features: {', '.join(repr(p) for p in unmatched)} match(es) no feature computed "
             f"with these settings (families {', '.join(families)}; tags as in IBSI, e.g. "
-            "'stat_mean', 'cm_joint_max_3D_avg', or patterns such as 'szm_*')."
+            "'stat_mean', 'cm_joint_max_3D_avg', or patterns such as 'szm_*'; "
+            "`mma features --list-features` lists them all)."
         )
 
 

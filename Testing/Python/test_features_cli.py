@@ -28,6 +28,25 @@ def test_features_of_one_case_make_one_row_named_by_image_and_ibsi_tag(tmp_path)
     assert "phantom_cm_joint_max_3D_comb" in table.columns
 
 
+def test_list_features_prints_exactly_the_tags_an_extraction_makes(tmp_path, capsys):
+    out = tmp_path / "features.csv"
+    assert main(["-q", "features", "--image", f"phantom={PHANTOM / 'phantom.nii.gz'}",
+                 "--mask", str(PHANTOM / "mask.nii.gz"), "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "features", "--list-features"]) == 0
+    listed = capsys.readouterr().out.split()
+    computed = [c.removeprefix("phantom_") for c in pd.read_csv(out).columns[1:]]
+    assert listed == computed and len(listed) > 400
+    # with settings: only the families, aggregation levels and patterns asked for
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("families: [cm, stat]\ntexture_aggregation: [3D]\n"
+                        "features: ['cm_*', 'stat_mean']\nresegmentation_range: [-1000, -900]\n")
+    assert main(["-q", "features", "--list-features", "--settings", str(settings)]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed[0] == "stat_mean" and len(listed) == 1 + 25 * 2  # 3D_avg, 3D_comb
+    assert all(t.startswith("cm_") and "_3D_" in t for t in listed[1:])
+
+
 def test_features_name_a_bare_image_path_from_its_file_name(tmp_path):
     image = tmp_path / "PET_image.nii.gz"
     image.write_bytes((PHANTOM / "phantom.nii.gz").read_bytes())
