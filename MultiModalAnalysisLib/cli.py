@@ -326,6 +326,10 @@ def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
                            help="columns that are not features (e.g. other outcomes)")
     radiomics.add_argument("--features", dest="feature_pattern", default=None,
                            metavar="REGEX", help="use only feature columns matching this")
+    radiomics.add_argument("--skip-failed", action="store_true",
+                           help="with an image manifest: leave out a case whose images cannot "
+                           "be read or measured (with a warning naming it) instead of "
+                           "stopping")
     deep = parser.add_argument_group("deep classifier (--kind deep)")
     images = parser.add_argument_group("image manifests (deep, or radiomics from images)")
     images.add_argument("--modalities", default=None,
@@ -361,15 +365,21 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
 
     settings = _classifier_settings(args)
+    extraction = {"on_error": "skip"} if args.skip_failed else {}
     with ProgressBar("features", enabled=not args.quiet) as bar:
         table = read_feature_table(
             args.manifest, args.label_column, exclude=args.exclude,
             feature_pattern=args.feature_pattern, mask_column=args.mask_column,
             modalities=args.modalities.split(",") if args.modalities else None,
-            feature_settings=args.feature_settings, device=args.device, progress=bar)
+            feature_settings=args.feature_settings, device=args.device, progress=bar,
+            **extraction)
+    unmeasured = [c for c, why in table.excluded_cases.items()
+                  if why.startswith("could not be measured")]
+    unlabelled = len(table.excluded_cases) - len(unmeasured)
     print(f"{len(table)} cases, {table.features.shape[1]} features from {args.manifest}"
-          + (f"; left out {len(table.excluded_cases)} case(s) without a label"
-             if table.excluded_cases else ""))
+          + (f"; left out {unlabelled} case(s) without a label" if unlabelled else "")
+          + (f"; left out {len(unmeasured)} case(s) that could not be measured: "
+             f"{', '.join(unmeasured)} (see the warnings)" if unmeasured else ""))
     with ProgressBar("train-classifier", enabled=not args.quiet) as bar:
         model = train_classifier(table, settings=settings, positive_label=args.positive_label,
                                  evaluate=args.cv != 0, output=args.output, progress=bar)
@@ -430,15 +440,26 @@ def _add_classify(subparsers: argparse._SubParsersAction) -> None:
                         "'mask', the manifest's only mask column, or the mask of the first "
                         "modality)")
     parser.add_argument("--output", "-o", type=Path, required=True, help="predictions CSV")
+    parser.add_argument("--skip-failed", action="store_true",
+                        help="radiomics model, image manifest: leave out a case whose images "
+                        "cannot be read or measured (with a warning naming it) instead of "
+                        "stopping")
     parser.set_defaults(func=_run_classify)
 
 
 def _run_classify(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.classification import load_classifier
+    from MultiModalAnalysisLib.classification.model import TrainedClassifier
+    from MultiModalAnalysisLib.errors import ConfigError
 
     model = load_classifier(args.model)
+    options = {"mask_column": args.mask_column} if args.mask_column else {}
+    if args.skip_failed:
+        if not isinstance(model, TrainedClassifier):
+            raise ConfigError("--skip-failed applies to radiomics classifiers; a deep "
+                              "classifier reads every case of the manifest.")
+        options["on_error"] = "skip"
     with ProgressBar("classify", enabled=not args.quiet) as bar:
-        options = {"mask_column": args.mask_column} if args.mask_column else {}
         predictions = model.predict_manifest(args.manifest, progress=bar, **options)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(args.output, index=False)

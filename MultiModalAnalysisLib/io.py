@@ -51,7 +51,8 @@ def read_image(
     path = Path(path)
     label = name or str(path)
     if not path.exists():
-        raise ImageReadError(f"{label}: no such file or folder. Check the path.")
+        where = "" if str(path) in label else f" ({path})"
+        raise ImageReadError(f"{label}: no such file or folder{where}. Check the path.")
     if path.is_dir():
         image = read_dicom_series(path, series_uid=series_uid, name=label)
     else:

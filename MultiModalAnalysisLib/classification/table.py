@@ -300,6 +300,7 @@ def features_from_image_manifest(
     device: str = "auto",
     progress: Any = None,
     cancel: Any = None,
+    on_error: str = "stop",
 ) -> FeatureTable:
     """Features for a manifest of IMAGE PATHS (+ a mask column): the single place where the
     radiomics extractor is called for a classifier.
@@ -317,6 +318,9 @@ def features_from_image_manifest(
         mask_column: the ROI column (default: see :func:`default_mask_column`).
         feature_settings: IBSI settings (:class:`features.FeatureSettings`, dict or file).
         device, progress, cancel: as for :func:`features.extract_features`.
+        on_error: a case that cannot be read or measured stops the run ("stop") or is left
+            out with a warning ("skip"; listed in ``excluded_cases`` with its error), as in
+            :func:`features.extract_cohort_features`.
 
     Raises:
         ManifestError: no mask column (or several, none of the first modality), no image
@@ -342,7 +346,8 @@ def features_from_image_manifest(
     log.info("%s: computing the features of %s inside %s for %d case(s)", manifest.path,
              ", ".join(modalities), mask_column, len(manifest.case_ids))
     frame = extract_cohort_features(manifest, modalities, mask_column, feature_settings,
-                                    device, progress, cancel)
+                                    device, progress, cancel, on_error=on_error)
+    failed = dict(frame.attrs.get("failed", {}))
     carried = [c for c in table.columns
                if c != "case_id" and c not in paths and c not in frame.columns]
     if carried:
@@ -354,6 +359,8 @@ def features_from_image_manifest(
         frame, label_column, exclude=[*exclude, *not_features], feature_pattern=feature_pattern,
         source=f"{manifest.path} (features of {', '.join(modalities)} in {mask_column})",
     )
+    result.excluded_cases.update(
+        {case_id: f"could not be measured ({error})" for case_id, error in failed.items()})
     result.extraction = {"modalities": list(modalities), "mask_column": mask_column,
                          "feature_settings": _settings_dict(feature_settings)}
     return result

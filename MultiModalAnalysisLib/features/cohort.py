@@ -149,14 +149,13 @@ def _read_ahead(
     def _read(case_id: str):
         row = manifest.row(case_id)
         # read directly: extract_features checks the mask itself, more cheaply than a
-        # general label-image reader would (it only looks at the voxels that are set)
+        # general label-image reader would (it only looks at the voxels that are set).
+        # Messages are named by column; _for_case puts the case in front.
         images = {
-            name: read_image(_path(manifest, row, column, case_id), name=f"{name} of {case_id}")
+            name: read_image(_path(manifest, row, column, case_id), name=name)
             for name, column in columns.items()
         }
-        mask = read_image(
-            _path(manifest, row, mask_column, case_id), name=f"{mask_column} of {case_id}"
-        )
+        mask = read_image(_path(manifest, row, mask_column, case_id), name=mask_column)
         return case_id, images, mask, None
 
     case_ids = list(manifest.case_ids)

@@ -330,6 +330,37 @@ def test_an_image_manifest_is_turned_into_features_then_classified_alike(image_m
     assert "trained on a feature table, which does not record" in caplog.text
 
 
+def test_skip_failed_leaves_out_an_unmeasurable_case_in_training_and_classifying(
+    image_manifest, tmp_path, capsys
+):
+    table = pd.read_csv(image_manifest)
+    table.loc[3, "PET"] = "case_003/missing.nii.gz"
+    broken = image_manifest.parent / "broken.csv"  # paths are relative to it
+    table.to_csv(broken, index=False)
+    settings = tmp_path / "features.json"
+    settings.write_text(json.dumps(FEATURE_SETTINGS))
+    command = ["-q", "train-classifier", "--manifest", str(broken), "--label-column",
+               "LungMets", "--cv", "0", "--classifier", "logistic_l2", "--n-features", "2",
+               "--feature-settings", str(settings), "--device", "cpu"]
+    assert main([*command, "--output", str(tmp_path / "stopped")]) == 2
+    assert "case_003" in capsys.readouterr().err
+    assert not (tmp_path / "stopped").exists()
+    assert main([*command, "--skip-failed", "--output", str(tmp_path / "CLF")]) == 0
+    out = capsys.readouterr().out
+    assert "15 cases" in out and "1 case(s) that could not be measured: case_003" in out
+    excluded = json.loads((tmp_path / "CLF" / "classifier.json").read_text())[
+        "training_cohort"]["excluded_cases"]
+    assert list(excluded) == ["case_003"] and "missing.nii.gz" in excluded["case_003"]
+    predictions = tmp_path / "predictions.csv"
+    classify = ["-q", "classify", "--model", str(tmp_path / "CLF"), "--manifest", str(broken),
+                "--output", str(predictions)]
+    assert main(classify) == 2
+    capsys.readouterr()
+    assert main([*classify, "--skip-failed"]) == 0
+    written = pd.read_csv(predictions)["case_id"].tolist()
+    assert len(written) == 15 and "case_003" not in written
+
+
 def test_cli_choices_are_the_engine_choices():
     assert CLASSIFIER_CHOICES == CLASSIFIERS and SELECTION_CHOICES == SELECTIONS
 
