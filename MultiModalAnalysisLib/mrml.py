@@ -609,7 +609,9 @@ def _segment_values(segments: Any) -> list[int]:
     """The label value of each segment, in order.
 
     A segment imported by :func:`segmentation_node_from_labels` keeps its value (a tag); any
-    other (e.g. drawn in the Segment Editor) takes the smallest value no segment uses.
+    other (e.g. drawn in the Segment Editor) takes the smallest value no segment uses. So
+    does a segment whose tag an earlier segment already holds (two segments copied in from
+    label images that both used 1): each segment has its own value.
     """
     import vtk
 
@@ -617,7 +619,8 @@ def _segment_values(segments: Any) -> list[int]:
     for index in range(segments.GetNumberOfSegments()):
         tag = vtk.reference("")
         found = segments.GetNthSegment(index).GetTag(LABEL_VALUE_TAG, tag)
-        tagged.append(int(str(tag)) if found and str(tag).isdigit() else None)
+        value = int(str(tag)) if found and str(tag).isdigit() and int(str(tag)) > 0 else None
+        tagged.append(None if value in tagged else value)
     used = {v for v in tagged if v is not None}
     values, candidate = [], 1
     for value in tagged:
@@ -642,17 +645,45 @@ def labels_from_segmentation_node(node: Any, reference_node: Any | None = None) 
         reference_node: the volume whose grid the label image takes (default: the
             segmentation's own reference geometry).
     """
+    segments = node.GetSegmentation()
+    if segments.GetNumberOfSegments() == 0:
+        raise LabelError(f"segmentation {_node_label(node)} has no segments.")
+    exported = _export_segments(node, range(segments.GetNumberOfSegments()), reference_node)
+    # The export numbers segments 1..N in order; give them back their own values.
+    values = _segment_values(segments)
+    lookup = np.zeros(len(values) + 1, dtype=np.int64)
+    lookup[1:] = values
+    array = lookup[sitk.GetArrayViewFromImage(exported).astype(np.int64)]
+    result = sitk.GetImageFromArray(_as_label_array(array, "the segmentation"))
+    result.CopyInformation(exported)
+    return result
+
+
+def segment_masks(node: Any, reference_node: Any | None = None) -> dict[str, sitk.Image]:
+    """Each segment of a segmentation node as its own binary mask (0/1, UInt8), keyed by
+    segment ID, on ``reference_node``'s grid (default: the segmentation's reference
+    geometry). Unlike :func:`labels_from_segmentation_node`, overlapping segments each keep
+    their whole region (a necrosis segment inside a tumour segment leaves the tumour whole).
+    """
+    segments = node.GetSegmentation()
+    masks = {}
+    for index in range(segments.GetNumberOfSegments()):
+        exported = _export_segments(node, [index], reference_node)
+        masks[segments.GetNthSegmentID(index)] = sitk.Cast(exported != 0, sitk.sitkUInt8)
+    return masks
+
+
+def _export_segments(node: Any, indices: Any, reference_node: Any | None) -> sitk.Image:
+    """Slicer's labelmap export of the segments at ``indices`` (numbered 1..N in order;
+    where they overlap the later one wins), through a temporary labelmap node."""
     import slicer
     import vtk
 
     scene = node.GetScene()
     segments = node.GetSegmentation()
-    if segments.GetNumberOfSegments() == 0:
-        raise LabelError(f"segmentation {_node_label(node)} has no segments.")
     ids = vtk.vtkStringArray()
-    for index in range(segments.GetNumberOfSegments()):
+    for index in indices:
         ids.InsertNextValue(segments.GetNthSegmentID(index))
-    values = _segment_values(segments)
     colour_tables = _node_ids(scene, "vtkMRMLColorTableNode")
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export (temporary)")
     try:
@@ -667,13 +698,7 @@ def labels_from_segmentation_node(node: Any, reference_node: Any | None = None) 
         # The export leaves a colour table behind for the temporary labelmap.
         for node_id in _node_ids(scene, "vtkMRMLColorTableNode") - colour_tables:
             scene.RemoveNode(scene.GetNodeByID(node_id))
-    # The export numbers segments 1..N in order; give them back their own values.
-    lookup = np.zeros(len(values) + 1, dtype=np.int64)
-    lookup[1:] = values
-    array = lookup[sitk.GetArrayViewFromImage(exported).astype(np.int64)]
-    result = sitk.GetImageFromArray(_as_label_array(array, "the segmentation"))
-    result.CopyInformation(exported)
-    return result
+    return exported
 
 
 # --------------------------------------------------------------------------------------

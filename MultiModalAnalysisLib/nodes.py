@@ -113,10 +113,45 @@ def _label_image(mask_node: Any, reference_node: Any) -> sitk.Image:
     return mrml.image_from_volume_node(mask_node)
 
 
-def _region_names(mask_node: Any) -> dict[int, str]:
+def _mask_image(mask_node: Any, reference_node: Any, role: str) -> sitk.Image:
+    """A binary mask from a segmentation node (the union of its segments, said in the log
+    when there are several) or a labelmap node (as it is: several labels are refused
+    downstream, naming them)."""
+    labels = _label_image(mask_node, reference_node)
+    if not mask_node.IsA("vtkMRMLSegmentationNode"):
+        return labels
+    names = list(mrml.segment_names(mask_node).values())
+    if len(names) > 1:
+        log.info("the %s is the union of the %d segments of %s (%s).", role, len(names),
+                 _name(mask_node), ", ".join(names))
+    return sitk.Cast(labels != 0, sitk.sitkUInt8)
+
+
+def _region_masks(mask_node: Any, reference_node: Any) -> dict[str, sitk.Image]:
+    """The non-empty regions to measure, by name, each a whole binary mask: every segment
+    of a segmentation node (overlapping segments each keep their whole region; two segments
+    of one name are told apart by their ID), or every label value of a labelmap node."""
+    if mask_node is None:
+        raise MMAError("no mask or segmentation was selected: choose one.")
+    regions: dict[str, sitk.Image] = {}
     if mask_node.IsA("vtkMRMLSegmentationNode"):
-        return mrml.segment_names(mask_node)
-    return {}
+        segmentation = mask_node.GetSegmentation()
+        masks = mrml.segment_masks(mask_node, reference_node)
+        names = [segmentation.GetSegment(i).GetName() for i in masks]
+        for (segment_id, mask), name in zip(masks.items(), names, strict=True):
+            if names.count(name) > 1:
+                name = f"{name} ({segment_id})"
+            if sitk.GetArrayViewFromImage(mask).any():
+                regions[name] = mask
+        return regions
+    labels = mrml.image_from_volume_node(mask_node)
+    array = sitk.GetArrayViewFromImage(labels)
+    for value in np.unique(array):
+        if value != 0:
+            mask = sitk.GetImageFromArray((array == value).astype(np.uint8))
+            mask.CopyInformation(labels)
+            regions[f"label {int(value)}"] = mask
+    return regions
 
 
 # ------------------------------------------------------------------------------- preprocessing
@@ -243,7 +278,8 @@ def register_task(
     fixed = _read_volume(fixed_node, "fixed")
     moving = _read_volume(moving_node, "moving")
     fixed_mask = (
-        _on_grid(_label_image(fixed_mask_node, fixed_node), fixed, "fixed mask", is_label=True)
+        _on_grid(_mask_image(fixed_mask_node, fixed_node, "fixed mask"), fixed, "fixed mask",
+                 is_label=True)
         if fixed_mask_node is not None
         else None
     )
@@ -423,7 +459,8 @@ def segment_task(
     """
     images, reference_node = _images_on_reference(volume_nodes)
     reference_name = next(iter(images))
-    mask = _label_image(mask_node, reference_node) if mask_node is not None else None
+    mask = (_mask_image(mask_node, reference_node, "region to segment")
+            if mask_node is not None else None)
 
     def compute(progress: Progress, cancel: threading.Event | None) -> Any:
         from MultiModalAnalysisLib.segmentation import segment
@@ -493,12 +530,9 @@ def extract_features_task(
     per feature (``<image>_<IBSI tag>``).
     """
     images, reference_node = _images_on_reference(volume_nodes)
-    labels = _label_image(mask_node, reference_node)
-    names = _region_names(mask_node)
-    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v != 0]
-    regions = {v: names.get(v, f"label {v}") for v in values}
-    if segments is not None:
-        regions = {v: n for v, n in regions.items() if n in set(segments)}
+    masks = _region_masks(mask_node, reference_node)  # here: the export needs the scene
+    regions = {name: mask for name, mask in masks.items()
+               if segments is None or name in set(segments)}
     if not regions:
         raise EmptyImageError(
             f"{_name(mask_node)} has no non-empty region"
@@ -514,11 +548,10 @@ def extract_features_task(
 
         reference = next(iter(images.values()))
         on_grid = {m: _on_grid(image, reference, m) for m, image in images.items()}
-        label_grid = _on_grid(labels, reference, "mask", is_label=True)
         rows = []
-        for i, (value, region) in enumerate(regions.items()):
+        for i, (region, mask) in enumerate(regions.items()):
             check_cancel(cancel, "feature extraction")
-            region_mask = sitk.Cast(sitk.Equal(label_grid, value), sitk.sitkUInt8)
+            region_mask = _on_grid(mask, reference, "mask", is_label=True)
             step = progress.sub(i / len(regions), (i + 1) / len(regions))
             features = extract_features(
                 on_grid, region_mask, settings=settings, device=device, progress=step,

@@ -321,6 +321,54 @@ def test_features_of_the_tumour_segment_go_to_a_table_node_like_the_engine(patie
         assert frame[name].iloc[0] == pytest.approx(value, rel=1e-5, abs=1e-8, nan_ok=True), name
 
 
+def test_each_segment_is_measured_whole_when_segments_overlap_or_share_a_label_value(
+        mrml_scene):
+    # A tumour segment, and a necrosis segment inside it copied in from another label image
+    # that also used value 1 (as when the expert GTV is copied into the workflow's
+    # segmentation). Each row must measure its own whole region.
+    shape = (20, 30, 30)
+    rng = np.random.default_rng(0)
+    ct = mrml.volume_node_from_image(
+        sitk.GetImageFromArray(rng.normal(100, 10, shape).astype(np.float32)), mrml_scene, "CT")
+    tumour = np.zeros(shape, np.uint8)
+    tumour[4:16, 5:25, 5:25] = 1
+    necrosis = np.zeros(shape, np.uint8)
+    necrosis[8:12, 12:18, 12:18] = 1
+    node = mrml.segmentation_node_from_labels(sitk.GetImageFromArray(tumour), mrml_scene,
+                                              names={1: "tumour"}, reference_node=ct)
+    other = mrml.segmentation_node_from_labels(sitk.GetImageFromArray(necrosis), mrml_scene,
+                                               names={1: "necrosis"}, reference_node=ct)
+    node.GetSegmentation().CopySegmentFromSegmentation(
+        other.GetSegmentation(), other.GetSegmentation().GetNthSegmentID(0))
+    mrml_scene.RemoveNode(other)
+    assert sorted(mrml.segment_names(node).values()) == ["necrosis", "tumour"]  # both kept
+    frame = mrml.dataframe_from_table_node(nodes.extract_features_to_table(
+        {"CT": ct}, node, settings={"families": ["morph"]}))
+    volumes = dict(zip(frame["segment"], frame["CT_morph_vol_approx"], strict=True))
+    assert volumes == {"tumour": float(tumour.sum()), "necrosis": float(necrosis.sum())}
+
+
+def test_a_segmentation_of_several_segments_as_a_mask_is_their_union(mrml_scene, caplog):
+    rng = np.random.default_rng(1)
+    values = rng.normal(100, 20, (20, 40, 40)).astype(np.float32)
+    values[5:15, 10:20, 10:20] += 200
+    volume = mrml.volume_node_from_image(sitk.GetImageFromArray(values), mrml_scene, "CT")
+    regions = np.zeros(values.shape, np.uint8)
+    regions[2:18, 5:30, 5:30] = 1
+    regions[8:12, 12:18, 12:18] = 2
+    mask = mrml.segmentation_node_from_labels(sitk.GetImageFromArray(regions), mrml_scene,
+                                              names={1: "body", 2: "core"}, reference_node=volume)
+    with caplog.at_level("INFO"):
+        result = nodes.segment_volumes({"CT": volume}, method="kmeans", classes=2,
+                                       mask_node=mask, show_3d=False)
+    assert "union of the 2 segments" in caplog.text and "body, core" in caplog.text
+    labels = sitk.GetArrayFromImage(
+        mrml.labels_from_segmentation_node(result.segmentation_node, volume))
+    assert np.array_equal(labels > 0, regions > 0)  # all of both segments, nothing else
+    registered = nodes.register_volumes(volume, volume, transform="rigid", fixed_mask_node=mask)
+    assert registered.metrics["runtime_s"] > 0
+
+
 # ---------------------------------------------------------------------- landmarks
 
 
