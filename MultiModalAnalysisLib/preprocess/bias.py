@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import ConfigError
+from MultiModalAnalysisLib.errors import ConfigError, ImageDimensionError
 from MultiModalAnalysisLib.filters import execute_filter
 from MultiModalAnalysisLib.images import as_float32, validate_image, validate_mask
 from MultiModalAnalysisLib.preprocess.crop import foreground_mask
@@ -54,6 +54,11 @@ def estimate_bias_field(
     if control_points < 4:
         raise ConfigError(f"control_points must be >= 4 (spline order 3), got {control_points}.")
     image = as_float32(validate_image(image, name, require_contrast=True))
+    if min(image.GetSize()) < 2:  # ITK fails on it with "Zero-valued spacing"
+        raise ImageDimensionError(
+            f"{name} is a single slice (size {' x '.join(map(str, image.GetSize()))}): N4 "
+            "bias-field correction fits a 3-D field and needs at least 2 voxels along every "
+            "axis. Correct the whole volume the slice comes from.")
     mask = (
         foreground_mask(image)
         if mask is None

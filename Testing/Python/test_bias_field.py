@@ -9,7 +9,11 @@ import pytest
 import SimpleITK as sitk
 from synthetic import make_image
 
-from MultiModalAnalysisLib.errors import ConstantImageError, OperationCancelled
+from MultiModalAnalysisLib.errors import (
+    ConstantImageError,
+    ImageDimensionError,
+    OperationCancelled,
+)
 from MultiModalAnalysisLib.preprocess import estimate_bias_field, n4_bias_correction
 
 
@@ -75,3 +79,15 @@ def test_n4_refuses_a_constant_image():
     flat = make_image(np.full((10, 12, 12), 7.0, np.float32))
     with pytest.raises(ConstantImageError, match="constant"):
         n4_bias_correction(flat, name="T1 scan")
+
+
+def test_n4_refuses_a_single_slice_with_a_project_error(rng):
+    # ITK's own failure here is "Zero-valued spacing is not supported"; the MR preset (and
+    # the Slicer module's Preprocess) must say what is wrong instead.
+    from MultiModalAnalysisLib.preprocess import apply_modality_preset
+
+    one_slice = make_image(rng.normal(100, 20, (1, 40, 40)).astype(np.float32))
+    with pytest.raises(ImageDimensionError, match="single slice"):
+        apply_modality_preset(one_slice, "MR_T1")
+    two = n4_bias_correction(make_image(rng.normal(100, 20, (2, 40, 40)).astype(np.float32)))
+    assert two.GetSize() == (40, 40, 2)
