@@ -124,6 +124,7 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._runner = None
         self._state = None
         self._currentVolumes = None  # what the next single step works on
+        self._unregisteredVolumes = None  # what the next Register starts from
         self._startedAt = 0.0
         self._deviceChecked = False
 
@@ -250,12 +251,12 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._parameterNode.inputVolumes = volumes
             self._parameterNode.inputModalities = modalities
             self._parameterNode.inputLandmarks = [n.GetID() if n else "" for n in landmarks]
-        self._currentVolumes = None
+        self._currentVolumes = self._unregisteredVolumes = None
 
     def onReferenceChosen(self, node):
         if node is not None and self._parameterNode is not None:
             self._parameterNode.referenceModality = guessNodeModality(node)
-        self._currentVolumes = None
+        self._currentVolumes = self._unregisteredVolumes = None
 
     def onGuessModalities(self):
         if self._parameterNode and self._parameterNode.referenceVolume:
@@ -283,7 +284,10 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 self._deviceChecked = True
                 self.ui.deviceLabel.text = self.logic.detectedDevice()
             volumes = None if fresh else self._currentVolumes
-            steps, self._state = self.logic.workflow(self._parameterNode, stages, volumes)
+            unregistered = None if fresh else self._unregisteredVolumes
+            steps, self._state = self.logic.workflow(
+                self._parameterNode, stages, volumes, unregistered
+            )
             if not steps:
                 raise MMAError("nothing to run: the chosen step is switched off in its settings.")
             if "register" in stages:
@@ -335,6 +339,9 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self._state is not None:
             self._currentVolumes = [
                 (node, modality) for modality, node in self._state.volumes.items()
+            ]
+            self._unregisteredVolumes = [
+                (node, modality) for modality, node in self._state.unregistered.items()
             ]
         self.updateButtonStates()
         if runner.cancelled:
@@ -440,8 +447,9 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
             points for n, points in zip(p.inputVolumes, further, strict=False) if n
         ]
 
-    def workflow(self, p, stages, volumes=None):
-        """Steps for ``stages`` over the inputs (or the volumes a previous step produced)."""
+    def workflow(self, p, stages, volumes=None, unregistered=None):
+        """Steps for ``stages`` over the inputs (or the volumes a previous step produced;
+        a registration starts from ``unregistered``, the volumes before any was registered)."""
         if p.referenceVolume is None:
             raise MMAError("choose a reference volume in Inputs first.")
         mask = p.featuresMask or p.outputSegmentation
@@ -453,8 +461,9 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
         # The volumes of a previous step come in the order of the inputs (reference first),
         # and sit where the inputs do: the landmarks clicked on the inputs apply to them.
         steps, state = workflow_steps(
-            volumes or self.inputs(p), settings, mask_node=mask, stages=stages,
-            landmarks=self.landmarks(p),
+            volumes or self.inputs(p), settings, mask_node=mask,
+            segmentation_mask=p.segmentationMask, stages=stages,
+            landmarks=self.landmarks(p), unregistered=unregistered,
         )
         if "classify" in stages and "features" not in stages:
             state.features = p.outputFeatures
@@ -479,10 +488,10 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
             scene=slicer.mrmlScene,
         )
 
-    def run(self, p, stages=STAGES, volumes=None):
+    def run(self, p, stages=STAGES, volumes=None, unregistered=None):
         """Run steps to the end, keeping Slicer responsive (for the self-test and scripts)."""
         self.installer.ensure()
-        steps, state = self.workflow(p, stages, volumes)
+        steps, state = self.workflow(p, stages, volumes, unregistered)
         runner = StepRunner(steps)
         while not runner.poll(0.05):
             slicer.app.processEvents()

@@ -27,6 +27,8 @@ from MultiModalAnalysisLib.progress import Progress, check_cancel
 log = logging.getLogger(__name__)
 
 STAGES = ("preprocess", "register", "fuse", "segment", "features", "classify")
+# segmentations whose labels are a lesion, which a batch row can measure
+BATCH_SEGMENTATIONS = ("model", "threshold")
 REGISTRATION_TYPES = ("rigid", "affine", "deformable", "landmarks", "none")
 
 
@@ -74,6 +76,10 @@ class WorkflowState:
     volumes: dict[str, Any]  # modality -> current volume node (reference first)
     reference: str  # the reference modality
     mask_node: Any | None = None  # the region for features (user's, else the segmentation)
+    # modality -> the volume a registration of it starts from: the input or its preprocessed
+    # copy, never a registered one (running Register again must not register the warped
+    # copy, which would find about the identity and resample the volume twice)
+    unregistered: dict[str, Any] = field(default_factory=dict)
     transforms: dict[str, Any] = field(default_factory=dict)
     registration_metrics: dict[str, dict] = field(default_factory=dict)
     # modality -> where its registered volume has data, on the reference grid (UInt8)
@@ -89,9 +95,11 @@ def workflow_steps(
     settings: WorkflowSettings,
     *,
     mask_node: Any | None = None,
+    segmentation_mask: Any | None = None,
     stages: Sequence[str] = STAGES,
     scene: Any | None = None,
     landmarks: Sequence[Any | None] | None = None,
+    unregistered: Sequence[tuple[Any, str]] | None = None,
 ) -> tuple[list[tuple[str, Callable[[], Any]]], WorkflowState]:
     """The steps of one run over volumes loaded in Slicer, and the state they fill.
 
@@ -99,12 +107,17 @@ def workflow_steps(
         volumes: ``(volume node, modality)`` pairs; the first is the reference (fixed) volume.
         settings: the pipeline's settings.
         mask_node: a segmentation/labelmap to measure (default: the segmentation step's output).
+        segmentation_mask: a segmentation/labelmap the segmentation step is restricted to
+            (the module's "Restrict to"; several segments: their union).
         stages: which of :data:`STAGES` to run.
         scene: where new nodes go (default: the reference volume's scene).
         landmarks: a markups point list (or ``None``) per volume, in the order of
             ``volumes``: the reference's points pair with each further volume's (by label,
             else in order). They start each registration that has both (and its TRE at them
             is reported); registration type "landmarks" uses them alone.
+        unregistered: ``(volume node, modality)`` pairs a registration starts from, when
+            ``volumes`` are the registered volumes of an earlier run (``state.unregistered``
+            of that run); default: ``volumes``.
 
     Returns:
         ``(steps, state)``: give ``steps`` to :class:`jobs.StepRunner`; read ``state`` after.
@@ -119,13 +132,18 @@ def workflow_steps(
     duplicated = {m for m in modalities if modalities.count(m) > 1}
     if duplicated:
         raise ConfigError(
-            f"several input volumes have modality {', '.join(sorted(duplicated))}: give each "
-            "volume its own modality (or 'other' names them by volume)."
+            f"several input volumes have modality {', '.join(sorted(duplicated))}: each "
+            "volume needs its own modality (the features' column names start with it); "
+            "choose another one for all but one of them."
         )
     state = WorkflowState(
         {m: node for (node, _), m in zip(volumes, modalities, strict=True)}, modalities[0],
         mask_node,
     )
+    state.unregistered = dict(state.volumes)
+    for node, modality in unregistered or ():
+        if canonical_modality(modality) in state.unregistered and node is not None:
+            state.unregistered[canonical_modality(modality)] = node
     target = scene or volumes[0][0].GetScene()
     points = _landmarks_by_modality(modalities, landmarks)
     if "register" in stages and settings.registration_type == "landmarks":
@@ -157,14 +175,15 @@ def workflow_steps(
     if "preprocess" in stages and settings.preprocess:
         for modality in modalities:
             steps.append((f"preprocess {modality}", then(
-                lambda m=modality: nodes.preprocess_task(state.volumes[m], m, scene=target),
-                lambda node, m=modality: state.volumes.__setitem__(m, node),
+                lambda m=modality: nodes.preprocess_task(state.unregistered[m], m,
+                                                         scene=target),
+                lambda node, m=modality: _keep_preprocessed(state, m, node),
             )))
     if "register" in stages and settings.registration_type != "none":
         for modality in modalities[1:]:
             steps.append((f"register {modality}", then(
                 lambda m=modality: nodes.register_task(
-                    state.volumes[state.reference], state.volumes[m],
+                    state.volumes[state.reference], state.unregistered[m],
                     transform=settings.registration_type, metric=settings.registration_metric,
                     device=settings.device, fixed_modality=state.reference, moving_modality=m,
                     fixed_landmarks_node=points.get(state.reference) if points.get(m) else None,
@@ -185,7 +204,7 @@ def workflow_steps(
                 classes=settings.segmentation_classes,
                 model=settings.segmentation_model if _given(settings.segmentation_model) else None,
                 device=settings.device, show_3d=settings.show_3d, scene=target,
-                field_of_view=_common_field_of_view(state),
+                field_of_view=_common_field_of_view(state), mask_node=segmentation_mask,
             ),
             lambda out: setattr(state, "segmentation", out),
         )))
@@ -216,6 +235,11 @@ def _landmarks_by_modality(modalities: Sequence[str], landmarks: Sequence[Any | 
             "None) per volume."
         )
     return {m: node for m, node in zip(modalities, landmarks, strict=False) if node is not None}
+
+
+def _keep_preprocessed(state: WorkflowState, modality: str, node: Any) -> None:
+    state.volumes[modality] = node
+    state.unregistered[modality] = node
 
 
 def _keep_registration(state: WorkflowState, modality: str, out: nodes.RegistrationNodes):
@@ -266,12 +290,26 @@ def batch_task(
     mask named ``mask_name`` is used), measured and, with a classifier, predicted. No node is
     created per case; a case that fails is reported in an ``error`` column and the batch goes
     on, so one bad scan does not lose a cohort's run.
+
+    A row measures one region per case: the case's mask ``mask_name``, else what the
+    segmentation finds, which must then be a lesion (method ``model`` or ``threshold``):
+    gmm/kmeans classes cover the whole image, and their union would measure the whole crop.
+    The segmentation leaves out where a registered volume has no data.
     """
     settings.check()
     if settings.registration_type == "landmarks":
         raise ConfigError(
             "a batch cannot register by landmarks (they are clicked per case in Slicer): "
             "choose rigid, affine, deformable or none for the batch."
+        )
+    if not mask_name and settings.segmentation_method not in BATCH_SEGMENTATIONS:
+        chosen = settings.segmentation_method or "none"
+        raise ConfigError(
+            f"a batch measures one region per case: give the name of each case's mask (e.g. "
+            f"CT_mask), or segment with a trained model or a threshold; segmentation "
+            f"'{chosen}' "
+            + ("finds tissue classes that together cover the whole image."
+               if settings.segmentation_method else "gives no region.")
         )
     folders = [Path(f) for f in case_folders]
     if not folders:
@@ -318,30 +356,47 @@ def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -
         for m in modalities:
             images[m] = apply_modality_preset(images[m], m, cancel=cancel)
     progress(0.2, f"{case.case_id}: preprocessed")
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MultiModalAnalysisLib.segmentation.inputs import field_of_view
+
     fixed = images[reference]
+    covered = np.ones(sitk.GetArrayViewFromImage(fixed).shape, bool)
     for m in modalities[1:]:
+        transform = None
         if settings.registration_type == "none":
-            images[m] = resample_to_reference(images[m], fixed, name=m)
+            warped = resample_to_reference(images[m], fixed, name=m)
         else:
             from MultiModalAnalysisLib.registration import register
 
-            images[m] = register(
+            result = register(
                 fixed, images[m], transform=settings.registration_type,
                 metric=settings.registration_metric, device=settings.device,
                 fixed_modality=reference, moving_modality=m, cancel=cancel,
-            ).warped
+            )
+            warped, transform = result.warped, result.transform
+        covered &= field_of_view(images[m], fixed, transform)
+        images[m] = warped
     progress(0.5, f"{case.case_id}: registered")
     if mask_name:
-        mask = mask_on_grid(case.mask(mask_name), fixed, f"{case.case_id}'s {mask_name}")
+        region = mask_on_grid(case.mask(mask_name), fixed, f"{case.case_id}'s {mask_name}")
+        outside = int((sitk.GetArrayViewFromImage(region).astype(bool) & ~covered).sum())
+        if outside:
+            log.warning("%s: %d voxel(s) of %s lie outside a registered volume's field of "
+                        "view, where it is padding: its features there are not measured "
+                        "values.", case.case_id, outside, mask_name)
     else:
         from MultiModalAnalysisLib.segmentation import segment
 
-        mask = segment(images, method=settings.segmentation_method,
-                       classes=settings.segmentation_classes, device=settings.device,
-                       cancel=cancel).labels
-    import SimpleITK as sitk
-
-    region = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+        inside = sitk.GetImageFromArray(covered.astype(np.uint8))
+        inside.CopyInformation(fixed)
+        region = segment(images, method=settings.segmentation_method,
+                         classes=settings.segmentation_classes,
+                         model=settings.segmentation_model or None,
+                         mask=inside if not covered.all() else None,
+                         device=settings.device, cancel=cancel).labels
+    region = sitk.Cast(sitk.NotEqual(region, 0), sitk.sitkUInt8)
     features = extract_features(
         images, region,
         settings=settings.feature_settings if _given(settings.feature_settings) else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,6 +109,47 @@ def test_registration_by_landmarks_uses_each_volumes_point_list_and_needs_all_of
     assert state.registration_metrics["PET"]["landmark_pairs"] == 4
 
 
+def test_registering_again_starts_from_the_unregistered_volumes(inputs):
+    # Register, then Register again on what the first run left (the module's second click):
+    # the second run must register the PET itself, not its warped copy (which gave about
+    # the identity and resampled the PET twice).
+    volumes, _ = inputs
+    scene = volumes[0][0].GetScene()
+    points = np.array([[-30.0, 10.0, 5.0], [25.0, -5.0, 0.0], [0.0, 30.0, -10.0],
+                       [5.0, 5.0, 25.0]])
+    shift = np.array([4.0, -2.0, 3.0])
+    marks = [mrml.markups_from_points(points, scene, "on CT"),
+             mrml.markups_from_points(points + shift, scene, "on PET")]
+    settings = WorkflowSettings(preprocess=False, registration_type="landmarks",
+                                segmentation_method="")
+    steps, first = workflow_steps(volumes, settings, stages=("register",), landmarks=marks)
+    StepRunner(steps).run_to_end()
+    assert first.unregistered["PET"] is volumes[1][0]
+    assert first.volumes["PET"] is not volumes[1][0]  # the registered copy
+    steps, second = workflow_steps(
+        [(n, m) for m, n in first.volumes.items()], settings, stages=("register",),
+        landmarks=marks, unregistered=[(n, m) for m, n in first.unregistered.items()])
+    StepRunner(steps).run_to_end()
+    transform = mrml.transform_from_transform_node(second.transforms["PET"])
+    assert np.allclose([transform.TransformPoint(tuple(p)) for p in points], points + shift,
+                       atol=1e-6)
+
+
+def test_the_segmentation_is_restricted_to_the_chosen_region(inputs):
+    volumes, gtv = inputs
+    settings = WorkflowSettings(preprocess=False, registration_type="none",
+                                segmentation_method="kmeans", segmentation_classes=2,
+                                show_3d=False)
+    steps, state = workflow_steps(volumes[:1], settings, stages=("segment",),
+                                  segmentation_mask=gtv)
+    StepRunner(steps).run_to_end()
+    ct = volumes[0][0]
+    labels = sitk.GetArrayFromImage(
+        mrml.labels_from_segmentation_node(state.segmentation.segmentation_node, ct))
+    inside = sitk.GetArrayFromImage(mrml.labels_from_segmentation_node(gtv, ct)) > 0
+    assert np.array_equal(labels > 0, inside)
+
+
 def test_features_without_segmentation_or_mask_explain_what_is_missing(inputs):
     volumes, _ = inputs
     settings = WorkflowSettings(preprocess=False, registration_type="none",
@@ -185,3 +227,30 @@ def test_batch_measures_every_case_and_reports_a_broken_one_without_stopping(
     assert frame["case_id"].tolist() == ["STS_002", "STS_999"]
     assert frame.loc[0, "error"] == "" and "STS_999" in frame.loc[1, "error"]
     assert any(c.startswith("PET_") for c in frame.columns)
+
+
+def test_a_batch_measures_a_lesion_not_the_union_of_tissue_classes(mrml_scene, tmp_path):
+    settings = WorkflowSettings(preprocess=False, registration_type="none",
+                                segmentation_method="kmeans")
+    with pytest.raises(ConfigError, match="one region per case"):
+        batch_task([sample_case_dir()], settings, modalities=["CT", "PET"], scene=mrml_scene)
+    with pytest.raises(ConfigError, match="one region per case"):
+        batch_task([sample_case_dir()], WorkflowSettings(segmentation_method=""),
+                   modalities=["CT"], scene=mrml_scene)
+
+
+def test_a_batch_segments_with_the_chosen_model(mrml_scene, tmp_path, sts002):
+    model = Path(sample_case_dir()).parents[1] / "Models" / "sts_gtv"
+    features = tmp_path / "features.json"
+    features.write_text(json.dumps({"families": ["morph"]}))
+    settings = WorkflowSettings(preprocess=False, registration_type="none",
+                                segmentation_method="model", segmentation_model=str(model),
+                                feature_settings=str(features), device="cpu")
+    frame = mrml.dataframe_from_table_node(batch_task(
+        [sample_case_dir()], settings, modalities=["CT", "PET", "MR_T1"], scene=mrml_scene,
+    ).run())
+    assert "error" not in frame.columns or frame.loc[0, "error"] == ""
+    # the model's tumour, near the expert's GTV (the crop itself is about 3.4 litres)
+    gtv = sts002.mask("CT_mask")
+    expert = float(sitk.GetArrayViewFromImage(gtv).sum()) * np.prod(gtv.GetSpacing())
+    assert 0.6 * expert < frame.loc[0, "CT_morph_vol_approx"] < 1.5 * expert
