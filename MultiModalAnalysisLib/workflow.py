@@ -13,6 +13,7 @@ and publishes one table (features and predictions, one row per case).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def workflow_steps(
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}: use {', '.join(STAGES)}.")
     if not volumes or volumes[0][0] is None:
         raise MMAError("no reference volume was selected: choose one in Inputs.")
-    modalities = [canonical_modality(m) for _, m in volumes]
+    modalities = _modality_keys(volumes)
     duplicated = {m for m in modalities if modalities.count(m) > 1}
     if duplicated:
         raise ConfigError(
@@ -141,9 +142,9 @@ def workflow_steps(
         mask_node,
     )
     state.unregistered = dict(state.volumes)
-    for node, modality in unregistered or ():
-        if canonical_modality(modality) in state.unregistered and node is not None:
-            state.unregistered[canonical_modality(modality)] = node
+    for node, modality in zip(*_pairs(unregistered), strict=True):
+        if modality in state.unregistered and node is not None:
+            state.unregistered[modality] = node
     target = scene or volumes[0][0].GetScene()
     points = _landmarks_by_modality(modalities, landmarks)
     if "register" in stages and settings.registration_type == "landmarks":
@@ -223,6 +224,28 @@ def workflow_steps(
             lambda node: setattr(state, "prediction", node),
         )))
     return steps, state
+
+
+def _modality_keys(volumes: Sequence[tuple[Any, str]]) -> list[str]:
+    """The canonical modality of each volume; a volume of modality "other" is named by its
+    node instead ("DWI b1000" -> ``DWI_B1000``; the features' columns start with it), so
+    several sequences the list of modalities lacks can go in side by side."""
+    keys = [canonical_modality(m) for _, m in volumes]
+    for index, ((node, _), key) in enumerate(zip(volumes, keys, strict=True)):
+        if key == "OTHER" and node is not None:
+            name = canonical_modality(re.sub(r"[^0-9A-Za-z]+", "_", node.GetName()).strip("_"))
+            name, number = name or "OTHER", 2
+            candidate = name
+            while candidate in keys[:index] or candidate in keys[index + 1:]:
+                candidate, number = f"{name}_{number}", number + 1
+            keys[index] = candidate
+    return keys
+
+
+def _pairs(volumes: Sequence[tuple[Any, str]] | None) -> tuple[list[Any], list[str]]:
+    """Nodes and modality keys (as :func:`_modality_keys`) of ``(node, modality)`` pairs."""
+    volumes = list(volumes or ())
+    return [node for node, _ in volumes], _modality_keys(volumes)
 
 
 def _landmarks_by_modality(modalities: Sequence[str], landmarks: Sequence[Any | None] | None,

@@ -83,6 +83,17 @@ def test_run_all_refuses_bad_settings_before_any_work(inputs):
         workflow_steps([(None, "CT")], WorkflowSettings())
 
 
+def test_volumes_of_modality_other_are_named_by_their_node(inputs):
+    volumes, _ = inputs
+    ct, pet = volumes[0][0], volumes[1][0]
+    pet.SetName("DWI b1000")
+    ct_copy = mrml.volume_node_from_image(mrml.image_from_volume_node(ct), ct.GetScene(), "x")
+    ct_copy.SetName("CT")  # a name that is another volume's modality: told apart
+    _, state = workflow_steps([(ct, "CT"), (pet, "other"), (ct_copy, "other")],
+                              WorkflowSettings(), stages=("preprocess",))
+    assert list(state.volumes) == ["CT", "DWI_B1000", "CT_2"]
+
+
 def test_registration_by_landmarks_uses_each_volumes_point_list_and_needs_all_of_them(
         inputs, tmp_path):
     volumes, _ = inputs
