@@ -267,7 +267,9 @@ def register_task(
     """Register a moving volume to a fixed one (``registration.register``).
 
     Publishes a transform node (linear, or grid for deformable) that aligns the moving volume
-    when set as its parent, and the warped moving volume on the fixed grid.
+    when set as its parent, and the warped moving volume on the fixed grid. A moving volume
+    that already has a parent transform is registered where that shows it, and the node
+    published replaces the parent (it includes the parent's inverse).
 
     Landmarks: two markups point lists, the same anatomical points clicked on the fixed and
     on the moving volume (paired by label, else in order: :func:`mrml.landmark_pairs`). With
@@ -304,10 +306,19 @@ def register_task(
                 landmarks=landmarks, progress=progress, cancel=cancel, **options,
             )
 
+    parent = moving_node.GetParentTransformNode()
+
     def publish(result: Any) -> RegistrationNodes:
         target = scene or fixed_node.GetScene()
+        aligning = result.transform
+        if parent is not None:
+            # The moving volume was read where its parent transform shows it, so the result
+            # maps the fixed world to that place. The node replaces the parent: it also
+            # undoes it (fixed point -> shown moving point -> the volume's own frame).
+            aligning = sitk.CompositeTransform(
+                [mrml.transform_from_transform_node(parent, reference=fixed), aligning])
         transform_node = mrml.transform_node_from_transform(
-            result.transform, target, name or f"{label} ({transform})", reference=fixed
+            aligning, target, name or f"{label} ({transform})", reference=fixed
         )
         warped_name = f"{_name(moving_node)} registered"
         warped = mrml.volume_node_from_image(result.warped, target, warped_name)

@@ -380,6 +380,33 @@ def tumour_landmarks(ct: sitk.Image, mask: sitk.Image, count: int = 5) -> np.nda
                      for idx in chosen])
 
 
+def test_the_transform_of_a_volume_with_a_parent_transform_replaces_that_parent(mrml_scene):
+    # The moving volume is the fixed one shown 5 mm to the right by a parent transform; the
+    # landmarks are clicked where each volume is shown. The published transform, set as the
+    # moving volume's parent in place of the old one, must show it on the fixed volume.
+    import vtk
+
+    image = sitk.GetImageFromArray(np.random.default_rng(2).normal(0, 1, (12, 16, 20)))
+    image.SetSpacing((1.5, 1.0, 2.0))
+    fixed = mrml.volume_node_from_image(image, mrml_scene, "fixed")
+    moving = mrml.volume_node_from_image(image, mrml_scene, "moving")
+    shift = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "5 mm right")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 5.0)  # RAS: +x is right
+    shift.SetMatrixTransformToParent(matrix)
+    moving.SetAndObserveTransformNodeID(shift.GetID())
+    points = np.array([[0.0, 0.0, 0.0], [20.0, 0.0, 5.0], [0.0, 12.0, 10.0], [8.0, 4.0, 20.0]])
+    on_fixed = mrml.markups_from_points(points, mrml_scene, "on fixed")
+    on_moving = mrml.markups_from_points(points - [5.0, 0.0, 0.0], mrml_scene, "on moving")
+    result = nodes.register_volumes(fixed, moving, transform="landmarks",
+                                    fixed_landmarks_node=on_fixed,
+                                    moving_landmarks_node=on_moving)
+    moving.SetAndObserveTransformNodeID(result.transform_node.GetID())
+    shown = mrml.image_from_volume_node(moving)
+    assert np.allclose(shown.GetOrigin(), image.GetOrigin(), atol=1e-6)
+    assert np.allclose(shown.GetDirection(), image.GetDirection(), atol=1e-9)
+
+
 def test_landmarks_alone_register_a_moved_volume_and_others_start_an_intensity_registration(
         mrml_scene, sts002):
     ct = sts002.image("CT")
