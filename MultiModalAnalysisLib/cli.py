@@ -124,7 +124,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
         log.warning(
             "modality %r is not one the presets know (CT, PET, MR_T1, MR_T2, FLAIR, ...): the "
             "image is only converted to float32.", args.modality)
-    image = read_image(args.image)
+    image = read_image(args.image, modality=args.modality)
     doubt = implausible_intensities(args.modality, image)
     if doubt:
         log.warning("%s (%s): %s; the %s preset assumes those units.", args.image,
@@ -259,7 +259,7 @@ def _run_features(args: argparse.Namespace) -> int:
             if name in images:
                 raise ConfigError(f"two images are named {name}: give each --image its own "
                                   "name (the feature columns start with it).")
-            images[name] = read_image(path, name=f"{name} ({path})")
+            images[name] = read_image(path, name=f"{name} ({path})", modality=name)
         mask = read_image(args.mask, name=f"mask {args.mask}")
         with ProgressBar("features", enabled=not args.quiet) as bar:
             values = extract_features(images, mask, settings, args.device, bar)
@@ -539,14 +539,14 @@ def _run_register(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.io import read_image, read_mask
     from MultiModalAnalysisLib.registration import read_landmarks_csv, register
 
-    fixed = read_image(args.fixed)
-    moving = read_image(args.moving)
+    fixed_modality = args.fixed_modality or _modality_from_name(args.fixed)
+    moving_modality = args.moving_modality or _modality_from_name(args.moving)
+    fixed = read_image(args.fixed, modality=fixed_modality)
+    moving = read_image(args.moving, modality=moving_modality)
     fixed_mask = read_mask(args.fixed_mask) if args.fixed_mask else None
     moving_mask = read_mask(args.moving_mask) if args.moving_mask else None
     landmarks = read_landmarks_csv(args.landmarks) if args.landmarks else None
     initial = _read_transform(args.initial_transform) if args.initial_transform else None
-    fixed_modality = args.fixed_modality or _modality_from_name(args.fixed)
-    moving_modality = args.moving_modality or _modality_from_name(args.moving)
     with ProgressBar("register", enabled=not args.quiet) as bar:
         result = register(
             fixed, moving, args.transform, metric=args.metric, fixed_mask=fixed_mask,
@@ -691,7 +691,7 @@ def _named_images(arguments: Sequence[str], model_modalities: Sequence[str] | No
         key = name or f"image{i + 1}"
         if key in images:
             raise ConfigError(f"two images are named {key}: name them NAME=PATH.")
-        images[key] = read_image(path, name=f"{key} ({path})")
+        images[key] = read_image(path, name=f"{key} ({path})", modality=name)
         doubt = implausible_intensities(key, images[key]) if not model_modalities else None
         if doubt:  # (a model refuses such inputs: SegmentationModel.check_inputs)
             log.warning("%s (%s): %s; is it the right image?", key, path, doubt)

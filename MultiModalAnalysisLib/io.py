@@ -6,6 +6,7 @@ project's errors naming the file.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from MultiModalAnalysisLib.images import (
     validate_image,
     validate_mask,
 )
+from MultiModalAnalysisLib.modalities import modality_family
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -34,6 +38,7 @@ def read_image(
     nan_policy: NanPolicy = "error",
     require_contrast: bool = False,
     series_uid: str | None = None,
+    modality: str | None = None,
 ) -> sitk.Image:
     """Read a 3-D volume from a NIfTI/NRRD/MHA file or a DICOM series folder.
 
@@ -42,7 +47,10 @@ def read_image(
         name: how to call the image in messages (defaults to the path).
         nan_policy: what to do with NaN/Inf voxels (see ``images.validate_image``).
         require_contrast: refuse a constant image.
-        series_uid: for a DICOM folder, the series to read (default: the one with most slices).
+        series_uid: for a DICOM folder, the series to read (default: see
+            :func:`read_dicom_series`).
+        modality: the modality expected (``CT``, ``PET``, ``MR_T1``...): of several DICOM
+            series in a folder, one of that modality is read.
 
     Raises:
         ImageReadError: missing or unreadable path.
@@ -54,7 +62,7 @@ def read_image(
         where = "" if str(path) in label else f" ({path})"
         raise ImageReadError(f"{label}: no such file or folder{where}. Check the path.")
     if path.is_dir():
-        image = read_dicom_series(path, series_uid=series_uid, name=label)
+        image = read_dicom_series(path, series_uid=series_uid, name=label, modality=modality)
     else:
         try:
             image = sitk.ReadImage(str(path))
@@ -184,12 +192,22 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
 
 
 def read_dicom_series(
-    folder: str | Path, *, series_uid: str | None = None, name: str | None = None
+    folder: str | Path,
+    *,
+    series_uid: str | None = None,
+    name: str | None = None,
+    modality: str | None = None,
 ) -> sitk.Image:
-    """Read one DICOM series from a folder: ``series_uid``, or the one with most slices.
+    """Read one DICOM series from a folder: ``series_uid``, else the one with most slices
+    among those of ``modality`` (DICOM Modality CT, PT or MR for the families CT, PET, MR)
+    when given and present, else among all. When several could be meant, the log names
+    the one read and lists the others (read another with ``series_uid``, or from a folder
+    of its own).
 
     Raises:
-        ImageReadError: no series in the folder, the UID is not there, or reading failed.
+        ImageReadError: no series in the folder, the UID is not there, reading failed, or
+            the slices are not evenly spaced (missing slices, or a variable spacing: read
+            as one grid they would put the anatomy in the wrong place).
     """
     folder = Path(folder)
     label = name or str(folder)
@@ -200,7 +218,24 @@ def read_dicom_series(
             "Point to the folder that contains the .dcm slices of one series."
         )
     if series_uid is None:
-        chosen = series[0]
+        candidates = series
+        wanted = _DICOM_MODALITY.get(modality_family(modality)) if modality else None
+        if wanted and len(series) > 1:
+            candidates = [s for s in series if s.modality.upper() == wanted] or series
+        chosen = candidates[0]
+        if len(candidates) > 1 or (len(series) > 1 and candidates is series):
+            listing = "; ".join(
+                f"{s.uid} ({s.modality or 'modality ?'}, {s.description or 'no description'}, "
+                f"{s.n_slices} slices)" for s in series)
+            log.warning(
+                "%s holds %d DICOM series: %s. Read %s, the largest%s; to read another, give "
+                "its series UID (series_uid=) or a folder holding only its files.", label,
+                len(series), listing, chosen.uid,
+                f" of modality {wanted}" if candidates is not series
+                else f" (none is of modality {wanted})" if wanted else "")
+        elif len(series) > 1:
+            log.info("%s: read DICOM series %s, the only one of modality %s (of %d).", label,
+                     chosen.uid, wanted, len(series))
     else:
         matches = [s for s in series if s.uid == series_uid]
         if not matches:
@@ -212,12 +247,63 @@ def read_dicom_series(
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(chosen.files))
     reader.MetaDataDictionaryArrayUpdateOn()
-    try:
-        return reader.Execute()
+    warned = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's non-uniform-sampling warning:
+    try:  # checked below, with a message that says what it means
+        image = reader.Execute()
     except RuntimeError as error:
         raise ImageReadError(
             f"DICOM series {chosen.uid} in {label} could not be read: {_first_line(error)}"
         ) from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warned)
+    _check_slice_positions(reader, image, f"DICOM series {chosen.uid} in {label}")
+    return image
+
+
+_DICOM_MODALITY = {"CT": "CT", "PET": "PT", "MR": "MR", "US": "US"}  # family -> (0008,0060)
+
+
+def _check_slice_positions(reader: sitk.ImageSeriesReader, image: sitk.Image,
+                           label: str) -> None:
+    """Refuse slices that are not evenly spaced along the slice normal.
+
+    The volume takes one slice spacing (ITK's, from the first slices); a missing slice or a
+    variable spacing then puts every later slice in the wrong place. Positions are the
+    slices' ImagePositionPatient (0020,0032) projected on the volume's slice axis; a
+    series without them is left as read.
+    """
+    import numpy as np
+
+    count = image.GetSize()[2]
+    if count < 3:
+        return
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    positions = []
+    for index in range(count):
+        key = "0020|0032"
+        if not reader.HasMetaDataKey(index, key):
+            return
+        try:
+            point = [float(v) for v in reader.GetMetaData(index, key).split("\\")]
+        except ValueError:
+            return
+        if len(point) != 3:
+            return
+        positions.append(float(np.dot(point, normal)))
+    gaps = np.abs(np.diff(positions))
+    spacing = float(np.median(gaps))
+    tolerance = max(0.01, 0.01 * spacing)  # rounding in the files
+    if spacing <= 0 or np.all(np.abs(gaps - spacing) <= tolerance):
+        return
+    odd = int(np.sum(np.abs(gaps - spacing) > tolerance))
+    raise ImageReadError(
+        f"{label}: the slices are not evenly spaced (gaps from {gaps.min():.2f} to "
+        f"{gaps.max():.2f} mm, {odd} of {len(gaps)} unlike the usual {spacing:.2f} mm): "
+        "slices are missing, or the spacing varies. Read as one grid, the anatomy past the "
+        "first odd gap would be misplaced. Load it with Slicer's DICOM module (which "
+        "regularises the geometry) or complete the series."
+    )
 
 
 def _series_tags(file: str) -> tuple[str, str]:

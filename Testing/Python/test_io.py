@@ -38,18 +38,22 @@ def test_round_trip_keeps_values_and_oblique_geometry(tmp_path, oblique_image, s
     assert np.allclose(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(oblique_image))
 
 
-def write_dicom_series(image: sitk.Image, folder, series_uid: str, description: str) -> None:
-    """Write ``image`` as a CT DICOM series (one file per slice) with geometry tags."""
+def write_dicom_series(image: sitk.Image, folder, series_uid: str, description: str,
+                       modality: str = "CT", skip: tuple[int, ...] = ()) -> None:
+    """Write ``image`` as a DICOM series (one file per slice, leaving out the slices
+    ``skip``) with geometry tags."""
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.Cast(image, sitk.sitkInt16)
     direction = image.GetDirection()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetDepth()):
+        if k in skip:
+            continue
         slice_ = image[:, :, k]
         origin = image.TransformIndexToPhysicalPoint((0, 0, k))
         tags = {
-            "0008|0060": "CT",
+            "0008|0060": modality,
             "0008|103e": description,
             "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
             "0020|000e": series_uid,
@@ -87,6 +91,34 @@ def test_dicom_series_reads_back_with_geometry_and_picks_the_largest_series(tmp_
     assert np.allclose(chosen.GetDirection(), big.GetDirection(), atol=1e-5)
     assert np.array_equal(sitk.GetArrayFromImage(chosen), sitk.GetArrayFromImage(big))
     assert by_uid.GetSize() == small.GetSize()
+
+
+def test_of_several_dicom_series_the_expected_modality_is_read_else_the_choice_is_said(
+        tmp_path, rng, caplog):
+    ct = make_image(rng.integers(-1000, 1000, (4, 8, 8)).astype(np.int16))
+    pet = make_image(rng.integers(0, 1000, (6, 8, 8)).astype(np.int16))
+    write_dicom_series(ct, tmp_path, "1.2.826.0.1.3680043.2.1125.2.301", "CT", "CT")
+    write_dicom_series(pet, tmp_path, "1.2.826.0.1.3680043.2.1125.2.302", "PET", "PT")
+    with caplog.at_level("INFO"):
+        assert read_image(tmp_path, modality="CT").GetSize() == ct.GetSize()
+        assert read_image(tmp_path, modality="PET").GetSize() == pet.GetSize()
+        assert "the only one of modality CT (of 2)" in caplog.text
+        assert "WARNING" not in caplog.text
+        caplog.clear()
+        assert read_image(tmp_path).GetSize() == pet.GetSize()  # the largest, said
+    assert "holds 2 DICOM series" in caplog.text and ".302 (PT, PET, 6 slices)" in caplog.text
+    assert "series_uid=" in caplog.text
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path, rng):
+    # Read as one grid, every slice after the gap would sit a slice too high.
+    image = make_image(rng.integers(0, 1000, (7, 8, 8)).astype(np.int16), spacing=(1, 1, 2))
+    write_dicom_series(image, tmp_path / "gap", "1.2.826.0.1.3680043.2.1125.2.401", "s",
+                       skip=(3,))
+    with pytest.raises(ImageReadError, match=r"not evenly spaced \(gaps from 2.00 to 4.00 mm"):
+        read_image(tmp_path / "gap")
+    write_dicom_series(image, tmp_path / "whole", "1.2.826.0.1.3680043.2.1125.2.402", "s")
+    assert read_image(tmp_path / "whole").GetSize() == image.GetSize()
 
 
 def test_dicom_unknown_series_uid_lists_what_is_there(tmp_path, rng):
