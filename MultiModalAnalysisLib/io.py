@@ -71,11 +71,65 @@ def read_image(
                 f"{label} could not be read as an image ({_first_line(error)}). Supported: "
                 f"{', '.join(IMAGE_SUFFIXES)} files and DICOM series folders."
             ) from None
+        _check_nifti_complete(path, label)
         image = _restore_nifti_non_finite(path, image)
     return validate_image(image, label, require_contrast=require_contrast, nan_policy=nan_policy)
 
 
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of float32 / float64
+
+
+def _check_nifti_complete(path: Path, label: str) -> None:
+    """Refuse a NIfTI-1 file shorter than its header says: ITK reads a truncated .nii.gz
+    without a word and fills the missing voxels with 0 (half a volume of zeros, which looks
+    like an image). The gzip trailer's length is checked first (no decompression); only
+    when it disagrees (a truncated file, or a file of several gzip members) is the data
+    decompressed and counted."""
+    import gzip
+    import zlib
+
+    import numpy as np
+
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    compressed = name.endswith(".gz")
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as stream:
+            header = stream.read(348)
+    except (OSError, EOFError, zlib.error):
+        header = b""
+    if len(header) < 348:
+        raise ImageReadError(f"{label} is truncated: it ends inside the NIfTI header.")
+    order = "<" if np.frombuffer(header[:4], "<i4")[0] == 348 else ">"
+    if np.frombuffer(header[:4], order + "i4")[0] != 348:
+        return  # not NIfTI-1: left to ITK
+    dims = np.frombuffer(header[40:56], order + "i2").astype(np.int64)
+    bits = int(np.frombuffer(header[72:74], order + "i2")[0])
+    offset = int(np.frombuffer(header[108:112], order + "f4")[0])
+    if not 1 <= dims[0] <= 7 or bits <= 0 or (dims[1 : 1 + dims[0]] < 0).any():
+        return  # a header ITK will judge
+    expected = max(offset, 348) + int(np.prod(dims[1 : 1 + dims[0]])) * bits // 8
+    if not compressed:
+        length = path.stat().st_size
+    else:
+        with open(path, "rb") as raw:
+            raw.seek(-4, 2)
+            trailer = int.from_bytes(raw.read(4), "little")
+        if trailer == expected % 2**32:
+            return
+        length = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 16):
+                    length += len(chunk)
+        except (OSError, EOFError, zlib.error):
+            pass  # truncated or damaged: what was read is what there is
+    if length < expected:
+        raise ImageReadError(
+            f"{label} is truncated: its header announces {expected} bytes of NIfTI data, "
+            f"the file holds {'about ' if compressed else ''}{length} "
+            f"({100.0 * length / expected:.0f} %). Copy or download it again.")
 
 
 def _restore_nifti_non_finite(path: Path, image: sitk.Image) -> sitk.Image:

@@ -121,6 +121,26 @@ def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path, rng):
     assert read_image(tmp_path / "whole").GetSize() == image.GetSize()
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_truncated_nifti_is_refused_not_filled_with_zeros(tmp_path, rng, suffix):
+    import gzip
+
+    image = make_image(rng.normal(0, 1, (20, 24, 28)).astype(np.float32))
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(image, str(whole))
+    data = whole.read_bytes()
+    (tmp_path / f"half{suffix}").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match=r"half.* is truncated: its header announces"):
+        read_image(tmp_path / f"half{suffix}")
+    assert read_image(whole).GetSize() == image.GetSize()
+    if suffix == ".nii.gz":  # a file of two gzip members (the trailer holds the last's size)
+        raw = gzip.decompress(data)
+        two = tmp_path / "two_members.nii.gz"
+        two.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+        assert np.array_equal(sitk.GetArrayFromImage(read_image(two)),
+                              sitk.GetArrayFromImage(image))
+
+
 def test_dicom_unknown_series_uid_lists_what_is_there(tmp_path, rng):
     image = make_image(rng.integers(0, 100, (3, 8, 8)).astype(np.int16))
     write_dicom_series(image, tmp_path, "1.2.826.0.1.3680043.2.1125.2.201", "only")
