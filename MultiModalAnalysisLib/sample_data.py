@@ -14,12 +14,19 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 def sample_case_dir() -> Path:
     """The folder of the bundled sample patient (``Resources/SampleData/STS_002``).
 
-    ``$MMA_SAMPLE_DATA`` overrides it (a folder laid out like ``STS_xxx/``).
+    ``$MMA_SAMPLE_DATA`` overrides it (a folder laid out like ``STS_xxx/``); set to a folder
+    without ``CT_image.nii.gz``, it is an error, not a silent fall-back to the bundled case.
     """
-    candidates = []
     if os.environ.get("MMA_SAMPLE_DATA"):
-        candidates.append(Path(os.environ["MMA_SAMPLE_DATA"]))
-    candidates += [
+        chosen = Path(os.environ["MMA_SAMPLE_DATA"])
+        if (chosen / "CT_image.nii.gz").is_file():
+            return chosen
+        raise MMAError(
+            f"MMA_SAMPLE_DATA is {chosen}, which holds no CT_image.nii.gz: set it to a case "
+            "folder (CT_image.nii.gz, PET_image.nii.gz, MR_T1_image.nii.gz), or unset it to "
+            "use the bundled patient."
+        )
+    candidates = [
         _REPO_ROOT / "Resources" / "SampleData" / SAMPLE_CASE,
         # Inside an installed Slicer extension the Lib sits next to the module's Resources.
         _REPO_ROOT / "MultiModalAnalysis" / "Resources" / "SampleData" / SAMPLE_CASE,

@@ -161,3 +161,16 @@ def test_console_script_entry_point_shows_help():
     assert result.returncode == 0
     for command in ("demo", "preprocess", "manifest", "info"):
         assert command in result.stdout
+
+
+def test_a_wrong_sample_data_folder_is_an_error_not_the_bundled_patient(tmp_path,
+                                                                         monkeypatch):
+    from MultiModalAnalysisLib.errors import MMAError
+    from MultiModalAnalysisLib.sample_data import sample_case_dir
+
+    bundled = sample_case_dir()
+    monkeypatch.setenv("MMA_SAMPLE_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(MMAError, match="MMA_SAMPLE_DATA is .*nowhere, which holds no CT"):
+        sample_case_dir()
+    monkeypatch.setenv("MMA_SAMPLE_DATA", str(bundled))
+    assert sample_case_dir() == bundled
