@@ -370,6 +370,58 @@ def test_a_thin_slab_registers_though_its_coarse_levels_are_thinner_than_itk_smo
     assert 0.0 < smoothed[1, 2, 2] < 5.0 < smoothed[2, 2, 2] < 10.0  # the edge is blurred
     assert np.allclose(smoothed[:, 0, 0], smoothed[:, 4, 4])  # and only along z
 
+def _correlation(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsCorrelation()
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetInitialTransform(transform)
+    return method.MetricEvaluate(sitk.Cast(fixed, sitk.sitkFloat32),
+                                 sitk.Cast(moving, sitk.sitkFloat32))
+
+
+def test_the_metric_asked_for_drives_the_registration():
+    # The search scores mutual information; NCC, asked for, must then have the last word
+    # (it only changed the label in the report). On real CT/PET (the bundled patient) the
+    # NCC optimum is elsewhere than MI's: the results differ and NCC's scores better in NCC.
+    # (On the phantoms both optima are the truth.)
+    from MultiModalAnalysisLib.case import load_case
+    from MultiModalAnalysisLib.sample_data import sample_case_dir
+
+    case = load_case(sample_case_dir(), ["CT", "PET"])
+    ct, pet = case.image("CT"), case.image("PET")
+    by_mi = register(ct, pet, "rigid", metric="mi")
+    by_ncc = register(ct, pet, "rigid", metric="ncc")
+    assert by_ncc.metrics["metric"] == "negative normalised cross-correlation"
+    assert not np.allclose(by_mi.transform.GetParameters(), by_ncc.transform.GetParameters())
+    assert _correlation(ct, pet, by_ncc.transform) < _correlation(ct, pet, by_mi.transform)
+
+
+def test_an_affine_registration_is_never_worse_than_its_rigid_stage(ct_phantom):
+    # An aligned pair: the freed affine stage can fit its samples and lose on the image
+    # (BraTS T1/T2: worse than the start); the better of rigid and affine is kept.
+    from MultiModalAnalysisLib.registration import linear
+
+    moving = phantom("MR", seed=9)
+    rigid_result = register(ct_phantom, moving, "rigid")
+    affine_result = register(ct_phantom, moving, "affine")
+    assert affine_result.metrics["metric_after"] <= rigid_result.metrics["metric_after"] + 1e-6
+
+    def derailed(levels, rigid, *args, **kwargs):  # an affine stage gone wrong
+        affine = linear.rigid_to_affine(rigid)
+        affine.SetMatrix((1.15, 0.1, 0.0, 0.0, 0.9, 0.0, 0.05, 0.0, 1.1))
+        return affine
+
+    original = linear._affine_stage
+    linear._affine_stage = derailed
+    try:
+        kept = register(ct_phantom, moving, "affine")
+    finally:
+        linear._affine_stage = original
+    assert np.allclose(np.array(kept.transform.GetMatrix()).reshape(3, 3),
+                       np.array(rigid_result.transform.GetMatrix()).reshape(3, 3), atol=1e-3)
+    assert not kept.warnings
+
+
 def test_a_registration_that_ends_worse_than_it_started_warns(ct_phantom, monkeypatch):
     from MultiModalAnalysisLib.registration import api
 
@@ -384,11 +436,27 @@ def test_a_registration_that_ends_worse_than_it_started_warns(ct_phantom, monkey
 
 
 def test_registration_reports_progress_and_can_be_cancelled(ct_phantom):
+    import time
+
     moving = phantom("MR", transform=rigid((3.0, 0.0, 0.0), (4.0, 0.0, 0.0)), seed=6)
-    seen = []
-    register(ct_phantom, moving, "rigid", progress=lambda f, m: seen.append(f))
-    assert seen and seen[-1] == pytest.approx(1.0)
-    assert all(0.0 <= f <= 1.0 for f in seen)
+    for kind in ("rigid", "affine"):
+        seen = []
+        started = time.perf_counter()
+        register(ct_phantom, moving, kind,
+                 progress=lambda f, m, seen=seen: seen.append((f, m, time.perf_counter())))
+        took = time.perf_counter() - started
+        fractions = [f for f, _, _ in seen]
+        assert fractions[-1] == pytest.approx(1.0) and fractions == sorted(fractions)
+        assert all(0.0 <= f <= 1.0 for f in fractions)
+        messages = " / ".join(m for _, m, _ in seen)
+        for stage in ("search for a start done", "polished on the", "refined"):
+            assert stage in messages
+        # reported as the work goes, not all at the end (the search, a third of the work,
+        # is reported once done)
+        assert seen[0][2] - started < 0.8 * took
+        if kind == "affine":
+            assert "affine on the" in messages
+            assert any(0.5 < f < 0.95 for f in fractions)
 
     cancel = threading.Event()
 
