@@ -68,6 +68,14 @@ class RegistrationResult:
         """
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        # This method owns these names in the folder: an earlier run's transform of the
+        # other kind (or its QC figure) would sit beside this run's results and pass for
+        # them. Removed first, so a run that fails half-way leaves none of them behind.
+        written = {self.transform_filename, *(["qc.png"] if qc else [])}
+        for stale in sorted({"transform.tfm", "transform.h5", "qc.png"} - written):
+            if (output_dir / stale).is_file():
+                (output_dir / stale).unlink()
+                log.info("removed %s, left in %s by an earlier registration", stale, output_dir)
         paths = {"warped": write_image(self.warped, output_dir / "warped.nii.gz")}
         transform_path = output_dir / self.transform_filename
         try:
@@ -81,20 +89,17 @@ class RegistrationResult:
         paths["metrics"] = metrics_path
         if qc:
             paths["qc"] = self.qc_figure(output_dir / "qc.png")
-        # This method owns these names in the folder: an earlier run's transform of the
-        # other kind (or its QC figure) would sit beside this run's results and pass for them.
-        for stale in {"transform.tfm", "transform.h5", "qc.png"} - {p.name for p in paths.values()}:
-            if (output_dir / stale).is_file():
-                (output_dir / stale).unlink()
-                log.info("removed %s, left in %s by an earlier registration", stale, output_dir)
         return paths
 
     def qc_figure(self, path: str | Path) -> Path:
         """Checkerboard and edge overlay of fixed vs moving, before and after (a PNG)."""
         from MultiModalAnalysisLib.registration.qc import registration_qc_figure
 
-        before = resample_to_reference(self.moving, self.fixed,
-                                       transform=self.initial_transform, name="moving image")
+        # Not resample_to_reference: images that start far apart (which the search brings
+        # together) need not overlap before; that panel then shows the fill.
+        before = sitk.Resample(self.moving, self.fixed,
+                               self.initial_transform or sitk.Transform(3, sitk.sitkIdentity),
+                               sitk.sitkLinear, _minimum(self.moving), sitk.sitkFloat32)
         return registration_qc_figure(
             self.fixed, before, self.warped, path,
             valid_before=self._valid_region(self.initial_transform),
@@ -117,6 +122,12 @@ class RegistrationResult:
                                  transform or sitk.Transform(3, sitk.sitkIdentity),
                                  sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         return sitk.BinaryErode(sitk.Cast(on_fixed > 0.99, sitk.sitkUInt8), [2, 2, 1])
+
+
+def _minimum(image: sitk.Image) -> float:
+    statistics = sitk.MinimumMaximumImageFilter()
+    statistics.Execute(image)
+    return float(statistics.GetMinimum())
 
 
 def _jsonable(value: Any) -> Any:
