@@ -135,11 +135,19 @@ def register(
                                        or not math.isfinite(mask_margin_mm)
                                        or mask_margin_mm < 0):
         raise ConfigError(f"mask_margin_mm must be a distance >= 0 in mm, not {mask_margin_mm!r}.")
+    if initial_transform is not None and (not isinstance(initial_transform, sitk.Transform)
+                                          or initial_transform.GetDimension() != 3):
+        what = (f"{initial_transform.GetDimension()}-D"
+                if isinstance(initial_transform, sitk.Transform)
+                else type(initial_transform).__name__)
+        raise ConfigError(f"the initial transform is {what}: a 3-D SimpleITK transform "
+                          "(fixed point -> moving point) is needed.")
     if kind == "deformable" and backend == "bspline" and metric == "lncc":
         raise ConfigError(
             "local NCC is a metric of the torch backend only: ITK's (ANTS neighbourhood "
             "correlation) took 372 s for 5 B-spline iterations on a 97 x 99 x 59 CT. Use "
-            "backend='torch', or metric='ncc' with the B-spline backend.")
+            "the torch backend (backend='torch', --backend torch), or NCC with the B-spline "
+            "backend (metric='ncc', --metric ncc).")
     from MultiModalAnalysisLib.device import resolve_device
 
     resolved = resolve_device(device)  # an impossible request fails here, for every kind
@@ -309,9 +317,9 @@ def _check_divergence(before: float, after: float) -> list[str]:
                 "registration diverged. Check the images, or give masks or landmarks."]
     if math.isfinite(before) and after > before + 0.02 * abs(before) + 1e-6:
         return [f"the metric got worse during registration ({before:.4f} -> {after:.4f}, "
-                "lower is better): the result is likely wrong. Check the QC figure; give an "
-                "initial transform (e.g. from landmarks) or masks around the region of "
-                "interest."]
+                "lower is better): the result is likely wrong. Check the QC figure (qc.png "
+                "of `mma register`, or RegistrationResult.qc_figure); give an initial "
+                "transform (e.g. from landmarks) or masks around the region of interest."]
     return []
 
 

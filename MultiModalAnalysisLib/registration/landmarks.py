@@ -20,10 +20,17 @@ def validate_landmarks(
     """Both point lists as N x 3 float arrays, checked to pair up.
 
     Raises:
-        MMAError: wrong shape, different counts, or non-finite coordinates.
+        MMAError: no points, wrong shape, different counts, non-numeric or non-finite
+            coordinates.
     """
-    fixed = np.asarray(fixed_points, dtype=float)
-    moving = np.asarray(moving_points, dtype=float)
+    try:
+        fixed = np.asarray(fixed_points, dtype=float)
+        moving = np.asarray(moving_points, dtype=float)
+    except (TypeError, ValueError):
+        raise MMAError("the landmarks must be numbers: (x, y, z) points in mm.") from None
+    if fixed.size == 0 or moving.size == 0:
+        raise MMAError("no landmark pairs were given: give at least one pair (three or more "
+                       "to start a registration from them).")
     for name, points in (("fixed", fixed), ("moving", moving)):
         if points.ndim != 2 or points.shape[1] != 3:
             raise MMAError(
@@ -130,5 +137,15 @@ def read_landmarks_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path} lacks the landmark columns {', '.join(missing)} (expected "
             f"{', '.join(columns)}, coordinates in LPS mm)."
         )
-    values = table[columns].to_numpy(dtype=float)
+    if table.empty:
+        raise MMAError(f"{path} holds no landmark pairs (only its header): add one row per "
+                       "pair of points.")
+    numbers = table[columns].apply(pd.to_numeric, errors="coerce")
+    bad = numbers.isna() & table[columns].notna()
+    if bad.any().any():
+        row, column = np.argwhere(bad.to_numpy())[0]
+        raise MMAError(
+            f"{path}: row {row + 1}, column {columns[column]} holds "
+            f"{table[columns].iat[row, column]!r}, not a number (coordinates in LPS mm).")
+    values = numbers.to_numpy(dtype=float)
     return validate_landmarks(values[:, :3], values[:, 3:])

@@ -287,6 +287,23 @@ def test_landmarks_refuse_too_few_mismatched_or_collinear_points():
         register_landmarks(square, square, "projective")
 
 
+def test_an_empty_or_non_numeric_landmark_file_and_a_2d_start_are_refused_up_front(
+        tmp_path, ct_phantom):
+    from MultiModalAnalysisLib.registration import read_landmarks_csv
+
+    header = "fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z\n"
+    (tmp_path / "empty.csv").write_text(header)
+    with pytest.raises(MMAError, match="holds no landmark pairs"):
+        read_landmarks_csv(tmp_path / "empty.csv")
+    (tmp_path / "text.csv").write_text(header + "1,2,3,4,5,6\n1,2,3,a,5,6\n")
+    with pytest.raises(MMAError, match="row 2, column moving_x holds 'a'"):
+        read_landmarks_csv(tmp_path / "text.csv")
+    with pytest.raises(MMAError, match="no landmark pairs"):
+        register(ct_phantom, ct_phantom, "rigid", landmarks=(np.empty((0, 3)), np.empty((0, 3))))
+    with pytest.raises(ConfigError, match="2-D"):
+        register(ct_phantom, ct_phantom, "rigid", initial_transform=sitk.Euler2DTransform())
+
+
 def test_landmarks_initialise_registration_and_are_reported_as_tre(ct_phantom):
     perturbation = rigid((25.0, -5.0, 30.0), (10.0, 20.0, -5.0))  # beyond the search range
     moving = phantom("MR", transform=perturbation, seed=4)
