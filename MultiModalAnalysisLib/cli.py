@@ -8,7 +8,9 @@ as one line without a traceback, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -515,7 +517,7 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
                         help="torch device of the deformable torch backend")
     parser.add_argument("--fixed-mask", type=Path, help="region of the fixed image to match")
     parser.add_argument("--moving-mask", type=Path, help="region of the moving image to use")
-    parser.add_argument("--mask-margin", type=float, metavar="MM",
+    parser.add_argument("--mask-margin", type=_distance, metavar="MM",
                         help="how far around each mask the metric also looks (default: 10 mm "
                         "for a mask covering less than half its image, e.g. a lesion, else "
                         "0; 0 keeps the masks exactly)")
@@ -528,11 +530,44 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
                         "moving_z in LPS mm): initial transform and TRE report")
     parser.add_argument("--initial-transform", type=Path,
                         help="transform file (fixed -> moving) to start from")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=_whole_positive,
                         help="CPU threads scoring rigid/affine poses (default: up to 2; the "
                         "result does not depend on it)")
     parser.add_argument("--no-qc", action="store_true", help="do not write qc.png")
     parser.set_defaults(func=_run_register)
+
+
+def _distance(text: str) -> float:
+    """argparse type: a distance in mm, >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a distance >= 0 in mm, not {text!r}")
+    return value
+
+
+def _whole_positive(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, not {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a number from 0 to 1, not {text!r}")
+    return value
 
 
 def _run_register(args: argparse.Namespace) -> int:
@@ -564,11 +599,24 @@ def _run_register(args: argparse.Namespace) -> int:
               f"{metrics['folding_percent']}% folded voxels")
     if "tre_mm_mean" in metrics:
         print(f"landmark TRE: mean {metrics['tre_mm_mean']} mm, max {metrics['tre_mm_max']} mm")
-    for message in result.warnings:
-        print(f"mma register: warning: {message}", file=sys.stderr)
+    # (result.warnings were logged, to stderr, as they were raised: not printed again)
     for name, path in paths.items():
         print(f"  {name:<10} {path}")
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence what C libraries write to the process's stderr (file descriptor 2)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _read_transform(path: Path):
@@ -576,11 +624,18 @@ def _read_transform(path: Path):
 
     from MultiModalAnalysisLib.errors import ImageReadError
 
+    if not path.is_file():
+        raise ImageReadError(f"--initial-transform {path}: no such file. Check the path.")
+    warned = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return sitk.ReadTransform(str(path))
+        with _quiet_stderr():  # HDF5 prints its own diagnostics for a file it cannot read
+            return sitk.ReadTransform(str(path))
     except RuntimeError:
         raise ImageReadError(f"{path} could not be read as a transform file (.tfm, .txt, "
                              ".h5, .mat).") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warned)
 
 
 def _modality_from_name(path: Path) -> str | None:
@@ -610,16 +665,28 @@ def _add_fuse(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("images", type=Path, nargs="+", help="images to fuse with it")
     parser.add_argument("--method", choices=FUSION_CHOICES, required=True)
     parser.add_argument("--output", "-o", type=Path, required=True, help="F.nii.gz")
-    parser.add_argument("--weights", type=float, nargs="+", help="average: one per image")
-    parser.add_argument("--weight", type=float, default=0.5,
-                        help="wavelet: weight of the second image (default 0.5)")
-    parser.add_argument("--wavelet", default="sym8", help="wavelet: PyWavelets name")
-    parser.add_argument("--level", type=int, default=1, help="wavelet: decomposition levels")
+    parser.add_argument("--weights", type=float, nargs="+",
+                        help="average: one weight per image, REFERENCE included (default: "
+                        "equal)")
+    parser.add_argument("--weight", type=_fraction,
+                        help="wavelet: weight of the second image, 0..1 (default 0.5)")
+    parser.add_argument("--wavelet", help="wavelet: PyWavelets name (default sym8)")
+    parser.add_argument("--level", type=int, help="wavelet: decomposition levels (default 1)")
     parser.add_argument("--mask", type=Path, help="wavelet: region of interest")
-    parser.add_argument("--square-mm", type=float, default=10.0, help="checkerboard cube size")
-    parser.add_argument("--colormap", default="hot", help="overlay: matplotlib colour map")
-    parser.add_argument("--pyramid-levels", type=int, default=3, help="laplacian: levels")
+    parser.add_argument("--square-mm", type=float,
+                        help="checkerboard: cube size in mm (default 10)")
+    parser.add_argument("--colormap", help="overlay: matplotlib colour map (default hot)")
+    parser.add_argument("--pyramid-levels", type=int, help="laplacian: levels (default 3)")
     parser.set_defaults(func=_run_fuse)
+
+
+# each fusion option's method, and the engine's keyword for it
+FUSE_OPTIONS = {
+    "weights": ("average", "weights"), "square_mm": ("checkerboard", "square_mm"),
+    "colormap": ("overlay", "colormap"), "pyramid_levels": ("laplacian", "levels"),
+    "weight": ("wavelet", "weight_b"), "wavelet": ("wavelet", "wavelet"),
+    "level": ("wavelet", "level"), "mask": ("wavelet", "mask"),
+}
 
 
 def _run_fuse(args: argparse.Namespace) -> int:
@@ -628,21 +695,16 @@ def _run_fuse(args: argparse.Namespace) -> int:
 
     paths = [args.reference, *args.images]
     images = [read_image(path) for path in paths]
-    if args.mask and args.method != "wavelet":
-        log.warning("--mask applies to wavelet fusion only; ignored for --method %s.",
-                    args.method)
-    if args.weights and args.method != "average":
-        log.warning("--weights applies to average fusion only; ignored for --method %s.",
-                    args.method)
-    options = {
-        "average": lambda: {"weights": args.weights},
-        "checkerboard": lambda: {"square_mm": args.square_mm},
-        "overlay": lambda: {"colormap": args.colormap},
-        "laplacian": lambda: {"levels": args.pyramid_levels},
-        "wavelet": lambda: {"weight_b": args.weight, "wavelet": args.wavelet,
-                            "level": args.level,
-                            "mask": read_mask(args.mask) if args.mask else None},
-    }.get(args.method, dict)()
+    options = {}
+    for option, (method, keyword) in FUSE_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if method != args.method:
+            log.warning("--%s applies to %s fusion only; ignored for --method %s.",
+                        option.replace("_", "-"), method, args.method)
+            continue
+        options[keyword] = read_mask(value) if option == "mask" else value
     fused = fuse(images, args.method, names=[str(p) for p in paths], **options)
     print(f"wrote {write_image(fused, args.output)} ({args.method} fusion of "
           f"{len(images)} images on the grid of {args.reference.name})")

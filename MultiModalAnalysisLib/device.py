@@ -41,7 +41,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"device '{device}' was requested but no CUDA GPU is available to PyTorch "
-                f"(torch {torch.__version__}). Use device='auto' or 'cpu'."
+                f"(torch {torch.__version__}). Use device 'auto' or 'cpu' (--device auto)."
             )
         return torch.device(name)
     raise ConfigError(f"unknown device '{device}': use one of {', '.join(DEVICE_CHOICES)}.")

@@ -85,6 +85,56 @@ def test_mma_register_refuses_a_2d_image_in_one_line(tmp_path, capsys):
     assert "2-D" in err and "Traceback" not in err
 
 
+def test_images_that_start_far_apart_register_and_the_folder_holds_only_this_run(
+        tmp_path, capsys):
+    # The search brings a moving image placed 2 m away back; the QC's "before" panel, with
+    # nothing to overlap, shows the fill instead of failing the command after the other
+    # outputs were written (beside an earlier run's QC figure).
+    sitk.WriteImage(phantom("CT"), str(tmp_path / "CT_image.nii.gz"))
+    far = phantom("MR", seed=3)
+    far.SetOrigin([value + 2000.0 for value in far.GetOrigin()])
+    sitk.WriteImage(far, str(tmp_path / "MR_T1_image.nii.gz"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "qc.png").write_text("an earlier run")
+    status = main(["-q", "register", str(tmp_path / "CT_image.nii.gz"),
+                   str(tmp_path / "MR_T1_image.nii.gz"), "--transform", "rigid",
+                   "--output-dir", str(out)])
+    assert status == 0, capsys.readouterr().err
+    assert (out / "qc.png").read_bytes()[:4] == b"\x89PNG"
+    shift = np.array(sitk.ReadTransform(str(out / "transform.tfm")).TransformPoint(
+        phantom("CT").TransformContinuousIndexToPhysicalPoint([10, 10, 10])))
+    expected = np.array(far.TransformContinuousIndexToPhysicalPoint([10, 10, 10]))
+    assert np.linalg.norm(shift - expected) < 1.5
+
+
+def test_mma_register_options_are_checked_and_named_as_typed(tmp_path, capsys):
+    sitk.WriteImage(phantom("CT"), str(tmp_path / "fixed.nii.gz"))
+    base = ["-q", "register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "fixed.nii.gz"),
+            "--transform", "rigid", "--output-dir", str(tmp_path / "out")]
+    for option, value in (("--mask-margin", "-1"), ("--threads", "0")):
+        try:
+            main([*base, option, value])
+        except SystemExit as stop:
+            assert stop.code == 2
+        assert f"argument {option}: a " in capsys.readouterr().err
+    assert main([*base, "--initial-transform", str(tmp_path / "none.tfm")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_mma_fuse_says_which_options_its_method_ignores(tmp_path, caplog):
+    ct, mr = phantom("CT"), phantom("MR")
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(mr, str(tmp_path / "mr.nii.gz"))
+    with caplog.at_level("WARNING"):
+        status = main(["-q", "fuse", str(tmp_path / "ct.nii.gz"), str(tmp_path / "mr.nii.gz"),
+                       "--method", "average", "--output", str(tmp_path / "f.nii.gz"),
+                       "--square-mm", "5", "--weight", "0.3"])
+    assert status == 0
+    assert "--square-mm applies to checkerboard fusion only" in caplog.text
+    assert "--weight applies to wavelet fusion only" in caplog.text
+
+
 def test_mma_fuse_writes_a_fused_image_on_the_reference_grid(tmp_path):
     ct, mr = phantom("CT"), phantom("MR", size=(30, 28, 24), spacing=(3.0, 3.0, 3.5))
     sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
