@@ -201,6 +201,8 @@ def _add_features(subparsers: argparse._SubParsersAction) -> None:
     cohort.add_argument("--skip-failed", action="store_true",
                         help="leave out a case that cannot be read or measured (with a "
                         "warning naming it) instead of stopping the run")
+    parser.add_argument("--label", type=int, metavar="VALUE",
+                        help="with a multi-label mask: measure the voxels of this label")
     parser.add_argument("--output", "-o", type=Path, help="features CSV (required unless "
                         "--list-features)")
     parser.add_argument("--settings", type=Path,
@@ -240,7 +242,7 @@ def _run_features(args: argparse.Namespace) -> int:
         with ProgressBar("features", enabled=not args.quiet) as bar:
             table = extract_cohort_features(
                 args.manifest, modalities, args.mask_column, settings, args.device, bar,
-                on_error="skip" if args.skip_failed else "stop",
+                on_error="skip" if args.skip_failed else "stop", label=args.label,
             )
         failed = table.attrs.get("failed", {})
         if failed:
@@ -263,6 +265,10 @@ def _run_features(args: argparse.Namespace) -> int:
                                   "name (the feature columns start with it).")
             images[name] = read_image(path, name=f"{name} ({path})", modality=name)
         mask = read_image(args.mask, name=f"mask {args.mask}")
+        if args.label is not None:
+            from MultiModalAnalysisLib.images import select_label
+
+            mask = select_label(mask, args.label, f"mask {args.mask}")
         with ProgressBar("features", enabled=not args.quiet) as bar:
             values = extract_features(images, mask, settings, args.device, bar)
         case_id = args.case_id or args.mask.resolve().parent.name

@@ -232,7 +232,8 @@ def validate_mask(
     if nonzero.size > 1:
         raise LabelError(
             f"{name} holds {nonzero.size} different labels ({nonzero[:6].tolist()}...); a binary "
-            "mask (0 = outside, one value inside) is needed. Select one label first."
+            "mask (0 = outside, one value inside) is needed. Select one label first (mma "
+            "features --label N; images.select_label)."
         )
     if reference is not None and not same_grid(mask, reference):
         raise GeometryError(
@@ -293,3 +294,21 @@ def implausible_intensities(
             return (f"values {low:g}..{high:g} (99th percentile {p99:.4g}) are far above "
                     "SUV, unlike PET uptake in SUV (Bq/ml, or another image)")
     return None
+
+
+def select_label(mask: sitk.Image, value: int, name: str = "mask") -> sitk.Image:
+    """The voxels of one label of a label image, as a binary UInt8 mask (0/1).
+
+    Raises:
+        EmptyImageError: no voxel holds ``value`` (the labels present are named).
+    """
+    array = sitk.GetArrayViewFromImage(mask)
+    selected = array == value
+    if not selected.any():
+        present = np.unique(array[array != 0])
+        raise EmptyImageError(
+            f"{name} has no voxel of label {value} (labels present: "
+            f"{present[:10].tolist() if present.size else 'none'}).")
+    result = sitk.GetImageFromArray(selected.astype(np.uint8))
+    result.CopyInformation(mask)
+    return result

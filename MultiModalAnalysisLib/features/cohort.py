@@ -14,6 +14,7 @@ from MultiModalAnalysisLib.case import Manifest, read_manifest
 from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError, MMAError
 from MultiModalAnalysisLib.features.extract import extract_features
 from MultiModalAnalysisLib.features.settings import FeatureSettings, load_settings
+from MultiModalAnalysisLib.images import select_label
 from MultiModalAnalysisLib.io import read_image
 from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
@@ -30,6 +31,7 @@ def extract_cohort_features(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     on_error: str = "stop",
+    label: int | None = None,
 ):
     """A table (pandas DataFrame) with ``case_id`` and every case's features.
 
@@ -42,6 +44,7 @@ def extract_cohort_features(
             stops the run ("stop", the default) or is left out with a warning ("skip"; the
             table's ``attrs["failed"]`` maps each such case to its error). Either way the
             message names the case. Settings errors always stop the run.
+        label: with multi-label masks, measure the voxels of this label value.
 
     Raises:
         MMAError: the first failing case's error, prefixed with its id (``on_error="stop"``,
@@ -70,6 +73,8 @@ def extract_cohort_features(
             try:
                 if problem is not None:
                     raise problem
+                if label is not None:
+                    mask = select_label(mask, label, mask_column)
                 values = extract_features(images, mask, settings, device, progress=part,
                                           cancel=cancel)
             except ConfigError:

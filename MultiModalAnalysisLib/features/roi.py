@@ -160,7 +160,8 @@ def binary_mask(mask: sitk.Image, name: str = "mask") -> np.ndarray:
     if labels.size > 1:
         raise LabelError(
             f"{name} holds {labels.size} different labels ({labels[:6].tolist()}); a binary "
-            "mask (0 outside, one value inside) is needed. Select one label first."
+            "mask (0 outside, one value inside) is needed. Select one label first (mma "
+            "features --label N; images.select_label)."
         )
     return inside
 

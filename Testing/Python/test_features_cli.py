@@ -47,6 +47,26 @@ def test_list_features_prints_exactly_the_tags_an_extraction_makes(tmp_path, cap
     assert all(t.startswith("cm_") and "_3D_" in t for t in listed[1:])
 
 
+def test_label_picks_one_region_of_a_multi_label_mask(tmp_path, capsys):
+    mask = sitk.ReadImage(str(PHANTOM / "mask.nii.gz"))
+    inside = sitk.GetArrayFromImage(mask) > 0
+    labels = np.where(inside, 2, 0).astype(np.uint8)
+    labels[tuple(np.argwhere(~inside)[0])] = 5  # a second region beside the phantom's
+    multi = sitk.GetImageFromArray(labels)
+    multi.CopyInformation(mask)
+    sitk.WriteImage(multi, str(tmp_path / "labels.nii.gz"))
+    base = ["-q", "features", "--image", f"phantom={PHANTOM / 'phantom.nii.gz'}", "--mask",
+            str(tmp_path / "labels.nii.gz")]
+    assert main([*base, "--output", str(tmp_path / "refused.csv")]) == 2
+    assert "--label N" in capsys.readouterr().err
+    assert main([*base, "--label", "3", "--output", str(tmp_path / "none.csv")]) == 2
+    assert "no voxel of label 3 (labels present: [2, 5])" in capsys.readouterr().err
+    assert main([*base, "--label", "2", "--output", str(tmp_path / "two.csv")]) == 0
+    table = pd.read_csv(tmp_path / "two.csv")
+    assert table["phantom_morph_vol_approx"][0] == 592.0  # the phantom's own 74 voxels
+    assert table["phantom_stat_max"][0] == 6.0
+
+
 def test_features_name_a_bare_image_path_from_its_file_name(tmp_path):
     image = tmp_path / "PET_image.nii.gz"
     image.write_bytes((PHANTOM / "phantom.nii.gz").read_bytes())
