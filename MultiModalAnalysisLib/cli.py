@@ -543,37 +543,24 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_register)
 
 
-def _distance(text: str) -> float:
-    """argparse type: a distance in mm, >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"a distance >= 0 in mm, not {text!r}")
-    return value
+def _number_type(convert, low: float, high: float, what: str):
+    """An argparse type: ``convert(text)`` within [low, high] (NaN refused), else an error
+    that says what is expected."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what}, not {text!r}")
+        return value
+
+    return parse
 
 
-def _whole_positive(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a whole number >= 1, not {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    """argparse type: a number from 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a number from 0 to 1, not {text!r}")
-    return value
+_distance = _number_type(float, 0.0, 1e6, "a distance >= 0 in mm")
+_whole_positive = _number_type(int, 1, float("inf"), "a whole number >= 1")
+_fraction = _number_type(float, 0.0, 1.0, "a number from 0 to 1")
 
 
 def _run_register(args: argparse.Namespace) -> int:
