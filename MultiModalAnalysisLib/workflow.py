@@ -338,6 +338,11 @@ def batch_task(
     if not folders:
         raise MMAError("no case folder was given for the batch.")
     wanted = [canonical_modality(m) for m in modalities]
+    if "OTHER" in wanted:
+        raise ConfigError(
+            "a batch reads each case folder's files by modality (CT_image.nii.gz, "
+            "PET_image.nii.gz, ...): 'other' names no file. Choose the modality of every "
+            "input volume (or one its files are named by, e.g. DWI for DWI_image.nii.gz).")
 
     def compute(progress: Progress, cancel: threading.Event | None) -> Any:
         import pandas as pd

@@ -248,6 +248,9 @@ def test_a_batch_measures_a_lesion_not_the_union_of_tissue_classes(mrml_scene, t
     with pytest.raises(ConfigError, match="one region per case"):
         batch_task([sample_case_dir()], WorkflowSettings(segmentation_method=""),
                    modalities=["CT"], scene=mrml_scene)
+    with pytest.raises(ConfigError, match="'other' names no file"):
+        batch_task([sample_case_dir()], WorkflowSettings(), modalities=["CT", "other"],
+                   mask_name="CT_mask", scene=mrml_scene)
 
 
 def test_a_batch_segments_with_the_chosen_model(mrml_scene, tmp_path, sts002):
