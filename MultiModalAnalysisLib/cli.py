@@ -371,6 +371,7 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
     if args.kind == "deep":
         return _train_deep_classifier(args)
     from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
+    from MultiModalAnalysisLib.classification.table import UNMEASURED
 
     settings = _classifier_settings(args)
     extraction = {"on_error": "skip"} if args.skip_failed else {}
@@ -382,7 +383,7 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
             feature_settings=args.feature_settings, device=args.device, progress=bar,
             **extraction)
     unmeasured = [c for c, why in table.excluded_cases.items()
-                  if why.startswith("could not be measured")]
+                  if why.startswith(UNMEASURED)]
     unlabelled = len(table.excluded_cases) - len(unmeasured)
     print(f"{len(table)} cases, {table.features.shape[1]} features from {args.manifest}"
           + (f"; left out {unlabelled} case(s) without a label" if unlabelled else "")
@@ -616,19 +617,17 @@ def _read_transform(path: Path):
     import SimpleITK as sitk
 
     from MultiModalAnalysisLib.errors import ImageReadError
+    from MultiModalAnalysisLib.io import itk_warnings_off
 
     if not path.is_file():
         raise ImageReadError(f"--initial-transform {path}: no such file. Check the path.")
-    warned = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        with _quiet_stderr():  # HDF5 prints its own diagnostics for a file it cannot read
+        # (HDF5 prints its own diagnostics for a file it cannot read)
+        with itk_warnings_off(), _quiet_stderr():
             return sitk.ReadTransform(str(path))
     except RuntimeError:
         raise ImageReadError(f"{path} could not be read as a transform file (.tfm, .txt, "
                              ".h5, .mat).") from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warned)
 
 
 def _modality_from_name(path: Path) -> str | None:

@@ -6,6 +6,7 @@ project's errors naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,37 +80,73 @@ def read_image(
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of float32 / float64
 
 
+@dataclass(frozen=True)
+class _Nifti1Header:
+    order: str  # byte order, "<" or ">"
+    datatype: int
+    bits: int  # per voxel
+    count: int  # voxels
+    offset: int  # where the voxels start
+
+
+def _nifti_open(path: Path):
+    import gzip
+
+    return (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb")
+
+
+def _nifti1_header(path: Path) -> _Nifti1Header | None:
+    """The fields of a NIfTI-1 header the checks of this module read; ``None`` for another
+    format or a header with impossible dimensions (left to ITK).
+
+    Raises:
+        EOFError: the file ends inside the header.
+    """
+    import zlib
+
+    import numpy as np
+
+    try:
+        with _nifti_open(path) as stream:
+            header = stream.read(348)
+    except (OSError, zlib.error):
+        header = b""
+    if len(header) < 348:
+        raise EOFError(path)
+    order = "<" if np.frombuffer(header[:4], "<i4")[0] == 348 else ">"
+    if np.frombuffer(header[:4], order + "i4")[0] != 348:
+        return None
+    dims = np.frombuffer(header[40:56], order + "i2").astype(np.int64)
+    if not 1 <= dims[0] <= 7 or (dims[1 : 1 + dims[0]] < 0).any():
+        return None
+    return _Nifti1Header(
+        order=order,
+        datatype=int(np.frombuffer(header[70:72], order + "i2")[0]),
+        bits=int(np.frombuffer(header[72:74], order + "i2")[0]),
+        count=int(np.prod(dims[1 : 1 + dims[0]])),
+        offset=int(np.frombuffer(header[108:112], order + "f4")[0]),
+    )
+
+
 def _check_nifti_complete(path: Path, label: str) -> None:
     """Refuse a NIfTI-1 file shorter than its header says: ITK reads a truncated .nii.gz
     without a word and fills the missing voxels with 0 (half a volume of zeros, which looks
     like an image). The gzip trailer's length is checked first (no decompression); only
     when it disagrees (a truncated file, or a file of several gzip members) is the data
     decompressed and counted."""
-    import gzip
     import zlib
-
-    import numpy as np
 
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return
     compressed = name.endswith(".gz")
     try:
-        with (gzip.open if compressed else open)(path, "rb") as stream:
-            header = stream.read(348)
-    except (OSError, EOFError, zlib.error):
-        header = b""
-    if len(header) < 348:
-        raise ImageReadError(f"{label} is truncated: it ends inside the NIfTI header.")
-    order = "<" if np.frombuffer(header[:4], "<i4")[0] == 348 else ">"
-    if np.frombuffer(header[:4], order + "i4")[0] != 348:
-        return  # not NIfTI-1: left to ITK
-    dims = np.frombuffer(header[40:56], order + "i2").astype(np.int64)
-    bits = int(np.frombuffer(header[72:74], order + "i2")[0])
-    offset = int(np.frombuffer(header[108:112], order + "f4")[0])
-    if not 1 <= dims[0] <= 7 or bits <= 0 or (dims[1 : 1 + dims[0]] < 0).any():
-        return  # a header ITK will judge
-    expected = max(offset, 348) + int(np.prod(dims[1 : 1 + dims[0]])) * bits // 8
+        header = _nifti1_header(path)
+    except EOFError:
+        raise ImageReadError(f"{label} is truncated: it ends inside the NIfTI header.") from None
+    if header is None or header.bits <= 0:
+        return  # not NIfTI-1, or a header ITK will judge
+    expected = max(header.offset, 348) + header.count * header.bits // 8
     if not compressed:
         length = path.stat().st_size
     else:
@@ -120,7 +157,7 @@ def _check_nifti_complete(path: Path, label: str) -> None:
             return
         length = 0
         try:
-            with gzip.open(path, "rb") as stream:
+            with _nifti_open(path) as stream:
                 while chunk := stream.read(1 << 16):
                     length += len(chunk)
         except (OSError, EOFError, zlib.error):
@@ -140,8 +177,6 @@ def _restore_nifti_non_finite(path: Path, image: sitk.Image) -> sitk.Image:
     directly (the file is read a second time: a few tens of ms for a PET volume). Other
     formats, integer files and images without a 0 voxel are returned as they are.
     """
-    import gzip
-
     import numpy as np
 
     name = path.name.lower()
@@ -149,23 +184,14 @@ def _restore_nifti_non_finite(path: Path, image: sitk.Image) -> sitk.Image:
         return image
     if not np.any(sitk.GetArrayViewFromImage(image) == 0):
         return image  # no voxel could have been a NaN turned into 0
-    opener = gzip.open if name.endswith(".gz") else open
     try:
-        with opener(path, "rb") as stream:
-            header = stream.read(348)
-            if len(header) < 348:
-                return image
-            order = "<" if np.frombuffer(header[:4], "<i4")[0] == 348 else ">"
-            if np.frombuffer(header[:4], order + "i4")[0] != 348:
-                return image  # not NIfTI-1 (NIfTI-2 and others: as read)
-            datatype = int(np.frombuffer(header[70:72], order + "i2")[0])
-            if datatype not in _NIFTI_FLOATS:
-                return image
-            dims = np.frombuffer(header[40:56], order + "i2")
-            count = int(np.prod(dims[1 : 1 + int(dims[0])].astype(np.int64)))
-            offset = int(np.frombuffer(header[108:112], order + "f4")[0])
-            stream.read(max(0, offset - 348))
-            raw = np.frombuffer(stream.read(), order + _NIFTI_FLOATS[datatype], count)
+        header = _nifti1_header(path)
+        if header is None or header.datatype not in _NIFTI_FLOATS:
+            return image  # not NIfTI-1 (NIfTI-2 and others: as read), or not floats
+        with _nifti_open(path) as stream:
+            stream.read(max(header.offset, 348))
+            raw = np.frombuffer(stream.read(), header.order + _NIFTI_FLOATS[header.datatype],
+                                header.count)
     except (OSError, ValueError, EOFError):
         return image  # SimpleITK read it; leave any oddity of the file to it
     bad = ~np.isfinite(raw)
@@ -224,19 +250,27 @@ class DicomSeries:
         return len(self.files)
 
 
+@contextlib.contextmanager
+def itk_warnings_off():
+    """ITK's warnings (printed to stderr) off inside the block, as they were after it."""
+    warned = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warned)
+
+
 def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
     """All DICOM series in ``folder`` (not recursive), largest first."""
     folder = Path(folder)
     reader = sitk.ImageSeriesReader()
     # ITK warns "No Series were found" on stderr, beside our own message on that
-    warned = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        uids = reader.GetGDCMSeriesIDs(str(folder))
+        with itk_warnings_off():
+            uids = reader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError:
         uids = ()
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warned)
     found = []
     for uid in uids:
         files = tuple(reader.GetGDCMSeriesFileNames(str(folder), uid))
@@ -301,16 +335,13 @@ def read_dicom_series(
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(chosen.files))
     reader.MetaDataDictionaryArrayUpdateOn()
-    warned = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's non-uniform-sampling warning:
-    try:  # checked below, with a message that says what it means
-        image = reader.Execute()
+    try:
+        with itk_warnings_off():  # ITK's non-uniform-sampling warning: checked below, with
+            image = reader.Execute()  # a message that says what it means
     except RuntimeError as error:
         raise ImageReadError(
             f"DICOM series {chosen.uid} in {label} could not be read: {_first_line(error)}"
         ) from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warned)
     _check_slice_positions(reader, image, f"DICOM series {chosen.uid} in {label}")
     return image
 

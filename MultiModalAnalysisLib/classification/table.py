@@ -33,6 +33,9 @@ from MultiModalAnalysisLib.io import has_image_suffix
 
 log = logging.getLogger(__name__)
 
+# how an excluded case that could not be measured (on_error="skip") is described
+UNMEASURED = "could not be measured"
+
 
 @dataclass
 class FeatureTable:
@@ -360,7 +363,7 @@ def features_from_image_manifest(
         source=f"{manifest.path} (features of {', '.join(modalities)} in {mask_column})",
     )
     result.excluded_cases.update(
-        {case_id: f"could not be measured ({error})" for case_id, error in failed.items()})
+        {case_id: f"{UNMEASURED} ({error})" for case_id, error in failed.items()})
     result.extraction = {"modalities": list(modalities), "mask_column": mask_column,
                          "feature_settings": _settings_dict(feature_settings)}
     return result
