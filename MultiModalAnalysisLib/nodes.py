@@ -144,13 +144,12 @@ def _region_masks(mask_node: Any, reference_node: Any) -> dict[str, sitk.Image]:
             if sitk.GetArrayViewFromImage(mask).any():
                 regions[name] = mask
         return regions
+    from MultiModalAnalysisLib.images import select_label
+
     labels = mrml.image_from_volume_node(mask_node)
-    array = sitk.GetArrayViewFromImage(labels)
-    for value in np.unique(array):
+    for value in np.unique(sitk.GetArrayViewFromImage(labels)):
         if value != 0:
-            mask = sitk.GetImageFromArray((array == value).astype(np.uint8))
-            mask.CopyInformation(labels)
-            regions[f"label {int(value)}"] = mask
+            regions[f"label {int(value)}"] = select_label(labels, value, _name(mask_node))
     return regions
 
 

@@ -54,7 +54,7 @@ def find_channel(names: Sequence[str], name: str) -> str:
         return name
     wanted = canonical_modality(name)
     for channel in names:
-        if channel == name or canonical_modality(channel) == wanted:
+        if canonical_modality(channel) == wanted:
             return channel
     raise MissingModalityError(
         f"there is no image named {name} among the inputs ({', '.join(map(str, names))})."
