@@ -80,30 +80,6 @@ def _on_grid(image: sitk.Image, reference: sitk.Image, name: str, is_label: bool
     return resample_to_reference(image, reference, is_label=is_label, name=name)
 
 
-def _within_field_of_view(
-    region: sitk.Image | None, field_of_view: sitk.Image | None, reference: sitk.Image
-) -> sitk.Image | None:
-    """``region`` (``None``: the whole grid) less the voxels outside ``field_of_view``."""
-    if field_of_view is None:
-        return region
-    inside = sitk.GetArrayFromImage(_on_grid(field_of_view, reference, "field of view",
-                                             is_label=True)) != 0
-    if inside.all():
-        return region
-    wanted = np.ones(inside.shape, bool) if region is None else (
-        sitk.GetArrayFromImage(region) != 0)
-    kept = wanted & inside
-    if not kept.any():
-        raise MMAError("no voxel to segment lies inside every registered volume's field of "
-                       "view: check the registration.")
-    log.warning("%.1f %% of the region to segment lies outside a registered volume's field of "
-                "view: those voxels are left unlabelled (0).",
-                100.0 * (1 - kept.sum() / max(int(wanted.sum()), 1)))
-    result = sitk.GetImageFromArray(kept.astype(np.uint8))
-    result.CopyInformation(reference)
-    return result
-
-
 def _label_image(mask_node: Any, reference_node: Any) -> sitk.Image:
     """A label image from a segmentation node or a labelmap volume node."""
     if mask_node is None:
@@ -479,10 +455,9 @@ def segment_task(
         # The volumes go in on their own grids: segment() brings them onto the reference's
         # and leaves out where one has no data (a resampled copy would be padded there).
         region = _on_grid(mask, reference, "mask", is_label=True) if mask is not None else None
-        region = _within_field_of_view(region, field_of_view, reference)
         return segment(
             images, method=method, classes=classes, model=model, mask=region, device=device,
-            progress=progress, cancel=cancel, **options,
+            progress=progress, cancel=cancel, field_of_view=field_of_view, **options,
         )
 
     def publish(result: Any) -> SegmentationNodes:

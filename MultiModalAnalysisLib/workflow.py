@@ -422,8 +422,8 @@ def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -
         region = segment(images, method=settings.segmentation_method,
                          classes=settings.segmentation_classes,
                          model=settings.segmentation_model or None,
-                         mask=inside if not covered.all() else None,
-                         device=settings.device, cancel=cancel).labels
+                         field_of_view=inside, device=settings.device,
+                         cancel=cancel).labels
     region = sitk.Cast(sitk.NotEqual(region, 0), sitk.sitkUInt8)
     features = extract_features(
         images, region,

@@ -135,6 +135,45 @@ def region_array(mask: sitk.Image | None, reference: sitk.Image, name: str = "ma
     return sitk.GetArrayFromImage(mask_on_grid(mask, reference, name)) != 0
 
 
+def within_field_of_view(
+    mask: sitk.Image | None, field_of_view: sitk.Image | None, reference: sitk.Image,
+) -> sitk.Image | None:
+    """``mask`` (``None``: the whole of ``reference``'s grid) less the voxels outside
+    ``field_of_view``: where images resampled before segmentation (registered volumes) have
+    data; outside it they hold padding, which is no measurement.
+
+    Returns ``mask`` itself when the field of view covers all of it, else a UInt8 mask on
+    ``reference``'s grid, with a warning saying how much was left out.
+
+    Raises:
+        GeometryError: no voxel of the region lies inside the field of view.
+    """
+    if field_of_view is None:
+        return mask
+    if same_grid(field_of_view, reference):
+        inside = sitk.GetArrayFromImage(field_of_view) != 0
+    else:
+        inside = sitk.GetArrayFromImage(resample_to_reference(
+            field_of_view, reference, is_label=True, name="field of view")) != 0
+    wanted = region_array(mask, reference)
+    kept = wanted & inside
+    if np.array_equal(kept, wanted):
+        return mask
+    where = "the mask" if mask is not None else "the reference grid"
+    if not kept.any():
+        raise GeometryError(
+            f"no voxel of {where} lies inside every registered volume's field of view: "
+            "check the registration."
+        )
+    lost = int(wanted.sum() - kept.sum())
+    log.warning("%.1f %% of %s (%d voxels) lies outside a registered volume's field of view: "
+                "those voxels are left unlabelled (0).", 100.0 * lost / int(wanted.sum()),
+                where, lost)
+    result = sitk.GetImageFromArray(kept.astype(np.uint8))
+    result.CopyInformation(reference)
+    return result
+
+
 def stack_region(
     stack: ImageStack, mask: sitk.Image | None, *, warn: bool = True, grid: str | None = None
 ) -> np.ndarray:

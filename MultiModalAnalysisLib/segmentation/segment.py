@@ -24,6 +24,7 @@ from MultiModalAnalysisLib.segmentation.inputs import (
     require_images,
     stack_images,
     stack_region,
+    within_field_of_view,
 )
 from MultiModalAnalysisLib.segmentation.postprocess import clean_labels
 from MultiModalAnalysisLib.segmentation.result import SegmentationResult
@@ -57,6 +58,7 @@ def segment(
     device: str = "auto",
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    field_of_view: sitk.Image | None = None,
     **options: Any,
 ) -> SegmentationResult:
     """Segment co-registered images; the labels are on the first image's grid.
@@ -76,6 +78,11 @@ def segment(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (networks only).
         progress: ``progress(fraction, message)`` callback.
         cancel: stops the work when set.
+        field_of_view: where images that were resampled before (registered volumes) have
+            data, a binary image (on any grid; resampled onto the first image's). They
+            hold padding elsewhere, which must not be classified as tissue: those voxels
+            are left unlabelled (0), with a warning. Images given on their own grids need
+            none: their coverage is worked out here.
         **options: method settings.
             gmm/kmeans: ``order_by``, ``regularisation`` (icm/smoothing/none), ``beta``,
             ``iterations``, ``smoothing_mm``, ``max_samples``, ``random_state``, ``n_init``.
@@ -99,6 +106,10 @@ def segment(
     start = time.perf_counter()
     check_cancel(cancel, "segmentation")
     method = str(method).lower()
+    if field_of_view is not None:
+        first = next(iter(images))
+        mask = within_field_of_view(mask, field_of_view,
+                                    validate_image(images[first], str(first)))
     if method in ("gmm", "kmeans"):
         result = _classical(images, method, classes, mask, options, report, cancel)
     elif method == "threshold":

@@ -172,6 +172,49 @@ def test_voxels_outside_an_images_field_of_view_are_left_unlabelled(rng, caplog)
         segment({"MR_T1": images["MR_T1"], "PET": half}, "kmeans", 3, mask=mask)
 
 
+def test_a_given_field_of_view_leaves_the_padding_of_resampled_images_unlabelled(rng, caplog):
+    # Images resampled before segmentation (registered volumes) are on one grid already, so
+    # segment() cannot see where one is padding: the caller gives that field of view.
+    images, truth = phantom(rng)
+    covered = sitk.Image(images["MR_T1"].GetSize(), sitk.sitkUInt8)
+    covered.CopyInformation(images["MR_T1"])
+    covered[:, 24:, :] = 1  # x, y, z: the upper half in y
+    with caplog.at_level("WARNING"):
+        result = segment(images, "gmm", 3, order_by="PET", field_of_view=covered)
+    labels = sitk.GetArrayFromImage(result.labels)
+    assert not labels[:, :24, :].any() and labels[:, 24:, :].all()
+    assert "outside a registered volume's field of view" in caplog.text
+    inside = sitk.GetArrayFromImage(truth)[:, 24:, :]
+    for k in (1, 2, 3):
+        found, wanted = labels[:, 24:, :] == k, inside == k
+        assert 2 * (found & wanted).sum() / (found.sum() + wanted.sum()) >= 0.95
+    # With a mask, the field of view narrows the mask (a threshold too); the field of view
+    # may be on another grid.
+    mask = sitk.Image(images["MR_T1"].GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(images["MR_T1"])
+    mask[:, 16:32, :] = 1
+    coarse = resample_to_spacing(covered, (2.0, 2.0, 4.0), is_label=True)
+    result = segment(images, "threshold", threshold="range", channel="PET", low=-1e9,
+                     mask=mask, field_of_view=coarse)
+    labels = sitk.GetArrayFromImage(result.labels)
+    assert labels[:, 24:32, :].all() and not labels[:, :24, :].any()
+    assert not labels[:, 32:, :].any()
+    # A field of view covering the whole grid changes nothing and says nothing.
+    caplog.clear()
+    whole = sitk.Image(covered) * 0 + 1
+    with caplog.at_level("WARNING"):
+        same = segment(images, "kmeans", 3, order_by="PET", field_of_view=whole)
+    plain = segment(images, "kmeans", 3, order_by="PET")
+    assert np.array_equal(sitk.GetArrayFromImage(same.labels),
+                          sitk.GetArrayFromImage(plain.labels))
+    assert "field of view" not in caplog.text
+    # A mask wholly outside the field of view is refused, not silently emptied.
+    outside = sitk.Image(mask) * 0
+    outside[:, 2:10, :] = 1
+    with pytest.raises(GeometryError, match="field of view"):
+        segment(images, "kmeans", 3, mask=outside, field_of_view=covered)
+
+
 def test_threshold_settings_choose_the_kind_and_settings_it_does_not_use_are_refused():
     pet, _ = pet_with_two_lesions()
     pet_array = sitk.GetArrayFromImage(pet)
