@@ -120,13 +120,19 @@ def validate_image(
     return image
 
 
-def require_non_constant(image: sitk.Image, name: str = "image") -> None:
-    """Raise :class:`ConstantImageError` if every voxel has the same value."""
+def value_range(image: sitk.Image) -> tuple[float, float]:
+    """The smallest and largest voxel values of ``image``."""
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(image)
-    if stats.GetMinimum() == stats.GetMaximum():
+    return float(stats.GetMinimum()), float(stats.GetMaximum())
+
+
+def require_non_constant(image: sitk.Image, name: str = "image") -> None:
+    """Raise :class:`ConstantImageError` if every voxel has the same value."""
+    low, high = value_range(image)
+    if low == high:
         raise ConstantImageError(
-            f"{name} is constant (every voxel is {stats.GetMinimum():g}): there is no contrast "
+            f"{name} is constant (every voxel is {low:g}): there is no contrast "
             "to work with. Check that the right file or series was loaded."
         )
 
@@ -279,9 +285,7 @@ def implausible_intensities(
     family = modality_family(modality)
     if family not in ("CT", "PET"):
         return None
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(image)
-    low, high = stats.GetMinimum(), stats.GetMaximum()
+    low, high = value_range(image)
     if family == "CT" and (low > -100 or high < 100):
         return f"values {low:g}..{high:g} do not look like CT in HU (air/fat below -100)"
     if family == "PET" and low < -1.0:

@@ -22,6 +22,7 @@ from MultiModalAnalysisLib.images import (
     same_grid,
     validate_image,
     validate_mask,
+    value_range,
 )
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,7 @@ def _default_value(image: sitk.Image, is_label: bool, default_value: float | Non
         return float(default_value)
     if is_label:
         return 0.0
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(image)
-    return float(stats.GetMinimum())
+    return value_range(image)[0]
 
 
 def resample_to_reference(

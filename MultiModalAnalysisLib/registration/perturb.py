@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.images import as_float32
+from MultiModalAnalysisLib.images import as_float32, value_range
 from MultiModalAnalysisLib.registration.transforms import (  # noqa: F401  (compose re-exported)
     compose,
     matrix_offset,
@@ -113,10 +113,8 @@ def perturb_image(
     if is_label:
         return sitk.Resample(image, image, perturbation, sitk.sitkNearestNeighbor, 0,
                              image.GetPixelID())
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(image)
     return sitk.Resample(as_float32(image), image, perturbation, sitk.sitkLinear,
-                         stats.GetMinimum(), sitk.sitkFloat32)
+                         value_range(image)[0], sitk.sitkFloat32)
 
 
 def move_image_rigidly(image: sitk.Image, rigid: sitk.Transform) -> sitk.Image:

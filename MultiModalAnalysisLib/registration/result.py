@@ -11,6 +11,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import MMAError
+from MultiModalAnalysisLib.images import value_range
 from MultiModalAnalysisLib.io import write_image
 from MultiModalAnalysisLib.preprocess import resample_to_reference
 
@@ -99,7 +100,7 @@ class RegistrationResult:
         # together) need not overlap before; that panel then shows the fill.
         before = sitk.Resample(self.moving, self.fixed,
                                self.initial_transform or sitk.Transform(3, sitk.sitkIdentity),
-                               sitk.sitkLinear, _minimum(self.moving), sitk.sitkFloat32)
+                               sitk.sitkLinear, value_range(self.moving)[0], sitk.sitkFloat32)
         return registration_qc_figure(
             self.fixed, before, self.warped, path,
             valid_before=self._valid_region(self.initial_transform),
@@ -122,12 +123,6 @@ class RegistrationResult:
                                  transform or sitk.Transform(3, sitk.sitkIdentity),
                                  sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         return sitk.BinaryErode(sitk.Cast(on_fixed > 0.99, sitk.sitkUInt8), [2, 2, 1])
-
-
-def _minimum(image: sitk.Image) -> float:
-    statistics = sitk.MinimumMaximumImageFilter()
-    statistics.Execute(image)
-    return float(statistics.GetMinimum())
 
 
 def _jsonable(value: Any) -> Any:
