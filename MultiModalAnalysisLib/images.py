@@ -167,6 +167,24 @@ def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
     )
 
 
+def grid_difference(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> str:
+    """How ``a``'s grid differs from ``b``'s, for messages (e.g. "origin (0, 0, 0) vs
+    (5, 0, 0)"); empty when they are the same grid (see :func:`same_grid`)."""
+    def text(values) -> str:
+        return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+    parts = []
+    if a.GetSize() != b.GetSize():
+        parts.append(f"size {a.GetSize()} vs {b.GetSize()}")
+    for what, get, atol in (("spacing", "GetSpacing", tolerance),
+                            ("origin", "GetOrigin", tolerance * 10),
+                            ("direction", "GetDirection", tolerance)):
+        first, second = getattr(a, get)(), getattr(b, get)()
+        if not np.allclose(first, second, atol=atol):
+            parts.append(f"{what} {text(first)} vs {text(second)}")
+    return ", ".join(parts)
+
+
 def physical_corners(image: sitk.Image) -> np.ndarray:
     """The 8 physical corner points (outer voxel edges) of the image, shape (8, 3)."""
     size = np.array(image.GetSize(), dtype=float)
@@ -243,8 +261,7 @@ def validate_mask(
         )
     if reference is not None and not same_grid(mask, reference):
         raise GeometryError(
-            f"{name} is not on the image's grid (size {mask.GetSize()} vs "
-            f"{reference.GetSize()}, spacing {mask.GetSpacing()} vs {reference.GetSpacing()}). "
+            f"{name} is not on the image's grid ({grid_difference(mask, reference)}). "
             "Resample it to the image first (preprocess.resample_to_reference, nearest "
             "neighbour)."
         )

@@ -63,6 +63,8 @@ from typing import Any
 
 from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.settings_file import read_settings_file, yaml_module
+from MultiModalAnalysisLib.values import number as _number
+from MultiModalAnalysisLib.values import whole as _whole
 
 FAMILIES = ("morph", "loc", "stat", "ih", "ivh", "cm", "rlm", "szm", "dzm", "ngt", "ngl")
 TEXTURE_FAMILIES = ("cm", "rlm", "szm", "dzm", "ngt", "ngl")
@@ -338,24 +340,6 @@ def _pattern(patterns: tuple[str, ...]) -> re.Pattern:
 def _choose(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}: '{value}' is not one of {', '.join(choices)}.")
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number, not {value!r}.")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, not {value!r}.") from None
-
-
-def _whole(name: str, value: Any, least: int, most: int) -> int:
-    """``value`` as an int from ``least`` to ``most``, refusing fractions, NaN and booleans."""
-    number = _number(name, value)
-    if not (math.isfinite(number) and number == int(number) and least <= number <= most):
-        raise ConfigError(f"{name} must be a whole number from {least} to {most}, not "
-                          f"{value!r}.")
-    return int(number)
 
 
 def _positive(name: str, value: Any, example: str) -> float:

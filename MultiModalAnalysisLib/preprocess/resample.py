@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from MultiModalAnalysisLib.errors import ConfigError, EmptyImageError, GeometryError
 from MultiModalAnalysisLib.images import (
     as_float32,
+    grid_difference,
     physical_bounds,
     physical_corners,
     require_3d,
@@ -119,8 +120,8 @@ def mask_on_grid(
     if same_grid(binary, reference):
         return binary
     if warn:
-        log.warning("%s is not on the image's grid (size %s vs %s): resampling it onto the "
-                    "image (nearest neighbour).", name, binary.GetSize(), reference.GetSize())
+        log.warning("%s is not on the image's grid (%s): resampling it onto the image "
+                    "(nearest neighbour).", name, grid_difference(binary, reference))
     resampled = resample_to_reference(binary, reference, is_label=True, name=name)
     if not sitk.GetArrayViewFromImage(resampled).any():
         raise EmptyImageError(

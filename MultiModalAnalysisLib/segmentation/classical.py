@@ -10,6 +10,7 @@ K the highest, so "class 3 of PET" means the same thing on every case.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Literal
@@ -27,6 +28,9 @@ from MultiModalAnalysisLib.segmentation.result import (
     default_label_colors,
     probability_image,
 )
+from MultiModalAnalysisLib.values import finite, whole
+
+log = logging.getLogger(__name__)
 
 Regularisation = Literal["icm", "smoothing", "none"]
 # Voxels classified at a time: bounds the memory of the posteriors' intermediates and
@@ -122,6 +126,13 @@ class VoxelClassifier:
         if features.shape[0] > self.max_samples:
             features = features[rng.choice(features.shape[0], self.max_samples, replace=False)]
         self.n_samples_fit_ = int(features.shape[0])
+        distinct = len(np.unique(features, axis=0))
+        if distinct < self.n_classes:
+            raise ConfigError(
+                f"the region holds only {distinct} distinct value(s) of "
+                f"{', '.join(stack.names)}, fewer than the {self.n_classes} classes asked "
+                "for: ask for fewer classes (or check the images and the mask)."
+            )
         check_cancel(cancel, f"{self.method_name} segmentation")
         self._fit_model(features)
         check_cancel(cancel, f"{self.method_name} segmentation")
@@ -183,6 +194,13 @@ class VoxelClassifier:
         classes, probabilities = self._regularise(log_posteriors, region, stack, cancel)
         report(1.0, "labelled")
         labels = np.where(region, classes + 1, 0).astype(np.uint8)
+        found = np.bincount(labels[region], minlength=self.n_classes + 1)[1:]
+        if not found.all():
+            log.warning(
+                "%s: class(es) %s of the %d asked for label no voxel: the images support "
+                "fewer classes here, so the class numbers may not mean the same as on other "
+                "cases; consider fewer classes.", self.method_name,
+                ", ".join(str(k + 1) for k in np.flatnonzero(found == 0)), self.n_classes)
         outside = (~region).astype(np.float32)[None]
         per_label = np.concatenate([outside, probabilities], axis=0)  # component k = label k
         # uncertainty: 1 - the largest class probability (0 where one class is certain, up to
@@ -217,8 +235,13 @@ class VoxelClassifier:
                 f"unknown regularisation '{self.regularisation}': use one of "
                 f"{', '.join(REGULARISATIONS)}."
             )
-        if self.beta < 0 or self.smoothing_mm < 0:
-            raise ConfigError("beta and smoothing_mm must not be negative.")
+        self.beta = finite("beta", self.beta, 0.0)
+        self.smoothing_mm = finite("smoothing_mm", self.smoothing_mm, 0.0)
+        self.iterations = whole("iterations", self.iterations, 0)
+        self.max_samples = whole("max_samples", self.max_samples, max(self.n_classes, 1))
+        self.random_state = whole("random_state", self.random_state, 0, 2**32 - 1)
+        if hasattr(self, "n_init"):
+            self.n_init = whole("n_init", self.n_init, 1)
 
     def _stack_matching_channels(self, images: Mapping[str, sitk.Image]) -> ImageStack:
         stack = stack_images(images)

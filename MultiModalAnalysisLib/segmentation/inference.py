@@ -18,7 +18,12 @@ from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.images import image_from_array
 from MultiModalAnalysisLib.preprocess import resample_to_reference
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
-from MultiModalAnalysisLib.segmentation.inputs import region_array, require_images
+from MultiModalAnalysisLib.segmentation.inputs import (
+    coverage,
+    covered_region,
+    region_array,
+    require_images,
+)
 from MultiModalAnalysisLib.segmentation.model_file import (
     SegmentationModel,
     load_segmentation_model,
@@ -185,12 +190,16 @@ def segment_with_model(
         images: modality name -> co-registered image; the model's modalities must be there.
         model: a :class:`SegmentationModel`, a model path, or a MONAI bundle (folder).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``; CUDA out-of-memory falls back to the CPU.
-        tta: average over in-plane flips; their spread is the uncertainty map.
+        tta: average over in-plane flips; their spread is the uncertainty map (a MONAI
+            bundle runs once, without flips or an uncertainty map).
         overlap: sliding-window overlap.
-        mc_samples: use MC-dropout with this many passes (instead of flips) for uncertainty.
-        presets_applied: the images already went through the modality presets.
-        cleanup: ``keep_largest`` / ``fill_holes`` / ``min_volume_mm3``; default: the
-            clean-up stored with the model.
+        mc_samples: use MC-dropout with this many passes (instead of flips) for uncertainty
+            (not for bundles).
+        presets_applied: the images already went through the modality presets (not for
+            bundles, which bring their own preprocessing).
+        cleanup: ``keep_largest`` / ``fill_holes`` / ``min_volume_mm3``, each overriding
+            the same setting of the clean-up stored with the model (``keep_largest=False``
+            turns a stored one off); a bundle has none stored.
         mask: labels only inside this region (any grid; nearest neighbour onto the
             first image's): the network sees the whole images, and everything outside the
             region is background, before the clean-up (so "the largest component" is the
@@ -201,14 +210,27 @@ def segment_with_model(
     require_images(images)
     report = as_progress(progress)
     model = resolve_model(model)
-    reference = images[next(iter(images))]
+    first = next(iter(images))
+    reference = images[first]
     region = region_array(mask, reference) if mask is not None else None
     if not isinstance(model, SegmentationModel):
         from MultiModalAnalysisLib.segmentation.bundle import segment_with_bundle
 
-        return segment_with_bundle(images, model, device=device, overlap=overlap,
-                                   region=region, progress=report, cancel=cancel)
+        if mc_samples or presets_applied:
+            raise ConfigError(
+                f"a MONAI bundle runs its own network and preprocessing once: "
+                f"{'mc_samples' if mc_samples else 'presets_applied'} applies to this "
+                "project's models only.")
+        result = segment_with_bundle(
+            images, model, device=device, overlap=overlap,
+            region=_covered(images, reference, region, first), progress=report, cancel=cancel)
+        if cleanup:
+            result.labels = _cleaned(result.labels, cleanup)
+            result.info["cleanup"] = cleanup
+        return result
     ordered = model.check_inputs(images)
+    # The network sees the padding where an input has no data; no label is kept there.
+    region = _covered(ordered, reference, region, first)
     channels, grid = prepare_channels(
         ordered, model.modalities, model.spacing, model.normalisations, reference=reference,
         presets_applied=presets_applied, progress=report.sub(0.0, 0.4), cancel=cancel,
@@ -226,13 +248,9 @@ def segment_with_model(
     on_reference = background_outside(
         probabilities_on_reference(probabilities, grid, reference), region)
     labels = image_from_array(on_reference.argmax(axis=0).astype(np.uint8), reference)
-    settings = model.postprocess if cleanup is None else cleanup
-    labels = clean_labels(
-        labels,
-        keep_largest=bool(settings.get("keep_largest", False)),
-        fill=bool(settings.get("fill_holes", False)),
-        min_volume_mm3=float(settings.get("min_volume_mm3", 0.0)),
-    )
+    # The user's clean-up settings override the model's own, one by one.
+    settings = {**model.postprocess, **(cleanup or {})}
+    labels = _cleaned(labels, settings)
     uncertainty = None
     if variance is not None:
         uncertainty = resample_to_reference(image_from_array(variance, grid), reference,
@@ -255,4 +273,25 @@ def segment_with_model(
             "cleanup": settings,
             "masked": region is not None,
         },
+    )
+
+
+def _covered(images: Mapping[str, sitk.Image], reference: sitk.Image,
+             region: np.ndarray | None, first: str) -> np.ndarray | None:
+    """``region`` (``None``: all of ``reference``'s grid) less where an input has no data
+    (see ``inputs.coverage``); ``None`` when that leaves the whole grid."""
+    covered, uncovered_by = coverage(images, reference)
+    if covered is None:
+        return region
+    where = "the mask" if region is not None else f"{first}'s grid"
+    whole = region if region is not None else np.ones(covered.shape, bool)
+    return covered_region(whole, covered, uncovered_by, where)
+
+
+def _cleaned(labels: sitk.Image, settings: Mapping[str, Any]) -> sitk.Image:
+    return clean_labels(
+        labels,
+        keep_largest=bool(settings.get("keep_largest", False)),
+        fill=bool(settings.get("fill_holes", False)),
+        min_volume_mm3=float(settings.get("min_volume_mm3", 0.0)),
     )

@@ -90,18 +90,30 @@ def stack_images(
     first = validate_image(images[names[0]], names[0])
     grid = reference if reference is not None else first
     channels = []
-    covered = None
-    uncovered_by = []
     for name in names:
         image = validate_image(images[name], name)
         if not same_grid(image, grid):
-            inside = field_of_view(image, grid)
-            if not inside.all():
-                covered = inside if covered is None else covered & inside
-                uncovered_by.append(name)
             image = resample_to_reference(image, grid, name=name)
         channels.append(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
+    covered, uncovered_by = coverage(images, grid)
     return ImageStack(names, grid, np.stack(channels), covered, uncovered_by)
+
+
+def coverage(
+    images: Mapping[str, sitk.Image], reference: sitk.Image
+) -> tuple[np.ndarray | None, list[str]]:
+    """Where every image has data on ``reference``'s grid (boolean ``[z, y, x]``; ``None``
+    when all of them cover it all), and the names of those that do not."""
+    covered = None
+    uncovered_by = []
+    for name, image in images.items():
+        if same_grid(image, reference):
+            continue
+        inside = field_of_view(image, reference)
+        if not inside.all():
+            covered = inside if covered is None else covered & inside
+            uncovered_by.append(str(name))
+    return covered, uncovered_by
 
 
 def field_of_view(
@@ -191,21 +203,34 @@ def stack_region(
         GeometryError: no voxel of the region is inside every image.
     """
     region = region_array(mask, stack.reference)
-    if stack.covered is None:
-        return region
-    kept = region & stack.covered
-    lost = int(region.sum() - kept.sum())
     where = "the mask" if mask is not None else f"{grid or stack.names[0]}'s grid"
+    return covered_region(region, stack.covered, stack.uncovered_by, where, warn=warn)
+
+
+def covered_region(
+    region: np.ndarray, covered: np.ndarray | None, uncovered_by: Sequence[str], where: str,
+    *, warn: bool = True,
+) -> np.ndarray:
+    """``region`` (boolean ``[z, y, x]``) less the voxels outside ``covered`` (see
+    :func:`coverage`), saying how much that leaves out; ``where`` names the region.
+
+    Raises:
+        GeometryError: no voxel of the region is covered.
+    """
+    if covered is None:
+        return region
+    kept = region & covered
+    lost = int(region.sum() - kept.sum())
     if not kept.any():
         raise GeometryError(
             f"no voxel of {where} lies inside the field of view of every image "
-            f"({', '.join(stack.uncovered_by)} cover none of it): give images that overlap "
+            f"({', '.join(uncovered_by)} cover none of it): give images that overlap "
             "(registered into one frame)."
         )
     if lost and warn:
         log.warning(
             "%.1f %% of %s (%d voxels) lies outside the field of view of %s: those voxels are "
             "left unlabelled (0).", 100.0 * lost / max(int(region.sum()), 1), where, lost,
-            ", ".join(stack.uncovered_by),
+            ", ".join(uncovered_by),
         )
     return kept

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import MissingModalityError, ModelError
 from MultiModalAnalysisLib.images import implausible_intensities
-from MultiModalAnalysisLib.modalities import canonical_modality
+from MultiModalAnalysisLib.modalities import canonical_modality, modality_family
 from MultiModalAnalysisLib.segmentation.network import build_network
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,18 @@ class SegmentationModel:
                 )
             by_name[key] = image
         missing = [m for m in self.modalities if m not in by_name]
+        for needed in list(missing):
+            # An input named by its family alone (MR, from mr.nii.gz) stands for the one
+            # modality of that family the model takes, when no other input could.
+            family = modality_family(needed)
+            candidates = [n for n in by_name if n not in self.modalities
+                          and modality_family(n) == family]
+            takers = [m for m in self.modalities if modality_family(m) == family]
+            if family in ("CT", "PET", "MR") and len(candidates) == 1 and len(takers) == 1:
+                log.warning("model '%s': the input %s is taken as its %s (name it %s=PATH "
+                            "to say so).", self.name, candidates[0], needed, needed)
+                by_name[needed] = by_name.pop(candidates[0])
+                missing.remove(needed)
         if missing:
             raise MissingModalityError(
                 f"model '{self.name}' needs {', '.join(self.modalities)} (in that order) but "

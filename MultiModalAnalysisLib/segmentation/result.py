@@ -73,13 +73,19 @@ class SegmentationResult:
         if probabilities_path is not None:
             if self.probabilities is None:
                 log.warning("this segmentation has no probabilities (a threshold gives none): "
-                            "nothing was written to %s.", probabilities_path)
+                            "nothing was written to %s%s.", probabilities_path,
+                            " (the file there is from before)"
+                            if Path(probabilities_path).exists() else "")
             else:
                 written["probabilities"] = write_image(self.probabilities, probabilities_path)
+            companion = uncertainty_path(probabilities_path)
             if self.uncertainty is not None:
-                written["uncertainty"] = write_image(
-                    self.uncertainty, uncertainty_path(probabilities_path)
-                )
+                written["uncertainty"] = write_image(self.uncertainty, companion)
+            elif companion.exists():
+                # An earlier run's map beside these probabilities would pass for theirs.
+                companion.unlink()
+                log.warning("removed %s, an earlier run's uncertainty map: this segmentation "
+                            "has none (no test-time passes).", companion)
         return written
 
 

@@ -33,6 +33,7 @@ from MultiModalAnalysisLib.segmentation.threshold import (
     range_threshold,
     suv_fraction_threshold,
 )
+from MultiModalAnalysisLib.values import finite, flag, whole
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def segment(
     start = time.perf_counter()
     check_cancel(cancel, "segmentation")
     method = str(method).lower()
+    options = _checked(options)
     if field_of_view is not None:
         first = next(iter(images))
         mask = within_field_of_view(mask, field_of_view,
@@ -141,6 +143,29 @@ def segment(
     result.info["runtime_s"] = time.perf_counter() - start
     report(1.0, f"{method} segmentation done")
     return result
+
+
+def _checked(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with the common settings checked and in their proper types (``None``
+    means "not given" for the clean-ups and the model's settings)."""
+    checked = dict(options)
+    for key in ("keep_largest", "fill_holes", "tta", "presets_applied"):
+        if key in checked:
+            if checked[key] is None:
+                del checked[key]
+            else:
+                checked[key] = flag(key, checked[key])
+    numbers = {"min_volume_mm3": lambda v: finite("min_volume_mm3", v, 0.0),
+               "overlap": lambda v: finite("overlap", v, 0.0, 0.95),
+               "mc_samples": lambda v: whole("mc_samples", v, 0, 1000),
+               "low": lambda v: finite("low", v), "high": lambda v: finite("high", v),
+               "fraction": lambda v: finite("fraction", v, 0.0, 1.0)}
+    for key, check in numbers.items():
+        if checked.get(key) is not None:
+            checked[key] = check(checked[key])
+        elif key in ("min_volume_mm3", "overlap", "mc_samples"):
+            checked.pop(key, None)
+    return checked
 
 
 def _unknown(options: Mapping[str, Any], allowed: set[str], method: str) -> None:

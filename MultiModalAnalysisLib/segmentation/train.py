@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from MultiModalAnalysisLib.case import Manifest
-from MultiModalAnalysisLib.errors import ConfigError, ManifestError, TrainingError
+from MultiModalAnalysisLib.errors import ConfigError, LabelError, ManifestError, TrainingError
 from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.preprocess import preset_for
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
@@ -47,6 +47,7 @@ from MultiModalAnalysisLib.segmentation.training_data import (
 log = logging.getLogger(__name__)
 
 MAX_SKIPPED_STEPS = 50
+MAX_LABELS = 254  # labels 1..K of a UInt8 label map
 """Steps whose loss is not finite are left out (a step on one would turn every weight into
 NaN); past this many in one training, it stops with a :class:`TrainingError`."""
 
@@ -139,12 +140,15 @@ def _plain(tensor):
 
 
 def _dice_per_label(predicted: np.ndarray, truth: np.ndarray, labels: int) -> float:
+    """Mean Dice over the labels present in the prediction or the truth (a label absent
+    from both says nothing, and would score 1); 1.0 when neither has any."""
     scores = []
     for k in range(1, labels + 1):
         p, t = predicted == k, truth == k
         total = p.sum() + t.sum()
-        scores.append(1.0 if total == 0 else 2.0 * np.logical_and(p, t).sum() / total)
-    return float(np.mean(scores))
+        if total:
+            scores.append(2.0 * np.logical_and(p, t).sum() / total)
+    return float(np.mean(scores)) if scores else 1.0
 
 
 def validation_dice(network, cases: Sequence[TrainingCase], patch_zyx, device, labels) -> float:
@@ -215,7 +219,11 @@ def train_segmentation(
         validate_every: validate every this many epochs (and after the last one).
         keep_best: keep the weights of the best validation Dice (else the last epoch's).
         patience: stop after this many epochs without a better validation Dice (None: never).
-        label_names: label value -> name (default ``{1: "tumour"}`` for one label).
+        label_names: model label -> name. The non-zero values found in the label maps
+            become the model's labels 1..K in increasing order (a 0/255 mask gives label 1;
+            values 2 and 5 give labels 1 and 2; the metadata keeps the mapping as
+            ``label_values_in_training``). Default ``{1: "tumour"}`` for one label, else
+            ``"label <value>"``.
         network: a MONAI network spec (see ``network.build_network``); default: a compact
             3-D U-Net.
         postprocess: clean-up stored with the model and applied at inference (default:
@@ -240,6 +248,10 @@ def train_segmentation(
     names = [canonical_modality(m) for m in modalities]
     if not names:
         raise ConfigError("train_segmentation needs at least one modality.")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"the modalities name {', '.join(twice)} more than once "
+                          f"({', '.join(map(str, modalities))}): give each input channel once.")
     if epochs < 1 or batch_size < 1 or patches_per_case < 1:
         raise ConfigError("epochs, batch_size and patches_per_case must be at least 1.")
     if iterations_per_epoch is not None and iterations_per_epoch < 1:
@@ -269,13 +281,21 @@ def train_segmentation(
     spacing = [float(s) for s in spacing]
     patch_zyx = [int(s) for s in patch_size][::-1]
     values = label_values(manifest, label_column, case_ids)
-    if len(values) == 1:
-        values_as_labels = {values[0]: 1}
-    else:
-        values_as_labels = {v: v for v in range(1, max(values) + 1)}
+    # The label values found become the model's labels 1..K in their order (a mask of 0/255
+    # gives label 1; values 2 and 5 give labels 1 and 2): no class that never occurs.
+    values_as_labels = {v: k for k, v in enumerate(values, start=1)}
     n_labels = len(values_as_labels)
+    if n_labels > MAX_LABELS:
+        raise LabelError(
+            f"{label_column} holds {n_labels} different label values over the training "
+            f"cases ({', '.join(map(str, values[:8]))}, ...): more than the {MAX_LABELS} a "
+            "model can learn here. Is it a label map (not an intensity image)?")
     label_names = label_names or ({1: "tumour"} if n_labels == 1 else
-                                  {k: f"label {k}" for k in range(1, n_labels + 1)})
+                                  {k: f"label {v}" for v, k in values_as_labels.items()})
+    if set(label_names) != set(range(1, n_labels + 1)):
+        raise ConfigError(
+            f"label_names must name the model's labels 1..{n_labels} (the label values "
+            f"{', '.join(map(str, values))} in that order), not {sorted(label_names)}.")
     normalisations = {m: default_normalisation(m) for m in names}
 
     set_determinism(seed=seed)
@@ -287,6 +307,12 @@ def train_segmentation(
     by_id = {case.case_id: case for case in prepared}
     training = [by_id[c] for c in train_ids]
     validation = [by_id[c] for c in validation_ids]
+    empty = [c.case_id for c in validation if not c.label.any()]
+    if empty:
+        log.warning("validation case(s) %s have no label on the model grid: their Dice is 0 "
+                    "whenever the network marks anything, which weighs on the best-epoch "
+                    "choice and early stopping; validate on cases with a label.",
+                    ", ".join(empty))
     largest = np.max([c.label.shape for c in prepared], axis=0)
     fits = -(-largest // multiple) * multiple  # the largest case, padded to the multiple
     if any(p > 2 * f for p, f in zip(patch_zyx, fits, strict=True)):

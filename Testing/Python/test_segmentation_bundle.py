@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 from synthetic import make_image, physical_points, rotation_direction
 
-from MultiModalAnalysisLib.errors import ModelError
+from MultiModalAnalysisLib.errors import ConfigError, ModelError
 from MultiModalAnalysisLib.metrics import dice
 from MultiModalAnalysisLib.segmentation import load_monai_bundle, segment
 
@@ -88,6 +88,22 @@ def test_a_local_monai_bundle_runs_its_network_on_the_images_grid(tmp_path):
     assert result.label_names == {1: "bright"}
     probabilities = sitk.GetArrayFromImage(result.probabilities)
     np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-4)
+
+
+def test_clean_up_settings_apply_to_a_bundles_labels_and_model_only_settings_are_refused(
+    tmp_path
+):
+    folder = write_bundle(tmp_path / "bundle")
+    image, _ = oblique_ball()
+    plain = segment({"CT": image}, "model", model=folder, device="cpu")
+    assert sitk.GetArrayFromImage(plain.labels).any()
+    removed = segment({"CT": image}, "model", model=folder, device="cpu",
+                      min_volume_mm3=1e9)
+    assert not sitk.GetArrayFromImage(removed.labels).any()
+    assert removed.info["cleanup"] == {"min_volume_mm3": 1e9}
+    for options in ({"mc_samples": 2}, {"presets_applied": True}):
+        with pytest.raises(ConfigError, match="applies to this project's models only"):
+            segment({"CT": image}, "model", model=folder, device="cpu", **options)
 
 
 def test_bundle_problems_are_reported_clearly(tmp_path):

@@ -215,6 +215,26 @@ def test_a_given_field_of_view_leaves_the_padding_of_resampled_images_unlabelled
         segment(images, "kmeans", 3, mask=outside, field_of_view=covered)
 
 
+def test_more_classes_than_the_region_has_values_and_bad_settings_are_refused(rng):
+    images, _ = phantom(rng)
+    binary = sitk.Cast(sitk.Greater(images["PET"], 50.0), sitk.sitkFloat32)
+    for method in ("kmeans", "gmm"):
+        with pytest.raises(ConfigError, match="only 2 distinct value"):
+            segment({"PET": binary}, method, 5)
+    for options, name in (({"beta": float("nan")}, "beta"),
+                          ({"smoothing_mm": float("nan")}, "smoothing_mm"),
+                          ({"iterations": -1}, "iterations"), ({"max_samples": 0}, "max_samples"),
+                          ({"n_init": 0}, "n_init"), ({"keep_largest": "no"}, "keep_largest")):
+        with pytest.raises(ConfigError, match=name):
+            segment(images, "kmeans", 3, **options)
+    with pytest.raises(ConfigError, match="low must be a finite number"):
+        segment(images, "threshold", channel="PET", low=float("nan"))
+    as_text = segment(images, "threshold", channel="PET", low="50")  # a number as text
+    as_number = segment(images, "threshold", channel="PET", low=50.0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(as_text.labels),
+                                  sitk.GetArrayFromImage(as_number.labels))
+
+
 def test_threshold_settings_choose_the_kind_and_settings_it_does_not_use_are_refused():
     pet, _ = pet_with_two_lesions()
     pet_array = sitk.GetArrayFromImage(pet)
@@ -361,3 +381,16 @@ def test_clean_labels_works_per_label_without_eating_other_labels():
     assert np.count_nonzero(cleaned == 1) == np.count_nonzero(array == 1) - 1
     with pytest.raises(ConfigError, match="minimum component volume must be 0 mm"):
         clean_labels(labels, min_volume_mm3=-5.0)  # was accepted, and did nothing
+
+
+def test_saving_leaves_no_earlier_uncertainty_map_beside_new_probabilities(rng, tmp_path,
+                                                                            caplog):
+    images, _ = phantom(rng)
+    first = segment(images, "kmeans", 3).save(tmp_path / "l.nii.gz", tmp_path / "p.nii.gz")
+    assert first["uncertainty"].is_file()
+    with caplog.at_level("WARNING"):
+        second = segment(images, "threshold", channel="PET", low=50.0).save(
+            tmp_path / "l.nii.gz", tmp_path / "p.nii.gz")
+    assert "uncertainty" not in second and not first["uncertainty"].exists()
+    assert "the file there is from before" in caplog.text
+    assert "an earlier run's uncertainty map" in caplog.text

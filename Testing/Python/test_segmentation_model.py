@@ -343,3 +343,86 @@ def test_a_reduced_precision_pass_that_overflows_is_run_again_in_float32(monkeyp
     assert "run again in float32" in caplog.text
     assert np.isfinite(found).all()
     np.testing.assert_allclose(found, expected, atol=1e-6)
+
+
+def test_a_model_leaves_unlabelled_where_an_input_has_no_data(trained, phantom, caplog):
+    # A PET that covers only part of the CT's grid: the network sees padding beyond it, and
+    # the labels there would be a guess from two of three inputs.
+    _, _, folder = trained
+    images, _ = phantom
+    whole = sitk.GetArrayFromImage(
+        segment(images, "model", model=folder / "model", device="cpu", tta=False).labels)
+    middle = int(np.median(np.argwhere(whole)[:, 2]))
+    cut = dict(images, PET=images["PET"][middle:, :, :])  # x from the tumour's middle on
+    with caplog.at_level("WARNING"):
+        result = segment(cut, "model", model=folder / "model", device="cpu", tta=False)
+    labels = sitk.GetArrayFromImage(result.labels)
+    assert whole[:, :, :middle].any(), "the cut must go through the tumour"
+    assert not labels[:, :, :middle].any()
+    assert labels[:, :, middle:].any()
+    assert "outside the field of view of PET" in caplog.text
+
+
+def test_the_users_clean_up_settings_override_the_models_one_by_one(trained, phantom):
+    _, _, folder = trained
+    images, _ = phantom
+    stored = load_segmentation_model(folder / "model").postprocess
+    assert stored == {"keep_largest": True, "fill_holes": True}
+    result = segment(images, "model", model=folder / "model", device="cpu", tta=False,
+                     min_volume_mm3=5.0)
+    assert result.info["cleanup"] == {**stored, "min_volume_mm3": 5.0}
+    result = segment(images, "model", model=folder / "model", device="cpu", tta=False,
+                     keep_largest=False)
+    assert result.info["cleanup"] == {"keep_largest": False, "fill_holes": True}
+    for options, name in (({"keep_largest": "no"}, "keep_largest"),
+                          ({"overlap": 1.5}, "overlap"), ({"mc_samples": -3}, "mc_samples"),
+                          ({"min_volume_mm3": float("nan")}, "min_volume_mm3")):
+        with pytest.raises(ConfigError, match=name):
+            segment(images, "model", model=folder / "model", device="cpu", **options)
+
+
+def test_an_input_named_by_its_family_stands_for_the_models_modality(trained, phantom, caplog):
+    # mr.nii.gz is named MR; the model takes MR_T1, its only MR input.
+    _, _, folder = trained
+    images, _ = phantom
+    named = {"CT": images["CT"], "PET": images["PET"], "MR": images["MR_T1"]}
+    with caplog.at_level("WARNING"):
+        result = segment(named, "model", model=folder / "model", device="cpu", tta=False)
+    plain = segment(images, "model", model=folder / "model", device="cpu", tta=False)
+    assert "the input MR is taken as its MR_T1" in caplog.text
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.labels),
+                                  sitk.GetArrayFromImage(plain.labels))
+
+
+def test_label_values_become_consecutive_model_labels(tmp_path, phantom):
+    # A label map holding 2 and 5 (no 1, 3, 4): two labels, not five with three that never
+    # occur (whose Dice would score 1 and inflate the validation Dice).
+    images, mask = phantom
+    array = sitk.GetArrayFromImage(mask)
+    split = np.where(array == 0, 0, 2).astype(np.uint8)
+    right = split[:, :, array.shape[2] // 2:]  # a view: the tumour's right half becomes 5
+    right[right != 0] = 5
+    labels = sitk.GetImageFromArray(split)
+    labels.CopyInformation(mask)
+    manifest = write_cohort(tmp_path, {"case1": (images, labels)})
+    result = train_segmentation(manifest, MODALITIES, "mask", tmp_path / "model", epochs=1,
+                                patience=None, **dict(QUICK, iterations_per_epoch=1))
+    model = load_segmentation_model(result.path)
+    assert model.label_names == {1: "label 2", 2: "label 5"}
+    assert model.metadata["label_values_in_training"] == {"2": 1, "5": 2}
+    with pytest.raises(ConfigError, match="more than once"):
+        train_segmentation(manifest, ["CT", "ct"], "mask", tmp_path / "twice", epochs=1,
+                           **QUICK)
+
+
+def test_validation_dice_scores_only_the_labels_present():
+    from MultiModalAnalysisLib.segmentation.train import _dice_per_label
+
+    truth = np.zeros((4, 4, 4), np.uint8)
+    truth[:2] = 1
+    predicted = truth.copy()
+    predicted[0] = 0  # label 1: Dice 2*16/(16+32) = 2/3
+    assert _dice_per_label(predicted, truth, 3) == pytest.approx(2 / 3)  # labels 2, 3 absent
+    predicted[3] = 2  # a label absent from the truth: Dice 0 for it
+    assert _dice_per_label(predicted, truth, 3) == pytest.approx(1 / 3)
+    assert _dice_per_label(np.zeros_like(truth), np.zeros_like(truth), 2) == 1.0
