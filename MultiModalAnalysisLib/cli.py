@@ -562,6 +562,8 @@ def _number_type(convert, low: float, high: float, what: str):
 _distance = _number_type(float, 0.0, 1e6, "a distance >= 0 in mm")
 _whole_positive = _number_type(int, 1, float("inf"), "a whole number >= 1")
 _fraction = _number_type(float, 0.0, 1.0, "a number from 0 to 1")
+_finite = _number_type(float, -1e300, 1e300, "a finite number")
+_volume = _number_type(float, 0.0, 1e12, "a volume >= 0 in mm^3")
 
 
 def _run_register(args: argparse.Namespace) -> int:
@@ -763,16 +765,23 @@ def _add_segment(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="NAME=PATH or PATH")
     parser.add_argument("--method", required=True, choices=["gmm", "kmeans", "threshold", "model"])
-    parser.add_argument("--classes", type=int, default=3, help="gmm/kmeans classes (default 3)")
-    parser.add_argument("--model", type=Path, help="model file/folder or MONAI bundle folder")
+    parser.add_argument("--classes", type=_whole_positive,
+                        help="gmm/kmeans classes (default 3)")
+    parser.add_argument("--model", type=Path, help="model: a model file/folder or a MONAI "
+                        "bundle folder")
     parser.add_argument("--mask", type=Path, help="segment inside this region only")
     parser.add_argument("--output", "-o", type=Path, required=True, help="label map to write")
     parser.add_argument("--probabilities", type=Path,
-                        help="write per-label probabilities here (a vector image) and the "
-                        "uncertainty map next to it as <name>_uncertainty.nii.gz (model: "
-                        "spread of the test-time passes; gmm/kmeans: 1 - the largest class "
-                        "probability; threshold: none)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+                        help="write the probabilities here, a vector image whose component "
+                        "k is label k's probability (component 0: background, or for "
+                        "gmm/kmeans outside the mask), and the uncertainty map next to it "
+                        "as <name>_uncertainty.nii.gz where the method gives one (model: "
+                        "variance of the foreground probability over the test-time passes, "
+                        "none with --no-tta or a MONAI bundle; gmm/kmeans: 1 - the largest "
+                        "class probability; threshold: no probabilities)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                        help="model: where the network runs (default auto: the GPU when "
+                        "there is one)")
     parser.add_argument("--order-by", help="gmm/kmeans: order classes by this image's mean")
     parser.add_argument("--regularisation", choices=["icm", "smoothing", "none"],
                         help="gmm/kmeans spatial regularisation (default icm)")
@@ -780,14 +789,17 @@ def _add_segment(subparsers: argparse._SubParsersAction) -> None:
                         help="threshold kind (default: range with --low/--high, "
                         "suv-fraction with --fraction or on PET, else otsu)")
     parser.add_argument("--channel", help="threshold: which image (default: PET or the first)")
-    parser.add_argument("--low", type=float, help="threshold range: lower bound")
-    parser.add_argument("--high", type=float, help="threshold range: upper bound")
-    parser.add_argument("--fraction", type=float, help="suv-fraction: of SUVmax (default 0.4)")
+    parser.add_argument("--low", type=_finite, help="threshold range: lower bound")
+    parser.add_argument("--high", type=_finite, help="threshold range: upper bound")
+    parser.add_argument("--fraction", type=_fraction,
+                        help="suv-fraction: of SUVmax (default 0.4)")
     parser.add_argument("--no-tta", action="store_true", help="model: no test-time flips")
-    parser.add_argument("--keep-largest", action="store_true", help="keep each label's largest "
-                        "component")
-    parser.add_argument("--fill-holes", action="store_true", help="fill enclosed holes")
-    parser.add_argument("--min-volume", type=float, metavar="MM3",
+    parser.add_argument("--keep-largest", action=argparse.BooleanOptionalAction,
+                        help="keep each label's largest component (a model's stored clean-up "
+                        "applies unless turned off with --no-keep-largest / --no-fill-holes)")
+    parser.add_argument("--fill-holes", action=argparse.BooleanOptionalAction,
+                        help="fill enclosed holes")
+    parser.add_argument("--min-volume", type=_volume, metavar="MM3",
                         help="remove components smaller than this (mm^3)")
     parser.set_defaults(func=_run_segment)
 
@@ -795,11 +807,22 @@ def _add_segment(subparsers: argparse._SubParsersAction) -> None:
 def _run_segment(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
+    from MultiModalAnalysisLib.errors import ConfigError
     from MultiModalAnalysisLib.io import read_mask
     from MultiModalAnalysisLib.segmentation import segment
     from MultiModalAnalysisLib.segmentation.inference import resolve_model
     from MultiModalAnalysisLib.segmentation.model_file import SegmentationModel
 
+    unused = [option for option, given, methods in (
+        ("--classes", args.classes is not None, ("gmm", "kmeans")),
+        ("--model", args.model is not None, ("model",)),
+        ("--no-tta", args.no_tta, ("model",)),
+        ("--device", args.device is not None, ("model",)),
+    ) if given and args.method not in methods]
+    if unused:
+        raise ConfigError(
+            f"--method {args.method} does not use {', '.join(unused)}: drop "
+            f"{'it' if len(unused) == 1 else 'them'} (see mma segment --help).")
     model = resolve_model(args.model) if args.method == "model" else None
     modalities = model.modalities if isinstance(model, SegmentationModel) else None
     images = _named_images(args.images, modalities)
@@ -811,15 +834,11 @@ def _run_segment(args: argparse.Namespace) -> int:
             ("fraction", args.fraction), ("min_volume_mm3", args.min_volume),
         ) if value is not None
     }
-    if args.keep_largest:
-        options["keep_largest"] = True
-    if args.fill_holes:
-        options["fill_holes"] = True
+    for key in ("keep_largest", "fill_holes"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
     if args.method == "model":
         options["tta"] = not args.no_tta
-    if args.method in ("threshold", "model") and args.classes != 3:
-        log.warning(
-            "--classes applies to gmm and kmeans only; ignored for --method %s.", args.method)
     mask = None
     if args.mask:
         from MultiModalAnalysisLib.preprocess import mask_on_grid
@@ -828,8 +847,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         mask = mask_on_grid(read_mask(args.mask), next(iter(images.values())),
                             f"--mask {args.mask}", warn=True)
     with ProgressBar("segment", enabled=not args.quiet) as bar:
-        result = segment(images, args.method, args.classes, model=model, mask=mask,
-                         device=args.device, progress=bar, **options)
+        result = segment(images, args.method, args.classes or 3, model=model, mask=mask,
+                         device=args.device or "auto", progress=bar, **options)
     written = result.save(args.output, args.probabilities)
     counts = sitk.LabelShapeStatisticsImageFilter()
     counts.Execute(result.labels)

@@ -104,6 +104,24 @@ def test_mma_segment_user_errors_are_one_line_with_status_2(cohort, capsys):
                    str(folder / "x.nii.gz")])
     err = capsys.readouterr().err
     assert status == 2 and "otsu threshold does not use fraction" in err
+    # An option the method does not use is refused, not ignored.
+    for method, options, unused in (
+        ("gmm", ["--model", str(folder / "nowhere")], "--model"),
+        ("gmm", ["--no-tta", "--device", "cpu"], "--no-tta, --device"),
+        ("threshold", ["--classes", "5"], "--classes"),
+    ):
+        status = main(["-q", "segment", str(case / "PET_image.nii.gz"), "--method", method,
+                       *options, "--output", str(folder / "x.nii.gz")])
+        err = capsys.readouterr().err
+        assert status == 2 and f"--method {method} does not use {unused}" in err, err
+    # Numbers are checked as typed: NaN would give an empty label map.
+    for option, value in (("--low", "nan"), ("--fraction", "1.5"), ("--min-volume", "-1")):
+        try:
+            status = main(["-q", "segment", str(case / "PET_image.nii.gz"), "--method",
+                           "threshold", option, value, "--output", str(folder / "x.nii.gz")])
+        except SystemExit as stop:
+            status = stop.code
+        assert status == 2 and f"argument {option}: a " in capsys.readouterr().err
     assert not (folder / "x.nii.gz").exists()
 
 
@@ -119,7 +137,8 @@ def test_mma_segment_resamples_a_mask_on_another_grid_and_says_so(cohort, capsys
                        "threshold", "--mask", str(folder / "coarse_mask.nii.gz"), "--output",
                        str(folder / "masked.nii.gz")])
     assert status == 0, capsys.readouterr().err
-    assert "coarse_mask.nii.gz is not on the image's grid" in caplog.text
+    assert "coarse_mask.nii.gz is not on the image's grid (size (20, 20, 8) vs (40, 40, 16), " \
+        "spacing (4, 4, 6) vs (2, 2, 3))" in caplog.text
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "masked.nii.gz")))
     on_grid = sitk.Resample(coarse, mask, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     assert labels.any() and not labels[sitk.GetArrayFromImage(on_grid) == 0].any()
