@@ -1039,14 +1039,21 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
                 elif path.is_dir() and name in ("model", "folder"):
                     # a model folder is read whole; a scanned cohort folder, for its images
                     folders.append((path.resolve(), text, name == "model"))
+    # (a hard link to an input is the input: the same file under another name)
+    identities = {_identity(path): text for path, text in inputs.items()}
     seen: dict[Path, str] = {}
     probed: set[Path] = set()
     for label, path in outputs:
         resolved = path.resolve()
         if resolved not in inputs and resolved.is_file():
             for folder, text, whole in folders:
-                if resolved.is_relative_to(folder) and (whole or has_image_suffix(resolved)):
+                # a scanned cohort folder's images, and any other file there but a manifest
+                # written before (an outcomes table, a README: data, not outputs)
+                if resolved.is_relative_to(folder) and (
+                        whole or has_image_suffix(resolved) or not _is_manifest(resolved)):
                     inputs[resolved] = f"in {text}"
+            if resolved not in inputs and _identity(resolved) in identities:
+                inputs[resolved] = f"the same file as {identities[_identity(resolved)]}"
         if resolved in inputs:
             raise ConfigError(f"{label} {path} is also an input ({inputs[resolved]}): inputs "
                               "are never overwritten; write to another file.")
@@ -1058,6 +1065,32 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
             probed.add(resolved.parent)
     if command in FOLDER_OUTPUTS and getattr(args, "output", None) is not None:
         _check_model_output(command, Path(args.output))
+        model_folder = Path(args.output).resolve()
+        inside = sorted(str(text) for path, text in inputs.items()
+                        if path.is_relative_to(model_folder))
+        if inside:
+            raise ConfigError(f"--output {args.output}: the model folder holds an input "
+                              f"({', '.join(inside)}), and its files are replaced: write the "
+                              "model elsewhere, or move the input out.")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file's device and inode (``None`` when it does not exist)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _is_manifest(path: Path) -> bool:
+    """Whether ``path`` reads as a manifest ``mma manifest`` wrote (its first column is
+    ``case_id``)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readline().split(",")[0].strip().lower() == "case_id"
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _check_writable(folder: Path, label: str, path: Path) -> None:

@@ -41,9 +41,15 @@ def execute_filter(
     report = as_progress(progress)
     read_fraction = fraction or filter_.GetProgress
 
+    interrupted: list[BaseException] = []
+
     def on_event() -> None:
-        report(read_fraction(), what)
-        check_cancel(cancel, what)
+        try:
+            report(read_fraction(), what)
+            check_cancel(cancel, what)
+        except KeyboardInterrupt as stop:  # Ctrl-C: SimpleITK would wrap it in an error
+            interrupted.append(stop)
+            raise
 
     filter_.AddCommand(event, on_event)
     captured = io.StringIO()
@@ -51,6 +57,8 @@ def execute_filter(
         with contextlib.redirect_stderr(captured):
             result = filter_.Execute(*inputs)
     except RuntimeError:
+        if interrupted:
+            raise KeyboardInterrupt from None
         check_cancel(cancel, what)
         raise
     finally:

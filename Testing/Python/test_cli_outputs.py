@@ -56,6 +56,38 @@ def test_outputs_never_replace_inputs_reached_indirectly(tmp_path, capsys):
     assert image.read_bytes() == before
 
 
+def test_data_files_hard_links_and_inputs_inside_a_model_folder_are_never_replaced(
+    tmp_path, capsys
+):
+    manifest = _cohort(tmp_path)
+    # a data file of the folder being scanned (an outcomes table), though not an image
+    outcomes = tmp_path / "cases" / "outcomes.csv"
+    outcomes.write_text("PatientID,LungMets\nA,0\nB,1\n")
+    _refused(capsys, ["manifest", str(tmp_path / "cases"), "--output", str(outcomes)],
+             "is also an input (in ")
+    assert outcomes.read_text() == "PatientID,LungMets\nA,0\nB,1\n"
+    # ... while a manifest written there before is replaced, as any output is
+    assert main(["-q", "manifest", str(tmp_path / "cases"), "--output",
+                 str(tmp_path / "cases" / "cases.csv")]) == 0
+    assert main(["-q", "manifest", str(tmp_path / "cases"), "--output",
+                 str(tmp_path / "cases" / "cases.csv")]) == 0
+    # a hard link to an input is the input under another name
+    image = tmp_path / "cases" / "A" / "CT_image.nii.gz"
+    before = image.read_bytes()
+    (tmp_path / "link.nii.gz").hardlink_to(image)
+    _refused(capsys, ["preprocess", str(image), "--modality", "CT", "--output",
+                      str(tmp_path / "link.nii.gz")], "is also an input (the same file as ")
+    assert image.read_bytes() == before
+    # an input inside the model folder a training command writes (its files are replaced)
+    model = tmp_path / "model"
+    model.mkdir()
+    table = model / "table.csv"
+    table.write_bytes(manifest.read_bytes())
+    _refused(capsys, ["train-classifier", "--manifest", str(table), "--label-column", "x",
+                      "--output", str(model)], "the model folder holds an input")
+    assert table.read_bytes() == manifest.read_bytes()
+
+
 def test_a_model_output_that_is_a_file_or_reads_like_one_is_refused_before_training(
     tmp_path, capsys
 ):

@@ -70,3 +70,24 @@ def test_check_cancel_raises_only_once_set():
     event.set()
     with pytest.raises(OperationCancelled, match="training was cancelled"):
         check_cancel(event, "training")
+
+
+def test_ctrl_c_inside_an_itk_filter_stops_it_as_an_interrupt_not_an_error():
+    # Ctrl-C reaches Python in the filter's progress callback; SimpleITK wraps an exception
+    # raised there in a RuntimeError, which the CLI would print as a crash (exit 1) instead
+    # of "interrupted" (exit 130).
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MultiModalAnalysisLib.filters import execute_filter
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((24, 24, 24)).astype(
+        np.float32))
+    smoothing = sitk.CurvatureFlowImageFilter()
+    smoothing.SetNumberOfIterations(20)
+
+    def interrupt(fraction, message):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute_filter(smoothing, image, what="smoothing", progress=interrupt)
