@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +135,6 @@ def _check_nifti_complete(path: Path, label: str) -> None:
     like an image). The gzip trailer's length is checked first (no decompression); only
     when it disagrees (a truncated file, or a file of several gzip members) is the data
     decompressed and counted."""
-    import zlib
-
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return
@@ -155,18 +154,32 @@ def _check_nifti_complete(path: Path, label: str) -> None:
             trailer = int.from_bytes(raw.read(4), "little")
         if trailer == expected % 2**32:
             return
-        length = 0
-        try:
-            with _nifti_open(path) as stream:
-                while chunk := stream.read(1 << 16):
-                    length += len(chunk)
-        except (OSError, EOFError, zlib.error):
-            pass  # truncated or damaged: what was read is what there is
+        length = _gunzipped_length(path)
     if length < expected:
         raise ImageReadError(
             f"{label} is truncated: its header announces {expected} bytes of NIfTI data, "
             f"the file holds {'about ' if compressed else ''}{length} "
             f"({100.0 * length / expected:.0f} %). Copy or download it again.")
+
+
+def _gunzipped_length(path: Path) -> int:
+    """How many bytes a gzip file decompresses to, every member counted; a truncated or
+    damaged file counts what could be decompressed (``gzip.open`` would drop the last
+    block read before the end, so a short file read as 0 bytes)."""
+    length = 0
+    stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    with open(path, "rb") as raw:
+        while chunk := raw.read(1 << 16):
+            while chunk:
+                try:
+                    length += len(stream.decompress(chunk))
+                except zlib.error:
+                    return length  # damaged: what was read is what there is
+                if not stream.eof:
+                    break
+                chunk = stream.unused_data  # the next gzip member
+                stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    return length
 
 
 def _restore_nifti_non_finite(path: Path, image: sitk.Image) -> sitk.Image:

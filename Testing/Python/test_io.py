@@ -130,7 +130,8 @@ def test_a_truncated_nifti_is_refused_not_filled_with_zeros(tmp_path, rng, suffi
     sitk.WriteImage(image, str(whole))
     data = whole.read_bytes()
     (tmp_path / f"half{suffix}").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageReadError, match=r"half.* is truncated: its header announces"):
+    with pytest.raises(ImageReadError, match=r"half.* is truncated: its header announces"
+                       r".*holds (about )?\d+ \((4[5-9]|5\d) %\)"):  # about half
         read_image(tmp_path / f"half{suffix}")
     assert read_image(whole).GetSize() == image.GetSize()
     if suffix == ".nii.gz":  # a file of two gzip members (the trailer holds the last's size)
