@@ -19,6 +19,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from MultiModalAnalysisLib.case import Case, load_case
+from MultiModalAnalysisLib.errors import MMAError
 from MultiModalAnalysisLib.images import describe, mask_centroid
 from MultiModalAnalysisLib.io import write_image
 from MultiModalAnalysisLib.metrics import dice
@@ -71,8 +72,22 @@ class DemoResult:
         return sum(self.timings.values())
 
 
+def _require_writable(folder: Path) -> None:
+    """Make ``folder`` and check that files can be written there (``MMAError`` if not)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise MMAError(f"the demo cannot write into {folder} ({error.strerror or error}): "
+                       "choose another --output-dir.") from None
+
+
 def _load(state: DemoState, progress: Progress, cancel: threading.Event | None) -> str:
-    state.case = load_case(state.case_dir, MODALITIES)
+    if state.case is None:  # (run_demo loads it before anything else)
+        state.case = load_case(state.case_dir, MODALITIES)
     progress(1.0, "loaded")
     shapes = "; ".join(f"{m} {describe(state.case.image(m))}" for m in MODALITIES)
     return f"loaded {state.case.case_id} from {state.case_dir}: {shapes}"
@@ -142,8 +157,8 @@ def _register(state: DemoState, progress: Progress, cancel: threading.Event | No
     vs_dataset = error(truth)
     vs_unmoved = error(compose(truth, unmoved.transform))
     paths = result.save(state.output_dir / "registration")
-    state.outputs["registration_qc"] = paths["qc"]
-    state.outputs["registration_transform"] = paths["transform"]
+    for kind, path in paths.items():  # warped, transform, metrics, qc
+        state.outputs[f"registration_{kind}"] = path
     mr_mask = move_image_rigidly(state.case.mask("MR_T1_mask"), motion)
     from MultiModalAnalysisLib.preprocess import resample_to_reference
 
@@ -288,15 +303,19 @@ def _segment(state: DemoState, progress: Progress, cancel: threading.Event | Non
     path = state.output_dir / f"tumour_model_on_{REFERENCE}.nii.gz"
     state.outputs["segmentation"] = write_image(result.labels, path)
     state.contours.append(Contour(tumour, "tumour (shipped model)", "magenta"))
+    trained_on = state.case.case_id in result.info.get("training_cases", ())
     state.facts["segmentation"] = {
         "model": str(model),
         "tumour_volume_ml": round(volume_ml, 1),
         "dice_vs_expert": round(score, 3),
-        "note": f"{state.case.case_id} was one of the model's training patients, so this "
-        "Dice is a training-set figure; see the model card for cross-validated Dice.",
+        "note": (f"{state.case.case_id} was one of the model's training patients, so this "
+                 "Dice is a training-set figure; see the model card for cross-validated Dice."
+                 if trained_on else f"{state.case.case_id} is not among the model's training "
+                 "patients (by case id)."),
     }
     return (f"shipped model sts_gtv: tumour {volume_ml:.1f} ml, Dice {score:.3f} against the "
-            f"expert mask ({state.case.case_id} was in its training set)")
+            f"expert mask ({state.case.case_id} "
+            f"{'was in its training set' if trained_on else 'was not among its training cases'})")
 
 
 def _write_volumes(state: DemoState, progress: Progress, cancel: threading.Event | None) -> str:
@@ -358,8 +377,11 @@ def run_demo(
         log: where step summaries go (``None``: silent).
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     state = DemoState(Path(case_dir) if case_dir else sample_case_dir(), output_dir)
+    # Before any output or long work: a case that cannot be read, or a folder that cannot
+    # be written, fails now rather than after the first steps.
+    state.case = load_case(state.case_dir, MODALITIES)
+    _require_writable(output_dir)
     report = as_progress(progress)
     total = sum(step.weight for step in DEMO_STEPS)
     done = 0.0

@@ -266,6 +266,7 @@ def segment_with_model(
         info={
             "model": model.name,
             "model_path": str(model.path) if model.path else None,
+            "training_cases": list((model.metadata.get("training") or {}).get("cases") or []),
             "modalities": model.modalities,
             "spacing": model.spacing,
             "tta": bool(tta) and mc_samples == 0,

@@ -39,6 +39,28 @@ def test_mma_demo_runs_end_to_end_and_writes_its_outputs(tmp_path):
     montage = matplotlib.image.imread(out / "montage.png")
     assert montage.shape[0] > 800 and montage.shape[1] > 800
     assert montage[..., :3].std() > 0.1  # not a blank picture
+    # every file written is listed, the registration's too
+    for key in ("registration_warped", "registration_metrics", "registration_transform",
+                "registration_qc"):
+        path = report["outputs"][key]
+        assert path.startswith(str(out / "registration")) and key in result.stdout
+    # STS_002 is one of the shipped model's training patients, and the demo says so
+    assert "was in its training set" in result.stdout
+    assert "training-set figure" in report["facts"]["segmentation"]["note"]
+
+
+def test_demo_checks_its_case_and_output_folder_before_any_work(tmp_path):
+    from MultiModalAnalysisLib.errors import MMAError
+
+    with pytest.raises(MMAError):
+        run_demo(tmp_path / "out", tmp_path / "no_such_case", log=None)
+    assert not (tmp_path / "out").exists()  # nothing made for a case that is not there
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    steps = []
+    with pytest.raises(MMAError, match="the demo cannot write into"):
+        run_demo(blocker / "out", log=None, progress=lambda f, m: steps.append(m))
+    assert not steps  # refused before the first step
 
 
 def test_demo_can_be_cancelled_between_steps(tmp_path):
