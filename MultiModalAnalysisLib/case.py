@@ -370,11 +370,18 @@ def manifest_from_folder(
     for case_dir in sorted(p for p in folder.iterdir()
                            if p.is_dir() and not p.name.startswith((".", "__"))):
         row: dict[str, Any] = {"case_id": case_dir.name}
+        found: dict[str, Path] = {}
         for path in sorted(case_dir.iterdir()):
             stem = _strip_suffix(path.name)
             kind = _classify_file(stem) if stem else None
             if kind is None:
                 continue
+            if kind[1] in found:
+                raise ManifestError(
+                    f"case {case_dir.name} has two files for the column {kind[1]}: "
+                    f"{found[kind[1]].name} and {path.name}. Keep one (or rename the other so "
+                    "that its name does not read as that modality or mask).")
+            found[kind[1]] = path
             value = path.resolve()
             if relative_to is not None:
                 value = Path(_relpath(value, Path(relative_to).resolve()))

@@ -69,8 +69,12 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the full pipeline on the bundled sample patient",
-        description="Load the bundled sample patient (CT, PET, MR-T1), preprocess it, bring "
-        "every modality onto the CT grid and write the volumes and a PNG montage.",
+        description="Run the whole pipeline on the bundled sample patient (CT, PET, MR-T1): "
+        "load and preprocess it, register a perturbed MR back onto the CT (the recovered "
+        "error in mm), resample every modality onto the CT grid, segment the tumour with the "
+        "shipped model (Dice against the expert mask), compute its IBSI features, classify "
+        "the case with the shipped classifier, and write the volumes, a PNG montage and "
+        "report.json.",
     )
     parser.add_argument("--output-dir", type=Path, default=Path("mma-demo-output"),
                         help="where to write the outputs (default: ./mma-demo-output)")
@@ -112,7 +116,7 @@ def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from MultiModalAnalysisLib.images import implausible_intensities
+    from MultiModalAnalysisLib.images import implausible_intensities, require_non_constant
     from MultiModalAnalysisLib.io import read_image, read_mask, write_image
     from MultiModalAnalysisLib.modalities import modality_family
     from MultiModalAnalysisLib.preprocess import (
@@ -127,6 +131,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
             "modality %r is not one the presets know (CT, PET, MR_T1, MR_T2, FLAIR, ...): the "
             "image is only converted to float32.", args.modality)
     image = read_image(args.image, modality=args.modality)
+    require_non_constant(image, str(args.image))
     doubt = implausible_intensities(args.modality, image)
     if doubt:
         log.warning("%s (%s): %s; the %s preset assumes those units.", args.image,
@@ -201,7 +206,7 @@ def _add_features(subparsers: argparse._SubParsersAction) -> None:
     cohort.add_argument("--skip-failed", action="store_true",
                         help="leave out a case that cannot be read or measured (with a "
                         "warning naming it) instead of stopping the run")
-    parser.add_argument("--label", type=int, metavar="VALUE",
+    parser.add_argument("--label", type=_whole_positive, metavar="VALUE",
                         help="with a multi-label mask: measure the voxels of this label")
     parser.add_argument("--output", "-o", type=Path, help="features CSV (required unless "
                         "--list-features)")
@@ -223,6 +228,7 @@ def _run_features(args: argparse.Namespace) -> int:
         extract_features,
         load_settings,
     )
+    from MultiModalAnalysisLib.images import require_non_constant
     from MultiModalAnalysisLib.io import read_image
 
     settings = load_settings(args.settings)
@@ -248,6 +254,7 @@ def _run_features(args: argparse.Namespace) -> int:
         if failed:
             print(f"left out {len(failed)} case(s): {', '.join(failed)} (see the warnings)",
                   file=sys.stderr)
+        table = _with_manifest_columns(table, args.manifest)
     else:
         if not args.image or not args.mask:
             raise ConfigError(
@@ -264,6 +271,8 @@ def _run_features(args: argparse.Namespace) -> int:
                 raise ConfigError(f"two images are named {name}: give each --image its own "
                                   "name (the feature columns start with it).")
             images[name] = read_image(path, name=f"{name} ({path})", modality=name)
+            # (a constant region is measurable; a constant image file is a wrong file)
+            require_non_constant(images[name], name)
         mask = read_image(args.mask, name=f"mask {args.mask}")
         if args.label is not None:
             from MultiModalAnalysisLib.images import select_label
@@ -277,6 +286,28 @@ def _run_features(args: argparse.Namespace) -> int:
     table.to_csv(args.output, index=False)
     print(f"wrote {args.output}: {len(table)} case(s), {table.shape[1] - 1} features each")
     return 0
+
+
+def _with_manifest_columns(table, manifest: Path):
+    """The features ``table`` with the manifest's columns that are not image paths (the
+    outcomes, clinical data) after ``case_id``, so that the table can go straight to
+    ``mma train-classifier --label-column``."""
+    from MultiModalAnalysisLib.case import read_manifest
+    from MultiModalAnalysisLib.classification.table import image_path_columns
+
+    cohort = read_manifest(manifest).table
+    paths = set(image_path_columns(cohort))
+    kept = [str(c) for c in cohort.columns
+            if c != "case_id" and c not in paths and c not in table.columns]
+    if not kept or table.empty:
+        return table
+    extra = cohort.assign(case_id=cohort["case_id"].astype(str).str.strip())[["case_id", *kept]]
+    merged = table.assign(case_id=table["case_id"].astype(str)).merge(
+        extra, on="case_id", how="left")
+    print(f"kept the manifest's column(s) {', '.join(kept)} beside the features (not "
+          "features themselves: train-classifier takes one as --label-column; give the "
+          "others to --exclude)")
+    return merged[["case_id", *kept, *[c for c in table.columns if c != "case_id"]]]
 
 
 def _add_info(subparsers: argparse._SubParsersAction) -> None:
@@ -317,7 +348,8 @@ def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", "-o", type=Path, required=True, help="model folder")
     parser.add_argument("--cv", type=int, default=None, metavar="K",
                         help="outer CV folds (default 5 radiomics, 0 deep; 0 skips the CV)")
-    parser.add_argument("--repeats", type=int, default=None, help="CV repeats (default 10)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="CV repeats (default 10; 1 for --kind deep)")
     parser.add_argument("--positive-label", default=None,
                         help="label value of the positive class (default: the larger)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
@@ -374,6 +406,9 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.classification.table import UNMEASURED
 
     settings = _classifier_settings(args)
+    _refuse_image_options_for_a_table(args.manifest, {
+        "--skip-failed": args.skip_failed, "--mask-column": args.mask_column,
+        "--modalities": args.modalities, "--feature-settings": args.feature_settings})
     extraction = {"on_error": "skip"} if args.skip_failed else {}
     with ProgressBar("features", enabled=not args.quiet) as bar:
         table = read_feature_table(
@@ -462,6 +497,8 @@ def _run_classify(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.errors import ConfigError
 
     model = load_classifier(args.model)
+    _refuse_image_options_for_a_table(args.manifest, {
+        "--skip-failed": args.skip_failed, "--mask-column": args.mask_column})
     options = {"mask_column": args.mask_column} if args.mask_column else {}
     if args.skip_failed:
         if not isinstance(model, TrainedClassifier):
@@ -477,6 +514,21 @@ def _run_classify(args: argparse.Namespace) -> int:
           f"predicted {positive}; wrote {args.output}")
     _print_external_auc(args.manifest, model, predictions)
     return 0
+
+
+def _refuse_image_options_for_a_table(manifest: Path, given: dict[str, object]) -> None:
+    """Options that only an image manifest uses (its features are computed here) are an
+    error with a feature table, not silently ignored."""
+    from MultiModalAnalysisLib.case import read_manifest
+    from MultiModalAnalysisLib.classification.table import image_path_columns
+    from MultiModalAnalysisLib.errors import ConfigError
+
+    used = [name for name, value in given.items() if value]
+    if used and not image_path_columns(read_manifest(manifest).table):
+        raise ConfigError(
+            f"{', '.join(used)} appl{'ies' if len(used) == 1 else 'y'} to an image manifest, "
+            f"whose features are computed here; {manifest} is a feature table (no image "
+            f"paths): drop {'it' if len(used) == 1 else 'them'}.")
 
 
 def _print_external_auc(manifest: Path, model, predictions) -> None:
@@ -499,7 +551,16 @@ def _print_external_auc(manifest: Path, model, predictions) -> None:
                        for v in truth[known]], dtype=int)
     if known.sum() and 0 < labels.sum() < len(labels):
         auc = roc_auc(labels, predictions.iloc[:, 1].to_numpy()[known])
-        print(f"AUC against {column} in the manifest ({int(known.sum())} cases): {auc:.3f}")
+        line = f"AUC against {column} in the manifest ({int(known.sum())} cases): {auc:.3f}"
+        trained = set(map(str, (model.metadata.get("training_cohort") or {}).get("case_ids")
+                          or ()))
+        seen = int(predictions["case_id"].astype(str)[known].isin(trained).sum())
+        if seen:
+            cv_auc = (model.metadata.get("cross_validation") or {}).get("auc")
+            line += (f" (in-sample: {seen} of them were training cases, so this flatters the "
+                     "model" + (f"; its cross-validated AUC is {cv_auc:.3f}" if cv_auc is not
+                                None else "") + ")")
+        print(line)
 
 
 def _add_register(subparsers: argparse._SubParsersAction) -> None:

@@ -321,8 +321,12 @@ def select_label(mask: sitk.Image, value: int, name: str = "mask") -> sitk.Image
     """The voxels of one label of a label image, as a binary UInt8 mask (0/1).
 
     Raises:
+        LabelError: ``value`` is not a label value (a whole number of 1 or more).
         EmptyImageError: no voxel holds ``value`` (the labels present are named).
     """
+    if isinstance(value, bool) or not float(value).is_integer() or value < 1:
+        raise LabelError(f"label {value!r} of {name}: give a label value of 1 or more (0 is "
+                         "outside every label).")
     array = sitk.GetArrayViewFromImage(mask)
     selected = array == value
     if not selected.any():

@@ -23,7 +23,11 @@ def read_settings_file(path: str | Path, what: str = "settings") -> dict[str, An
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file {path} is not a text file: give a JSON (or YAML) "
+                          "settings file.") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             values = yaml_module(path).safe_load(text)

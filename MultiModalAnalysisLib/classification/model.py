@@ -172,19 +172,22 @@ class TrainedClassifier:
         """Per-case probabilities for a feature-table CSV or an image manifest (``mma
         classify``). For an image manifest the features are computed as at training time
         (the model's ``extraction`` metadata) unless ``extraction`` says otherwise."""
-        options = {**(self.metadata.get("extraction") or {}), **extraction}
-        if not self.metadata.get("extraction"):
-            from MultiModalAnalysisLib.case import read_manifest
-            from MultiModalAnalysisLib.classification.table import image_path_columns
+        from MultiModalAnalysisLib.case import read_manifest
+        from MultiModalAnalysisLib.classification.table import image_path_columns
 
-            if image_path_columns(read_manifest(path).table):
-                log.warning(
-                    "this classifier was trained on a feature table, which does not record "
-                    "how its features were computed; the features of %s are computed now "
-                    "with %s. Use the settings that made the training table, or the "
-                    "predictions do not mean what the model learnt.", path,
-                    "the settings given" if extraction.get("feature_settings")
-                    else "default settings")
+        options = {**(self.metadata.get("extraction") or {}), **extraction}
+        if not image_path_columns(read_manifest(path).table):
+            log.info("%s is a feature table: its features are taken as given, so they must "
+                     "have been computed as this classifier's training features were (its "
+                     "model card says how).", path)
+        elif not self.metadata.get("extraction"):
+            log.warning(
+                "this classifier was trained on a feature table, which does not record how "
+                "its features were computed; the features of %s are computed now with %s. "
+                "Use the settings that made the training table, or the predictions do not "
+                "mean what the model learnt.", path,
+                "the settings given" if extraction.get("feature_settings")
+                else "default settings")
         return self.predict_table(read_feature_table(path, **options))
 
     def save(self, folder: str | Path) -> Path:

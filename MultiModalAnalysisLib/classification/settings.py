@@ -9,6 +9,7 @@ from typing import Any
 
 from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.settings_file import read_settings_file
+from MultiModalAnalysisLib.values import finite, whole
 
 CLASSIFIERS = (
     "logistic_l2", "logistic_l1", "svm", "random_forest", "gradient_boosting", "auto",
@@ -80,9 +81,20 @@ class ClassifierSettings:
     n_jobs: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_features, int):
+        if isinstance(self.n_features, int | float | str):
             self.n_features = [self.n_features]
-        self.n_features = [int(n) for n in self.n_features]
+        self.n_features = [whole("n_features", n, 1) for n in self.n_features or ()]
+        # whole numbers (a settings file's "five" or 2.5 is refused here, not deep in sklearn)
+        for name, least in (("inner_folds", 2), ("calibration_folds", 2), ("cv_folds", 2),
+                            ("cv_repeats", 1), ("n_bootstrap", 100),
+                            ("calibration_min_cases", 0), ("random_state", 0),
+                            ("n_jobs", -1)):
+            setattr(self, name, whole(name, getattr(self, name), least))
+        if self.correlation_threshold is not None:
+            self.correlation_threshold = finite("correlation_threshold",
+                                                self.correlation_threshold)
+        if not isinstance(self.threshold, str):
+            self.threshold = finite("threshold", self.threshold)
         for name, allowed in (
             ("classifier", CLASSIFIERS),
             ("selection", SELECTIONS),
@@ -111,11 +123,6 @@ class ClassifierSettings:
             raise ConfigError(
                 f"correlation_threshold must be in (0, 1], got {self.correlation_threshold}."
             )
-        for name in ("inner_folds", "calibration_folds", "cv_folds"):
-            if getattr(self, name) < 2:
-                raise ConfigError(f"{name} must be at least 2, got {getattr(self, name)}.")
-        if self.cv_repeats < 1 or self.n_bootstrap < 100:
-            raise ConfigError("cv_repeats must be >= 1 and n_bootstrap >= 100.")
         if isinstance(self.threshold, str) and self.threshold != "auto":
             raise ConfigError(f"threshold must be a number or 'auto', got '{self.threshold}'.")
         if not isinstance(self.threshold, str) and not 0 < float(self.threshold) < 1:

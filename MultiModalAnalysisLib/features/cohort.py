@@ -14,7 +14,7 @@ from MultiModalAnalysisLib.case import Manifest, read_manifest
 from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError, MMAError
 from MultiModalAnalysisLib.features.extract import extract_features
 from MultiModalAnalysisLib.features.settings import FeatureSettings, load_settings
-from MultiModalAnalysisLib.images import select_label
+from MultiModalAnalysisLib.images import require_non_constant, select_label
 from MultiModalAnalysisLib.io import read_image
 from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
@@ -160,6 +160,9 @@ def _read_ahead(
             name: read_image(_path(manifest, row, column, case_id), name=name)
             for name, column in columns.items()
         }
+        for name, image in images.items():
+            # (a constant region is measurable; a constant image file is a wrong file)
+            require_non_constant(image, name)
         mask = read_image(_path(manifest, row, mask_column, case_id), name=mask_column)
         return case_id, images, mask, None
 

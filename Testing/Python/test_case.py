@@ -171,3 +171,17 @@ def test_outcomes_join_is_checked_and_keeps_integer_labels(tmp_path, sample_case
     (tmp_path / "twice.csv").write_text("id,LungMets\nP1,0\nP1,1\nP2,0\n")
     with pytest.raises(ManifestError, match="more than one row for case.* P1"):
         manifest_from_folder(cohort, tmp_path / "twice.csv")
+
+
+def test_two_files_for_one_manifest_column_are_refused_not_one_picked(tmp_path):
+    image = make_image(np.zeros((4, 5, 6), np.float32) + np.arange(6, dtype=np.float32))
+    case = tmp_path / "cohort" / "P1"
+    case.mkdir(parents=True)
+    write_image(image, case / "CT_image.nii.gz")
+    write_image(image, case / "ct.nii.gz")  # also reads as the CT
+    with pytest.raises(ManifestError, match="case P1 has two files for the column CT: "
+                                            "CT_image.nii.gz and ct.nii.gz"):
+        manifest_from_folder(tmp_path / "cohort")
+    (case / "ct.nii.gz").unlink()
+    assert manifest_from_folder(tmp_path / "cohort")["CT"].str.endswith(
+        "CT_image.nii.gz").all()

@@ -389,6 +389,21 @@ def test_cli_trains_writes_cv_figures_and_classifies_new_cases(tmp_path, capsys)
     assert predictions["probability_1"].between(0, 1).all()
     assert set(predictions["prediction"].astype(str)) <= {"0", "1"}
     assert "AUC against LungMets" in out  # the new table carries the label: checked
+    assert "in-sample" not in out  # cases the model never saw
+    # options for an image manifest are refused with a feature table, not ignored
+    status = main(["-q", "classify", "--model", str(model), "--manifest",
+                   str(tmp_path / "new.csv"), "--output", str(tmp_path / "pred2.csv"),
+                   "--mask-column", "CT_mask", "--skip-failed"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--skip-failed, --mask-column apply to an image manifest" in err
+    # a settings file whose numbers are not numbers: one line, not a traceback
+    (tmp_path / "bad.json").write_text('{"cv_folds": "five"}')
+    status = main(["-q", "train-classifier", "--manifest", str(tmp_path / "train.csv"),
+                   "--label-column", "LungMets", "--output", str(tmp_path / "CLF2"),
+                   "--settings", str(tmp_path / "bad.json")])
+    err = capsys.readouterr().err
+    assert status == 2 and "cv_folds must be a number, not 'five'" in err
+    assert not (tmp_path / "pred2.csv").exists() and not (tmp_path / "CLF2").exists()
 
 
 def test_used_features_that_are_text_or_empty_are_named(trained, tmp_path, caplog):
@@ -470,7 +485,11 @@ def test_cli_trains_from_an_image_manifest_and_classifies_it(image_manifest, tmp
         "PET"]
     status = main(["-q", "classify", "--model", str(model), "--manifest", str(image_manifest),
                    "--output", str(tmp_path / "pred.csv")])
-    assert status == 0 and "AUC against LungMets" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert status == 0 and "AUC against LungMets" in out
+    # the training cases themselves: an in-sample figure, said to be one
+    assert "(in-sample: 16 of them were training cases" in out
+    assert "its cross-validated AUC is" in out
     assert len(pd.read_csv(tmp_path / "pred.csv")) == 16
 
     # a manifest whose ROI column has another name: classify --mask-column says which

@@ -94,6 +94,9 @@ def test_features_over_a_manifest_write_one_row_per_case_with_settings(tmp_path,
         write_case(tmp_path / f"case_{number}", rng, shift)
     manifest = tmp_path / "cases.csv"
     assert main(["manifest", str(tmp_path), "--output", str(manifest)]) == 0
+    # outcomes and clinical columns ride along with the features (not as features)
+    pd.read_csv(manifest).assign(LungMets=[0, 1], Site=["arm", "thigh"]).to_csv(
+        manifest, index=False)
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"families": ["stat", "szm"], "texture_aggregation": "3D"}))
     out = tmp_path / "features.csv"
@@ -102,9 +105,47 @@ def test_features_over_a_manifest_write_one_row_per_case_with_settings(tmp_path,
     assert status == 0
     table = pd.read_csv(out)
     assert table["case_id"].tolist() == ["case_0", "case_1"]
+    assert list(table.columns[1:3]) == ["LungMets", "Site"]
+    assert table["LungMets"].tolist() == [0, 1] and "CT_mask" not in table.columns
     assert {"CT_stat_mean", "PET_stat_mean", "CT_szm_sze_3D"} <= set(table.columns)
     assert not any(c.startswith("CT_cm_") for c in table.columns)
     assert table["CT_stat_mean"][1] - table["CT_stat_mean"][0] > 40  # the shifted case
+
+
+def test_constant_images_labels_0_and_binary_settings_files_are_refused(tmp_path, capsys):
+    constant = make_image(np.full((8, 10, 12), 40.0, np.float32))
+    sitk.WriteImage(constant, str(tmp_path / "const.nii.gz"))
+    mask = make_image(np.pad(np.ones((4, 4, 4), np.uint8), 2)[:8, :10, :12])
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    status = main(["-q", "features", "--image", f"CT={tmp_path / 'const.nii.gz'}", "--mask",
+                   str(tmp_path / "mask.nii.gz"), "--output", str(tmp_path / "f.csv")])
+    err = capsys.readouterr().err
+    assert status == 2 and "CT is constant (every voxel is 40)" in err
+    status = main(["-q", "preprocess", str(tmp_path / "const.nii.gz"), "--modality", "CT",
+                   "--output", str(tmp_path / "p.nii.gz")])
+    assert status == 2 and "is constant" in capsys.readouterr().err
+    case = tmp_path / "cohort" / "P1"  # the same through a manifest
+    case.mkdir(parents=True)
+    sitk.WriteImage(constant, str(case / "CT_image.nii.gz"))
+    sitk.WriteImage(mask, str(case / "CT_mask.nii.gz"))
+    assert main(["-q", "manifest", str(tmp_path / "cohort"), "--output",
+                 str(tmp_path / "m.csv")]) == 0
+    status = main(["-q", "features", "--manifest", str(tmp_path / "m.csv"), "--mask-column",
+                   "CT_mask", "--modalities", "CT", "--output", str(tmp_path / "f.csv")])
+    assert status == 2 and "case P1: CT is constant" in capsys.readouterr().err
+    try:
+        status = main(["-q", "features", "--image", f"CT={PHANTOM / 'phantom.nii.gz'}",
+                       "--mask", str(PHANTOM / "mask.nii.gz"), "--label", "0", "--output",
+                       str(tmp_path / "f.csv")])
+    except SystemExit as stop:
+        status = stop.code
+    assert status == 2 and "argument --label: a whole number >= 1" in capsys.readouterr().err
+    status = main(["-q", "features", "--image", f"CT={PHANTOM / 'phantom.nii.gz'}",
+                   "--mask", str(PHANTOM / "mask.nii.gz"), "--settings",
+                   str(PHANTOM / "mask.nii.gz"), "--output", str(tmp_path / "f.csv")])
+    err = capsys.readouterr().err
+    assert status == 2 and "is not a text file" in err and "Traceback" not in err
+    assert not (tmp_path / "f.csv").exists() and not (tmp_path / "p.nii.gz").exists()
 
 
 def test_features_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys):
