@@ -162,25 +162,15 @@ def within_field_of_view(
     """
     if field_of_view is None:
         return mask
-    if same_grid(field_of_view, reference):
-        inside = sitk.GetArrayFromImage(field_of_view) != 0
-    else:
-        inside = sitk.GetArrayFromImage(resample_to_reference(
-            field_of_view, reference, is_label=True, name="field of view")) != 0
+    if not same_grid(field_of_view, reference):
+        field_of_view = resample_to_reference(field_of_view, reference, is_label=True,
+                                              name="field of view")
     wanted = region_array(mask, reference)
-    kept = wanted & inside
+    kept = covered_region(wanted, sitk.GetArrayFromImage(field_of_view) != 0,
+                          ["a registered volume"],
+                          "the mask" if mask is not None else "the reference grid")
     if np.array_equal(kept, wanted):
         return mask
-    where = "the mask" if mask is not None else "the reference grid"
-    if not kept.any():
-        raise GeometryError(
-            f"no voxel of {where} lies inside every registered volume's field of view: "
-            "check the registration."
-        )
-    lost = int(wanted.sum() - kept.sum())
-    log.warning("%.1f %% of %s (%d voxels) lies outside a registered volume's field of view: "
-                "those voxels are left unlabelled (0).", 100.0 * lost / int(wanted.sum()),
-                where, lost)
     result = sitk.GetImageFromArray(kept.astype(np.uint8))
     result.CopyInformation(reference)
     return result
@@ -223,9 +213,9 @@ def covered_region(
     lost = int(region.sum() - kept.sum())
     if not kept.any():
         raise GeometryError(
-            f"no voxel of {where} lies inside the field of view of every image "
-            f"({', '.join(uncovered_by)} cover none of it): give images that overlap "
-            "(registered into one frame)."
+            f"no voxel of {where} lies inside the field of view of every image (none of it "
+            f"is covered by {', '.join(uncovered_by)}): give images that overlap (registered "
+            "into one frame), or check the registration."
         )
     if lost and warn:
         log.warning(

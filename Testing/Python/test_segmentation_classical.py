@@ -183,7 +183,7 @@ def test_a_given_field_of_view_leaves_the_padding_of_resampled_images_unlabelled
         result = segment(images, "gmm", 3, order_by="PET", field_of_view=covered)
     labels = sitk.GetArrayFromImage(result.labels)
     assert not labels[:, :24, :].any() and labels[:, 24:, :].all()
-    assert "outside a registered volume's field of view" in caplog.text
+    assert "outside the field of view of a registered volume" in caplog.text
     inside = sitk.GetArrayFromImage(truth)[:, 24:, :]
     for k in (1, 2, 3):
         found, wanted = labels[:, 24:, :] == k, inside == k
