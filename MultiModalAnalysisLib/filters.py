@@ -41,15 +41,9 @@ def execute_filter(
     report = as_progress(progress)
     read_fraction = fraction or filter_.GetProgress
 
-    interrupted: list[BaseException] = []
-
     def on_event() -> None:
-        try:
-            report(read_fraction(), what)
-            check_cancel(cancel, what)
-        except KeyboardInterrupt as stop:  # Ctrl-C: SimpleITK would wrap it in an error
-            interrupted.append(stop)
-            raise
+        report(read_fraction(), what)
+        check_cancel(cancel, what)
 
     filter_.AddCommand(event, on_event)
     captured = io.StringIO()
@@ -57,7 +51,9 @@ def execute_filter(
         with contextlib.redirect_stderr(captured):
             result = filter_.Execute(*inputs)
     except RuntimeError:
-        if interrupted:
+        # Ctrl-C reaches Python inside the command (wherever it runs, even on its first
+        # line); SimpleITK prints that traceback, here captured, and raises a RuntimeError.
+        if "KeyboardInterrupt" in captured.getvalue().split():
             raise KeyboardInterrupt from None
         check_cancel(cancel, what)
         raise
