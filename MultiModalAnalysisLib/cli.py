@@ -88,7 +88,6 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from MultiModalAnalysisLib.demo import run_demo
 
-    print(f"mma demo: writing to {args.output_dir.resolve()}")
     with ProgressBar("demo", enabled=not args.quiet) as bar:
         result = run_demo(args.output_dir, args.case_dir, progress=bar, log=tqdm.write)
     print(f"done in {result.total_seconds:.1f} s. Outputs:")
@@ -254,6 +253,7 @@ def _run_features(args: argparse.Namespace) -> int:
         if failed:
             print(f"left out {len(failed)} case(s): {', '.join(failed)} (see the warnings)",
                   file=sys.stderr)
+        measured = table.shape[1] - 1
         table = _with_manifest_columns(table, args.manifest)
     else:
         if not args.image or not args.mask:
@@ -282,9 +282,10 @@ def _run_features(args: argparse.Namespace) -> int:
             values = extract_features(images, mask, settings, args.device, bar)
         case_id = args.case_id or args.mask.resolve().parent.name
         table = pd.DataFrame([{"case_id": case_id, **values}])
+        measured = len(values)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.output, index=False)
-    print(f"wrote {args.output}: {len(table)} case(s), {table.shape[1] - 1} features each")
+    print(f"wrote {args.output}: {len(table)} case(s), {measured} features each")
     return 0
 
 
@@ -1145,12 +1146,15 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def _is_manifest(path: Path) -> bool:
-    """Whether ``path`` reads as a manifest ``mma manifest`` wrote (its first column is
-    ``case_id``)."""
+    """Whether ``path`` reads as a manifest ``mma manifest`` wrote: a ``case_id`` column
+    and image path columns (an outcomes table headed ``case_id`` has none)."""
+    from MultiModalAnalysisLib.case import read_manifest
+    from MultiModalAnalysisLib.classification.table import image_path_columns
+    from MultiModalAnalysisLib.errors import MMAError
+
     try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.readline().split(",")[0].strip().lower() == "case_id"
-    except (OSError, UnicodeDecodeError):
+        return bool(image_path_columns(read_manifest(path).table))
+    except (MMAError, OSError, UnicodeDecodeError, ValueError):
         return False
 
 

@@ -382,6 +382,9 @@ def run_demo(
     # be written, fails now rather than after the first steps.
     state.case = load_case(state.case_dir, MODALITIES)
     _require_writable(output_dir)
+    if log is not None:
+        log(f"mma demo: {state.case.case_id} from {state.case_dir}, writing to "
+            f"{output_dir.resolve()}")
     report = as_progress(progress)
     total = sum(step.weight for step in DEMO_STEPS)
     done = 0.0

@@ -85,7 +85,7 @@ class SegmentationResult:
                 # An earlier run's map beside these probabilities would pass for theirs.
                 companion.unlink()
                 log.warning("removed %s, an earlier run's uncertainty map: this segmentation "
-                            "has none (no test-time passes).", companion)
+                            "has none.", companion)
         return written
 
 

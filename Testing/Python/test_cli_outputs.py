@@ -66,6 +66,9 @@ def test_data_files_hard_links_and_inputs_inside_a_model_folder_are_never_replac
     _refused(capsys, ["manifest", str(tmp_path / "cases"), "--output", str(outcomes)],
              "is also an input (in ")
     assert outcomes.read_text() == "PatientID,LungMets\nA,0\nB,1\n"
+    outcomes.write_text("case_id,LungMets\nA,0\nB,1\n")  # headed like a manifest, no paths
+    _refused(capsys, ["manifest", str(tmp_path / "cases"), "--output", str(outcomes)],
+             "is also an input (in ")
     # ... while a manifest written there before is replaced, as any output is
     assert main(["-q", "manifest", str(tmp_path / "cases"), "--output",
                  str(tmp_path / "cases" / "cases.csv")]) == 0

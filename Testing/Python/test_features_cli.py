@@ -89,7 +89,7 @@ def write_case(folder: Path, rng, shift: float) -> None:
     sitk.WriteImage(make_image(mask), str(folder / "CT_mask.nii.gz"))
 
 
-def test_features_over_a_manifest_write_one_row_per_case_with_settings(tmp_path, rng):
+def test_features_over_a_manifest_write_one_row_per_case_with_settings(tmp_path, rng, capsys):
     for number, shift in enumerate((0.0, 50.0)):
         write_case(tmp_path / f"case_{number}", rng, shift)
     manifest = tmp_path / "cases.csv"
@@ -106,6 +106,7 @@ def test_features_over_a_manifest_write_one_row_per_case_with_settings(tmp_path,
     table = pd.read_csv(out)
     assert table["case_id"].tolist() == ["case_0", "case_1"]
     assert list(table.columns[1:3]) == ["LungMets", "Site"]
+    assert f"2 case(s), {table.shape[1] - 3} features each" in capsys.readouterr().out
     assert table["LungMets"].tolist() == [0, 1] and "CT_mask" not in table.columns
     assert {"CT_stat_mean", "PET_stat_mean", "CT_szm_sze_3D"} <= set(table.columns)
     assert not any(c.startswith("CT_cm_") for c in table.columns)
