@@ -35,7 +35,8 @@ def read_settings_file(path: str | Path, what: str = "settings") -> dict[str, An
         else:
             values = json.loads(text)
     except Exception as error:  # json and yaml raise their own error types
-        raise ConfigError(f"{what} file {path} could not be parsed: {error}") from None
+        reason = " ".join(str(error).split())  # (YAML's caret diagram: one line)
+        raise ConfigError(f"{what} file {path} could not be parsed: {reason}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{what} file {path} must hold a JSON object (a YAML mapping).")
     return values

@@ -63,6 +63,7 @@ from typing import Any
 
 from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.settings_file import read_settings_file, yaml_module
+from MultiModalAnalysisLib.values import flag
 from MultiModalAnalysisLib.values import number as _number
 from MultiModalAnalysisLib.values import whole as _whole
 
@@ -267,6 +268,14 @@ class FeatureSettings:
         self.families = tuple(str(f).lower() for f in self.families)
         for family in self.families:
             _choose("families", family, FAMILIES)
+        for name, what in (("families", "the feature families"),
+                           ("texture_aggregation", "the aggregation levels")):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: give at least one of {what} (or leave "
+                                  "the setting out for all of them).")
+        # a switch written as text ("false", "no") would read as true
+        self.intensity_rounding = flag("intensity_rounding", self.intensity_rounding)
+        self.non_standard_features = flag("non_standard_features", self.non_standard_features)
         for name in ("glcm_distance", "ngtdm_distance", "ngldm_distance"):
             setattr(self, name, _whole(name, getattr(self, name), 1, 100))
         coarseness = _number("ngldm_coarseness", self.ngldm_coarseness)

@@ -252,3 +252,19 @@ def test_one_name_where_a_list_is_expected_is_that_one_item():
     assert settings.texture_aggregation == ("3D",) and settings.families == ("stat",)
     assert settings == FeatureSettings.from_dict({"texture_aggregation": "3D",
                                                   "families": "stat"})
+
+
+def test_switches_written_as_text_and_empty_lists_are_refused(tmp_path):
+    # "false" as text would read as true: rounding on, non-standard features kept
+    for values, message in (({"intensity_rounding": "false"}, "intensity_rounding must be True"),
+                            ({"non_standard_features": "no"}, "non_standard_features must be"),
+                            ({"families": []}, "families is empty"),
+                            ({"texture_aggregation": []}, "texture_aggregation is empty")):
+        with pytest.raises(ConfigError, match=message):
+            load_settings(values)
+    assert load_settings({"intensity_rounding": True}).intensity_rounding is True
+    broken = tmp_path / "s.yaml"
+    broken.write_text("discretisation_method: [fixed\n")
+    with pytest.raises(ConfigError, match="could not be parsed") as raised:
+        load_settings(broken)
+    assert "\n" not in str(raised.value)  # one line, not YAML's caret diagram
