@@ -61,6 +61,11 @@ class ModelError(MMAError):
     """A model file or folder is missing, unreadable, or does not fit the given inputs."""
 
 
+class UnitsError(ModelError):
+    """An image's values do not fit the modality it is given as (e.g. a PET given as the CT),
+    so a model (or a classifier's features) would read it on the wrong scale."""
+
+
 class TrainingError(MMAError):
     """A training run failed on its own terms (e.g. its loss stopped being finite)."""
 

@@ -7,6 +7,7 @@ that name the input and say what to do.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -19,6 +20,7 @@ from MultiModalAnalysisLib.errors import (
     ImageDimensionError,
     LabelError,
     NonFiniteImageError,
+    UnitsError,
 )
 
 NanPolicy = Literal["error", "zero", "minimum"]
@@ -315,6 +317,26 @@ def implausible_intensities(
             return (f"values {low:g}..{high:g} (99th percentile {p99:.4g}) are far above "
                     "SUV, unlike PET uptake in SUV (Bq/ml, or another image)")
     return None
+
+
+def require_plausible_units(images: Mapping[str, sitk.Image], what: str, *,
+                            pet_in_suv: bool = False) -> None:
+    """Refuse images whose values do not fit the modality they are given as (CT not in
+    HU, PET below 0, or above SUV with ``pet_in_suv``): typically two inputs swapped, whose
+    features or network inputs would be on another scale and give a confident, wrong answer.
+
+    Raises:
+        UnitsError: naming each doubtful image and why.
+    """
+    doubts = [f"{name}: {doubt}" for name, image in images.items()
+              if (doubt := implausible_intensities(str(name), image, pet_in_suv=pet_in_suv))
+              is not None]
+    if doubts:
+        raise UnitsError(
+            f"{what} takes {', '.join(map(str, images))}, and " + "; ".join(doubts)
+            + ". Check that each image is given under its own modality (two inputs swapped?) "
+            "and in the units expected (CT in HU" + (", PET in SUV" if pet_in_suv else "")
+            + ").")
 
 
 def select_label(mask: sitk.Image, value: int, name: str = "mask") -> sitk.Image:

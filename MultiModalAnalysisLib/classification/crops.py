@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import ConfigError
-from MultiModalAnalysisLib.images import validate_mask
+from MultiModalAnalysisLib.images import require_plausible_units, validate_mask
 from MultiModalAnalysisLib.preprocess import crop_to_mask, resample_to_reference
 
 
@@ -76,6 +76,7 @@ def roi_crop(
     if not images:
         raise ConfigError("roi_crop needs at least one image.")
     mask = validate_mask(mask, "the lesion mask")
+    require_plausible_units(images, "the deep classifier")
     names = list(images)
     grid = crop_grid(images[names[0]], mask, settings)
     channels = [

@@ -349,7 +349,7 @@ def features_from_image_manifest(
     log.info("%s: computing the features of %s inside %s for %d case(s)", manifest.path,
              ", ".join(modalities), mask_column, len(manifest.case_ids))
     frame = extract_cohort_features(manifest, modalities, mask_column, feature_settings,
-                                    device, progress, cancel, on_error=on_error)
+                                    device, progress, cancel, on_error=on_error, units="error")
     failed = dict(frame.attrs.get("failed", {}))
     carried = [c for c in table.columns
                if c != "case_id" and c not in paths and c not in frame.columns]

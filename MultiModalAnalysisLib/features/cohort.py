@@ -14,7 +14,12 @@ from MultiModalAnalysisLib.case import Manifest, read_manifest
 from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError, MMAError
 from MultiModalAnalysisLib.features.extract import extract_features
 from MultiModalAnalysisLib.features.settings import FeatureSettings, load_settings
-from MultiModalAnalysisLib.images import require_non_constant, select_label
+from MultiModalAnalysisLib.images import (
+    implausible_intensities,
+    require_non_constant,
+    require_plausible_units,
+    select_label,
+)
 from MultiModalAnalysisLib.io import read_image
 from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
@@ -32,6 +37,7 @@ def extract_cohort_features(
     cancel: threading.Event | None = None,
     on_error: str = "stop",
     label: int | None = None,
+    units: str = "warn",
 ):
     """A table (pandas DataFrame) with ``case_id`` and every case's features.
 
@@ -45,6 +51,9 @@ def extract_cohort_features(
             table's ``attrs["failed"]`` maps each such case to its error). Either way the
             message names the case. Settings errors always stop the run.
         label: with multi-label masks, measure the voxels of this label value.
+        units: an image whose values do not fit its column's modality (a CT not in HU, a
+            PET below 0: columns swapped?) is warned about ("warn") or is the case's error
+            ("error", for a classifier, whose features would be on another scale).
 
     Raises:
         MMAError: the first failing case's error, prefixed with its id (``on_error="stop"``,
@@ -54,6 +63,8 @@ def extract_cohort_features(
 
     if on_error not in ("stop", "skip"):
         raise ConfigError(f"on_error must be 'stop' or 'skip', not {on_error!r}.")
+    if units not in ("warn", "error"):
+        raise ConfigError(f"units must be 'warn' or 'error', not {units!r}.")
 
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
@@ -65,7 +76,7 @@ def extract_cohort_features(
     failed: dict[str, MMAError] = {}
     if on_error == "stop":
         _require_files(manifest, [*columns.values(), mask_column])
-    cases = _read_ahead(manifest, columns, mask_column)
+    cases = _read_ahead(manifest, columns, mask_column, units)
     try:
         for number, (case_id, images, mask, problem) in enumerate(cases):
             check_cancel(cancel, "cohort feature extraction")
@@ -139,7 +150,7 @@ current one)."""
 
 
 def _read_ahead(
-    manifest: Manifest, columns: dict[str, str], mask_column: str
+    manifest: Manifest, columns: dict[str, str], mask_column: str, units: str = "warn"
 ) -> Iterator[tuple[str, dict | None, object, MMAError | None]]:
     """(case_id, images, mask, problem) in manifest order, the next cases read in a
     background thread. A case that could not be read (a missing file, an unreadable image)
@@ -163,6 +174,12 @@ def _read_ahead(
         for name, image in images.items():
             # (a constant region is measurable; a constant image file is a wrong file)
             require_non_constant(image, name)
+        if units == "error":  # (columns swapped?)
+            require_plausible_units(images, "the manifest")
+        else:
+            for name, image in images.items():
+                if (doubt := implausible_intensities(name, image)) is not None:
+                    log.warning("case %s: %s: %s (columns swapped?)", case_id, name, doubt)
         mask = read_image(_path(manifest, row, mask_column, case_id), name=mask_column)
         return case_id, images, mask, None
 

@@ -18,7 +18,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import MissingModalityError, ModelError
-from MultiModalAnalysisLib.images import implausible_intensities
+from MultiModalAnalysisLib.images import require_plausible_units
 from MultiModalAnalysisLib.modalities import canonical_modality, modality_family
 from MultiModalAnalysisLib.segmentation.network import build_network
 
@@ -132,19 +132,12 @@ class SegmentationModel:
         extra = [name for name in by_name if name not in self.modalities]
         if extra:
             log.info("model '%s' ignores the inputs %s", self.name, ", ".join(extra))
-        doubts = [f"{m}: {doubt}" for m in self.modalities
-                  if (doubt := implausible_intensities(m, by_name[m], pet_in_suv=True))
-                  is not None]
-        if doubts:
-            # The network's intensity windows assume these units: a swapped or unconverted
-            # input gives a confident, wrong segmentation (a PET given as CT segmented
-            # 2.6 L of "tumour" on STS_001, 0.4 L in truth).
-            raise ModelError(
-                f"model '{self.name}' takes {', '.join(self.modalities)}, and "
-                + "; ".join(doubts) + ". Check that each image is given under its own "
-                "modality (NAME=PATH) and in the units the model expects (CT in HU, PET in "
-                "SUV).")
-        return {m: by_name[m] for m in self.modalities}
+        ordered = {m: by_name[m] for m in self.modalities}
+        # The network's intensity windows assume these units: a swapped or unconverted
+        # input gives a confident, wrong segmentation (a PET given as CT segmented 2.6 L of
+        # "tumour" on STS_001, 0.4 L in truth).
+        require_plausible_units(ordered, f"model '{self.name}'", pet_in_suv=True)
+        return ordered
 
     def save(self, path: str | Path) -> Path:
         """Write the model: ``path`` ending in ``.pt``/``.pth`` is a single file, anything

@@ -43,6 +43,7 @@ def lesion_case(positive: bool, rng: np.random.Generator, size: int = 28):
                        + (x - centre[2]) ** 2)
     mask = (distance <= radius).astype(np.uint8)
     ct = rng.normal(40.0, 12.0, shape)
+    ct[:, 0, :], ct[:, -1, :] = -150.0, 400.0  # fat and bone at the edge, as a CT in HU has
     pet = rng.gamma(2.0, 0.5, shape)
     pet[mask > 0] += 2.0
     if positive:

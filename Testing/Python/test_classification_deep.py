@@ -17,7 +17,12 @@ from MultiModalAnalysisLib.classification import load_classifier
 from MultiModalAnalysisLib.classification.crops import CropSettings, crop_grid, roi_crop
 from MultiModalAnalysisLib.classification.deep import CropClassifier, train_deep_classifier
 from MultiModalAnalysisLib.cli import main
-from MultiModalAnalysisLib.errors import EmptyImageError, FeatureSetError, OperationCancelled
+from MultiModalAnalysisLib.errors import (
+    EmptyImageError,
+    FeatureSetError,
+    OperationCancelled,
+    UnitsError,
+)
 from MultiModalAnalysisLib.metrics import roc_auc
 from MultiModalAnalysisLib.preprocess import resample_to_spacing
 
@@ -99,11 +104,14 @@ def test_deep_model_folder_round_trip_gives_identical_probabilities(deep_model, 
 
 def test_deep_classifier_names_a_missing_modality(deep_model):
     model, _ = deep_model
-    ct, _, mask = lesion_case(False, np.random.default_rng(5))
+    ct, pet, mask = lesion_case(False, np.random.default_rng(5))
     with pytest.raises(FeatureSetError, match="PET"):
         model.predict_images({"CT": ct}, mask)
-    probabilities = model.predict_images({"ct": ct, "pet": ct}, mask)
+    probabilities = model.predict_images({"ct": ct, "pet": pet}, mask)
     assert probabilities.shape == (2,) and probabilities.sum() == pytest.approx(1.0)
+    # swapped inputs are refused, not classified on the wrong scale
+    with pytest.raises(UnitsError, match="CT: values .* do not look like CT in HU"):
+        model.predict_images({"CT": pet, "PET": ct}, mask)
 
 
 def test_deep_training_can_be_cancelled():
