@@ -227,7 +227,7 @@ def _run_features(args: argparse.Namespace) -> int:
         extract_features,
         load_settings,
     )
-    from MultiModalAnalysisLib.images import require_non_constant
+    from MultiModalAnalysisLib.images import implausible_intensities, require_non_constant
     from MultiModalAnalysisLib.io import read_image
 
     settings = load_settings(args.settings)
@@ -273,6 +273,9 @@ def _run_features(args: argparse.Namespace) -> int:
             images[name] = read_image(path, name=f"{name} ({path})", modality=name)
             # (a constant region is measurable; a constant image file is a wrong file)
             require_non_constant(images[name], name)
+        for name, image in images.items():
+            if (doubt := implausible_intensities(name, image)) is not None:
+                log.warning("--image %s: %s (two images swapped?)", name, doubt)
         mask = read_image(args.mask, name=f"mask {args.mask}")
         if args.label is not None:
             from MultiModalAnalysisLib.images import select_label
@@ -349,7 +352,7 @@ def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", "-o", type=Path, required=True, help="model folder")
     parser.add_argument("--cv", type=int, default=None, metavar="K",
                         help="outer CV folds (default 5 radiomics, 0 deep; 0 skips the CV)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=_whole_positive, default=None,
                         help="CV repeats (default 10; 1 for --kind deep)")
     parser.add_argument("--positive-label", default=None,
                         help="label value of the positive class (default: the larger)")
@@ -379,9 +382,11 @@ def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
     images.add_argument("--mask-column", default=None,
                         help="the lesion mask column (default: 'mask', or the only mask-like "
                         "column, else the mask of the first modality used, e.g. CT_mask)")
-    deep.add_argument("--epochs", type=int, default=40)
-    deep.add_argument("--architecture", choices=("densenet", "resnet"), default="densenet")
-    deep.add_argument("--crop-size", type=int, default=32, help="crop side in voxels")
+    deep.add_argument("--epochs", type=_whole_positive, default=None, help="(default 40)")
+    deep.add_argument("--architecture", choices=("densenet", "resnet"), default=None,
+                      help="(default densenet)")
+    deep.add_argument("--crop-size", type=_whole_positive, default=None,
+                      help="crop side in voxels (default 32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="torch device for feature extraction and the deep classifier")
     parser.set_defaults(func=_run_train_classifier)
@@ -400,13 +405,41 @@ def _classifier_settings(args: argparse.Namespace):
     return load_settings(settings)
 
 
+RADIOMICS_ONLY = ("settings", "classifier", "selection", "n_features", "feature_settings",
+                  "exclude", "feature_pattern", "skip_failed")
+DEEP_ONLY = ("epochs", "architecture", "crop_size")
+
+
 def _run_train_classifier(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.errors import ConfigError
+
+    other = RADIOMICS_ONLY if args.kind == "deep" else DEEP_ONLY
+    unused = ["--" + {"feature_pattern": "features"}.get(name, name).replace("_", "-")
+              for name in other if getattr(args, name) not in (None, False, ())]
+    if unused:
+        raise ConfigError(f"--kind {args.kind} does not use {', '.join(unused)}: drop "
+                          f"{'it' if len(unused) == 1 else 'them'} (see mma train-classifier "
+                          "--help).")
+    if args.cv is not None and (args.cv < 0 or args.cv == 1):
+        raise ConfigError(f"--cv {args.cv}: give 2 or more folds, or 0 to skip the "
+                          "cross-validation.")
     if args.kind == "deep":
         return _train_deep_classifier(args)
     from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
     from MultiModalAnalysisLib.classification.table import UNMEASURED
 
     settings = _classifier_settings(args)
+    from MultiModalAnalysisLib.classification.estimators import build_model
+
+    build_model(settings)  # a param_grid that does not fit the pipeline: now, not after
+    if args.positive_label is not None:  # a wrong one: now, not after the features
+        from MultiModalAnalysisLib.case import read_manifest
+        from MultiModalAnalysisLib.classification.labels import encode_labels
+
+        table = read_manifest(args.manifest).table
+        if args.label_column in table.columns:
+            encode_labels(table[args.label_column].dropna(), args.positive_label,
+                          what=f"label column {args.label_column}")
     _refuse_image_options_for_a_table(args.manifest, {
         "--skip-failed": args.skip_failed, "--mask-column": args.mask_column,
         "--modalities": args.modalities, "--feature-settings": args.feature_settings})
@@ -445,26 +478,32 @@ def _train_deep_classifier(args: argparse.Namespace) -> int:
     if not args.modalities:
         raise ConfigError("--kind deep needs --modalities (e.g. CT,PET,MR_T1).")
     from MultiModalAnalysisLib.case import read_manifest
-    from MultiModalAnalysisLib.classification.table import default_mask_column
+    from MultiModalAnalysisLib.classification.table import default_mask_column, image_path_columns
 
     manifest = read_manifest(args.manifest)  # read once: the mask column default and training
+    if not image_path_columns(manifest.table):
+        raise ConfigError(f"{args.manifest} holds no image paths: --kind deep learns from the "
+                          "images (a manifest with one path column per modality and a mask "
+                          "column); a feature table is for the radiomics classifier.")
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     mask_column = args.mask_column or default_mask_column(manifest, modalities)
-    network = {"architecture": args.architecture, "epochs": args.epochs}
+    architecture, epochs = args.architecture or "densenet", args.epochs or 40
+    network = {"architecture": architecture, "epochs": epochs}
     if args.seed is not None:
         network["random_state"] = args.seed
     with ProgressBar("train-classifier (deep)", enabled=not args.quiet) as bar:
         model = train_deep_classifier(
             manifest, args.label_column, modalities, mask_column,
-            crop=CropSettings(size=args.crop_size), network=network, cv_folds=args.cv or 0,
-            cv_repeats=args.repeats or 1, positive_label=args.positive_label,
-            device=args.device, output=args.output, progress=bar,
+            crop=CropSettings(size=args.crop_size or 32), network=network,
+            cv_folds=args.cv or 0, cv_repeats=args.repeats or 1,
+            positive_label=args.positive_label, device=args.device, output=args.output,
+            progress=bar,
         )
     if model.cv_result is not None:
         print(model.cv_result.describe())
     losses = model.metadata["model"]["loss_history"]
-    print(f"trained {args.architecture} on {model.metadata['training_cohort']['n_cases']} "
-          f"cases ({args.epochs} epochs, final loss {losses[-1]:.3f}); saved to {args.output}")
+    print(f"trained {architecture} on {model.metadata['training_cohort']['n_cases']} "
+          f"cases ({epochs} epochs, final loss {losses[-1]:.3f}); saved to {args.output}")
     return 0
 
 
@@ -513,6 +552,9 @@ def _run_classify(args: argparse.Namespace) -> int:
     positive = model.class_names[1]
     print(f"{len(predictions)} cases: {int((predictions['prediction'] == positive).sum())} "
           f"predicted {positive}; wrote {args.output}")
+    if (model.metadata.get("model") or {}).get("calibrated") is False:
+        print("the probabilities are the classifier's scores mapped to 0-1, not calibrated "
+              "(see the model card): rank cases by them, but do not read them as risks")
     _print_external_auc(args.manifest, model, predictions)
     return 0
 

@@ -255,7 +255,10 @@ def _classify(state: DemoState, progress: Progress, cancel: threading.Event | No
     cv = model.metadata.get("cross_validation") or {}
     facts = {"model": str(folder), "label": label["column"], "probability": probability,
              "cv_auc": cv.get("auc"), "cv_auc_ci": cv.get("auc_ci")}
-    summary = f"P({label['column']} = {label['positive']}) = {probability:.2f}"
+    calibrated = (model.metadata.get("model") or {}).get("calibrated")
+    summary = (f"{'P' if calibrated is not False else 'uncalibrated score'}"
+               f"({label['column']} = {label['positive']}) = {probability:.2f}")
+    facts["calibrated"] = calibrated
     cohort = model.metadata["training_cohort"]
     if state.fused.case_id in cohort["case_ids"]:
         # The patient was a training case: the in-sample probability flatters the model;

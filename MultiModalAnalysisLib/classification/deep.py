@@ -31,6 +31,7 @@ from MultiModalAnalysisLib.classification.model import model_card, prediction_fr
 from MultiModalAnalysisLib.classification.modelfile import (
     FORMAT,
     FORMAT_VERSION,
+    clear_previous_model,
     library_versions,
     now_iso,
     sha256,
@@ -333,6 +334,8 @@ class DeepClassifier:
         torch.save(self.estimator.network_.state_dict(), weights)
         self.metadata["model_file"] = {"name": WEIGHTS_FILE, "sha256": sha256(weights),
                                        "format": "torch state_dict (weights_only)"}
+        clear_previous_model(folder, WEIGHTS_FILE,
+                             () if self.cv_result is not None else CVResult.FILES)
         if self.cv_result is not None:
             self.cv_result.save(folder, title=f"{self.metadata['label']['column']}: deep "
                                 f"{self.estimator.architecture}")
@@ -397,8 +400,12 @@ def train_deep_classifier(
                                   "device": device})
     cv_result = None
     if cv_folds > 1:
-        settings = ClassifierSettings(cv_folds=cv_folds, cv_repeats=cv_repeats)
-        cv_result = evaluate_cv(crops, y, settings, estimator=estimator,
+        settings = ClassifierSettings(  # the folds follow the network's seed
+            cv_folds=cv_folds, cv_repeats=cv_repeats,
+            random_state=estimator.random_state)
+        # (the labels themselves, so that the CV outputs name the classes)
+        cv_result = evaluate_cv(crops, kept[label_column].to_numpy(), settings,
+                                positive_label=classes[1], estimator=estimator,
                                 case_ids=list(kept["case_id"]), progress=report.sub(0.1, 0.6),
                                 cancel=cancel, fit_params={"cancel": cancel})
     final = report.sub(0.6 if cv_result else 0.1, 1.0)

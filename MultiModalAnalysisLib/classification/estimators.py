@@ -35,6 +35,7 @@ from MultiModalAnalysisLib.classification.selection import (
     anova_f_scores,
 )
 from MultiModalAnalysisLib.classification.settings import ClassifierSettings
+from MultiModalAnalysisLib.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -415,10 +416,26 @@ def selected_features(model: TunedClassifier, names: list[str]) -> list[str]:
 
 
 def build_model(settings: ClassifierSettings) -> TunedClassifier:
-    """The complete recipe named by ``settings``: pipeline, grid, tuning, calibration."""
+    """The complete recipe named by ``settings``: pipeline, grid, tuning, calibration.
+
+    Raises:
+        ConfigError: a ``param_grid`` key that is no parameter of the pipeline.
+    """
+    pipeline = build_pipeline(settings)
+    grid = default_param_grid(settings)
+    if settings.param_grid:
+        known = pipeline.get_params()
+        unknown = sorted(key for key in grid if key not in known)
+        if unknown:
+            tunable = sorted(k for k in known if k.startswith("classify__")
+                             and "__" not in k[len("classify__"):])
+            raise ConfigError(
+                f"param_grid: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} "
+                f"not a parameter of the {settings.classifier} pipeline (its classifier's "
+                f"are {', '.join(tunable)}).")
     return TunedClassifier(
-        build_pipeline(settings),
-        param_grid=default_param_grid(settings),
+        pipeline,
+        param_grid=grid,
         inner_folds=settings.inner_folds,
         scoring=settings.scoring,
         calibration=settings.calibration,

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from MultiModalAnalysisLib.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Text label pairs whose sort order names the positive class as a reader expects (the later
+# one): any other pair is warned about when no positive label is given.
+OBVIOUS_PAIRS = [{"no", "yes"}, {"false", "true"}, {"negative", "positive"}, {"n", "y"},
+                 {"absent", "present"}]
 
 
 def normalise_label(value: Any) -> Any:
@@ -57,6 +65,11 @@ def encode_labels(
         )
     if positive_label is None:
         positive = distinct[1]
+        if all(isinstance(v, str) for v in distinct) and {
+                str(v).strip().lower() for v in distinct} not in OBVIOUS_PAIRS:
+            log.warning("%s: the positive class is taken to be %r, the later of %r and %r in "
+                        "sort order; give the positive label (--positive-label) if it is the "
+                        "other.", what, distinct[1], distinct[0], distinct[1])
     else:
         positive = normalise_label(positive_label)
         if positive not in distinct and str(positive) in map(str, distinct):

@@ -35,6 +35,7 @@ from MultiModalAnalysisLib.classification.modelfile import (
     FORMAT,
     FORMAT_VERSION,
     METADATA_FILE,
+    clear_previous_model,
     library_versions,
     now_iso,
     read_metadata,
@@ -119,9 +120,13 @@ class TrainedClassifier:
         missing = [f for f in self.feature_names if f not in present]
         missing_used = [f for f in missing if f in set(self.used_features)]
         if missing_used:
+            spaced = sorted(c for c in present if c != c.strip() and c.strip() in missing_used)
             raise FeatureSetError(
                 f"{source} lacks {len(missing_used)} feature(s) the classifier uses: "
-                f"{_names(missing_used)}. Compute the features with the same settings as "
+                f"{_names(missing_used)}. "
+                + (f"Its column(s) {_names([repr(c) for c in spaced])} have spaces around "
+                   "the name: remove them. " if spaced else "")
+                + "Compute the features with the same settings as "
                 f"for training ({len(self.feature_names)} features, e.g. "
                 f"{_names(self.feature_names, 3)})."
             )
@@ -165,6 +170,15 @@ class TrainedClassifier:
         if empty:
             log.warning("%s: feature(s) the classifier uses have no value in any case and are "
                         "imputed with the training median: %s", table.source, _names(empty))
+        used = [c for c in self.used_features if c in table.features.columns and c not in empty]
+        gaps = table.features[used].isna()  # (text and infinities were read as missing)
+        for case_id, row in zip(table.case_ids, gaps.to_numpy(), strict=True):
+            if row.any():
+                log.warning("%s: case %s has no value for %d of the %d feature(s) the "
+                            "classifier uses (%s): imputed with the training median, so its "
+                            "prediction rests on less of its own data.", table.source,
+                            case_id, int(row.sum()), len(self.used_features),
+                            _names([c for c, gap in zip(used, row, strict=True) if gap], 3))
         proba = self.predict_proba(self.check_features(table.features, source=table.source))
         return prediction_frame(table.case_ids, proba[:, 1], self.threshold, self.class_names)
 
@@ -200,18 +214,11 @@ class TrainedClassifier:
         joblib.dump(self.estimator, weights)
         self.metadata["model_file"] = {"name": WEIGHTS_FILE, "sha256": sha256(weights),
                                        "format": "joblib (pickle)", "caveat": PICKLE_CAVEAT}
+        clear_previous_model(folder, WEIGHTS_FILE,
+                             () if self.cv_result is not None else CVResult.FILES)
         if self.cv_result is not None:
             self.cv_result.save(folder, title=f"{self.metadata['label']['column']}: "
                                 f"{self.metadata['settings']['classifier']}")
-        else:
-            from MultiModalAnalysisLib.classification.evaluation import CVResult
-
-            # A model retrained here without cross-validation must not sit beside the
-            # figures of the one it replaces.
-            for name in CVResult.FILES:
-                if (folder / name).is_file():
-                    (folder / name).unlink()
-                    log.info("removed %s: the previous model's cross-validation", folder / name)
         write_metadata(folder, self.metadata)
         (folder / "MODEL_CARD.md").write_text(model_card(self.metadata), encoding="utf-8")
         return folder
@@ -304,7 +311,10 @@ def train_classifier(
     report = as_progress(progress)
     cv_result = None
     if evaluate:
-        cv_result = evaluate_cv(features, y, settings, case_ids=list(map(str, features.index)),
+        # (the labels themselves, so that the CV outputs name the classes)
+        cv_result = evaluate_cv(features, np.asarray(labels, dtype=object), settings,
+                                positive_label=classes[1],
+                                case_ids=list(map(str, features.index)),
                                 progress=report.sub(0.0, 0.9), cancel=cancel)
     check_cancel(cancel, "training the classifier")
     report(0.9 if evaluate else 0.0, "fitting the final model on all cases")

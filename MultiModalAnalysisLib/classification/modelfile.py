@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 FORMAT = "mma-classifier"
 FORMAT_VERSION = 1
 METADATA_FILE = "classifier.json"
+WEIGHT_FILES = ("classifier.joblib", "network.pt")  # radiomics, deep
 
 
 def library_versions() -> dict[str, str]:
@@ -132,3 +133,15 @@ def warn_on_version_change(metadata: dict[str, Any], what: str) -> None:
                 "%s was saved with %s %s and is loaded with %s; predictions may differ "
                 "slightly.", what, name, saved[name], current[name],
             )
+
+
+def clear_previous_model(folder: Path, weights: str, cv_files: tuple[str, ...]) -> None:
+    """Remove what a model saved into ``folder`` before leaves that this one does not
+    replace: the other kind's weights (``weights`` is this model's file) and ``cv_files``
+    (the cross-validation outputs, when this model has none): a model must not sit beside
+    the figures or weights of the one it replaces."""
+    stale = [name for name in WEIGHT_FILES if name != weights] + list(cv_files)
+    for name in stale:
+        if (folder / name).is_file():
+            (folder / name).unlink()
+            log.info("removed %s, left by the model this one replaces", folder / name)

@@ -108,6 +108,18 @@ class ClassifierSettings:
                 raise ConfigError(
                     f"unknown {name} '{value}': use one of {', '.join(allowed)}."
                 )
+        from sklearn.metrics import get_scorer_names
+
+        if self.scoring not in get_scorer_names():
+            raise ConfigError(
+                f"unknown scoring '{self.scoring}': use a scikit-learn scorer name, e.g. "
+                "roc_auc, balanced_accuracy, f1, average_precision, neg_log_loss.")
+        if self.param_grid is not None and (not isinstance(self.param_grid, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and v
+                for k, v in self.param_grid.items())):
+            raise ConfigError(
+                "param_grid must map parameter names to non-empty lists of candidates, "
+                'e.g. {"classify__C": [0.1, 1, 10]}, not ' f"{self.param_grid!r}.")
         if self.classifier == "auto" and self.param_grid:
             raise ConfigError(
                 "param_grid cannot be combined with classifier='auto' (each candidate "

@@ -20,6 +20,8 @@ from MultiModalAnalysisLib.classification import (
     read_feature_table,
     train_classifier,
 )
+from MultiModalAnalysisLib.classification.labels import encode_labels
+from MultiModalAnalysisLib.classification.table import FeatureTable
 from MultiModalAnalysisLib.cli import CLASSIFIER_CHOICES, SELECTION_CHOICES, main
 from MultiModalAnalysisLib.errors import ConfigError, FeatureSetError, ManifestError
 
@@ -490,6 +492,17 @@ def test_cli_trains_from_an_image_manifest_and_classifies_it(image_manifest, tmp
     # the training cases themselves: an in-sample figure, said to be one
     assert "(in-sample: 16 of them were training cases" in out
     assert "its cross-validated AUC is" in out
+    # scores that were not calibrated are not called risks
+    calibrated = json.loads((model / "classifier.json").read_text())["model"]["calibrated"]
+    assert ("not calibrated" in out) == (calibrated is False)
+    # CT and PET columns swapped: refused, not classified on the wrong scales
+    swapped = image_manifest.parent / "swapped.csv"
+    pd.read_csv(image_manifest).rename(columns={"CT": "PET", "PET": "CT"}).to_csv(
+        swapped, index=False)
+    status = main(["-q", "classify", "--model", str(model), "--manifest", str(swapped),
+                   "--output", str(tmp_path / "swapped_pred.csv")])
+    err = capsys.readouterr().err
+    assert status == 2 and "PET: values -150..400 go below 0" in err and "swapped?" in err
     assert len(pd.read_csv(tmp_path / "pred.csv")) == 16
 
     # a manifest whose ROI column has another name: classify --mask-column says which
@@ -504,3 +517,81 @@ def test_cli_trains_from_an_image_manifest_and_classifies_it(image_manifest, tmp
     assert status == 0
     assert np.allclose(pd.read_csv(tmp_path / "pred2.csv").iloc[:, 1],
                        pd.read_csv(tmp_path / "pred.csv").iloc[:, 1])
+
+
+def test_classifier_settings_that_would_fail_inside_scikit_learn_are_refused_up_front():
+    from MultiModalAnalysisLib.classification.estimators import build_model
+
+    for values, message in (({"scoring": "auc"}, "unknown scoring 'auc'"),
+                            ({"param_grid": [1, 2]}, "param_grid must map"),
+                            ({"param_grid": {"classify__C": 1}}, "param_grid must map"),
+                            ({"n_jobs": 1.5}, "n_jobs must be a whole number")):
+        with pytest.raises(ConfigError, match=message):
+            ClassifierSettings(**values)
+    with pytest.raises(ConfigError, match="C is not a parameter of the logistic_l2 pipeline"):
+        build_model(ClassifierSettings(classifier="logistic_l2", param_grid={"C": [1, 10]}))
+    build_model(ClassifierSettings(classifier="logistic_l2", param_grid={"classify__C": [1]}))
+
+
+def test_text_labels_name_the_classes_in_the_cross_validation_and_an_odd_pair_is_said(caplog):
+    X, y = feature_cohort(n_cases=16, n_positive=6, n_informative=2, n_noise=4, effect=3.0)
+    labels = np.where(y == 1, "Lung mets", "No mets")
+    with caplog.at_level(logging.WARNING):
+        model = train_classifier(X, labels, QUICK, label_column="Outcome",
+                                 positive_label="Lung mets")
+    assert "positive class is taken to be" not in caplog.text
+    assert model.cv_result.class_names == ["No mets", "Lung mets"]
+    assert "positive = 'Lung mets'" in model.cv_result.describe()
+    with caplog.at_level(logging.WARNING):
+        encode_labels(labels)  # sorted, "No mets" would be the positive class: said
+    assert "the positive class is taken to be 'No mets'" in caplog.text
+
+
+def test_a_case_missing_a_used_feature_is_named_and_stale_files_are_cleared(trained, tmp_path,
+                                                                           caplog):
+    model, _, X, _ = trained
+    table = X.copy()
+    table.loc[table.index[2], model.used_features[0]] = np.nan
+    with caplog.at_level(logging.WARNING):
+        predictions = model.predict_table(FeatureTable(table, source="new.csv"))
+    assert len(predictions) == len(table)
+    assert f"case {table.index[2]} has no value for 1 of the" in caplog.text
+    assert caplog.text.count("has no value for") == 1
+    # a model saved without cross-validation, into a folder where another model was
+    folder = tmp_path / "CLF"
+    folder.mkdir()
+    for stale in ("network.pt", "cv_metrics.json", "roc_curve.png"):
+        (folder / stale).write_text("from before")
+    train_classifier(X, _labels(X, trained), QUICK, evaluate=False, output=folder)
+    assert not any((folder / s).exists() for s in ("network.pt", "cv_metrics.json",
+                                                   "roc_curve.png"))
+    assert (folder / "classifier.joblib").is_file()
+
+
+def _labels(X, trained):
+    return pd.Series(trained[3], index=X.index)
+
+
+def test_train_classifier_refuses_options_of_the_other_kind_and_bad_counts(tmp_path, capsys):
+    X, y = feature_cohort(n_cases=12, n_positive=4, n_informative=1, n_noise=3)
+    X.assign(LungMets=y).reset_index().to_csv(tmp_path / "t.csv", index=False)
+    base = ["-q", "train-classifier", "--manifest", str(tmp_path / "t.csv"), "--label-column",
+            "LungMets", "--output", str(tmp_path / "CLF")]
+    for extra, message in (
+        (["--kind", "deep", "--classifier", "svm", "--modalities", "CT"],
+         "--kind deep does not use --classifier"),
+        (["--epochs", "3", "--crop-size", "16"],
+         "--kind radiomics does not use --epochs, --crop-size"),
+        (["--cv", "1"], "--cv 1: give 2 or more folds"),
+        (["--kind", "deep", "--modalities", "CT"], "holds no image paths"),
+        (["--positive-label", "7"], "positive label '7' is not one of"),
+    ):
+        status = main([*base, *extra])
+        err = capsys.readouterr().err
+        assert status == 2 and message in err and "Traceback" not in err, err
+    try:
+        status = main([*base, "--kind", "deep", "--epochs", "0"])
+    except SystemExit as stop:
+        status = stop.code
+    assert status == 2 and "argument --epochs: a whole number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "CLF").exists()
