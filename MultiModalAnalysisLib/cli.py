@@ -221,13 +221,13 @@ def _add_features(subparsers: argparse._SubParsersAction) -> None:
 def _run_features(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from MultiModalAnalysisLib.errors import ConfigError
+    from MultiModalAnalysisLib.errors import ConfigError, UnitsError
     from MultiModalAnalysisLib.features import (
         extract_cohort_features,
         extract_features,
         load_settings,
     )
-    from MultiModalAnalysisLib.images import implausible_intensities, require_non_constant
+    from MultiModalAnalysisLib.images import require_non_constant, require_plausible_units
     from MultiModalAnalysisLib.io import read_image
 
     settings = load_settings(args.settings)
@@ -273,9 +273,10 @@ def _run_features(args: argparse.Namespace) -> int:
             images[name] = read_image(path, name=f"{name} ({path})", modality=name)
             # (a constant region is measurable; a constant image file is a wrong file)
             require_non_constant(images[name], name)
-        for name, image in images.items():
-            if (doubt := implausible_intensities(name, image)) is not None:
-                log.warning("--image %s: %s (two images swapped?)", name, doubt)
+        try:
+            require_plausible_units(images, "--image")
+        except UnitsError as doubt:  # a warning here: features of any image are measurable
+            log.warning("%s", doubt)
         mask = read_image(args.mask, name=f"mask {args.mask}")
         if args.label is not None:
             from MultiModalAnalysisLib.images import select_label

@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 
 from MultiModalAnalysisLib.case import Manifest, read_manifest
-from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError, MMAError
+from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError, MMAError, UnitsError
 from MultiModalAnalysisLib.features.extract import extract_features
 from MultiModalAnalysisLib.features.settings import FeatureSettings, load_settings
 from MultiModalAnalysisLib.images import (
-    implausible_intensities,
     require_non_constant,
     require_plausible_units,
     select_label,
@@ -174,12 +173,12 @@ def _read_ahead(
         for name, image in images.items():
             # (a constant region is measurable; a constant image file is a wrong file)
             require_non_constant(image, name)
-        if units == "error":  # (columns swapped?)
+        try:  # (columns swapped?)
             require_plausible_units(images, "the manifest")
-        else:
-            for name, image in images.items():
-                if (doubt := implausible_intensities(name, image)) is not None:
-                    log.warning("case %s: %s: %s (columns swapped?)", case_id, name, doubt)
+        except UnitsError as doubt:
+            if units == "error":
+                raise
+            log.warning("case %s: %s", case_id, doubt)
         mask = read_image(_path(manifest, row, mask_column, case_id), name=mask_column)
         return case_id, images, mask, None
 

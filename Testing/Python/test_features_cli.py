@@ -113,6 +113,20 @@ def test_features_over_a_manifest_write_one_row_per_case_with_settings(tmp_path,
     assert table["CT_stat_mean"][1] - table["CT_stat_mean"][0] > 40  # the shifted case
 
 
+def test_an_image_whose_values_do_not_fit_its_name_is_measured_with_a_warning(
+    tmp_path, caplog
+):
+    uptake = make_image(np.random.default_rng(0).gamma(2.0, 1.0, (8, 10, 12)).astype(
+        np.float32))  # PET-like values, given as the CT
+    sitk.WriteImage(uptake, str(tmp_path / "pet.nii.gz"))
+    mask = make_image(np.pad(np.ones((4, 4, 4), np.uint8), 2)[:8, :10, :12])
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    with caplog.at_level("WARNING"):
+        status = main(["-q", "features", "--image", f"CT={tmp_path / 'pet.nii.gz'}", "--mask",
+                       str(tmp_path / "mask.nii.gz"), "--output", str(tmp_path / "f.csv")])
+    assert status == 0 and "do not look like CT in HU" in caplog.text
+
+
 def test_constant_images_labels_0_and_binary_settings_files_are_refused(tmp_path, capsys):
     constant = make_image(np.full((8, 10, 12), 40.0, np.float32))
     sitk.WriteImage(constant, str(tmp_path / "const.nii.gz"))
