@@ -923,6 +923,10 @@ def _run_segment(args: argparse.Namespace) -> int:
         ("--model", args.model is not None, ("model",)),
         ("--no-tta", args.no_tta, ("model",)),
         ("--device", args.device is not None, ("model",)),
+        ("--order-by", args.order_by is not None, ("gmm", "kmeans")),
+        ("--regularisation", args.regularisation is not None, ("gmm", "kmeans")),
+        *((f"--{name}", getattr(args, name) is not None, ("threshold",))
+          for name in ("threshold", "channel", "low", "high", "fraction")),
     ) if given and args.method not in methods]
     if unused:
         raise ConfigError(

@@ -109,6 +109,8 @@ def test_mma_segment_user_errors_are_one_line_with_status_2(cohort, capsys):
         ("gmm", ["--model", str(folder / "nowhere")], "--model"),
         ("gmm", ["--no-tta", "--device", "cpu"], "--no-tta, --device"),
         ("threshold", ["--classes", "5"], "--classes"),
+        ("gmm", ["--low", "3", "--channel", "PET"], "--channel, --low"),
+        ("threshold", ["--order-by", "PET"], "--order-by"),
     ):
         status = main(["-q", "segment", str(case / "PET_image.nii.gz"), "--method", method,
                        *options, "--output", str(folder / "x.nii.gz")])
