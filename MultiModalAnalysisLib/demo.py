@@ -256,8 +256,9 @@ def _classify(state: DemoState, progress: Progress, cancel: threading.Event | No
     facts = {"model": str(folder), "label": label["column"], "probability": probability,
              "cv_auc": cv.get("auc"), "cv_auc_ci": cv.get("auc_ci")}
     calibrated = (model.metadata.get("model") or {}).get("calibrated")
-    summary = (f"{'P' if calibrated is not False else 'uncalibrated score'}"
-               f"({label['column']} = {label['positive']}) = {probability:.2f}")
+    summary = (f"P({label['column']} = {label['positive']}) = {probability:.2f}"
+               if calibrated is not False else f"score for {label['column']} = "
+               f"{label['positive']}: {probability:.2f} (uncalibrated: a rank, not a risk)")
     facts["calibrated"] = calibrated
     cohort = model.metadata["training_cohort"]
     if state.fused.case_id in cohort["case_ids"]:
