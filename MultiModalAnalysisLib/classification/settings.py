@@ -129,7 +129,7 @@ class ClassifierSettings:
             raise ConfigError(
                 f"class_weight must be 'balanced' or None, got {self.class_weight!r}."
             )
-        if not self.n_features or min(self.n_features) < 1:
+        if not self.n_features:  # (each one is a whole number >= 1 already)
             raise ConfigError(f"n_features must be positive integers, got {self.n_features}.")
         if self.correlation_threshold is not None and not 0 < self.correlation_threshold <= 1:
             raise ConfigError(

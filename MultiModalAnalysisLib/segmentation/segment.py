@@ -189,13 +189,8 @@ def _classical(
     _unknown(options, _CLASSICAL_OPTIONS, method)
     settings = {k: v for k, v in options.items() if k in _CLASSICAL_OPTIONS}
     estimator_type = GaussianMixtureSegmenter if method == "gmm" else KMeansSegmenter
-    try:
-        whole = float(classes).is_integer() and not isinstance(classes, bool)
-    except (TypeError, ValueError):
-        whole = False
-    if not whole:
-        raise ConfigError(f"classes must be a whole number (1 to 254), not {classes!r}.")
-    estimator = estimator_type(int(classes), **settings)
+    classes = whole("classes", classes, 1, 254)
+    estimator = estimator_type(classes, **settings)
     report(0.05, f"fitting {method} with {classes} classes")
     estimator.fit(images, mask, cancel=cancel)
     return estimator.segment(images, mask, progress=report.sub(0.3, 0.98), cancel=cancel)

@@ -47,9 +47,9 @@ from MultiModalAnalysisLib.segmentation.training_data import (
 log = logging.getLogger(__name__)
 
 MAX_SKIPPED_STEPS = 50
-MAX_LABELS = 254  # labels 1..K of a UInt8 label map
 """Steps whose loss is not finite are left out (a step on one would turn every weight into
 NaN); past this many in one training, it stops with a :class:`TrainingError`."""
+MAX_LABELS = 254  # labels 1..K of a UInt8 label map
 
 
 @dataclass
