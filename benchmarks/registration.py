@@ -580,9 +580,10 @@ def command_size256(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu)
     print(f"torch deformable stage, 256^3 T1/T2 pair, {describe_device(device)}: "
-          f"median {np.median(times):.1f} s wall, {np.median(cpu_times):.1f} s CPU over "
-          f"{len(times)} runs, after a warm-up (torch: one intra-op thread in the stage on "
-          f"the CPU; ITK: {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} threads)")
+          f"median {np.median(times):.2f} s wall, {np.median(cpu_times):.2f} s CPU over "
+          f"{len(times)} runs ({', '.join(f'{t:.2f}' for t in times)} s), after a warm-up "
+          f"(torch: one intra-op thread in the stage on the CPU; ITK: "
+          f"{sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} threads)")
 
 
 
