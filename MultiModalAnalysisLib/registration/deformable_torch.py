@@ -2,8 +2,9 @@
 integrated by scaling and squaring, optimised coarse to fine.
 
 Design:
-- The images live on isotropic working grids (one per level) over the fixed image; the
-  moving image is resampled once per level through the linear transform found before, so
+- The images live on isotropic working grids (one per level) over the fixed image, made
+  in torch on the stage's device (``level_image``); the moving image, smoothed the same way
+  on its own grid, is resampled once per level through the linear transform found before, so
   the optimisation only looks for the residual displacement ``u``: the result is
   ``T(x) = L(x + u(x))``.
 - The velocity field lives on a grid ``velocity_factor`` times coarser than the images
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +44,8 @@ import SimpleITK as sitk
 
 from MultiModalAnalysisLib.device import cpu_threads
 from MultiModalAnalysisLib.errors import ConfigError
+from MultiModalAnalysisLib.preprocess.resample import antialias_sigmas, spacing_grid
 from MultiModalAnalysisLib.progress import Progress, check_cancel
-from MultiModalAnalysisLib.registration.prepare import downsample
 from MultiModalAnalysisLib.registration.transforms import displacement_field_transform
 
 TORCH_METRICS = ("mi", "mind", "ncc", "lncc")
@@ -96,13 +98,78 @@ def _normalised(array: np.ndarray, valid: np.ndarray | None = None) -> np.ndarra
     return np.clip((array - low) / (high - low if high > low else 1.0), 0, 1).astype(np.float32)
 
 
+def _axis_operator(size_in: int, spacing_in: float, size_out: int, spacing_out: float):
+    """The ``(size_out, size_in)`` matrix that smooths one image axis with ``downsample``'s
+    anti-aliasing Gaussian (sigma half the new spacing where it is coarser; kernel cut at 4
+    sigma, edge voxels repeated) and then interpolates linearly at the voxel centres of
+    ``spacing_grid`` along that axis; and which output voxels lie inside the input (ITK's
+    rule: within half a voxel of its edge voxels' centres)."""
+    sigma = float(antialias_sigmas([spacing_in], [spacing_out])[0]) / spacing_in
+    smooth = np.eye(size_in)
+    if sigma > 0:
+        offsets = np.arange(-int(4 * sigma + 0.5), int(4 * sigma + 0.5) + 1)
+        kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+        smooth = np.zeros((size_in, size_in))
+        columns = np.clip(np.arange(size_in)[:, None] + offsets, 0, size_in - 1)
+        np.add.at(smooth, (np.repeat(np.arange(size_in), offsets.size), columns.ravel()),
+                  np.tile(kernel / kernel.sum(), size_in))
+    position = (np.arange(size_out) + 0.5) * spacing_out / spacing_in - 0.5
+    inside = (position >= -0.5) & (position <= size_in - 0.5)
+    low = np.floor(position).astype(int)
+    fraction = position - low
+    interpolate = np.zeros((size_out, size_in))
+    rows = np.arange(size_out)
+    np.add.at(interpolate, (rows, np.clip(low, 0, size_in - 1)), 1.0 - fraction)
+    np.add.at(interpolate, (rows, np.clip(low + 1, 0, size_in - 1)), fraction)
+    interpolate[~inside] = 0.0
+    return interpolate @ smooth, inside
+
+
+def level_image(image: sitk.Image, spacing, device) -> sitk.Image:
+    """``image`` anti-aliased and resampled to ``spacing`` on ``spacing_grid``'s grid: what
+    ``prepare.downsample`` computes (up to the shape of the Gaussian: a sampled kernel here,
+    ITK's recursive approximation there), as one small matrix product per axis in torch on
+    ``device``. On a GPU this takes the level building off the CPU, where ITK's Gaussian
+    over a full-resolution 256^3 pair took 0.75 s of the stage's 2.3 s on an H100 machine;
+    on the CPU it is also cheaper, since each product shrinks the volume for the next.
+    Unchanged (the image itself) where ``spacing`` is the image's own within 2 %."""
+    import torch
+
+    old = np.array(image.GetSpacing(), dtype=float)
+    new = np.array(spacing, dtype=float)
+    if np.allclose(new, old, rtol=0.02):
+        return image
+    reference = spacing_grid(image, new)
+    axes = [_axis_operator(int(n_in), float(s_in), int(n_out), float(s_out))
+            for n_in, s_in, n_out, s_out in zip(image.GetSize(), old, reference.GetSize(), new,
+                                                strict=True)]
+    operators, inside = [a[0] for a in axes], [a[1] for a in axes]
+    along_x, along_y, along_z = (torch.as_tensor(o, dtype=torch.float32, device=device)
+                                 for o in operators)
+    with warnings.catch_warnings():  # a read-only view of the image, only read here
+        warnings.simplefilter("ignore", UserWarning)
+        volume = torch.as_tensor(sitk.GetArrayViewFromImage(image), dtype=torch.float32,
+                                 device=device)
+    volume = volume @ along_x.T  # (z, y, x')
+    volume = along_y @ volume  # (z, y', x')
+    volume = torch.tensordot(along_z, volume, dims=1)  # (z', y', x')
+    outside = ~(np.asarray(inside[2])[:, None, None] & np.asarray(inside[1])[None, :, None]
+                & np.asarray(inside[0])[None, None, :])
+    result = volume.cpu().numpy()
+    if outside.any() and not outside.all():
+        result[outside] = result[~outside].min()  # downsample's default: the minimum
+    level = sitk.GetImageFromArray(np.ascontiguousarray(result, dtype=np.float32))
+    level.CopyInformation(reference)
+    return level
+
+
 def _build_level(fixed: sitk.Image, moving: sitk.Image, linear: sitk.Transform,
                  fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
                  spacing: float, settings: TorchDeformableSettings, metric: str, device):
     import torch
 
-    grid = downsample(fixed, [spacing] * 3)
-    source = downsample(moving, [max(spacing, s) for s in moving.GetSpacing()])
+    grid = level_image(fixed, [spacing] * 3, device)
+    source = level_image(moving, [max(spacing, s) for s in moving.GetSpacing()], device)
     moving_on_grid = sitk.Resample(source, grid, linear, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     valid_source = (sitk.Cast(moving_mask, sitk.sitkFloat32) if moving_mask is not None
                     else sitk.Image(source.GetSize(), sitk.sitkFloat32) + 1.0)
@@ -322,18 +389,33 @@ def _check_field(field) -> None:
 def bending_energy(field):
     """Mean over the inner voxels and the components of ``sum_ij (d2 u / dx_i dx_j)^2``
     (voxel units; central differences: ``[1, -2, 1]`` for pure, the 4-point stencil / 4 for
-    mixed derivatives, each mixed pair counted twice). The same value, in the same order of
-    operations, as MONAI 1.6.1's ``BendingEnergyLoss()``.
+    mixed derivatives, each mixed pair counted twice): the value of MONAI 1.6.1's
+    ``BendingEnergyLoss()``, to rounding. The mixed derivatives are differences of the
+    central differences, taken once per axis: 43 tensor operations forward and backward
+    instead of the 100 of stencil by stencil. That matters where each is a kernel launch (a
+    GPU, 140 iterations of a small field: 0.17 -> 0.10 s of the 256^3 stage on an H100).
     """
+    import torch
+
     _check_field(field)
+    spatial = range(2, field.ndim)
+
+    def along(axis: int, cut: slice, tensor):
+        return tensor[(slice(None),) * axis + (cut,)]
+
+    def inner_except(axes, tensor):  # cut every other spatial axis to its inner voxels
+        return tensor[(slice(None), slice(None)) + tuple(
+            slice(None) if axis in axes else slice(1, -1) for axis in spatial)]
+
+    central = {a: along(a, slice(2, None), field) - along(a, slice(None, -2), field)
+               for a in spatial[:-1]}  # the mixed pairs' first axes
     energy = None
-    for a in range(2, field.ndim):
-        pure = _shifted(field, {a: 1}) - 2 * _shifted(field, {}) + _shifted(field, {a: -1})
-        energy = pure ** 2 if energy is None else energy + pure ** 2
+    for a in spatial:
+        pure = inner_except((a,), torch.diff(field, n=2, dim=a)).square()
+        energy = pure if energy is None else energy + pure
         for b in range(a + 1, field.ndim):
-            mixed = (_shifted(field, {a: 1, b: 1}) - _shifted(field, {a: 1, b: -1})
-                     - _shifted(field, {a: -1, b: 1}) + _shifted(field, {a: -1, b: -1})) / 4.0
-            energy = energy + 2 * mixed ** 2
+            mixed = along(b, slice(2, None), central[a]) - along(b, slice(None, -2), central[a])
+            energy = energy + inner_except((a, b), mixed).square() * 0.125  # 2 (c / 4)^2
     return energy.mean()
 
 
