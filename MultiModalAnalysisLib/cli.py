@@ -144,7 +144,8 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     with ProgressBar("preprocess", enabled=not args.quiet) as bar:
         result = apply_modality_preset(image, args.modality, mask=mask, progress=bar)
     if args.reference:
-        result = resample_to_reference(result, read_image(args.reference), name=str(args.image))
+        result = resample_to_reference(result, read_image(args.reference), antialias=True,
+                                       name=str(args.image))
     elif args.spacing:
         result = resample_to_spacing(result, args.spacing)
         collapsed = [axis for axis, (old, new) in enumerate(zip(image.GetSize(),

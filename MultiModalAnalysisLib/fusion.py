@@ -93,7 +93,8 @@ def resample_case(
             images[name] = reference if target_spacing is not None else image
         else:
             images[name] = resample_to_reference(
-                image, reference, transform=by_name.get(name), name=f"{name} of {case.case_id}")
+                image, reference, transform=by_name.get(name), antialias=True,
+                name=f"{name} of {case.case_id}")
         report((i + 1) / total, f"resampled {name} onto the {ref_name} grid")
     for j, (name, mask) in enumerate(case.masks.items()):
         check_cancel(cancel, f"resampling of case {case.case_id}")
@@ -205,29 +206,12 @@ def unit_scale(array: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
 
 def _onto(image: sitk.Image, reference: sitk.Image, name: str = "an image to fuse"
           ) -> sitk.Image:
-    """``image`` on ``reference``'s grid, smoothed first along the axes where that grid is
+    """``image`` on ``reference``'s grid, anti-aliased along the axes where that grid is
     coarser (so a fine MR taken to a PET grid does not alias; an axis where the reference
     is as fine is left sharp)."""
     if same_grid(image, reference):
         return sitk.Cast(image, sitk.sitkFloat32)
-    spacing = np.array(image.GetSpacing())
-    target = _reference_spacing_along(image, reference)
-    sigma = np.sqrt(np.maximum(target ** 2 - spacing ** 2, 0.0)) / 2.355  # FWHM -> sigma
-    source = image
-    if np.any(sigma > 0.25 * spacing):  # less is below what linear interpolation blurs
-        sigma = np.where(sigma > 0.25 * spacing, sigma, 0.0)
-        source = sitk.DiscreteGaussian(sitk.Cast(image, sitk.sitkFloat32),
-                                       (sigma ** 2).tolist(), 32, 0.01, True)
-    return resample_to_reference(source, reference, name=name)
-
-
-def _reference_spacing_along(image: sitk.Image, reference: sitk.Image) -> np.ndarray:
-    """The reference grid's spacing seen along each of ``image``'s axes (mm): its own
-    spacings when the two share directions, a cosine-weighted mix when they do not."""
-    own = np.array(image.GetDirection()).reshape(3, 3)
-    other = np.array(reference.GetDirection()).reshape(3, 3)
-    cosines = np.abs(own.T @ other)  # [image axis, reference axis]
-    return (cosines @ np.array(reference.GetSpacing())) / cosines.sum(axis=1)
+    return resample_to_reference(image, reference, antialias=True, name=name)
 
 
 def _weighted_mean(arrays: list[np.ndarray], weights: Sequence[float] | None) -> np.ndarray:

@@ -45,11 +45,12 @@ class RegistrationResult:
 
     @property
     def warped(self) -> sitk.Image:
-        """The moving image resampled on the fixed grid (computed on first use, so a caller
-        that only needs the transform does not pay for a full-resolution resampling)."""
+        """The moving image resampled on the fixed grid, anti-aliased where that grid is
+        coarser (computed on first use, so a caller that only needs the transform does not
+        pay for a full-resolution resampling)."""
         if self._warped is None:
             self._warped = resample_to_reference(self.moving, self.fixed,
-                                                 transform=self.transform,
+                                                 transform=self.transform, antialias=True,
                                                  name="the moving image")
         return self._warped
 
