@@ -321,6 +321,15 @@ def read_dicom_series(
     if series_uid is None:
         candidates = series
         wanted = _DICOM_MODALITY.get(modality_family(modality)) if modality else None
+        if wanted and all(s.modality for s in series) and not any(
+                s.modality.upper() == wanted for s in series):
+            # every series says what it is, and none is what was asked for: reading one
+            # would process, say, a CT as an MR
+            listing = "; ".join(f"{s.uid} ({s.modality}, {s.description or 'no description'}, "
+                                f"{s.n_slices} slices)" for s in series)
+            raise ImageReadError(
+                f"{label} holds no DICOM series of modality {wanted} ({modality} was asked "
+                f"for): {listing}. Check the folder or the modality given.")
         if wanted and len(series) > 1:
             candidates = [s for s in series if s.modality.upper() == wanted] or series
         chosen = candidates[0]
@@ -330,7 +339,8 @@ def read_dicom_series(
                 f"{s.n_slices} slices)" for s in series)
             log.warning(
                 "%s holds %d DICOM series: %s. Read %s, the largest%s; to read another, give "
-                "its series UID (series_uid=) or a folder holding only its files.", label,
+                "a folder holding only its files (or, in Python, its series UID: "
+                "series_uid=).", label,
                 len(series), listing, chosen.uid,
                 f" of modality {wanted}" if candidates is not series
                 else f" (none is of modality {wanted})" if wanted else "")

@@ -108,6 +108,15 @@ def test_of_several_dicom_series_the_expected_modality_is_read_else_the_choice_i
         assert read_image(tmp_path).GetSize() == pet.GetSize()  # the largest, said
     assert "holds 2 DICOM series" in caplog.text and ".302 (PT, PET, 6 slices)" in caplog.text
     assert "series_uid=" in caplog.text
+    # no series of the modality asked for: an error, not a CT processed as an MR
+    with pytest.raises(ImageReadError, match=r"no DICOM series of modality MR \(MR_T1 was "
+                       r"asked for\).*\.301 \(CT, CT, 4 slices\).*Check the folder"):
+        read_image(tmp_path, modality="MR_T1")
+    only_ct = tmp_path / "ct_only"
+    write_dicom_series(ct, only_ct, "1.2.826.0.1.3680043.2.1125.2.303", "CT", "CT")
+    with pytest.raises(ImageReadError, match="no DICOM series of modality PT"):
+        read_image(only_ct, modality="PET")  # one series, of another modality
+    assert read_image(only_ct, modality="CT").GetSize() == ct.GetSize()
 
 
 def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path, rng):
