@@ -115,6 +115,7 @@ def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.errors import ConfigError
     from MultiModalAnalysisLib.images import implausible_intensities, require_non_constant
     from MultiModalAnalysisLib.io import read_image, read_mask, write_image
     from MultiModalAnalysisLib.modalities import modality_family
@@ -124,6 +125,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
         resample_to_reference,
         resample_to_spacing,
     )
+    from MultiModalAnalysisLib.preprocess.resample import spacing_grid
 
     if modality_family(args.modality) == "OTHER":
         log.warning(
@@ -131,16 +133,28 @@ def _run_preprocess(args: argparse.Namespace) -> int:
             "image is only converted to float32.", args.modality)
     image = read_image(args.image, modality=args.modality)
     require_non_constant(image, str(args.image))
-    doubt = implausible_intensities(args.modality, image)
+    doubt = implausible_intensities(args.modality, image, pet_in_suv=True)  # the preset: SUV
     if doubt:
         log.warning("%s (%s): %s; the %s preset assumes those units.", args.image,
                     args.modality, doubt, modality_family(args.modality))
+    if args.spacing:  # before any work: a grid that flattens the volume is no result
+        size = spacing_grid(image, args.spacing).GetSize()
+        collapsed = [axis for axis, (old, new) in enumerate(zip(image.GetSize(), size,
+                                                                strict=True))
+                     if old > 1 and new == 1]
+        if collapsed:
+            raise ConfigError(
+                f"--spacing {' '.join(f'{v:g}' for v in args.spacing)} is coarser than the "
+                f"image along axis {', '.join('xyz'[a] for a in collapsed)}: the result would "
+                f"have a single voxel there (size {size}), which no later step can use. Give "
+                f"the spacing in mm (the image's is "
+                f"{' '.join(f'{v:.3g}' for v in image.GetSpacing())}).")
+    mask = None
     if args.mask and modality_family(args.modality) != "MR":
         log.warning("--mask is used by the MR presets only (N4, z-score); ignored for %s.",
                     args.modality)
-    # as segment, features and register do: the mask onto the image's grid
-    mask = mask_on_grid(read_mask(args.mask), image, f"the mask {args.mask}",
-                        warn=True) if args.mask else None
+    elif args.mask:  # as segment, features and register do: the mask onto the image's grid
+        mask = mask_on_grid(read_mask(args.mask), image, f"the mask {args.mask}", warn=True)
     with ProgressBar("preprocess", enabled=not args.quiet) as bar:
         result = apply_modality_preset(image, args.modality, mask=mask, progress=bar)
     if args.reference:
@@ -148,13 +162,6 @@ def _run_preprocess(args: argparse.Namespace) -> int:
                                        name=str(args.image))
     elif args.spacing:
         result = resample_to_spacing(result, args.spacing)
-        collapsed = [axis for axis, (old, new) in enumerate(zip(image.GetSize(),
-                     result.GetSize(), strict=True)) if old > 1 and new == 1]
-        if collapsed:
-            log.warning("--spacing %s is coarser than the image along axis %s: the result "
-                        "has a single voxel there (size %s). Is the spacing in mm?",
-                        " ".join(f"{v:g}" for v in args.spacing),
-                        ", ".join("xyz"[a] for a in collapsed), result.GetSize())
     print(f"wrote {write_image(result, args.output)}")
     return 0
 

@@ -168,9 +168,25 @@ def test_cli_preprocess_and_manifest(tmp_path, sample_case_path, capsys, caplog)
                    "--modality", "CT", "--output", str(tmp_path / "mr_as_ct.nii.gz")])
     assert status == 0 and "do not look like CT in HU" in caplog.text
     status = main(["-q", "preprocess", str(sample_case_path / "CT_image.nii.gz"),
-                   "--modality", "CT", "--spacing", "1000", "1000", "1000",
+                   "--modality", "CT", "--spacing", "1", "1", "1000",
                    "--output", str(tmp_path / "ct_1000.nii.gz")])
-    assert status == 0 and "coarser than the image along axis x, y, z" in caplog.text
+    assert status == 2 and "coarser than the image along axis z" in capsys.readouterr().err
+    assert not (tmp_path / "ct_1000.nii.gz").exists()
+    # an ignored mask is not read (an empty one used to fail the run it was ignored by)
+    empty = sitk.Image(sitk.ReadImage(str(sample_case_path / "CT_mask.nii.gz")))
+    empty = sitk.Cast(empty * 0, sitk.sitkUInt8)
+    sitk.WriteImage(empty, str(tmp_path / "empty_mask.nii.gz"))
+    caplog.clear()
+    status = main(["-q", "preprocess", str(sample_case_path / "CT_image.nii.gz"),
+                   "--modality", "CT", "--mask", str(tmp_path / "empty_mask.nii.gz"),
+                   "--output", str(tmp_path / "ct_masked.nii.gz")])
+    assert status == 0 and "ignored for CT" in caplog.text
+    # a PET in Bq/ml is said to be far from the SUV the preset keeps
+    pet = sitk.ReadImage(str(sample_case_path / "PET_image.nii.gz"), sitk.sitkFloat32) * 5000
+    sitk.WriteImage(pet, str(tmp_path / "pet_bqml.nii.gz"))
+    status = main(["-q", "preprocess", str(tmp_path / "pet_bqml.nii.gz"), "--modality", "PET",
+                   "--output", str(tmp_path / "pet_out.nii.gz")])
+    assert status == 0 and "far above SUV" in caplog.text
 
     status = main(["manifest", str(sample_case_path.parent), "--output",
                    str(tmp_path / "cases.csv")])
