@@ -22,12 +22,16 @@ def unsharp_mask(image: sitk.Image, sigma_mm: float = 1.0, amount: float = 1.0) 
         image: the image to sharpen.
         sigma_mm: width of the blur that defines the detail layer, in mm.
         amount: how much of the detail layer to add back (0 returns the image).
+
+    Raises:
+        NonFiniteImageError: the image holds NaN or infinite values (the blur would spread
+            them over the whole volume).
     """
     if sigma_mm <= 0:
         raise ConfigError(f"sigma_mm must be > 0, got {sigma_mm}.")
     if amount < 0:
         raise ConfigError(f"amount must be >= 0, got {amount}.")
-    image = as_float32(image)
+    image = as_float32(validate_image(image, "the image to sharpen"))
     blurred = sitk.SmoothingRecursiveGaussian(image, float(sigma_mm))
     return sitk.Add(image, sitk.Multiply(sitk.Subtract(image, blurred), float(amount)))
 

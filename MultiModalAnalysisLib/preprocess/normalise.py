@@ -64,10 +64,15 @@ def zscore(image: sitk.Image, mask: sitk.Image | None = None, *, name: str = "im
 
 
 def clip_intensity(image: sitk.Image, low: float | None, high: float | None) -> sitk.Image:
-    """Clamp values to ``[low, high]`` (``None``: no bound on that side)."""
+    """Clamp values to ``[low, high]`` (``None``: no bound on that side).
+
+    Raises:
+        NonFiniteImageError: the image holds NaN or infinite values (clipping would pass
+            them on, or turn an infinity into a bound, without a word).
+    """
     if low is not None and high is not None and low > high:
         raise ConfigError(f"clip range is empty: low {low} > high {high}.")
-    array = sitk.GetArrayViewFromImage(as_float32(image))
+    array = sitk.GetArrayViewFromImage(as_float32(validate_image(image, "the image to clip")))
     return image_from_array(np.clip(array, low, high).astype(np.float32), image)
 
 

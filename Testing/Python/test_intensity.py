@@ -196,8 +196,11 @@ def test_filters_and_resampling_refuse_nan_and_2d_images_and_unknown_options(two
     array[5, 5, 5] = np.nan
     with_nan = sitk.GetImageFromArray(array)
     with_nan.CopyInformation(image)
+    from MultiModalAnalysisLib.preprocess import clip_intensity, ct_window, unsharp_mask
+
     for step in (gaussian_smooth, median_filter, anisotropic_diffusion, bilateral_filter,
-                 lambda im: resample_to_spacing(im, 2.0)):
+                 lambda im: resample_to_spacing(im, 2.0), unsharp_mask, ct_window,
+                 lambda im: clip_intensity(im, 0.0, 100.0)):
         with pytest.raises(NonFiniteImageError, match="1 NaN or infinite voxel"):
             step(with_nan)
     flat = image[:, :, 3]  # one slice: a 2-D image
