@@ -632,9 +632,10 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--transform", choices=TRANSFORM_CHOICES, required=True)
     parser.add_argument("--output-dir", type=Path, required=True, help="where to write")
     parser.add_argument("--metric", choices=METRIC_CHOICES, default="auto",
-                        help="similarity (auto: by modality pair; default)")
+                        help="similarity (auto: by modality pair; default); mind: deformable "
+                        "(torch backend) only")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
-                        help="torch device of the deformable torch backend")
+                        help="torch device of the deformable torch backend; deformable only")
     parser.add_argument("--fixed-mask", type=Path, help="region of the fixed image to match")
     parser.add_argument("--moving-mask", type=Path, help="region of the moving image to use")
     parser.add_argument("--mask-margin", type=_distance, metavar="MM",
@@ -642,7 +643,7 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
                         "for a mask covering less than half its image, e.g. a lesion, else "
                         "0; 0 keeps the masks exactly)")
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                        help="deformable backend (auto: torch)")
+                        help="backend of the deformable stage (auto: torch); deformable only")
     parser.add_argument("--fixed-modality", help="e.g. CT (default: from the file name)")
     parser.add_argument("--moving-modality", help="e.g. PET, MR_T1 (default: from the name)")
     parser.add_argument("--landmarks", type=Path,
@@ -680,9 +681,25 @@ _volume = _number_type(float, 0.0, 1e12, "a volume >= 0 in mm^3")
 
 
 def _run_register(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.errors import ConfigError
     from MultiModalAnalysisLib.io import read_image, read_mask
     from MultiModalAnalysisLib.registration import read_landmarks_csv, register
 
+    if args.transform != "deformable":  # options of the deformable stage alone
+        if args.device != "auto":  # harmless: scripts pass it for every transform
+            log.warning("--device applies to the deformable stage only; ignored for a %s "
+                        "registration.", args.transform)
+        unused = [f"--backend {args.backend}"] if args.backend != "auto" else []
+        if args.metric == "mind":
+            unused.append("--metric mind (a deformable, torch-backend metric)")
+        if unused:
+            raise ConfigError(f"{', '.join(unused)}: only the deformable stage uses "
+                              f"{'this' if len(unused) == 1 else 'these'}; a {args.transform} "
+                              "registration would ignore it. Leave it out, or use "
+                              "--transform deformable.")
+    elif args.metric == "mind" and args.backend == "bspline":
+        raise ConfigError("--metric mind runs on the torch backend only: use --backend torch "
+                          "(or auto), or --metric mi with the B-spline backend.")
     fixed_modality = args.fixed_modality or _modality_from_name(args.fixed)
     moving_modality = args.moving_modality or _modality_from_name(args.moving)
     fixed = read_image(args.fixed, modality=fixed_modality)
@@ -700,8 +717,10 @@ def _run_register(args: argparse.Namespace) -> int:
             threads=args.threads, mask_margin_mm=args.mask_margin)
     paths = result.save(args.output_dir, qc=not args.no_qc)
     metrics = result.metrics
+    before = metrics["metric_before"]  # None: nothing overlapped where the images started
     print(f"{args.transform} registration of {args.moving.name} onto {args.fixed.name} in "
-          f"{metrics['runtime_s']:.1f} s; {metrics['metric']}: {metrics['metric_before']} -> "
+          f"{metrics['runtime_s']:.1f} s; {metrics['metric']}: "
+          f"{'no overlap at the start' if before is None else before} -> "
           f"{metrics['metric_after']}")
     if "folding_percent" in metrics:
         print(f"Jacobian determinant {metrics['jacobian_min']} .. {metrics['jacobian_max']}, "

@@ -220,6 +220,9 @@ def register(
             erode_moving=int(moving_fill is not None and fixed_fill is None))
     finest = levels[-1]
     sitk_metric = "mi" if concrete == "mind" else concrete
+    if concrete == "mind" and kind != "deformable":
+        log.warning("metric 'mind' is a deformable (torch) metric: the %s registration uses "
+                    "Mattes MI instead.", kind)
     before = evaluate_metric(finest, sitk_metric, initial_transform or sitk.Transform())
     linear_kind = "rigid" if kind == "rigid" else "affine"
     linear_share = 1.0 if kind != "deformable" else 0.4

@@ -100,7 +100,9 @@ def test_images_that_start_far_apart_register_and_the_folder_holds_only_this_run
     status = main(["-q", "register", str(tmp_path / "CT_image.nii.gz"),
                    str(tmp_path / "MR_T1_image.nii.gz"), "--transform", "rigid",
                    "--output-dir", str(out)])
-    assert status == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert ": no overlap at the start -> -" in printed  # not "None -> -0.43"
     assert (out / "qc.png").read_bytes()[:4] == b"\x89PNG"
     shift = np.array(sitk.ReadTransform(str(out / "transform.tfm")).TransformPoint(
         phantom("CT").TransformContinuousIndexToPhysicalPoint([10, 10, 10])))
@@ -120,6 +122,18 @@ def test_mma_register_options_are_checked_and_named_as_typed(tmp_path, capsys):
         assert f"argument {option}: a " in capsys.readouterr().err
     assert main([*base, "--initial-transform", str(tmp_path / "none.tfm")]) == 2
     assert "no such file" in capsys.readouterr().err
+    # options of the deformable stage alone are refused elsewhere, by name, before any work
+    for options, says in ((["--metric", "mind"], "--metric mind (a deformable"),
+                          (["--backend", "bspline", "--metric", "mind"],
+                           "--backend bspline, --metric mind (a deformable, torch-backend "
+                           "metric): only the deformable stage")):
+        assert main([*base, *options]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "rigid registration would ignore" in err
+    deformable = [*base[:-4], "--transform", "deformable", "--output-dir", str(tmp_path / "o")]
+    assert main([*deformable, "--metric", "mind", "--backend", "bspline"]) == 2
+    assert "torch backend only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
 def test_mma_fuse_says_which_options_its_method_ignores(tmp_path, caplog):
