@@ -193,9 +193,11 @@ def register(
         settings = replace(settings, threads=threads)
 
     landmark_points = None
+    start = "given" if initial_transform is not None else None  # for the advice in warnings
     if landmarks is not None:
         landmark_points = validate_landmarks(*landmarks)
         if initial_transform is None and len(landmark_points[0]) >= 3:
+            start = "landmarks"
             initial_transform = register_landmarks(*landmark_points, transform="rigid")
     if search is None:
         search = True
@@ -253,7 +255,7 @@ def register(
         "metric_before": _rounded(before),
         "metric_after": _rounded(after),
     })
-    warnings_found = _check_divergence(before, after)
+    warnings_found = _check_divergence(before, after, start)
     if landmark_points is not None:
         metrics.update(_tre(result_transform, *landmark_points))
     metrics["runtime_s"] = round(time.perf_counter() - started, 3)
@@ -314,15 +316,24 @@ def _jacobian_grid(fixed: sitk.Image, spacing: float = 2.0) -> sitk.Image:
     return downsample(fixed, [spacing] * 3)
 
 
-def _check_divergence(before: float, after: float) -> list[str]:
+def _check_divergence(before: float, after: float, start: str | None = None) -> list[str]:
+    """Warnings when the registration lost overlap or ended worse than it started; ``start``
+    ("given", "landmarks" or None) says where the starting pose came from, so the advice
+    does not ask for an initial transform that was given."""
+    help_ = {
+        "given": "check the initial transform given (fixed -> moving, made for these two "
+                 "images), or give masks around the region of interest",
+        "landmarks": "check the landmarks (each fixed point paired with its moving point, LPS "
+                     "mm), or give masks around the region of interest",
+    }.get(start or "", "give an initial transform (e.g. from landmarks) or masks around the "
+                       "region of interest")
     if not math.isfinite(after):
         return ["the registered images no longer overlap enough to compute the metric: the "
-                "registration diverged. Check the images, or give masks or landmarks."]
+                f"registration diverged. Check the images; {help_}."]
     if math.isfinite(before) and after > before + 0.02 * abs(before) + 1e-6:
         return [f"the metric got worse during registration ({before:.4f} -> {after:.4f}, "
                 "lower is better): the result is likely wrong. Check the QC figure (qc.png "
-                "of `mma register`, or RegistrationResult.qc_figure); give an initial "
-                "transform (e.g. from landmarks) or masks around the region of interest."]
+                f"of `mma register`, or RegistrationResult.qc_figure); {help_}."]
     return []
 
 

@@ -371,6 +371,11 @@ def _register_linear(levels: Sequence[Level], kind: str, metric: str,
     starts = starting_transforms(search_levels[0], centre) if initial_transform is None else [
         _euler_at(centre)]
     starts = [s for s in starts if overlap_fraction(coarse, _then(initial_transform, s)) > 0.05]
+    if not starts and initial_transform is not None:
+        raise GeometryError(
+            "the moving image does not overlap the fixed image through the initial transform "
+            "(given, or from the landmarks). Check it: it maps fixed points to moving points "
+            "(ITK's convention, as `mma register` writes it) and belongs to these two images.")
     if not starts:
         raise GeometryError(
             "the moving image does not overlap the fixed image after initialisation (neither "

@@ -45,11 +45,14 @@ def registration_image(image: sitk.Image, name: str) -> sitk.Image:
     size = image.GetSize()
     if min(size) < MIN_VOXELS_PER_AXIS:
         thin = "xyz"[int(np.argmin(size))]
+        what = ("A single slice is a 2-D image; register the whole volume it comes from."
+                if min(size) == 1 else
+                f"{min(size)} slices are too thin a slab to register in 3-D; register the "
+                "whole volume they come from.")
         raise ImageDimensionError(
             f"{name} has only {min(size)} voxel(s) along {thin} (size "
             f"{' x '.join(map(str, size))}): 3-D registration needs at least "
-            f"{MIN_VOXELS_PER_AXIS} voxels along every axis. A single slice is a 2-D image; "
-            "register the whole volume it comes from."
+            f"{MIN_VOXELS_PER_AXIS} voxels along every axis. {what}"
         )
     array = sitk.GetArrayViewFromImage(image)
     step = max(1, array.size // 200_000)  # percentiles of a subsample are plenty

@@ -340,7 +340,8 @@ def test_bad_inputs_get_clear_errors(ct_phantom):
     one_slice = ct_phantom[:, :, 17:18]  # a single slice saved as a 3-D volume
     with pytest.raises(ImageDimensionError, match="only 1 voxel.*along z.*at least 4"):
         register(ct_phantom, one_slice)
-    with pytest.raises(ImageDimensionError, match="the fixed image has only 3 voxel"):
+    with pytest.raises(ImageDimensionError, match="the fixed image has only 3 voxel.*3 slices "
+                       "are too thin a slab"):  # not "a single slice"
         register(ct_phantom[:, :, 10:13], ct_phantom)
     empty = sitk.Image(ct_phantom.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(ct_phantom)
@@ -349,7 +350,8 @@ def test_bad_inputs_get_clear_errors(ct_phantom):
     # Centres are matched when the images do not overlap as placed; a given initial
     # transform is trusted, so one that maps the fixed image off the moving one is refused.
     far_away = sitk.TranslationTransform(3, (500.0, 500.0, 500.0))
-    with pytest.raises(GeometryError, match="does not overlap"):
+    with pytest.raises(GeometryError, match="does not overlap the fixed image through the "
+                       "initial transform .*Check it"):  # not "give an initial transform"
         register(ct_phantom, ct_phantom, initial_transform=far_away)
     with pytest.raises(ConfigError, match="transform type"):
         register(ct_phantom, ct_phantom, "elastic")
@@ -876,3 +878,13 @@ def test_metric_before_and_after_read_a_regular_subset_of_a_large_level(monkeypa
     subset, mask = linear._evaluation_grid(thin_level, "mi")
     assert subset is thin_level.fixed and mask is thin_level.fixed_mask
     assert np.isfinite(linear.evaluate_metric(thin_level, "mi", transforms[0]))
+
+
+def test_divergence_advice_follows_where_the_start_came_from():
+    from MultiModalAnalysisLib.registration.api import _check_divergence
+
+    assert _check_divergence(-0.5, -0.5) == []
+    assert "give an initial transform" in _check_divergence(-0.5, -0.3)[0]
+    given = _check_divergence(-0.5, -0.3, "given")[0]
+    assert "check the initial transform given" in given and "give an initial" not in given
+    assert "check the landmarks" in _check_divergence(-0.5, float("nan"), "landmarks")[0]
