@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -85,8 +86,9 @@ def extract_cohort_features(
                     raise problem
                 if label is not None:
                     mask = select_label(mask, label, mask_column)
-                values = extract_features(images, mask, settings, device, progress=part,
-                                          cancel=cancel)
+                with _warnings_name_the_case(case_id):
+                    values = extract_features(images, mask, settings, device, progress=part,
+                                              cancel=cancel)
             except ConfigError:
                 raise
             except MMAError as error:
@@ -128,6 +130,30 @@ def _require_files(manifest: Manifest, columns: Sequence[str]) -> None:
             + "). Nothing was measured: fix the paths, or leave those cases out "
             "(--skip-failed, on_error='skip')."
         )
+
+
+@contextlib.contextmanager
+def _warnings_name_the_case(case_id: str):
+    """Prefix ``case <id>: `` to this library's warnings logged by this thread meanwhile
+    (the extraction's messages name the image, "PET's grid", not which case of the cohort;
+    the read-ahead thread, busy with the next case, is left alone)."""
+    previous = logging.getLogRecordFactory()
+    thread = threading.get_ident()
+
+    def factory(*args, **kwargs):
+        record = previous(*args, **kwargs)
+        if (record.levelno >= logging.WARNING and record.thread == thread
+                and record.name.startswith("MultiModalAnalysisLib")
+                and not str(record.msg).startswith("case ")):
+            prefix = f"case {case_id}: "
+            record.msg = (prefix.replace("%", "%%") if record.args else prefix) + str(record.msg)
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(previous)
 
 
 def _for_case(error: MMAError, case_id: str) -> MMAError:

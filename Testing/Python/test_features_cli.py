@@ -185,7 +185,7 @@ def test_features_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert not (tmp_path / "f.csv").exists()
 
 
-def test_cohort_reads_ahead_in_order_and_a_missing_file_names_its_case(tmp_path, rng):
+def test_cohort_reads_ahead_in_order_and_a_missing_file_names_its_case(tmp_path, rng, caplog):
     """The next cases are read in a background thread: rows must still follow the
     manifest, each with its own case's values, and a file missing in a later case must
     stop the run with that case's error (not hang, not skip it)."""
@@ -202,6 +202,18 @@ def test_cohort_reads_ahead_in_order_and_a_missing_file_names_its_case(tmp_path,
     assert table["case_id"].tolist() == [f"case_{n}" for n in range(len(shifts))]
     means = table["CT_stat_mean"].to_numpy()
     assert np.all(np.abs(means - (100 + np.array(shifts))) < 5)
+
+    # a warning about one case says which (it named only "CT's grid")
+    mask = sitk.ReadImage(str(tmp_path / "case_3" / "CT_mask.nii.gz"))
+    coarse = sitk.Resample(mask, [max(1, n // 2) for n in mask.GetSize()], sitk.Transform(),
+                           sitk.sitkNearestNeighbor, mask.GetOrigin(),
+                           [2 * v for v in mask.GetSpacing()], mask.GetDirection())
+    sitk.WriteImage(coarse, str(tmp_path / "case_3" / "CT_mask.nii.gz"))
+    with caplog.at_level("WARNING"):
+        extract_cohort_features(manifest, ["CT"], "CT_mask", settings, device="cpu")
+    lines = [m for m in caplog.messages if "the mask is not on" in m]
+    assert lines and all(m.startswith("case case_3: the mask is not on CT's grid")
+                         for m in lines)
 
     # an empty mask: the message names the case
     empty = sitk.ReadImage(str(tmp_path / "case_2" / "CT_mask.nii.gz")) * 0
