@@ -6,6 +6,7 @@ nearest neighbour."""
 from MultiModalAnalysisLib.preprocess.bias import estimate_bias_field, n4_bias_correction
 from MultiModalAnalysisLib.preprocess.crop import (
     apply_mask,
+    body_mask,
     crop_to_foreground,
     crop_to_mask,
     foreground_mask,
@@ -57,6 +58,7 @@ __all__ = [
     "apply_mask",
     "apply_modality_preset",
     "bilateral_filter",
+    "body_mask",
     "clip_intensity",
     "contrast_stretch",
     "crop_to_foreground",

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from MultiModalAnalysisLib.errors import ConfigError, ImageDimensionError
 from MultiModalAnalysisLib.filters import execute_filter
 from MultiModalAnalysisLib.images import as_float32, validate_image, validate_mask
-from MultiModalAnalysisLib.preprocess.crop import foreground_mask
+from MultiModalAnalysisLib.preprocess.crop import body_mask
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 
 
@@ -35,7 +35,7 @@ def estimate_bias_field(
 
     Args:
         image: a 3-D intensity image (MR, typically); only its positive voxels are used.
-        mask: where to estimate the field (default: the Otsu foreground of the image).
+        mask: where to estimate the field (default: the body, ``crop.body_mask``).
         shrink_factor: the field is estimated on a grid about ``shrink_factor`` times the
             median voxel spacing along every axis (coarse axes shrink less, so the shrunk grid
             is roughly isotropic); 1 disables shrinking.
@@ -60,7 +60,7 @@ def estimate_bias_field(
             "bias-field correction fits a 3-D field and needs at least 2 voxels along every "
             "axis. Correct the whole volume the slice comes from.")
     mask = (
-        foreground_mask(image)
+        body_mask(image)
         if mask is None
         else validate_mask(mask, f"mask of {name}", reference=image)
     )

@@ -37,6 +37,24 @@ def foreground_mask(image: sitk.Image, threshold: float | None = None) -> sitk.I
     return sitk.Cast(_fill_holes_per_slice(filled), sitk.sitkUInt8)
 
 
+BODY_FRACTION = 0.1  # of the 99.5th percentile: above air and noise, below muscle on T1
+
+
+def body_mask(image: sitk.Image) -> sitk.Image:
+    """The body in an MR (UInt8 0/1): tissue above the noise floor, i.e. above
+    ``BODY_FRACTION`` of the image's 99.5th percentile, as one component with its holes
+    (bone, air ways) filled (see :func:`foreground_mask`).
+
+    Otsu's threshold, which :func:`foreground_mask` uses by default, splits an MR's tissue
+    classes rather than tissue from air when the crop holds more than one: on the 20 STS
+    T1 crops it kept the bright fat and left out muscle and most tumours (Dice with the
+    CT's body, HU > -400: median 0.61, as low as 0.29). This threshold gave a median of
+    0.95 (0.65 to 0.99; 0.05 and 0.15 of the percentile gave the same).
+    """
+    high = float(np.percentile(sitk.GetArrayViewFromImage(image), 99.5))
+    return foreground_mask(image, threshold=BODY_FRACTION * high)
+
+
 def _fill_holes_per_slice(mask: sitk.Image) -> sitk.Image:
     array = sitk.GetArrayFromImage(mask)
     for k in range(array.shape[0]):

@@ -3,8 +3,8 @@
 - CT: clip to [-1024, 3071] HU (air to dense bone; removes padding values such as -3024).
 - PET: SUV kept as is (only converted to float32); negative values from reconstruction are
   kept, because they carry noise statistics that later steps may want.
-- MR (T1, T2, FLAIR, ...): N4 bias-field correction, then z-score inside the body
-  (Otsu foreground), because MR intensities have no absolute unit.
+- MR (T1, T2, FLAIR, ...): N4 bias-field correction, then z-score inside the body (tissue
+  above the noise floor, ``crop.body_mask``), because MR intensities have no absolute unit.
 - anything else: converted to float32 only.
 """
 
@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from MultiModalAnalysisLib.images import as_float32, validate_image
 from MultiModalAnalysisLib.modalities import modality_family
 from MultiModalAnalysisLib.preprocess.bias import n4_bias_correction
-from MultiModalAnalysisLib.preprocess.crop import foreground_mask
+from MultiModalAnalysisLib.preprocess.crop import body_mask
 from MultiModalAnalysisLib.preprocess.normalise import clip_intensity, zscore
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 
@@ -39,7 +39,7 @@ class ModalityPreset:
         if self.bias_correction:
             steps.append("N4 bias-field correction")
         if self.zscore_in_foreground:
-            steps.append("z-score in the body")
+            steps.append("z-score in the body (tissue above 10 % of the 99.5th percentile)")
         return ", ".join(steps) or "kept as is (float32)"
 
 
@@ -69,7 +69,8 @@ def apply_modality_preset(
     Args:
         image: the volume (never modified).
         modality: its modality name (``CT``, ``PET``, ``MR_T1``, ``FLAIR``, ...).
-        mask: for MR, the region used for N4 and the z-score (default: the Otsu foreground).
+        mask: for MR, the region used for N4 and the z-score (default: the body, see
+            ``crop.body_mask``).
         progress: ``progress(fraction, message)`` callback.
         cancel: stops the work when set.
     """
@@ -80,7 +81,7 @@ def apply_modality_preset(
     if preset.clip_range is not None:
         image = clip_intensity(image, *preset.clip_range)
     if preset.bias_correction or preset.zscore_in_foreground:
-        region = mask if mask is not None else foreground_mask(image)
+        region = mask if mask is not None else body_mask(image)
         if preset.bias_correction:
             image = n4_bias_correction(
                 image, region, name=modality, progress=report.sub(0.0, 0.9), cancel=cancel

@@ -229,6 +229,8 @@ def segment_with_model(
             result.info["cleanup"] = cleanup
         return result
     ordered = model.check_inputs(images)
+    if not presets_applied:
+        _warn_if_presets_changed(model)
     # The network sees the padding where an input has no data; no label is kept there.
     region = _covered(ordered, reference, region, first)
     channels, grid = prepare_channels(
@@ -275,6 +277,22 @@ def segment_with_model(
             "masked": region is not None,
         },
     )
+
+
+def _warn_if_presets_changed(model: SegmentationModel) -> None:
+    """Warn for each input that this version preprocesses otherwise than the model's
+    training data was (the model stores each modality's preset as it was described then):
+    the network would see inputs on another scale than it learnt, e.g. MR z-scores over
+    another body region."""
+    from MultiModalAnalysisLib.preprocess import preset_for
+
+    stored = model.metadata.get("presets") or {}
+    for name in model.modalities:
+        then, now = stored.get(name), preset_for(name).describe()
+        if then is not None and then != now:
+            log.warning("%s: this model was trained on images preprocessed as '%s'; this "
+                        "version preprocesses them as '%s'. Its labels may be off: retrain "
+                        "it with this version.", name, then, now)
 
 
 def _covered(images: Mapping[str, sitk.Image], reference: sitk.Image,

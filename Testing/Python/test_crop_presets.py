@@ -10,6 +10,7 @@ from synthetic import make_image
 from MultiModalAnalysisLib.errors import GeometryError
 from MultiModalAnalysisLib.preprocess import (
     apply_modality_preset,
+    body_mask,
     crop_to_foreground,
     crop_to_mask,
     foreground_mask,
@@ -107,3 +108,27 @@ def test_mr_preset_corrects_bias_and_zscores_the_body(rng):
     raw_cv = array[body].std() / array[body].mean()
     corrected_cv = out[body].std() / (out[body].mean() - out[~body].mean())
     assert corrected_cv < 0.5 * raw_cv
+
+
+def test_mr_body_is_the_whole_limb_not_its_brightest_tissue(rng):
+    """A T1 limb: air, a bright ring of subcutaneous fat, darker muscle, a tumour and dark
+    bone. Otsu's threshold splits fat from the rest (the STS crops' case); the body mask,
+    and so the MR preset's z-score, covers the whole limb."""
+    z, y, x = np.meshgrid(np.arange(12), np.arange(64), np.arange(64), indexing="ij")
+    radius = np.hypot(y + 20, x - 32)  # a thigh larger than the crop, its edge in view
+    limb = radius < 74
+    array = np.where(limb, 90.0, 3.0)  # muscle; air outside
+    array[(radius >= 64) & limb] = 400.0  # a band of subcutaneous fat
+    array[np.hypot(y - 26, x - 38) < 7] = 150.0  # tumour
+    array[np.hypot(y - 20, x - 20) < 4] = 10.0  # cortical bone: as dark as air
+    array += rng.normal(0, 3, array.shape)
+    mr = make_image(array.astype(np.float32), spacing=(1.0, 1.0, 3.0))
+
+    body = sitk.GetArrayFromImage(body_mask(mr)).astype(bool)
+    otsu = sitk.GetArrayFromImage(foreground_mask(mr)).astype(bool)
+
+    assert (body == limb).mean() > 0.99
+    assert otsu[limb].mean() < 0.6  # the fat ring only: what the preset used before
+    out = sitk.GetArrayFromImage(apply_modality_preset(mr, "MR_T1"))
+    assert abs(out[limb].mean()) < 0.05 and abs(out[limb].std() - 1) < 0.05
+    assert "above 10 % of the 99.5th percentile" in preset_for("MR_T1").describe()

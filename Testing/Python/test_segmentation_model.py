@@ -394,6 +394,28 @@ def test_an_input_named_by_its_family_stands_for_the_models_modality(trained, ph
                                   sitk.GetArrayFromImage(plain.labels))
 
 
+def test_a_model_trained_with_another_preset_is_warned_about(trained, phantom, caplog):
+    from MultiModalAnalysisLib.preprocess import preset_for
+    from MultiModalAnalysisLib.segmentation.model_file import load_segmentation_model
+
+    _, _, folder = trained
+    images, _ = phantom
+    model = load_segmentation_model(folder / "model")
+    assert model.metadata["presets"]["MR_T1"] == preset_for("MR_T1").describe()
+    with caplog.at_level("WARNING"):
+        segment(images, "model", model=model, device="cpu", tta=False)
+    assert "preprocessed as" not in caplog.text
+    model.metadata["presets"]["MR_T1"] = "N4 bias-field correction, z-score in the body"
+    with caplog.at_level("WARNING"):
+        segment(images, "model", model=model, device="cpu", tta=False)
+    assert ("MR_T1: this model was trained on images preprocessed as 'N4 bias-field "
+            "correction, z-score in the body'") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the caller preprocessed them: nothing to compare
+        segment(images, "model", model=model, device="cpu", tta=False, presets_applied=True)
+    assert "preprocessed as" not in caplog.text
+
+
 def test_label_values_become_consecutive_model_labels(tmp_path, phantom):
     # A label map holding 2 and 5 (no 1, 3, 4): two labels, not five with three that never
     # occur (whose Dice would score 1 and inflate the validation Dice).
