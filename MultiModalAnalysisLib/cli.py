@@ -680,6 +680,10 @@ _finite = _number_type(float, -1e300, 1e300, "a finite number")
 _volume = _number_type(float, 0.0, 1e12, "a volume >= 0 in mm^3")
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def _run_register(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.errors import ConfigError
     from MultiModalAnalysisLib.io import read_image, read_mask
@@ -687,16 +691,18 @@ def _run_register(args: argparse.Namespace) -> int:
 
     if args.transform != "deformable":  # options of the deformable stage alone
         if args.device != "auto":  # harmless: scripts pass it for every transform
-            log.warning("--device applies to the deformable stage only; ignored for a %s "
-                        "registration.", args.transform)
+            log.warning("--device applies to the deformable stage only; ignored for %s %s "
+                        "registration.", _article(args.transform), args.transform)
         unused = [f"--backend {args.backend}"] if args.backend != "auto" else []
         if args.metric == "mind":
             unused.append("--metric mind (a deformable, torch-backend metric)")
         if unused:
+            one = len(unused) == 1
             raise ConfigError(f"{', '.join(unused)}: only the deformable stage uses "
-                              f"{'this' if len(unused) == 1 else 'these'}; a {args.transform} "
-                              "registration would ignore it. Leave it out, or use "
-                              "--transform deformable.")
+                              f"{'this' if one else 'these'}; {_article(args.transform)} "
+                              f"{args.transform} registration would ignore "
+                              f"{'it' if one else 'them'}. Leave "
+                              f"{'it' if one else 'them'} out, or use --transform deformable.")
     elif args.metric == "mind" and args.backend == "bspline":
         raise ConfigError("--metric mind runs on the torch backend only: use --backend torch "
                           "(or auto), or --metric mi with the B-spline backend.")

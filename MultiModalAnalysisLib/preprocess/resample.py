@@ -93,6 +93,7 @@ def resample_to_reference(
     _require_mapped_overlap(image, reference, transform, name)
     source = image
     if antialias and not is_label:
+        validate_image(image, name)  # a Gaussian would spread one NaN over the volume
         own = np.array(image.GetSpacing(), dtype=float)
         seen = reference_spacing_along(image, reference, transform)
         # the variance the coarser grid adds (sigma half its spacing, as resample_to_spacing,
@@ -254,10 +255,11 @@ def spacing_grid(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
     kept where it was.
 
     Raises:
-        ConfigError: the grid would exceed ``MAX_VOXELS``.
+        ConfigError: a spacing that is not 3 positive numbers of mm, or a grid that would
+            exceed ``MAX_VOXELS``.
     """
     old_spacing = np.array(image.GetSpacing(), dtype=float)
-    new_spacing = np.array(spacing, dtype=float)
+    new_spacing = _parse_spacing(list(spacing), old_spacing)
     old_size = np.array(image.GetSize(), dtype=float)
     new_size = np.maximum(np.round(old_size * old_spacing / new_spacing), 1).astype(int)
     voxels = int(np.prod(new_size.astype(np.int64)))

@@ -172,6 +172,12 @@ def test_cli_preprocess_and_manifest(tmp_path, sample_case_path, capsys, caplog)
                    "--output", str(tmp_path / "ct_1000.nii.gz")])
     assert status == 2 and "coarser than the image along axis z" in capsys.readouterr().err
     assert not (tmp_path / "ct_1000.nii.gz").exists()
+    for bad in ("0", "-2", "nan"):  # a one-line error, not a traceback from the grid check
+        status = main(["-q", "preprocess", str(sample_case_path / "CT_image.nii.gz"),
+                       "--modality", "CT", "--spacing", "1", "1", bad,
+                       "--output", str(tmp_path / "ct_bad.nii.gz")])
+        err = capsys.readouterr().err
+        assert status == 2 and "spacing must be positive numbers of mm" in err, err
     # an ignored mask is not read (an empty one used to fail the run it was ignored by)
     empty = sitk.Image(sitk.ReadImage(str(sample_case_path / "CT_mask.nii.gz")))
     empty = sitk.Cast(empty * 0, sitk.sitkUInt8)

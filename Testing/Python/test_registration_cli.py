@@ -126,10 +126,14 @@ def test_mma_register_options_are_checked_and_named_as_typed(tmp_path, capsys):
     for options, says in ((["--metric", "mind"], "--metric mind (a deformable"),
                           (["--backend", "bspline", "--metric", "mind"],
                            "--backend bspline, --metric mind (a deformable, torch-backend "
-                           "metric): only the deformable stage")):
+                           "metric): only the deformable stage uses these; a rigid registration "
+                           "would ignore them")):
         assert main([*base, *options]) == 2
         err = capsys.readouterr().err
         assert says in err and "rigid registration would ignore" in err
+    affine = [*base[:-4], "--transform", "affine", "--output-dir", str(tmp_path / "out")]
+    assert main([*affine, "--backend", "torch"]) == 2
+    assert "an affine registration would ignore it. Leave it out" in capsys.readouterr().err
     deformable = [*base[:-4], "--transform", "deformable", "--output-dir", str(tmp_path / "o")]
     assert main([*deformable, "--metric", "mind", "--backend", "bspline"]) == 2
     assert "torch backend only" in capsys.readouterr().err

@@ -13,7 +13,13 @@ from synthetic import (
     rotation_direction,
 )
 
-from MultiModalAnalysisLib.errors import ConfigError, EmptyImageError, GeometryError, LabelError
+from MultiModalAnalysisLib.errors import (
+    ConfigError,
+    EmptyImageError,
+    GeometryError,
+    LabelError,
+    NonFiniteImageError,
+)
 from MultiModalAnalysisLib.preprocess import (
     mask_on_grid,
     resample_to_reference,
@@ -188,6 +194,10 @@ def test_resampling_onto_a_coarser_reference_is_anti_aliased_as_to_a_spacing(rng
     # sigma sqrt(4^2 - 1^2) / 2 = 1.94 mm against resample_to_spacing's 2 mm
     assert np.abs(smoothed - expected).max() < 0.05 * np.ptp(plain)
     assert smoothed[inner].std() == pytest.approx(expected[inner].std(), rel=0.1)
+    with_nan = sitk.Image(fine)
+    with_nan[10, 10, 5] = float("nan")
+    with pytest.raises(NonFiniteImageError, match="1 NaN"):  # the Gaussian would spread it
+        resample_to_reference(with_nan, reference, antialias=True)
     finer = sitk.Image([128, 128, 20], sitk.sitkUInt8)
     finer.SetSpacing([0.5, 0.5, 2.0])
     finer.SetOrigin([-0.25, -0.25, 0.0])
