@@ -321,12 +321,13 @@ def read_dicom_series(
     if series_uid is None:
         candidates = series
         wanted = _DICOM_MODALITY.get(modality_family(modality)) if modality else None
+        listing = "; ".join(
+            f"{s.uid} ({s.modality or 'modality ?'}, {s.description or 'no description'}, "
+            f"{s.n_slices} slices)" for s in series)
         if wanted and all(s.modality for s in series) and not any(
                 s.modality.upper() == wanted for s in series):
             # every series says what it is, and none is what was asked for: reading one
             # would process, say, a CT as an MR
-            listing = "; ".join(f"{s.uid} ({s.modality}, {s.description or 'no description'}, "
-                                f"{s.n_slices} slices)" for s in series)
             raise ImageReadError(
                 f"{label} holds no DICOM series of modality {wanted} ({modality} was asked "
                 f"for): {listing}. Check the folder or the modality given.")
@@ -334,9 +335,6 @@ def read_dicom_series(
             candidates = [s for s in series if s.modality.upper() == wanted] or series
         chosen = candidates[0]
         if len(candidates) > 1 or (len(series) > 1 and candidates is series):
-            listing = "; ".join(
-                f"{s.uid} ({s.modality or 'modality ?'}, {s.description or 'no description'}, "
-                f"{s.n_slices} slices)" for s in series)
             log.warning(
                 "%s holds %d DICOM series: %s. Read %s, the largest%s; to read another, give "
                 "a folder holding only its files (or, in Python, its series UID: "
