@@ -822,21 +822,29 @@ FUSE_OPTIONS = {
 
 
 def _run_fuse(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.errors import ConfigError
     from MultiModalAnalysisLib.fusion import fuse
     from MultiModalAnalysisLib.io import read_image, read_mask, write_image
 
+    # An option of another method is refused, not dropped: "--weight 0.3" given to an
+    # average (whose option is --weights) would otherwise give an unweighted result.
+    foreign = [f"--{option.replace('_', '-')} ({method})"
+               for option, (method, _) in FUSE_OPTIONS.items()
+               if getattr(args, option) is not None and method != args.method]
+    if foreign:
+        own = [f"--{option.replace('_', '-')}" for option, (method, _) in FUSE_OPTIONS.items()
+               if method == args.method]
+        raise ConfigError(f"--method {args.method} does not use {', '.join(foreign)}: leave "
+                          f"{'it' if len(foreign) == 1 else 'them'} out"
+                          + (f" ({args.method} fusion takes {', '.join(own)})." if own
+                             else f" ({args.method} fusion takes no option)."))
     paths = [args.reference, *args.images]
     images = [read_image(path) for path in paths]
     options = {}
-    for option, (method, keyword) in FUSE_OPTIONS.items():
+    for option, (_, keyword) in FUSE_OPTIONS.items():
         value = getattr(args, option)
-        if value is None:
-            continue
-        if method != args.method:
-            log.warning("--%s applies to %s fusion only; ignored for --method %s.",
-                        option.replace("_", "-"), method, args.method)
-            continue
-        options[keyword] = read_mask(value) if option == "mask" else value
+        if value is not None:
+            options[keyword] = read_mask(value) if option == "mask" else value
     fused = fuse(images, args.method, names=[str(p) for p in paths], **options)
     print(f"wrote {write_image(fused, args.output)} ({args.method} fusion of "
           f"{len(images)} images on the grid of {args.reference.name})")

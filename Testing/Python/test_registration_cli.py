@@ -140,17 +140,23 @@ def test_mma_register_options_are_checked_and_named_as_typed(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
-def test_mma_fuse_says_which_options_its_method_ignores(tmp_path, caplog):
+def test_mma_fuse_refuses_options_its_method_would_ignore(tmp_path, capsys):
     ct, mr = phantom("CT"), phantom("MR")
     sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
     sitk.WriteImage(mr, str(tmp_path / "mr.nii.gz"))
-    with caplog.at_level("WARNING"):
-        status = main(["-q", "fuse", str(tmp_path / "ct.nii.gz"), str(tmp_path / "mr.nii.gz"),
-                       "--method", "average", "--output", str(tmp_path / "f.nii.gz"),
-                       "--square-mm", "5", "--weight", "0.3"])
-    assert status == 0
-    assert "--square-mm applies to checkerboard fusion only" in caplog.text
-    assert "--weight applies to wavelet fusion only" in caplog.text
+    base = ["fuse", str(tmp_path / "ct.nii.gz"), str(tmp_path / "mr.nii.gz"),
+            "--output", str(tmp_path / "f.nii.gz")]
+    # --weight (wavelet's) where --weights (average's) was meant: refused, not an
+    # unweighted average
+    assert main([*base, "--method", "average", "--square-mm", "5", "--weight", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "--method average does not use --square-mm (checkerboard), --weight (wavelet)" in err
+    assert "average fusion takes --weights" in err
+    assert main([*base, "--method", "maximum", "--level", "2"]) == 2
+    assert "maximum fusion takes no option" in capsys.readouterr().err
+    assert not (tmp_path / "f.nii.gz").exists()
+    assert main([*base, "--method", "average", "--weights", "1", "3"]) == 0
+    assert (tmp_path / "f.nii.gz").exists()
 
 
 def test_mma_fuse_writes_a_fused_image_on_the_reference_grid(tmp_path):
