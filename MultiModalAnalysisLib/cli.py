@@ -1045,6 +1045,9 @@ def _add_train_segmentation(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", help="the model's name (default: the output's name)")
     parser.add_argument("--cache-dir", type=Path, help="keep prepared cases here")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes that augment the next patches during each step "
+                        "(default 0; 1-3 keep a GPU busy)")
     parser.set_defaults(func=_run_train_segmentation)
 
 
@@ -1070,7 +1073,7 @@ def _run_train_segmentation(args: argparse.Namespace) -> int:
             patches_per_case=args.patches_per_case, learning_rate=args.learning_rate,
             validation_cases=validation, validation_fraction=args.validation_fraction,
             patience=args.patience or None, seed=args.seed, name=args.name,
-            device=args.device, cache_dir=args.cache_dir, progress=bar,
+            device=args.device, cache_dir=args.cache_dir, workers=args.workers, progress=bar,
         )
     dice = result.best_validation_dice
     print(f"trained {len(result.history)} epochs in {result.runtime_s:.0f} s; kept epoch "

@@ -176,6 +176,7 @@ def train_segmentation(
     patches_per_case: int = 2,
     learning_rate: float = 2e-3,
     weight_decay: float = 1e-5,
+    workers: int = 0,
     cases: Sequence[str] | None = None,
     validation_cases: Sequence[str] | None = None,
     validation_fraction: float = 0.2,
@@ -211,6 +212,12 @@ def train_segmentation(
         batch_size: cases per optimiser step (each gives ``patches_per_case`` patches, half
             of them centred on a lesion voxel).
         learning_rate, weight_decay: AdamW settings (cosine decay over the epochs).
+        workers: processes that augment the next patches while the network trains (0: the
+            training process does it between steps). The augmentation runs on the CPU, so
+            on a GPU it is what bounds the steps; 1-3 workers keep the GPU busy. The
+            training is reproducible for a given seed and number of workers: 0 and 1 give
+            the same training, and from 2 on each worker draws its own random numbers, so
+            another number gives another draw of the same recipe.
         cases: train on these case ids (default: every case not used for validation).
         validation_cases: validate on these (default: ``validation_fraction`` of the
             training cases, drawn with ``seed``, and not trained on; an empty list: no
@@ -257,6 +264,8 @@ def train_segmentation(
     if iterations_per_epoch is not None and iterations_per_epoch < 1:
         raise ConfigError(f"iterations_per_epoch must be at least 1 (or None: one per "
                           f"training case), not {iterations_per_epoch}.")
+    if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < 0:
+        raise ConfigError(f"workers must be a whole number, 0 or more, not {workers!r}.")
     if not learning_rate >= 0 or not weight_decay >= 0:
         raise ConfigError(f"the learning rate and the weight decay must be 0 or more (got "
                           f"{learning_rate} and {weight_decay}).")
@@ -335,7 +344,10 @@ def train_segmentation(
         transforms.set_random_state(seed=seed)
         dataset = Dataset([{"image": c.image, "label": c.label[None]} for c in training],
                           transforms)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0,
+        # persistent: the iterator restarts every pass over the cases, and the workers
+        # would start again each time
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                            num_workers=int(workers), persistent_workers=workers > 0,
                             generator=torch.Generator().manual_seed(seed))
         steps = iterations_per_epoch or max(len(training) // batch_size, 1)
         optimiser = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
@@ -380,6 +392,7 @@ def train_segmentation(
                 "batch_size": batch_size,
                 "patches_per_case": patches_per_case,
                 "learning_rate": learning_rate,
+                "workers": int(workers),
                 "seed": seed,
                 "device": str(torch_device),
                 "precision": str(reduced or torch.float32).replace("torch.", ""),

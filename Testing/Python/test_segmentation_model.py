@@ -203,6 +203,30 @@ def test_training_is_reproducible_with_a_seed(tmp_path, phantom):
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
 
 
+def test_training_with_worker_processes_is_reproducible_and_uses_them(tmp_path, phantom):
+    # two cases, so that each pass over them hands a batch to each of two workers
+    manifest = write_cohort(tmp_path, {"case1": phantom, "case2": phantom})
+    settings = {**QUICK, "iterations_per_epoch": 3, "epochs": 1, "validation_cases": [],
+                "seed": 3}
+    runs = {n: train_segmentation(manifest, MODALITIES, "mask", None, workers=n, **settings)
+            for n in (0, 1, 2)}
+    again = train_segmentation(manifest, MODALITIES, "mask", None, workers=2, **settings)
+    weights = {n: r.model.network.state_dict() for n, r in runs.items()}
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(weights[2], again.model.network.state_dict())
+    # one worker draws the random numbers the training process would have drawn ...
+    assert same(weights[0], weights[1])
+    # ... two draw their own: the option is not silently ignored
+    assert not same(weights[0], weights[2])
+    assert runs[2].model.metadata["training"]["workers"] == 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="workers must be a whole number"):
+            train_segmentation(manifest, MODALITIES, "mask", None, workers=bad, **settings)
+
+
 def test_training_keeps_the_best_epoch_stops_early_and_can_be_cancelled(tmp_path):
     rng = np.random.default_rng(3)
     cases = {f"case{i}": tumour_case(rng) for i in range(3)}
