@@ -98,14 +98,16 @@ def resample_case(
         report((i + 1) / total, f"resampled {name} onto the {ref_name} grid")
     for j, (name, mask) in enumerate(case.masks.items()):
         check_cancel(cancel, f"resampling of case {case.case_id}")
-        masks[name] = resample_to_reference(mask, reference, transform=_mask_transform(
+        masks[name] = resample_to_reference(mask, reference, transform=mask_transform(
             name, by_name), is_label=True, name=name)
         report((len(images) + j + 1) / total, f"resampled {name} onto the {ref_name} grid")
     return case.replace(images=images, masks=masks)
 
 
-def _mask_transform(name: str, transforms: Mapping[str, sitk.Transform]
-                    ) -> sitk.Transform | None:
+def mask_transform(name: str, transforms: Mapping[str, sitk.Transform]
+                   ) -> sitk.Transform | None:
+    """The transform a mask named ``name`` follows: its own entry, else that of the modality
+    it is named after (``PET_mask`` follows ``PET``), else None (it lies on the reference)."""
     if name in transforms:
         return transforms[name]
     for modality, transform in transforms.items():

@@ -391,6 +391,7 @@ def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -
 
     fixed = images[reference]
     covered = np.ones(sitk.GetArrayViewFromImage(fixed).shape, bool)
+    transforms = {}  # a moving modality's own mask follows its registration
     for m in modalities[1:]:
         transform = None
         if settings.registration_type == "none":
@@ -406,9 +407,14 @@ def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -
             warped, transform = result.warped, result.transform
         covered &= field_of_view(images[m], fixed, transform)
         images[m] = warped
+        if transform is not None:
+            transforms[m] = transform
     progress(0.5, f"{case.case_id}: registered")
     if mask_name:
-        region = mask_on_grid(case.mask(mask_name), fixed, f"{case.case_id}'s {mask_name}")
+        from MultiModalAnalysisLib.fusion import mask_transform
+
+        region = mask_on_grid(case.mask(mask_name), fixed, f"{case.case_id}'s {mask_name}",
+                              transform=mask_transform(mask_name, transforms))
         outside = int((sitk.GetArrayViewFromImage(region).astype(bool) & ~covered).sum())
         if outside:
             log.warning("%s: %d voxel(s) of %s lie outside a registered volume's field of "

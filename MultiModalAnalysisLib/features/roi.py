@@ -23,7 +23,7 @@ from MultiModalAnalysisLib.errors import ConfigError, EmptyImageError, GeometryE
 from MultiModalAnalysisLib.features.neighbours import flat_positions
 from MultiModalAnalysisLib.features.settings import FeatureSettings
 from MultiModalAnalysisLib.images import overlap_fraction, same_grid, validate_image
-from MultiModalAnalysisLib.preprocess.resample import MAX_VOXELS
+from MultiModalAnalysisLib.preprocess.resample import MAX_VOXELS, warn_about_voxels_outside
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ def _mask_on_image_grid(
         settings.roi_interpolation_method,
         settings.roi_partial_volume_threshold,
     )
+    warn_about_voxels_outside(mask, image, "the mask", where=f"{name}'s field of view")
     return _resample_mask(mask, image, settings)
 
 

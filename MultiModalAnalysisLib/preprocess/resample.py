@@ -115,7 +115,8 @@ def resample_to_reference(
 
 
 def mask_on_grid(
-    mask: sitk.Image, reference: sitk.Image, name: str = "mask", *, warn: bool = False
+    mask: sitk.Image, reference: sitk.Image, name: str = "mask", *, warn: bool = False,
+    transform: sitk.Transform | None = None,
 ) -> sitk.Image:
     """``mask`` as a binary UInt8 image (values 0/1) on ``reference``'s grid.
 
@@ -128,6 +129,12 @@ def mask_on_grid(
         name: how to call the mask in messages.
         warn: log a warning when the mask has to be resampled (for command lines, where a
             user may not expect it).
+        transform: maps a point of the reference's space to the mask's (fixed -> moving):
+            a mask drawn on a registered image follows the registration.
+
+    A mask partly outside the reference's field of view is cut to the part inside, with a
+    warning that says how much was lost (its volume and shape features are then those of
+    that part).
 
     Raises:
         LabelError: a multi-label or non-integer mask.
@@ -136,12 +143,15 @@ def mask_on_grid(
         GeometryError: the mask and the reference share no physical space.
     """
     binary = validate_mask(mask, name)
-    if same_grid(binary, reference):
+    if transform is None and same_grid(binary, reference):
         return binary
     if warn:
         log.warning("%s is not on the image's grid (%s): resampling it onto the image "
                     "(nearest neighbour).", name, grid_difference(binary, reference))
-    resampled = resample_to_reference(binary, reference, is_label=True, name=name)
+    resampled = resample_to_reference(binary, reference, transform=transform, is_label=True,
+                                      name=name)
+    if transform is None:
+        warn_about_voxels_outside(binary, reference, name)
     if not sitk.GetArrayViewFromImage(resampled).any():
         raise EmptyImageError(
             f"{name} selects no voxel of the image grid it belongs to: it lies outside that "
@@ -149,6 +159,37 @@ def mask_on_grid(
             "belongs to this image."
         )
     return resampled
+
+
+def voxels_outside(mask: sitk.Image, reference: sitk.Image) -> tuple[int, int]:
+    """(voxels of the binary ``mask`` whose centres lie outside ``reference``'s field of
+    view, the mask's voxels): what a resampling onto the reference loses."""
+    selected = np.argwhere(sitk.GetArrayViewFromImage(mask) != 0)[:, ::-1]  # x, y, z
+    if not len(selected):
+        return 0, 0
+    dimension = mask.GetDimension()
+
+    def index_to_point(image: sitk.Image) -> np.ndarray:
+        return (np.asarray(image.GetDirection(), float).reshape(dimension, dimension)
+                * np.asarray(image.GetSpacing(), float))
+
+    points = selected @ index_to_point(mask).T + np.asarray(mask.GetOrigin(), float)
+    index = ((points - np.asarray(reference.GetOrigin(), float))
+             @ np.linalg.inv(index_to_point(reference)).T)
+    size = np.asarray(reference.GetSize(), float)
+    inside = np.all((index >= -0.5) & (index <= size - 0.5), axis=1)
+    return int((~inside).sum()), len(selected)
+
+
+def warn_about_voxels_outside(mask: sitk.Image, reference: sitk.Image, name: str,
+                              where: str = "the image's field of view") -> None:
+    """Log a warning when part of ``mask`` lies outside ``reference`` (see
+    :func:`voxels_outside`): the region measured there is only the part inside."""
+    lost, total = voxels_outside(mask, reference)
+    if lost:
+        log.warning("%d of the %d voxels of %s (%.0f %%) lie outside %s: only the part "
+                    "inside is kept, so its volume and shape are those of that part.",
+                    lost, total, name, 100.0 * lost / total, where)
 
 
 MAX_VOXELS = 1_000_000_000

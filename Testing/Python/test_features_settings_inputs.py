@@ -190,6 +190,25 @@ def test_mask_on_another_grid_is_resampled_with_a_warning(lesion, caplog):
     assert resampled["CT_stat_mean"] == pytest.approx(same["CT_stat_mean"])
 
 
+def test_a_mask_partly_outside_the_image_is_measured_inside_with_a_warning(caplog):
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.normal(100, 20, (20, 20, 20)))
+    cube = np.zeros((40, 40, 40), np.uint8)
+    cube[12:28, 12:28, 12:28] = 1  # 16^3 voxels, 7/8 of them beyond the 20^3 image
+    with caplog.at_level(logging.WARNING):
+        features = extract_features({"CT": image}, sitk.GetImageFromArray(cube),
+                                    {"families": ["morph"]}, device="cpu")
+    assert "3584 of the 4096 voxels of the mask (88 %) lie outside CT's field of view" \
+        in caplog.text
+    assert features["CT_morph_vol_approx"] == pytest.approx(512.0)  # the 8^3 inside
+    caplog.clear()
+    inside = sitk.GetImageFromArray(cube[10:30, 10:30, 10:30])
+    inside.SetOrigin((0.5, 0.0, 0.0))  # another grid, wholly inside the image
+    with caplog.at_level(logging.WARNING):
+        extract_features({"CT": image}, inside, {"families": ["stat"]}, device="cpu")
+    assert "not on CT's grid" in caplog.text and "outside" not in caplog.text
+
+
 def test_mask_on_another_grid_can_be_refused(lesion):
     image, mask = lesion
     shifted = sitk.Image(mask)

@@ -268,3 +268,41 @@ def test_a_batch_segments_with_the_chosen_model(mrml_scene, tmp_path, sts002):
     gtv = sts002.mask("CT_mask")
     expert = float(sitk.GetArrayViewFromImage(gtv).sum()) * np.prod(gtv.GetSpacing())
     assert 0.6 * expert < frame.loc[0, "CT_morph_vol_approx"] < 1.5 * expert
+
+
+def test_a_batch_moves_a_moving_modalitys_own_mask_with_its_registration(
+    mrml_scene, tmp_path
+):
+    # The PET's content lies 12 mm along x from the CT's, under the same header; its
+    # lesion mask is drawn on the PET. Measured on the CT grid after the registration,
+    # the mask must follow the PET (it used to stay where it was drawn: off the lesion).
+    folder = tmp_path / "M00"
+    folder.mkdir()
+    n, shift = 32, 6
+    z, y, x = np.indices((n, n, n))
+
+    def ball(cx):
+        return (x - cx) ** 2 + (y - 16) ** 2 + (z - 16) ** 2 <= 9
+
+    body = (abs(x - 16) < 13) & (abs(y - 16) < 13) & (abs(z - 16) < 13)
+    ct = np.where(body, 0, -1000).astype(np.int16)
+    ct[ball(12)] = 200
+    ct[4:8, 20:26, 6:10] = 400
+    pet = np.where(np.roll(body, shift, 2), 1.0, 0.0).astype(np.float32)
+    pet[ball(12 + shift)] = 8.0
+    pet[4:8, 20:26, 6 + shift:10 + shift] = 4.0
+    for name, array in (("CT_image", ct), ("PET_image", pet),
+                        ("PET_mask", ball(12 + shift).astype(np.uint8))):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
+    features = tmp_path / "features.json"
+    features.write_text(json.dumps({"families": ["stat"]}))
+    settings = WorkflowSettings(preprocess=False, registration_type="rigid",
+                                feature_settings=str(features), device="cpu")
+    frame = mrml.dataframe_from_table_node(batch_task(
+        [folder], settings, modalities=["CT", "PET"], mask_name="PET_mask",
+        scene=mrml_scene).run())
+    assert "error" not in frame.columns or frame.loc[0, "error"] == ""
+    assert frame.loc[0, "CT_stat_mean"] == pytest.approx(200.0, abs=20.0)  # was 1.6
+    assert frame.loc[0, "PET_stat_mean"] == pytest.approx(8.0, abs=0.8)  # was 1.06
