@@ -237,6 +237,7 @@ def _run_features(args: argparse.Namespace) -> int:
     )
     from MultiModalAnalysisLib.images import require_non_constant, require_plausible_units
     from MultiModalAnalysisLib.io import read_image
+    from MultiModalAnalysisLib.modalities import canonical_modality, modality_family
 
     settings = load_settings(args.settings)
     if args.list_features:
@@ -275,6 +276,10 @@ def _run_features(args: argparse.Namespace) -> int:
             if name is None:
                 raise ConfigError(f"--image {item!r}: the file name does not tell the "
                                   "modality; write NAME=PATH, e.g. CT=ct.nii.gz.")
+            # a modality is spelled as --manifest --modalities spells it (t1 -> MR_T1), so
+            # that both give the same feature columns; another name is kept as typed
+            if modality_family(name) != "OTHER":
+                name = canonical_modality(name)
             if name in images:
                 raise ConfigError(f"two images are named {name}: give each --image its own "
                                   "name (the feature columns start with it).")

@@ -67,6 +67,30 @@ def test_label_picks_one_region_of_a_multi_label_mask(tmp_path, capsys):
     assert table["phantom_stat_max"][0] == 6.0
 
 
+def test_a_modality_named_on_the_command_line_gives_the_manifests_column_names(tmp_path):
+    image = tmp_path / "t1.nii.gz"
+    image.write_bytes((PHANTOM / "phantom.nii.gz").read_bytes())
+    mask = PHANTOM / "mask.nii.gz"
+    assert main(["-q", "features", "--image", f"t1={image}", "--mask", str(mask),
+                 "--settings", str(_stat_only(tmp_path)), "--output",
+                 str(tmp_path / "one.csv")]) == 0
+    pd.DataFrame({"case_id": ["p1"], "t1": [str(image)], "mask": [str(mask)]}).to_csv(
+        tmp_path / "cases.csv", index=False)
+    assert main(["-q", "features", "--manifest", str(tmp_path / "cases.csv"), "--modalities",
+                 "t1", "--mask-column", "mask", "--settings", str(_stat_only(tmp_path)),
+                 "--output", str(tmp_path / "many.csv")]) == 0
+    one, many = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "many.csv")
+    assert "MR_T1_stat_max" in one.columns  # not t1_stat_max
+    assert [c for c in one.columns if c != "case_id"] == [
+        c for c in many.columns if c != "case_id"]
+
+
+def _stat_only(folder: Path) -> Path:
+    settings = folder / "stat.json"
+    settings.write_text(json.dumps({"families": ["stat"]}))
+    return settings
+
+
 def test_features_name_a_bare_image_path_from_its_file_name(tmp_path):
     image = tmp_path / "PET_image.nii.gz"
     image.write_bytes((PHANTOM / "phantom.nii.gz").read_bytes())
