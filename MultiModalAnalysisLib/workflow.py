@@ -347,19 +347,24 @@ def batch_task(
     def compute(progress: Progress, cancel: threading.Event | None) -> Any:
         import pandas as pd
 
+        classifier = settings.classifier
+        extraction = None
+        if _given(classifier):
+            classifier, extraction = _classifier_and_extraction(classifier, settings)
         rows = []
         for i, folder in enumerate(folders):
             check_cancel(cancel, "the batch")
             step = progress.sub(i / len(folders), (i + 1) / len(folders))
             try:
-                rows.append(_run_case(folder, wanted, mask_name, settings, step, cancel))
+                rows.append(_run_case(folder, wanted, mask_name, settings, step, cancel,
+                                      extraction))
             except OperationCancelled:
                 raise
             except MMAError as error:
                 rows.append({"case_id": folder.name, "error": str(error)})
         table = pd.DataFrame(rows)
         if _given(settings.classifier):
-            table = _add_predictions(table, settings.classifier)
+            table = _add_predictions(table, classifier)
         return table
 
     def publish(table: Any) -> Any:
@@ -368,9 +373,39 @@ def batch_task(
     return nodes.NodeTask(f"batch of {len(folders)} cases", compute, publish)
 
 
-def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -> dict:
+def _classifier_and_extraction(path: Any, settings: WorkflowSettings) -> tuple[Any, Any]:
+    """The batch's classifier, loaded (or, when it cannot be, its path: the predictions
+    then say why), and how its training features were computed (None when it does not
+    record it: trained on a feature table)."""
+    from MultiModalAnalysisLib.classification import load_classifier
+
+    try:
+        classifier = load_classifier(path)
+    except MMAError:
+        return path, None  # _add_predictions reports the error in prediction_error
+    extraction = (getattr(classifier, "metadata", None) or {}).get("extraction")
+    if not extraction or extraction.get("feature_settings") is None:
+        return classifier, None
+    if _given(settings.feature_settings):
+        from MultiModalAnalysisLib.features import load_settings
+
+        if load_settings(settings.feature_settings).to_dict() != extraction["feature_settings"]:
+            log.warning(
+                "the batch measures each case with the classifier's feature settings, those "
+                "its training features were computed with, not with %s: other settings "
+                "would give features the classifier did not learn.", settings.feature_settings)
+    return classifier, extraction
+
+
+def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel,
+              extraction: dict | None = None) -> dict:
+    """One batch row. With ``extraction`` (a classifier trained from images records it),
+    the features are measured as ``mma classify`` measures them: with its settings, on the
+    images as read (not preprocessed; moved onto the reference grid by the registration),
+    and images whose values do not fit their modality are refused."""
     from MultiModalAnalysisLib.case import load_case
     from MultiModalAnalysisLib.features import extract_features
+    from MultiModalAnalysisLib.images import require_plausible_units
     from MultiModalAnalysisLib.preprocess import (
         apply_modality_preset,
         mask_on_grid,
@@ -380,6 +415,8 @@ def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -
     case = load_case(folder, modalities)
     reference = modalities[0]
     images = dict(case.images)
+    if extraction is not None:  # as mma classify: swapped inputs would predict nonsense
+        require_plausible_units(images, f"the classifier (case {case.case_id})")
     if settings.preprocess:
         for m in modalities:
             images[m] = apply_modality_preset(images[m], m, cancel=cancel)
@@ -431,11 +468,17 @@ def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel) -
                          field_of_view=inside, device=settings.device,
                          cancel=cancel).labels
     region = sitk.Cast(sitk.NotEqual(region, 0), sitk.sitkUInt8)
-    features = extract_features(
-        images, region,
-        settings=settings.feature_settings if _given(settings.feature_settings) else None,
-        device=settings.device, cancel=cancel,
-    )
+    measured, feature_settings = images, (
+        settings.feature_settings if _given(settings.feature_settings) else None)
+    if extraction is not None:
+        feature_settings = extraction["feature_settings"]
+        if settings.preprocess:  # the classifier learnt features of images as read
+            measured = {m: resample_to_reference(case.images[m], fixed,
+                                                 transform=transforms.get(m),
+                                                 antialias=True, name=m)
+                        for m in modalities}
+    features = extract_features(measured, region, settings=feature_settings,
+                                device=settings.device, cancel=cancel)
     progress(1.0, f"{case.case_id}: measured")
     return {"case_id": case.case_id, **features}
 

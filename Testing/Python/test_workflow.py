@@ -306,3 +306,64 @@ def test_a_batch_moves_a_moving_modalitys_own_mask_with_its_registration(
     assert "error" not in frame.columns or frame.loc[0, "error"] == ""
     assert frame.loc[0, "CT_stat_mean"] == pytest.approx(200.0, abs=20.0)  # was 1.6
     assert frame.loc[0, "PET_stat_mean"] == pytest.approx(8.0, abs=0.8)  # was 1.06
+
+
+def test_a_batch_measures_as_its_classifier_was_trained_and_refuses_swapped_images(
+    mrml_scene, tmp_path, few_features, caplog
+):
+    from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        folder = tmp_path / f"C{i:02d}"
+        folder.mkdir()
+        ct = rng.normal(40 + 30 * (i % 2), 20, (20, 20, 20)).astype(np.int16)
+        ct[:, :, :3] = -1000
+        ct[10, 10, 8:12] = 5000  # metal, which the CT preset clips to 3071
+        pet = np.abs(rng.normal(1 + 2 * (i % 2), 0.5, (20, 20, 20))).astype(np.float32)
+        mask = np.zeros((20, 20, 20), np.uint8)
+        mask[6:14, 6:14, 6:14] = 1
+        for name, array in (("CT_image", ct), ("PET_image", pet), ("CT_mask", mask)):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((2.0, 2.0, 2.0))
+            sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
+        rows.append({"case_id": folder.name, "CT": str(folder / "CT_image.nii.gz"),
+                     "PET": str(folder / "PET_image.nii.gz"),
+                     "CT_mask": str(folder / "CT_mask.nii.gz"), "outcome": i % 2})
+    pd.DataFrame(rows).to_csv(tmp_path / "cases.csv", index=False)
+    trained_with = {"families": ["stat", "cm"], "discretisation_method": "fixed_bin_number",
+                    "discretisation_bin_number": 16}
+    table = read_feature_table(tmp_path / "cases.csv", "outcome",
+                               feature_settings=trained_with, device="cpu")
+    train_classifier(table, settings={"classifier": "logistic_l2", "n_features": [2],
+                                      "cv_folds": 2, "cv_repeats": 1},
+                     evaluate=False, output=tmp_path / "CLF")
+    # the module's own settings (preprocessing on, three families at 32 bins) differ
+    settings = WorkflowSettings(preprocess=True, registration_type="none",
+                                feature_settings=few_features, classifier=str(tmp_path / "CLF"),
+                                device="cpu")
+    folders = [tmp_path / "C00", tmp_path / "C01"]
+    with caplog.at_level("WARNING"):
+        frame = mrml.dataframe_from_table_node(batch_task(
+            folders, settings, modalities=["CT", "PET"], mask_name="CT_mask",
+            scene=mrml_scene).run())
+    assert "with the classifier's feature settings" in caplog.text
+    measured = frame.set_index("case_id")
+    for case_id in ("C00", "C01"):  # the training table's values, not the module's
+        for column in table.features.columns:
+            assert measured.loc[case_id, column] == pytest.approx(
+                table.features.loc[case_id, column], rel=1e-5), column
+    assert measured.loc["C00", "CT_stat_max"] == 5000  # as read, not clipped by the preset
+    assert "CT_morph_volume" not in measured.columns  # morph: the module's, not the model's
+    # swapped files: refused for that case, as mma classify refuses them
+    swapped = tmp_path / "C00"
+    ct, pet = swapped / "CT_image.nii.gz", swapped / "PET_image.nii.gz"
+    ct.rename(swapped / "tmp.nii.gz")
+    pet.rename(ct)
+    (swapped / "tmp.nii.gz").rename(pet)
+    frame = mrml.dataframe_from_table_node(batch_task(
+        folders, settings, modalities=["CT", "PET"], mask_name="CT_mask",
+        scene=mrml_scene).run())
+    assert "do not look like CT in HU" in frame.loc[0, "error"]
+    assert frame.loc[1, "error"] == "" and frame.loc[1, "prediction"] != ""
