@@ -29,7 +29,7 @@ from MultiModalAnalysisLib.classification.estimators import (
     selected_features,
 )
 from MultiModalAnalysisLib.classification.folds import outer_folds
-from MultiModalAnalysisLib.classification.labels import encode_labels
+from MultiModalAnalysisLib.classification.labels import align_labels, encode_labels
 from MultiModalAnalysisLib.classification.settings import ClassifierSettings, load_settings
 from MultiModalAnalysisLib.metrics import (
     binary_classification_metrics,
@@ -205,7 +205,9 @@ def evaluate_cv(
     Args:
         features: one row per case (a DataFrame of numeric features, or an array whose
             first axis is the case, e.g. image crops for the deep classifier).
-        labels: the outcome per case, two distinct values.
+        labels: the outcome per case, two distinct values; a pandas Series beside a
+            DataFrame is matched to its rows by case id (the index), anything else by
+            position.
         settings: folds, repeats, bootstrap size and (without ``estimator``) the recipe.
         estimator: evaluate this (unfitted) estimator instead of the one ``settings``
             describe; it is cloned and refitted on every training fold.
@@ -223,6 +225,7 @@ def evaluate_cv(
     """
     start = time.perf_counter()
     settings = load_settings(settings)
+    labels = align_labels(features, labels)
     y, class_names = encode_labels(labels, positive_label, what="the labels")
     n = len(y)
     if np.shape(features)[0] != n:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from MultiModalAnalysisLib.errors import ConfigError
 
@@ -32,6 +33,58 @@ def normalise_label(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _ids(ids: Sequence[Any], limit: int = 10) -> str:
+    shown = ", ".join(map(str, ids[:limit]))
+    return shown + (f" ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def _positional(index: pd.Index) -> bool:
+    """A default 0..n-1 index: row numbers, not case ids."""
+    return isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1
+
+
+def align_labels(features: Any, labels: Any, *, what: str = "the labels") -> Any:
+    """The labels in the order of the feature rows: matched by case id where both carry one.
+
+    A pandas Series of labels is matched to a DataFrame of features by index (case id,
+    compared as text), whatever the order of either. Anything else (a list, an array, a
+    Series numbered 0..n-1 beside features indexed by case id, features that are an array)
+    pairs by position, as given.
+
+    Raises:
+        ConfigError: a case id duplicated, or present on one side only (named).
+    """
+    if not (isinstance(labels, pd.Series) and isinstance(features, pd.DataFrame)):
+        return labels
+    if labels.index.equals(features.index):
+        return labels
+    rows = pd.Index(map(str, features.index))
+    ids = pd.Index(map(str, labels.index))
+    if _positional(labels.index) and set(rows) != set(ids):
+        return labels  # a Series without case ids: by position, as a list would be
+    for side, index in (("features", rows), (what, ids)):
+        if index.has_duplicates:
+            raise ConfigError(
+                f"{side} name some cases twice ({_ids(list(index[index.duplicated()]))}): "
+                "give one row per case id to match the labels to the features.")
+    no_label = [c for c in rows if c not in set(ids)]
+    no_features = [c for c in ids if c not in set(rows)]
+    if no_label or no_features:
+        raise ConfigError(
+            f"{what} and the features name different cases (matched by case id, the "
+            "index of each): "
+            + "; ".join(
+                [f"{len(no_label)} case(s) with features have no label: {_ids(no_label)}"]
+                * bool(no_label)
+                + [f"{len(no_features)} labelled case(s) have no features: "
+                   f"{_ids(no_features)}"] * bool(no_features))
+            + ". Give a label for each feature row (or plain values, paired by position).")
+    aligned = pd.Series(labels.to_numpy(), index=ids).reindex(rows)
+    aligned.index = features.index
+    aligned.name = labels.name
+    return aligned
 
 
 def encode_labels(

@@ -30,7 +30,7 @@ from MultiModalAnalysisLib.classification.estimators import (
     selected_features,
 )
 from MultiModalAnalysisLib.classification.evaluation import CVResult, evaluate_cv
-from MultiModalAnalysisLib.classification.labels import encode_labels
+from MultiModalAnalysisLib.classification.labels import align_labels, encode_labels
 from MultiModalAnalysisLib.classification.modelfile import (
     FORMAT,
     FORMAT_VERSION,
@@ -280,7 +280,8 @@ def train_classifier(
     Args:
         features: numeric features, one row per case, indexed by case id; or a
             :class:`FeatureTable` (then ``labels`` and ``label_column`` come from it).
-        labels: the outcome per case (two distinct values).
+        labels: the outcome per case (two distinct values); a pandas Series is matched
+            to the features by case id (its index), anything else by position.
         settings: see :class:`ClassifierSettings` (object, dict or JSON path).
         label_column: the outcome's name (recorded in the metadata).
         positive_label: the value meaning positive (default: the larger).
@@ -307,6 +308,7 @@ def train_classifier(
         raise FeatureSetError("train_classifier needs the features as a pandas DataFrame "
                               "(one named column per feature).")
     settings = load_settings(settings)
+    labels = align_labels(features, labels, what=f"label column {label_column}")
     y, classes = encode_labels(labels, positive_label, what=f"label column {label_column}")
     report = as_progress(progress)
     cv_result = None

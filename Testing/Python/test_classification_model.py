@@ -595,3 +595,20 @@ def test_train_classifier_refuses_options_of_the_other_kind_and_bad_counts(tmp_p
         status = stop.code
     assert status == 2 and "argument --epochs: a whole number >= 1" in capsys.readouterr().err
     assert not (tmp_path / "CLF").exists()
+
+
+def test_labels_indexed_by_case_id_are_matched_to_the_features_whatever_their_order():
+    from MultiModalAnalysisLib.classification import evaluate_cv
+
+    X, y = feature_cohort(n_cases=24, n_positive=10, n_informative=1, n_noise=2, effect=4.0)
+    labels = pd.Series(y, index=X.index).sort_values(kind="stable")  # other order
+    settings = ClassifierSettings(selection="none", cv_folds=3, cv_repeats=1, n_bootstrap=100)
+    assert evaluate_cv(X, labels, settings).auc > 0.9
+    by_id = train_classifier(X, labels, settings, evaluate=False)
+    by_row = train_classifier(X, y, settings, evaluate=False)
+    np.testing.assert_allclose(by_id.predict_proba(X), by_row.predict_proba(X))
+    # plain values still pair by position
+    assert evaluate_cv(X, list(y), settings).auc > 0.9
+    with pytest.raises(ConfigError, match=r"1 case\(s\) with features have no label: "
+                       r"case_003; 1 labelled case\(s\) have no features: case_999"):
+        train_classifier(X, labels.rename({"case_003": "case_999"}), settings, evaluate=False)
