@@ -3,7 +3,8 @@
 In this version ``mma train-classifier`` and ``mma classify`` take a FEATURE TABLE: a CSV
 with ``case_id``, numeric feature columns (as ``mma features`` writes them:
 ``<image>_<IBSI tag>``) and, for training, the label column. Non-numeric columns are left
-out (and listed). A manifest of image paths (one column per modality and a mask column)
+out (and listed), as is a column without a header (a row number that pandas' ``to_csv``
+saved). A manifest of image paths (one column per modality and a mask column)
 is recognised and routed to :func:`features_from_image_manifest`, which computes the IBSI
 features of each case first.
 """
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 # how an excluded case that could not be measured (on_error="skip") is described
 UNMEASURED = "could not be measured"
+# pandas' name for a column without a header: a row number, as to_csv writes the index by
+# default ("Unnamed: 0"; "Unnamed: 0.1" when such a table is saved again)
+ROW_NUMBER_COLUMN = re.compile(r"^Unnamed: \d+(\.\d+)?$")
+ROW_NUMBER = "a column without a header (a saved row number), never a feature"
 
 
 @dataclass
@@ -127,7 +132,8 @@ def feature_table_from_frame(
     """Split a DataFrame with ``case_id`` into numeric features and labels.
 
     Args:
-        table: one row per case.
+        table: one row per case. Columns without a header (``Unnamed: 0``, a row number
+            saved by pandas' ``to_csv``) are left out with a warning.
         label_column: the outcome column (required to be present when given); cases with
             no label are excluded and listed.
         exclude: further columns that are not features (e.g. other outcomes).
@@ -163,7 +169,16 @@ def feature_table_from_frame(
         excluded = {str(c): f"no {label_column} value" for c in table.index[unlabelled]}
         table, labels = table[~unlabelled], labels[~unlabelled]
     dropped: dict[str, str] = dict.fromkeys(exclude, "excluded by the user")
-    candidates = table.drop(columns=[c for c in [label_column, *exclude] if c is not None])
+    # a row number follows the order the table was saved in (often sorted by outcome):
+    # as a feature it could carry the label
+    row_numbers = [str(c) for c in table.columns if ROW_NUMBER_COLUMN.match(str(c))
+                   and c != label_column and c not in dropped]
+    if row_numbers:
+        log.warning("%s: left out column(s) without a header, %s: a saved row number (pandas' "
+                    "to_csv writes its index unless told index=False), which could carry "
+                    "the label as a feature.", source, ", ".join(row_numbers))
+        dropped.update(dict.fromkeys(row_numbers, ROW_NUMBER))
+    candidates = table.drop(columns=[c for c in [label_column, *dropped] if c is not None])
     if feature_pattern:
         pattern = _compiled(feature_pattern)
         matching = [c for c in candidates.columns if pattern.search(str(c))]

@@ -198,6 +198,18 @@ def test_feature_table_leaves_out_text_columns_and_unlabelled_cases(tmp_path):
         read_feature_table(path, "LungMets", feature_pattern="glcm(")
 
 
+def test_a_saved_row_number_column_is_left_out_with_a_warning_not_taken_as_a_feature(
+        tmp_path, caplog):
+    X, y = feature_cohort(n_cases=12, n_positive=4, n_informative=1, n_noise=2)
+    table = X.assign(LungMets=y).reset_index().sort_values("LungMets", kind="stable")
+    table.reset_index(drop=True).to_csv(tmp_path / "t.csv")  # pandas' default: index=True
+    with caplog.at_level(logging.WARNING):
+        result = read_feature_table(tmp_path / "t.csv", "LungMets")
+    assert list(result.features.columns) == list(X.columns)
+    assert "without a header" in result.dropped_columns["Unnamed: 0"]
+    assert "left out column(s) without a header, Unnamed: 0" in caplog.text
+
+
 def test_a_label_column_that_is_no_binary_outcome_is_refused_naming_the_outcome_columns(
     tmp_path, capsys
 ):
