@@ -121,6 +121,21 @@ def check_label_column(
             f"({_outcome_hint(table, path_columns)}).")
 
 
+def check_excluded_columns(table: pd.DataFrame, exclude: Sequence[str], source: str) -> None:
+    """Refuse an excluded column the table does not have (a typo would leave the column it
+    meant among the features).
+
+    Raises:
+        ManifestError: naming the unknown columns and the table's columns.
+    """
+    missing = [c for c in exclude if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"{source} has no column(s) {', '.join(missing)} to exclude (columns: "
+            f"{column_list(table.columns)})."
+        )
+
+
 def feature_table_from_frame(
     table: pd.DataFrame,
     label_column: str | None = None,
@@ -153,12 +168,7 @@ def feature_table_from_frame(
         check_label_column(table, label_column, source)
     # case_id is never a feature: excluding it as well asks for nothing
     exclude = [c for c in exclude if c != "case_id"]
-    missing = [c for c in exclude if c not in table.columns]
-    if missing:
-        raise ManifestError(
-            f"{source} has no column(s) {', '.join(missing)} (columns: "
-            f"{column_list(table.columns)})."
-        )
+    check_excluded_columns(table, exclude, source)
     table = table.set_index(table["case_id"].astype(str).str.strip()).drop(columns="case_id")
     table.index.name = "case_id"
     excluded: dict[str, str] = {}
@@ -342,14 +352,17 @@ def features_from_image_manifest(
 
     Raises:
         ManifestError: no mask column (or several, none of the first modality), no image
-            column, a label column that cannot hold a binary outcome.
+            column, a label column that cannot hold a binary outcome, an excluded column
+            the manifest does not have (all checked before any image is read).
     """
     from MultiModalAnalysisLib.features import extract_cohort_features
 
     table = manifest.table
     paths = image_path_columns(table)
-    if label_column is not None:  # checked before the (long) feature extraction
+    # checked before the (long) feature extraction
+    if label_column is not None:
         check_label_column(table, label_column, str(manifest.path), path_columns=paths)
+    check_excluded_columns(table, exclude, str(manifest.path))
     exclude = [c for c in exclude if c not in paths]  # path columns are never features
     if mask_column is None:
         mask_column = default_mask_column(manifest, modalities)

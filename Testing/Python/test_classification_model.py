@@ -234,7 +234,7 @@ def test_a_label_column_that_is_no_binary_outcome_is_refused_naming_the_outcome_
         "input"] == list(X.columns)
 
 
-def test_an_image_manifest_refuses_a_path_column_as_label_before_reading_images(tmp_path):
+def test_an_image_manifest_refuses_a_bad_label_or_excluded_column_before_reading_images(tmp_path):
     path = tmp_path / "cases.csv"  # the images do not exist: the check comes first
     pd.DataFrame({"case_id": ["a", "b"], "CT": ["a/CT.nii.gz", "b/CT.nii.gz"],
                   "mask": ["a/m.nii.gz", "b/m.nii.gz"], "LungMets": [0, 1]}).to_csv(path)
@@ -242,6 +242,9 @@ def test_an_image_manifest_refuses_a_path_column_as_label_before_reading_images(
         read_feature_table(path, "mask")
     with pytest.raises(ManifestError, match="'case_id' holds the case ids"):
         read_feature_table(path, "case_id")
+    with pytest.raises(ManifestError, match=r"has no column\(s\) Outcome2 to exclude "
+                       r"\(columns: .*case_id, CT, mask, LungMets"):
+        read_feature_table(path, "LungMets", exclude=["Outcome2"])
 
 
 def test_an_image_manifest_without_a_clear_mask_column_says_which_to_choose(tmp_path):
