@@ -529,7 +529,8 @@ def _add_classify(subparsers: argparse._SubParsersAction) -> None:
         "was trained on), or an image manifest when the model was trained from images (its "
         "features are then computed as in training); deep models read a manifest of image "
         "paths with the model's mask "
-        "column. Writes case_id, probability_<positive class>, prediction, threshold.",
+        "column. Writes case_id, probability_<positive class>, prediction, threshold (and "
+        "error, for a case --skip-failed could not measure).",
     )
     parser.add_argument("--model", type=Path, required=True, help="model folder")
     parser.add_argument("--manifest", type=Path, required=True, help="cohort CSV")
@@ -539,13 +540,15 @@ def _add_classify(subparsers: argparse._SubParsersAction) -> None:
                         "modality)")
     parser.add_argument("--output", "-o", type=Path, required=True, help="predictions CSV")
     parser.add_argument("--skip-failed", action="store_true",
-                        help="radiomics model, image manifest: leave out a case whose images "
-                        "cannot be read or measured (with a warning naming it) instead of "
-                        "stopping")
+                        help="radiomics model, image manifest: a case whose images cannot be "
+                        "read or measured gets no prediction (a warning names it; its row's "
+                        "error column says why) instead of stopping the run")
     parser.set_defaults(func=_run_classify)
 
 
 def _run_classify(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from MultiModalAnalysisLib.classification import load_classifier
     from MultiModalAnalysisLib.classification.model import TrainedClassifier
     from MultiModalAnalysisLib.errors import ConfigError
@@ -564,12 +567,18 @@ def _run_classify(args: argparse.Namespace) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(args.output, index=False)
     positive = model.class_names[1]
-    print(f"{len(predictions)} cases: {int((predictions['prediction'] == positive).sum())} "
-          f"predicted {positive}; wrote {args.output}")
+    unmeasured = (predictions["error"].notna() if "error" in predictions.columns
+                  else pd.Series(False, index=predictions.index))
+    left_out = predictions["case_id"][unmeasured].astype(str).tolist()
+    print(f"{int((~unmeasured).sum())} cases: "
+          f"{int((predictions['prediction'] == positive).sum())} predicted {positive}"
+          + (f"; {len(left_out)} case(s) could not be measured and have no prediction: "
+             f"{', '.join(left_out)} (their row's error column says why)" if left_out else "")
+          + f"; wrote {args.output}")
     if (model.metadata.get("model") or {}).get("calibrated") is False:
         print("the probabilities are the classifier's scores mapped to 0-1, not calibrated "
               "(see the model card): rank cases by them, but do not read them as risks")
-    _print_external_auc(args.manifest, model, predictions)
+    _print_external_auc(args.manifest, model, predictions[~unmeasured])
     return 0
 
 

@@ -45,7 +45,11 @@ from MultiModalAnalysisLib.classification.modelfile import (
     write_metadata,
 )
 from MultiModalAnalysisLib.classification.settings import ClassifierSettings, load_settings
-from MultiModalAnalysisLib.classification.table import FeatureTable, read_feature_table
+from MultiModalAnalysisLib.classification.table import (
+    UNMEASURED,
+    FeatureTable,
+    read_feature_table,
+)
 from MultiModalAnalysisLib.errors import ConfigError, FeatureSetError
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 
@@ -185,12 +189,15 @@ class TrainedClassifier:
     def predict_manifest(self, path: str | Path, **extraction: Any) -> pd.DataFrame:
         """Per-case probabilities for a feature-table CSV or an image manifest (``mma
         classify``). For an image manifest the features are computed as at training time
-        (the model's ``extraction`` metadata) unless ``extraction`` says otherwise."""
+        (the model's ``extraction`` metadata) unless ``extraction`` says otherwise; a case
+        left out with ``on_error="skip"`` keeps its row, with no probability and the reason
+        in an ``error`` column (see :func:`with_unmeasured_cases`)."""
         from MultiModalAnalysisLib.case import read_manifest
         from MultiModalAnalysisLib.classification.table import image_path_columns
 
         options = {**(self.metadata.get("extraction") or {}), **extraction}
-        if not image_path_columns(read_manifest(path).table):
+        manifest = read_manifest(path)
+        if not image_path_columns(manifest.table):
             log.info("%s is a feature table: its features are taken as given, so they must "
                      "have been computed as this classifier's training features were (its "
                      "model card says how).", path)
@@ -202,7 +209,8 @@ class TrainedClassifier:
                 "mean what the model learnt.", path,
                 "the settings given" if extraction.get("feature_settings")
                 else "default settings")
-        return self.predict_table(read_feature_table(path, **options))
+        table = read_feature_table(path, **options)
+        return with_unmeasured_cases(self.predict_table(table), table, manifest.case_ids)
 
     def save(self, folder: str | Path) -> Path:
         """Write the model folder (see the module docstring); returns the folder."""
@@ -250,6 +258,26 @@ def prediction_frame(
         "prediction": decide(probability, threshold, classes),
         "threshold": threshold,
     })
+
+
+def with_unmeasured_cases(
+    predictions: pd.DataFrame, table: FeatureTable, order: Sequence[str]
+) -> pd.DataFrame:
+    """``predictions`` with a row for each case of ``table`` that could not be measured
+    (``on_error="skip"``): no probability or prediction, and why in an ``error`` column,
+    as the Slicer batch writes a failed case. Rows follow ``order`` (the manifest's).
+    Without such a case, ``predictions`` unchanged (no ``error`` column)."""
+    failed = {case_id: why for case_id, why in table.excluded_cases.items()
+              if why.startswith(UNMEASURED)}
+    if not failed:
+        return predictions
+    # object, so that class names stay as they are beside the empty rows (1, not 1.0)
+    predictions = predictions.astype({"prediction": object})
+    rows = pd.DataFrame({"case_id": list(failed), "error": list(failed.values())})
+    rank = {str(c).strip(): i for i, c in enumerate(order)}
+    return (pd.concat([predictions, rows], ignore_index=True)
+            .sort_values("case_id", key=lambda ids: ids.map(rank), kind="stable")
+            .reset_index(drop=True))
 
 
 def decide(probability: np.ndarray, threshold: float, classes: Sequence[Any]) -> np.ndarray:

@@ -347,7 +347,7 @@ def test_an_image_manifest_is_turned_into_features_then_classified_alike(image_m
     assert "trained on a feature table, which does not record" in caplog.text
 
 
-def test_skip_failed_leaves_out_an_unmeasurable_case_in_training_and_classifying(
+def test_skip_failed_leaves_out_an_unmeasurable_case_in_training_and_names_it_in_classifying(
     image_manifest, tmp_path, capsys
 ):
     table = pd.read_csv(image_manifest)
@@ -374,8 +374,15 @@ def test_skip_failed_leaves_out_an_unmeasurable_case_in_training_and_classifying
     assert main(classify) == 2
     capsys.readouterr()
     assert main([*classify, "--skip-failed"]) == 0
-    written = pd.read_csv(predictions)["case_id"].tolist()
-    assert len(written) == 15 and "case_003" not in written
+    out = capsys.readouterr().out
+    assert "15 cases:" in out and "1 case(s) could not be measured and have no prediction: " \
+        "case_003" in out
+    written = pd.read_csv(predictions, dtype={"prediction": str}).set_index("case_id")
+    assert list(written.index) == table["case_id"].tolist()  # a row per case, in order
+    assert "missing.nii.gz" in written.loc["case_003", "error"]
+    assert np.isnan(written.loc["case_003", "probability_1"])
+    assert written.drop(index="case_003")["error"].isna().all()
+    assert set(written.drop(index="case_003")["prediction"]) <= {"0", "1"}
 
 
 def test_cli_choices_are_the_engine_choices():
