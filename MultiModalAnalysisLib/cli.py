@@ -377,7 +377,8 @@ def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
     radiomics.add_argument("--classifier", choices=CLASSIFIER_CHOICES, default=None)
     radiomics.add_argument("--selection", choices=SELECTION_CHOICES, default=None)
     radiomics.add_argument("--n-features", type=int, nargs="+", default=None,
-                           help="numbers of selected features to try (inner CV)")
+                           help="numbers of selected features to try (inner CV); "
+                           "with --selection mrmr, univariate or l1")
     radiomics.add_argument("--feature-settings", type=Path, default=None,
                            help="IBSI feature settings (JSON/YAML) for an image manifest")
     radiomics.add_argument("--exclude", nargs="+", default=(), metavar="COLUMN",
@@ -443,8 +444,13 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.classification.table import UNMEASURED
 
     settings = _classifier_settings(args)
-    from MultiModalAnalysisLib.classification.estimators import build_model
+    from MultiModalAnalysisLib.classification.estimators import build_model, uses_n_features
 
+    if args.n_features is not None and not uses_n_features(settings.selection):
+        raise ConfigError(
+            f"--selection {settings.selection} does not use --n-features: it keeps every "
+            "feature it does not filter out. Drop --n-features, or choose a selection that "
+            "picks that many (mrmr, univariate, l1).")
     build_model(settings)  # a param_grid that does not fit the pipeline: now, not after
     if args.positive_label is not None:  # a wrong one: now, not after the features
         from MultiModalAnalysisLib.case import read_manifest

@@ -59,6 +59,12 @@ _N_FEATURES_PARAM = {
 }
 
 
+def uses_n_features(selection: str) -> bool:
+    """Whether a feature selection picks a number of features (``n_features`` applies):
+    ``none`` and ``correlation`` keep every feature they do not filter out."""
+    return selection in _N_FEATURES_PARAM
+
+
 def _inner_has(method: str):
     """For ``available_if``: the wrapper offers ``method`` only when its estimator does
     (calibration picks decision_function over predict_proba when it exists)."""

@@ -31,7 +31,8 @@ class ClassifierSettings:
         selection: feature selection inside the pipeline: ``univariate`` (ANOVA F, k best),
             ``l1`` (k largest L1-logistic coefficients), ``mrmr`` (minimum redundancy,
             maximum relevance), ``correlation`` (redundancy filter only) or ``none``.
-        n_features: candidate numbers of selected features, tuned in the inner loop.
+        n_features: candidate numbers of selected features, tuned in the inner loop
+            (``univariate``, ``l1`` and ``mrmr`` only; the others keep every feature).
         correlation_threshold: before selection, drop one of every pair of features whose
             absolute Spearman correlation exceeds this (``None``: no filter; always applied
             when ``selection="correlation"``).

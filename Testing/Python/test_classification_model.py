@@ -607,6 +607,10 @@ def test_train_classifier_refuses_options_of_the_other_kind_and_bad_counts(tmp_p
         (["--cv", "1"], "--cv 1: give 2 or more folds"),
         (["--kind", "deep", "--modalities", "CT"], "holds no image paths"),
         (["--positive-label", "7"], "positive label '7' is not one of"),
+        (["--selection", "none", "--n-features", "5"],
+         "--selection none does not use --n-features"),
+        (["--selection", "correlation", "--n-features", "5"],
+         "--selection correlation does not use --n-features"),
     ):
         status = main([*base, *extra])
         err = capsys.readouterr().err
