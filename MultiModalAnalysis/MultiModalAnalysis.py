@@ -125,6 +125,7 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._state = None
         self._currentVolumes = None  # what the next single step works on
         self._unregisteredVolumes = None  # what the next Register starts from
+        self._carriedReference = None  # the reference volume those were made from
         self._startedAt = 0.0
         self._deviceChecked = False
 
@@ -184,16 +185,23 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def onSceneStartClose(self, caller, event):
         self.onCancel()
+        self.forgetCarriedVolumes()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
+        self.forgetCarriedVolumes()
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    def forgetCarriedVolumes(self):
+        """The next single step starts from the inputs again (scene closed, reference changed)."""
+        self._currentVolumes = self._unregisteredVolumes = None
+        self._carriedReference = None
 
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.referenceVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            first = self.logic.firstScalarVolume(slicer.mrmlScene)
             if first:
                 self._parameterNode.referenceVolume = first
 
@@ -215,6 +223,8 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         p = self._parameterNode
         if p is None:
             return
+        if self._carriedReference is not None and p.referenceVolume is not self._carriedReference:
+            self.forgetCarriedVolumes()  # a new reference, chosen by any route
         self.inputsTable.setRows(
             list(p.inputVolumes), list(p.inputModalities), self.logic.inputLandmarks(p)
         )
@@ -251,12 +261,12 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._parameterNode.inputVolumes = volumes
             self._parameterNode.inputModalities = modalities
             self._parameterNode.inputLandmarks = [n.GetID() if n else "" for n in landmarks]
-        self._currentVolumes = self._unregisteredVolumes = None
+        self.forgetCarriedVolumes()
 
     def onReferenceChosen(self, node):
         if node is not None and self._parameterNode is not None:
             self._parameterNode.referenceModality = guessNodeModality(node)
-        self._currentVolumes = self._unregisteredVolumes = None
+        self.forgetCarriedVolumes()
 
     def onGuessModalities(self):
         if self._parameterNode and self._parameterNode.referenceVolume:
@@ -337,6 +347,7 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._timer.stop()
         elapsed = time.perf_counter() - self._startedAt
         if self._state is not None:
+            self._carriedReference = self._parameterNode.referenceVolume
             self._currentVolumes = [
                 (node, modality) for modality, node in self._state.volumes.items()
             ]
@@ -452,6 +463,7 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
         a registration starts from ``unregistered``, the volumes before any was registered)."""
         if p.referenceVolume is None:
             raise MMAError("choose a reference volume in Inputs first.")
+        self._refuseClosedSceneNodes(p, volumes, unregistered)
         mask = p.featuresMask or p.outputSegmentation
         if "segment" in stages:
             mask = p.featuresMask  # the new segmentation will be measured
@@ -470,6 +482,26 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
             if state.features is None:
                 raise MMAError("extract features first: the classifier reads the features table.")
         return steps, state
+
+    @staticmethod
+    def _refuseClosedSceneNodes(p, volumes, unregistered):
+        """Volumes of a previous run that are no longer in the scene (it was closed since)
+        must not be worked on: they are the previous patient's."""
+        scene = p.parameterNode.GetScene() or slicer.mrmlScene
+        carried = list(volumes or ()) + list(unregistered or ())
+        if any(node is not None and node.GetScene() is not scene for node, _ in carried):
+            raise MMAError(
+                "the volumes of the previous step are no longer in the scene (it was closed "
+                "since): run the steps again from the inputs (Run all)."
+            )
+
+    @staticmethod
+    def firstScalarVolume(scene):
+        """The first plain scalar volume of ``scene`` (not a labelmap), or None."""
+        for node in scene.GetNodesByClass("vtkMRMLScalarVolumeNode"):
+            if node.GetClassName() == "vtkMRMLScalarVolumeNode":
+                return node
+        return None
 
     def batch(self, p):
         """A task running the pipeline over every case folder of ``p.batchFolder``."""

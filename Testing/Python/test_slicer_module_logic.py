@@ -1,0 +1,137 @@
+"""The Slicer module's widget state and Logic on a real MRML scene. The module needs Slicer's
+Qt application, which slicer-core lacks: ``qt``, the scripted-module base classes and the
+parameter node wrapper are stood in for, and the widget's UI is a mock; what is tested here
+is the module's own bookkeeping over real nodes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MultiModalAnalysisLib import mrml
+from MultiModalAnalysisLib.errors import MMAError
+
+pytest.importorskip("slicer", reason="needs the slicer-core wheel (test extra)")
+
+MODULE_DIR = Path(__file__).resolve().parents[2] / "MultiModalAnalysis"
+
+
+def _stand_ins() -> dict[str, types.ModuleType]:
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
+                 "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
+        setattr(scripted, name, type(name, (), {"__init__": lambda self, parent=None: None}))
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = wrapper.WithinRange = lambda *args, **kwargs: None
+    return {"qt": mock.MagicMock(), "slicer.ScriptedLoadableModule": scripted,
+            "slicer.parameterNodeWrapper": wrapper}
+
+
+@pytest.fixture(scope="module")
+def module():
+    """MultiModalAnalysis.py loaded with the stand-ins (sys.modules is restored after)."""
+    import slicer
+    import vtk
+
+    with mock.patch.dict(sys.modules, _stand_ins()), mock.patch.object(
+        sys, "path", [str(MODULE_DIR), *sys.path]
+    ), mock.patch.object(slicer, "vtkCommand", vtk.vtkCommand, create=True):
+        spec = importlib.util.spec_from_file_location(
+            "MultiModalAnalysis", MODULE_DIR / "MultiModalAnalysis.py")
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        yield loaded
+
+
+def _volume(scene, value: float, name: str):
+    ramp = np.arange(6 * 8 * 10, dtype=np.float32).reshape(6, 8, 10) % 7
+    image = sitk.GetImageFromArray(value + ramp)
+    return mrml.volume_node_from_image(image, scene, name)
+
+
+def _parameters(scene, reference, **kw):
+    """A stand-in parameter node holding what the Logic reads."""
+    p = mock.MagicMock()
+    p.parameterNode = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "parameters")
+    p.referenceVolume, p.referenceModality = reference, "CT"
+    p.inputVolumes, p.inputModalities, p.inputLandmarks = [], [], []
+    p.referenceLandmarks = p.featuresMask = p.outputSegmentation = None
+    p.segmentationMask = p.outputFeatures = None
+    p.preprocess, p.registrationType, p.registrationMetric, p.device = False, "rigid", "auto", "cpu"
+    p.fusionMethod, p.segmentationMethod, p.segmentationClasses = "", "threshold", 2
+    p.segmentationModel = p.featureSettings = p.classifierModel = Path(".")
+    p.show3D, p.caseId = False, ""
+    for key, value in kw.items():
+        setattr(p, key, value)
+    return p
+
+
+def _widget(module, p):
+    widget = module.MultiModalAnalysisWidget()
+    widget.ui, widget.inputsTable = mock.MagicMock(), mock.MagicMock()
+    widget.logic = module.MultiModalAnalysisLogic()
+    widget.parent = mock.MagicMock(isEntered=False)
+    widget._parameterNode = p
+    return widget
+
+
+def _finish_run(widget, stages):
+    """What the widget does when a run of ``stages`` ends."""
+    steps, widget._state = widget.logic.workflow(widget._parameterNode, stages)
+    for _, factory in steps:
+        task = factory()
+        task.publish(task.compute(None, None))
+    widget._runner = mock.MagicMock(cancelled=False, error=None, outputs=[])
+    widget._timer = mock.MagicMock()
+    widget._finish()
+
+
+def test_closing_the_scene_forgets_the_volumes_the_next_step_would_start_from(
+    module, mrml_scene
+):
+    ct = _volume(mrml_scene, 100.0, "patient A CT")
+    widget = _widget(module, _parameters(mrml_scene, ct))
+    _finish_run(widget, ("segment",))
+    assert widget._currentVolumes is not None
+
+    widget.onSceneStartClose(None, None)
+    mrml_scene.Clear(0)
+    widget.onSceneEndClose(None, None)
+    assert widget._currentVolumes is None and widget._unregisteredVolumes is None
+
+
+def test_a_reference_changed_by_any_route_forgets_the_carried_volumes(module, mrml_scene):
+    first, second = _volume(mrml_scene, 100.0, "CT A"), _volume(mrml_scene, 900.0, "CT B")
+    p = _parameters(mrml_scene, first)
+    widget = _widget(module, p)
+    _finish_run(widget, ("segment",))
+    widget.onParameterNodeModified()  # an unrelated change keeps them
+    assert widget._currentVolumes is not None
+
+    p.referenceVolume = second  # e.g. set from the Python console or a loaded scene
+    widget.onParameterNodeModified()
+    assert widget._currentVolumes is None
+
+
+def test_the_logic_refuses_volumes_of_a_closed_scene(module, mrml_scene):
+    old = _volume(mrml_scene, 100.0, "patient A CT")
+    mrml_scene.Clear(0)
+    new = _volume(mrml_scene, 900.0, "patient B CT")
+    p = _parameters(mrml_scene, new)
+    with pytest.raises(MMAError, match="no longer in the scene"):
+        module.MultiModalAnalysisLogic().workflow(p, ("segment",), [(old, "CT")])
+
+
+def test_the_first_reference_offered_is_a_scalar_volume_not_a_labelmap(module, mrml_scene):
+    mask = sitk.Image((10, 8, 6), sitk.sitkUInt8)
+    mrml.volume_node_from_image(mask, mrml_scene, "mask", labelmap=True)
+    ct = _volume(mrml_scene, 100.0, "CT")
+    assert module.MultiModalAnalysisLogic.firstScalarVolume(mrml_scene) is ct
