@@ -125,6 +125,7 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._state = None
         self._currentVolumes = None  # what the next single step works on
         self._unregisteredVolumes = None  # what the next Register starts from
+        self._fieldsOfView = None  # where each of the registered ones has data
         self._carriedReference = None  # the reference volume those were made from
         self._startedAt = 0.0
         self._deviceChecked = False
@@ -195,7 +196,7 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def forgetCarriedVolumes(self):
         """The next single step starts from the inputs again (scene closed, reference changed)."""
-        self._currentVolumes = self._unregisteredVolumes = None
+        self._currentVolumes = self._unregisteredVolumes = self._fieldsOfView = None
         self._carriedReference = None
 
     def initializeParameterNode(self):
@@ -295,8 +296,9 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 self.ui.deviceLabel.text = self.logic.detectedDevice()
             volumes = None if fresh else self._currentVolumes
             unregistered = None if fresh else self._unregisteredVolumes
+            fieldsOfView = None if fresh else self._fieldsOfView
             steps, self._state = self.logic.workflow(
-                self._parameterNode, stages, volumes, unregistered
+                self._parameterNode, stages, volumes, unregistered, fieldsOfView
             )
             if not steps:
                 raise MMAError("nothing to run: the chosen step is switched off in its settings.")
@@ -354,6 +356,7 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._unregisteredVolumes = [
                 (node, modality) for modality, node in self._state.unregistered.items()
             ]
+            self._fieldsOfView = dict(self._state.fields_of_view)
         self.updateButtonStates()
         if runner.cancelled:
             self.ui.statusLabel.text = "Cancelled."
@@ -458,9 +461,10 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
             points for n, points in zip(p.inputVolumes, further, strict=False) if n
         ]
 
-    def workflow(self, p, stages, volumes=None, unregistered=None):
+    def workflow(self, p, stages, volumes=None, unregistered=None, fieldsOfView=None):
         """Steps for ``stages`` over the inputs (or the volumes a previous step produced;
-        a registration starts from ``unregistered``, the volumes before any was registered)."""
+        a registration starts from ``unregistered``, the volumes before any was registered;
+        ``fieldsOfView``: where each registered one has data)."""
         if p.referenceVolume is None:
             raise MMAError("choose a reference volume in Inputs first.")
         self._refuseClosedSceneNodes(p, volumes, unregistered)
@@ -476,6 +480,7 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
             volumes or self.inputs(p), settings, mask_node=mask,
             segmentation_mask=p.segmentationMask, stages=stages,
             landmarks=self.landmarks(p), unregistered=unregistered,
+            fields_of_view=fieldsOfView,
         )
         if "classify" in stages and "features" not in stages:
             state.features = p.outputFeatures
@@ -520,10 +525,10 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
             scene=slicer.mrmlScene,
         )
 
-    def run(self, p, stages=STAGES, volumes=None, unregistered=None):
+    def run(self, p, stages=STAGES, volumes=None, unregistered=None, fieldsOfView=None):
         """Run steps to the end, keeping Slicer responsive (for the self-test and scripts)."""
         self.installer.ensure()
-        steps, state = self.workflow(p, stages, volumes, unregistered)
+        steps, state = self.workflow(p, stages, volumes, unregistered, fieldsOfView)
         runner = StepRunner(steps)
         while not runner.poll(0.05):
             slicer.app.processEvents()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,7 @@ def workflow_steps(
     scene: Any | None = None,
     landmarks: Sequence[Any | None] | None = None,
     unregistered: Sequence[tuple[Any, str]] | None = None,
+    fields_of_view: Mapping[str, Any] | None = None,
 ) -> tuple[list[tuple[str, Callable[[], Any]]], WorkflowState]:
     """The steps of one run over volumes loaded in Slicer, and the state they fill.
 
@@ -119,6 +120,9 @@ def workflow_steps(
         unregistered: ``(volume node, modality)`` pairs a registration starts from, when
             ``volumes`` are the registered volumes of an earlier run (``state.unregistered``
             of that run); default: ``volumes``.
+        fields_of_view: where each registered volume of ``volumes`` has data, when they
+            come from an earlier run (its ``state.fields_of_view``): the segmentation leaves
+            out their padding as in one run.
 
     Returns:
         ``(steps, state)``: give ``steps`` to :class:`jobs.StepRunner`; read ``state`` after.
@@ -142,6 +146,8 @@ def workflow_steps(
         mask_node,
     )
     state.unregistered = dict(state.volumes)
+    state.fields_of_view = {m: covered for m, covered in (fields_of_view or {}).items()
+                            if m in state.volumes and covered is not None}
     for node, modality in zip(*_pairs(unregistered), strict=True):
         if modality in state.unregistered and node is not None:
             state.unregistered[modality] = node

@@ -37,18 +37,29 @@ def _stand_ins() -> dict[str, types.ModuleType]:
 
 @pytest.fixture(scope="module")
 def module():
-    """MultiModalAnalysis.py loaded with the stand-ins (sys.modules is restored after)."""
+    """MultiModalAnalysis.py loaded with the stand-ins, which leave sys.modules after (what
+    the module imported stays: numpy and others cannot be imported twice)."""
     import slicer
     import vtk
 
-    with mock.patch.dict(sys.modules, _stand_ins()), mock.patch.object(
-        sys, "path", [str(MODULE_DIR), *sys.path]
-    ), mock.patch.object(slicer, "vtkCommand", vtk.vtkCommand, create=True):
-        spec = importlib.util.spec_from_file_location(
-            "MultiModalAnalysis", MODULE_DIR / "MultiModalAnalysis.py")
-        loaded = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loaded)
-        yield loaded
+    stand_ins = _stand_ins()
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        with mock.patch.object(sys, "path", [str(MODULE_DIR), *sys.path]), mock.patch.object(
+            slicer, "vtkCommand", vtk.vtkCommand, create=True
+        ):
+            spec = importlib.util.spec_from_file_location(
+                "MultiModalAnalysis", MODULE_DIR / "MultiModalAnalysis.py")
+            loaded = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(loaded)
+            yield loaded
+    finally:
+        for name, before in saved.items():
+            if before is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = before
 
 
 def _volume(scene, value: float, name: str):
@@ -135,3 +146,21 @@ def test_the_first_reference_offered_is_a_scalar_volume_not_a_labelmap(module, m
     mrml.volume_node_from_image(mask, mrml_scene, "mask", labelmap=True)
     ct = _volume(mrml_scene, 100.0, "CT")
     assert module.MultiModalAnalysisLogic.firstScalarVolume(mrml_scene) is ct
+
+
+def test_the_fields_of_view_of_a_registration_go_with_its_volumes_to_the_next_step(
+    module, mrml_scene
+):
+    ct, pet = _volume(mrml_scene, 100.0, "CT"), _volume(mrml_scene, 5.0, "PET")
+    points = np.array([[0.0, 0, 0], [8, 0, 2], [0, 6, 4], [4, 2, 5]])
+    p = _parameters(mrml_scene, ct, inputVolumes=[pet], inputModalities=["PET"],
+                    registrationType="landmarks",
+                    referenceLandmarks=mrml.markups_from_points(points, mrml_scene, "on CT"))
+    p.inputLandmarks = [mrml.markups_from_points(points, mrml_scene, "on PET").GetID()]
+    widget = _widget(module, p)
+    _finish_run(widget, ("register",))
+    assert set(widget._fieldsOfView) == {"PET"}
+
+    _, state = widget.logic.workflow(p, ("segment",), widget._currentVolumes,
+                                     widget._unregisteredVolumes, widget._fieldsOfView)
+    assert state.fields_of_view["PET"] is widget._fieldsOfView["PET"]

@@ -146,6 +146,41 @@ def test_registering_again_starts_from_the_unregistered_volumes(inputs):
                        atol=1e-6)
 
 
+def test_segmenting_after_a_separate_register_leaves_out_the_registered_padding(mrml_scene):
+    # Register, then Segment as a second click (the module carries the volumes, their
+    # unregistered inputs and the fields of view): the PET's padding outside its field of
+    # view must stay unlabelled, as in one run.
+    rng = np.random.default_rng(0)
+    ct = sitk.GetImageFromArray(rng.normal(0, 30, (16, 32, 32)).astype(np.float32))
+    ct.SetSpacing((2, 2, 2))
+    ct[8:24, 8:24, 4:12] = sitk.GetImageFromArray(
+        rng.normal(200, 30, (8, 16, 16)).astype(np.float32))
+    pet = sitk.GetImageFromArray(rng.normal(2, 0.3, (16, 16, 16)).astype(np.float32))
+    pet.SetSpacing((2, 2, 2))
+    pet.SetOrigin((16.0, 16.0, 0.0))  # the PET covers the CT's centre only
+    inputs = [(mrml.volume_node_from_image(ct, mrml_scene, "CT"), "CT"),
+              (mrml.volume_node_from_image(pet, mrml_scene, "PET"), "PET")]
+    points = np.array([[20.0, 20, 4], [40, 20, 10], [20, 40, 20], [36, 36, 26]])
+    marks = [mrml.markups_from_points(points, mrml_scene, n) for n in ("on CT", "on PET")]
+    settings = WorkflowSettings(preprocess=False, registration_type="landmarks",
+                                segmentation_method="gmm", segmentation_classes=2,
+                                show_3d=False)
+    steps, first = workflow_steps(inputs, settings, stages=("register",), landmarks=marks)
+    StepRunner(steps).run_to_end()
+    steps, second = workflow_steps(
+        [(n, m) for m, n in first.volumes.items()], settings, stages=("segment",),
+        landmarks=marks, unregistered=[(n, m) for m, n in first.unregistered.items()],
+        fields_of_view=first.fields_of_view)
+    StepRunner(steps).run_to_end()
+
+    labels = sitk.GetArrayFromImage(mrml.labels_from_segmentation_node(
+        second.segmentation.segmentation_node, inputs[0][0]))
+    covered = np.zeros(labels.shape, bool)
+    covered[:, 8:24, 8:24] = True  # the PET's field of view on the CT grid
+    assert not (labels[~covered] > 0).any()
+    assert (labels[covered] > 0).mean() > 0.9
+
+
 def test_the_segmentation_is_restricted_to_the_chosen_region(inputs):
     volumes, gtv = inputs
     settings = WorkflowSettings(preprocess=False, registration_type="none",
