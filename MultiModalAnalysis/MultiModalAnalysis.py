@@ -553,12 +553,15 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def predictionText(tableNode) -> str:
-        """ "LungMets = 1 (probability 0.83)" for the first row of a prediction table."""
+        """ "LungMets = 1 (probability 0.83)" for a prediction table of one row; with several
+        rows (one per region measured), each is named by its segment."""
         frame = mrml.dataframe_from_table_node(tableNode)
-        if frame.empty:
-            return ""
-        row = frame.iloc[0]
-        return f"{row['label']} (probability {float(row['probability']):.2f})"
+        texts = [f"{row['label']} (probability {float(row['probability']):.2f})"
+                 for _, row in frame.iterrows()]
+        if len(texts) <= 1:
+            return "".join(texts)
+        names = frame["segment"] if "segment" in frame.columns else frame.index + 1
+        return "; ".join(f"{name}: {text}" for name, text in zip(names, texts, strict=True))
 
 
 #

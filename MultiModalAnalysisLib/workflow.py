@@ -225,11 +225,29 @@ def workflow_steps(
             lambda node: setattr(state, "features", node),
         )))
     if "classify" in stages and _given(settings.classifier):
+        if mask_node is None and {"segment", "features"} <= set(stages):
+            # the features would measure this run's segmentation: one row per tissue class
+            _refuse_tissue_classes(settings, "the classifier reads",
+                                   "choose the lesion's segmentation as the features' mask")
         steps.append(("classify", then(
             lambda: nodes.classify_task(state.features, settings.classifier, scene=target),
             lambda node: setattr(state, "prediction", node),
         )))
     return steps, state
+
+
+def _refuse_tissue_classes(settings: WorkflowSettings, who: str, instead: str) -> None:
+    """Refuse a segmentation whose labels are no lesion (gmm/kmeans tissue classes, which
+    together cover the whole image, or none) where one region per case is needed."""
+    if settings.segmentation_method in BATCH_SEGMENTATIONS:
+        return
+    chosen = settings.segmentation_method or "none"
+    raise ConfigError(
+        f"{who} one region per case: {instead}, or segment with a trained model or a "
+        f"threshold; segmentation '{chosen}' "
+        + ("finds tissue classes that together cover the whole image."
+           if settings.segmentation_method else "gives no region.")
+    )
 
 
 def _modality_keys(volumes: Sequence[tuple[Any, str]]) -> list[str]:
@@ -331,15 +349,9 @@ def batch_task(
             "a batch cannot register by landmarks (they are clicked per case in Slicer): "
             "choose rigid, affine, deformable or none for the batch."
         )
-    if not mask_name and settings.segmentation_method not in BATCH_SEGMENTATIONS:
-        chosen = settings.segmentation_method or "none"
-        raise ConfigError(
-            f"a batch measures one region per case: give the name of each case's mask (e.g. "
-            f"CT_mask), or segment with a trained model or a threshold; segmentation "
-            f"'{chosen}' "
-            + ("finds tissue classes that together cover the whole image."
-               if settings.segmentation_method else "gives no region.")
-        )
+    if not mask_name:
+        _refuse_tissue_classes(settings, "a batch measures",
+                               "give the name of each case's mask (e.g. CT_mask)")
     folders = [Path(f) for f in case_folders]
     if not folders:
         raise MMAError("no case folder was given for the batch.")

@@ -164,3 +164,16 @@ def test_the_fields_of_view_of_a_registration_go_with_its_volumes_to_the_next_st
     _, state = widget.logic.workflow(p, ("segment",), widget._currentVolumes,
                                      widget._unregisteredVolumes, widget._fieldsOfView)
     assert state.fields_of_view["PET"] is widget._fieldsOfView["PET"]
+
+
+def test_the_prediction_label_names_the_segment_of_each_row(module, mrml_scene):
+    import pandas as pd
+
+    one = pd.DataFrame({"segment": ["GTV"], "label": ["LungMets = 1"], "probability": [0.83]})
+    assert module.MultiModalAnalysisLogic.predictionText(
+        mrml.table_node_from_dataframe(one, mrml_scene)) == "LungMets = 1 (probability 0.83)"
+    two = pd.DataFrame({"segment": ["GTV", "necrosis"], "label": ["LungMets = 1", "LungMets = 0"],
+                        "probability": [0.83, 0.2]})
+    assert module.MultiModalAnalysisLogic.predictionText(
+        mrml.table_node_from_dataframe(two, mrml_scene)) == (
+        "GTV: LungMets = 1 (probability 0.83); necrosis: LungMets = 0 (probability 0.20)")

@@ -69,6 +69,23 @@ def test_run_all_lists_every_stage_in_order_and_skips_what_is_switched_off(input
     assert [name for name, _ in steps] == ["features"]
 
 
+def test_a_prediction_refuses_tissue_classes_as_the_region_it_reads(inputs, tmp_path):
+    # gmm/kmeans classes together cover the image: the features table would hold one row
+    # per class and the prediction would read the first class, not a lesion.
+    volumes, gtv = inputs
+    classifier = tmp_path / "model.joblib"
+    classifier.write_bytes(b"")
+    settings = WorkflowSettings(classifier=str(classifier))  # the module's defaults: gmm
+    with pytest.raises(ConfigError, match="one region per case.*tissue classes"):
+        workflow_steps(volumes, settings)
+    # the lesion's contour as the region, or no prediction: accepted
+    for accepted in ({"mask_node": gtv}, {"stages": ("segment", "features")}):
+        steps, _ = workflow_steps(volumes, settings, **accepted)
+        assert steps
+    threshold = WorkflowSettings(classifier=str(classifier), segmentation_method="threshold")
+    assert workflow_steps(volumes, threshold)[0][-1][0] == "classify"
+
+
 def test_run_all_refuses_bad_settings_before_any_work(inputs):
     volumes, _ = inputs
     with pytest.raises(ConfigError, match="registration type"):
