@@ -254,6 +254,29 @@ def volume_node_from_image(
     return node
 
 
+def keep_in_place_under(node: Any, transform_node: Any) -> None:
+    """Put a volume node under a linear ``transform_node`` without moving it in the world:
+    its own geometry becomes the one the transform carries to where the volume is now.
+
+    Raises:
+        GeometryError: ``transform_node`` is not linear.
+    """
+    import vtk
+
+    if not transform_node.IsTransformToWorldLinear():
+        raise GeometryError(
+            f"transform {_node_label(transform_node)} is non-linear: a volume cannot be placed "
+            "under it without resampling. Harden it first (Data module)."
+        )
+    to_world = vtk.vtkMatrix4x4()
+    transform_node.GetMatrixTransformToWorld(to_world)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    own = np.linalg.inv(_to_numpy_matrix(to_world)) @ _to_numpy_matrix(ijk_to_ras)
+    node.SetIJKToRASMatrix(_to_vtk_matrix(own))
+    node.SetAndObserveTransformNodeID(transform_node.GetID())
+
+
 def _as_label_array(array: np.ndarray, what: str) -> np.ndarray:
     """A label array as an integer type Slicer labelmaps use."""
     if np.issubdtype(array.dtype, np.integer):

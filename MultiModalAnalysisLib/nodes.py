@@ -137,18 +137,24 @@ def preprocess_task(
 ) -> NodeTask:
     """Apply the modality preset (CT clip, MR N4 + z-score, ...) to a volume node.
 
-    Returns a task publishing a new scalar volume node named ``<input> preprocessed``.
+    Returns a task publishing a new scalar volume node named ``<input> preprocessed``, under
+    the input's parent transform (if any) and shown where the input is: a registration of
+    the copy then replaces that parent as one of the input does.
     """
     from MultiModalAnalysisLib.preprocess import apply_modality_preset
 
     image = _read_volume(volume_node, canonical_modality(modality))
     out_name = name or f"{_name(volume_node)} preprocessed"
+    parent = volume_node.GetParentTransformNode()
 
     def compute(progress: Progress, cancel: threading.Event | None) -> sitk.Image:
         return apply_modality_preset(image, modality, progress=progress, cancel=cancel)
 
     def publish(result: sitk.Image) -> Any:
-        return mrml.volume_node_from_image(result, scene or volume_node.GetScene(), out_name)
+        node = mrml.volume_node_from_image(result, scene or volume_node.GetScene(), out_name)
+        if parent is not None:
+            mrml.keep_in_place_under(node, parent)
+        return node
 
     return NodeTask(f"preprocess {_name(volume_node)}", compute, publish)
 

@@ -407,6 +407,35 @@ def test_the_transform_of_a_volume_with_a_parent_transform_replaces_that_parent(
     assert np.allclose(shown.GetDirection(), image.GetDirection(), atol=1e-9)
 
 
+def test_the_transform_of_a_preprocessed_copy_also_replaces_the_inputs_parent(mrml_scene):
+    # As above, through the preprocessed copy of the moving volume (Run all's default):
+    # the copy stays under the input's parent, so the published transform replaces it too.
+    import vtk
+
+    image = sitk.GetImageFromArray(np.random.default_rng(2).normal(0, 100, (12, 16, 20)))
+    image.SetSpacing((1.5, 1.0, 2.0))
+    fixed = mrml.volume_node_from_image(image, mrml_scene, "CT")
+    moving = mrml.volume_node_from_image(image, mrml_scene, "PET")
+    shift = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "5 mm right")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 5.0)
+    shift.SetMatrixTransformToParent(matrix)
+    moving.SetAndObserveTransformNodeID(shift.GetID())
+    copy = nodes.preprocess_volume(moving, "PET")
+    assert copy.GetParentTransformNode() is shift
+    assert np.allclose(mrml.image_from_volume_node(copy).GetOrigin(),
+                       mrml.image_from_volume_node(moving).GetOrigin(), atol=1e-9)
+
+    points = np.array([[0.0, 0.0, 0.0], [20.0, 0.0, 5.0], [0.0, 12.0, 10.0], [8.0, 4.0, 20.0]])
+    result = nodes.register_volumes(
+        fixed, copy, transform="landmarks",
+        fixed_landmarks_node=mrml.markups_from_points(points, mrml_scene, "on CT"),
+        moving_landmarks_node=mrml.markups_from_points(points - [5.0, 0, 0], mrml_scene, "on PET"))
+    moving.SetAndObserveTransformNodeID(result.transform_node.GetID())
+    assert np.allclose(mrml.image_from_volume_node(moving).GetOrigin(), image.GetOrigin(),
+                       atol=1e-6)
+
+
 def test_landmarks_alone_register_a_moved_volume_and_others_start_an_intensity_registration(
         mrml_scene, sts002):
     ct = sts002.image("CT")
