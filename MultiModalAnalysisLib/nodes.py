@@ -288,16 +288,19 @@ def register_task(
             )
 
     parent = moving_node.GetParentTransformNode()
+    # Read now, with the moving image: the parent may change while the registration runs.
+    # (A linear one: reading the image refused any other.)
+    undo_parent = (mrml.transform_from_transform_node(parent, reference=fixed)
+                   if parent is not None else None)
 
     def publish(result: Any) -> RegistrationNodes:
         target = scene or fixed_node.GetScene()
         aligning = result.transform
-        if parent is not None:
+        if undo_parent is not None:
             # The moving volume was read where its parent transform shows it, so the result
             # maps the fixed world to that place. The node replaces the parent: it also
             # undoes it (fixed point -> shown moving point -> the volume's own frame).
-            aligning = sitk.CompositeTransform(
-                [mrml.transform_from_transform_node(parent, reference=fixed), aligning])
+            aligning = sitk.CompositeTransform([undo_parent, aligning])
         transform_node = mrml.transform_node_from_transform(
             aligning, target, name or f"{label} ({transform})", reference=fixed
         )

@@ -436,6 +436,33 @@ def test_the_transform_of_a_preprocessed_copy_also_replaces_the_inputs_parent(mr
                        atol=1e-6)
 
 
+def test_a_parent_transform_changed_while_registering_does_not_shift_the_result(mrml_scene):
+    # The moving image is read where its parent shows it when the task is built; the parent
+    # undone by the published transform must be that one, not one nudged meanwhile.
+    import vtk
+
+    image = sitk.GetImageFromArray(np.random.default_rng(2).normal(0, 1, (12, 16, 20)))
+    fixed = mrml.volume_node_from_image(image, mrml_scene, "fixed")
+    moving = mrml.volume_node_from_image(image, mrml_scene, "moving")
+    shift = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "manual")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 5.0)
+    shift.SetMatrixTransformToParent(matrix)
+    moving.SetAndObserveTransformNodeID(shift.GetID())
+    points = np.array([[0.0, 0.0, 0.0], [20.0, 0.0, 5.0], [0.0, 12.0, 10.0], [8.0, 4.0, 20.0]])
+    task = nodes.register_task(
+        fixed, moving, transform="landmarks",
+        fixed_landmarks_node=mrml.markups_from_points(points, mrml_scene, "f"),
+        moving_landmarks_node=mrml.markups_from_points(points - [5.0, 0, 0], mrml_scene, "m"))
+    result = task.compute(None, None)
+    matrix.SetElement(0, 3, 7.0)  # the user moves the slider while the worker runs
+    shift.SetMatrixTransformToParent(matrix)
+    out = task.publish(result)
+    moving.SetAndObserveTransformNodeID(out.transform_node.GetID())
+    assert np.allclose(mrml.image_from_volume_node(moving).GetOrigin(), image.GetOrigin(),
+                       atol=1e-6)
+
+
 def test_landmarks_alone_register_a_moved_volume_and_others_start_an_intensity_registration(
         mrml_scene, sts002):
     ct = sts002.image("CT")
