@@ -370,6 +370,15 @@ def _grid_transform_from_field(field: sitk.Image) -> Any:
     return transform
 
 
+def as_node_transform(transform: sitk.Transform, reference: sitk.Image) -> sitk.Transform:
+    """``transform`` as :func:`transform_node_from_transform` would store it, computed ahead
+    (no scene needed: it may run in a worker thread): a linear transform as it is, a
+    non-linear one as a displacement field sampled on ``reference``'s grid."""
+    if _is_linear(transform):
+        return transform
+    return sitk.DisplacementFieldTransform(_displacement_field_of(transform, reference))
+
+
 def transform_node_from_transform(
     transform: sitk.Transform,
     scene: Any | None = None,

@@ -228,6 +228,16 @@ class RegistrationNodes:
     field_of_view: sitk.Image | None = None
 
 
+@dataclass
+class _RegistrationImages:
+    """A registration's outputs as engine objects, ready to become nodes."""
+
+    transform: sitk.Transform  # linear, or a displacement field on the fixed grid
+    warped: sitk.Image
+    field_of_view: sitk.Image
+    metrics: dict[str, Any]
+
+
 def register_task(
     fixed_node: Any,
     moving_node: Any,
@@ -276,9 +286,9 @@ def register_task(
             )
         # Fitted now (a least-squares fit of a few points: instant), so bad points are
         # refused before the task is queued; compute() only hands the result over.
-        compute = _landmark_registration(fixed, moving, landmarks, landmark_transform)
+        registration = _landmark_registration(fixed, moving, landmarks, landmark_transform)
     else:
-        def compute(progress: Progress, cancel: threading.Event | None) -> Any:
+        def registration(progress: Progress, cancel: threading.Event | None) -> Any:
             from MultiModalAnalysisLib.registration import register
 
             return register(
@@ -293,25 +303,33 @@ def register_task(
     undo_parent = (mrml.transform_from_transform_node(parent, reference=fixed)
                    if parent is not None else None)
 
-    def publish(result: Any) -> RegistrationNodes:
-        target = scene or fixed_node.GetScene()
+    def compute(progress: Progress, cancel: threading.Event | None) -> _RegistrationImages:
+        result = registration(progress, cancel)
+        # What publish() stores, computed here, in the worker: publish only adds nodes.
+        from MultiModalAnalysisLib.images import image_from_array
+        from MultiModalAnalysisLib.segmentation.inputs import field_of_view
+
+        check_cancel(cancel, "the registration")
         aligning = result.transform
         if undo_parent is not None:
             # The moving volume was read where its parent transform shows it, so the result
             # maps the fixed world to that place. The node replaces the parent: it also
             # undoes it (fixed point -> shown moving point -> the volume's own frame).
             aligning = sitk.CompositeTransform([undo_parent, aligning])
+        aligning = mrml.as_node_transform(aligning, fixed)
+        check_cancel(cancel, "the registration")
+        warped = result.warped
+        covered = field_of_view(moving, fixed, result.transform).astype(np.uint8)
+        return _RegistrationImages(aligning, warped, image_from_array(covered, fixed),
+                                   dict(result.metrics))
+
+    def publish(result: _RegistrationImages) -> RegistrationNodes:
+        target = scene or fixed_node.GetScene()
         transform_node = mrml.transform_node_from_transform(
-            aligning, target, name or f"{label} ({transform})", reference=fixed
-        )
+            result.transform, target, name or f"{label} ({transform})")
         warped_name = f"{_name(moving_node)} registered"
         warped = mrml.volume_node_from_image(result.warped, target, warped_name)
-        from MultiModalAnalysisLib.images import image_from_array
-        from MultiModalAnalysisLib.segmentation.inputs import field_of_view
-
-        covered = field_of_view(moving, fixed, result.transform).astype(np.uint8)
-        return RegistrationNodes(transform_node, warped, dict(result.metrics),
-                                 image_from_array(covered, fixed))
+        return RegistrationNodes(transform_node, warped, result.metrics, result.field_of_view)
 
     return NodeTask(f"register {label}", compute, publish)
 

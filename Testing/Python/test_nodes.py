@@ -463,6 +463,40 @@ def test_a_parent_transform_changed_while_registering_does_not_shift_the_result(
                        atol=1e-6)
 
 
+def test_a_registration_resamples_in_the_worker_and_its_publish_only_adds_nodes(
+        mrml_scene, monkeypatch):
+    # publish() runs on Slicer's main thread: the warped volume, the field of view and the
+    # sampling of a deformable transform onto a grid must all happen in compute().
+    from unittest import mock
+
+    from MultiModalAnalysisLib.registration import RegistrationResult
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 50, (10, 16, 20)))
+    fixed = mrml.volume_node_from_image(image, mrml_scene, "CT")
+    moving = mrml.volume_node_from_image(image, mrml_scene, "MR")
+    field = sitk.Image((8, 8, 6), sitk.sitkVectorFloat64)
+    field.SetSpacing((3.0, 3.0, 3.0))
+    deformable = sitk.CompositeTransform(
+        [sitk.Euler3DTransform((10, 8, 5), 0.02, 0, 0.03, (2, 1, 0)),
+         sitk.DisplacementFieldTransform(field)])
+    monkeypatch.setattr(nodes, "_landmark_registration", lambda f, m, *_: (
+        lambda progress, cancel: RegistrationResult(deformable, {}, f, m)))
+    points = np.array([[0.0, 0, 0], [10, 0, 2], [0, 12, 4], [6, 4, 8]])
+    task = nodes.register_task(
+        fixed, moving, transform="landmarks",
+        fixed_landmarks_node=mrml.markups_from_points(points, mrml_scene, "a"),
+        moving_landmarks_node=mrml.markups_from_points(points, mrml_scene, "b"))
+    result = task.compute(None, None)
+
+    refused = AssertionError("engine work in publish()")
+    with mock.patch.object(sitk, "Resample", side_effect=refused), \
+            mock.patch.object(sitk, "TransformToDisplacementField", side_effect=refused):
+        out = task.publish(result)
+    assert out.transform_node.IsA("vtkMRMLGridTransformNode")
+    assert mrml.image_from_volume_node(out.warped_node).GetSize() == image.GetSize()
+    assert out.field_of_view.GetSize() == image.GetSize()
+
+
 def test_landmarks_alone_register_a_moved_volume_and_others_start_an_intensity_registration(
         mrml_scene, sts002):
     ct = sts002.image("CT")
