@@ -18,6 +18,7 @@ wheel.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -795,9 +796,10 @@ def landmark_pairs(fixed_node: Any, moving_node: Any) -> tuple[np.ndarray, np.nd
     """Paired landmarks (fixed LPS points, moving LPS points) from two markups nodes.
 
     Points pair up by label when the two lists share labels (points renamed after the
-    anatomy: "carina", "L1"); the shared labels must then be all of them. Otherwise (each
-    list with Slicer's own labels, "F-1" and "F_1-1") they pair in order. A point marked
-    missing in either list drops its pair.
+    anatomy: "carina", "L1"; case and surrounding spaces are ignored); the shared labels
+    must then be all of them. Lists with Slicer's own labels ("F-1" and "F_1-1") pair in
+    order. Two lists renamed after the anatomy that share no label are refused, not paired
+    in an order that may differ. A point marked missing in either list drops its pair.
 
     Raises:
         ConfigError, MMAError: not markups, no placed points, labels that do not match, or
@@ -805,11 +807,20 @@ def landmark_pairs(fixed_node: Any, moving_node: Any) -> tuple[np.ndarray, np.nd
     """
     lists = [_placed(node) for node in (fixed_node, moving_node)]
     names = (_node_label(fixed_node), _node_label(moving_node))
-    labels = [[label for label, _ in points] for points in lists]
-    unique = all(len(set(each)) == len(each) for each in labels)
-    shared = set(labels[0]) & set(labels[1])
+    labels = [[label.strip() for label, _ in points] for points in lists]
+    keys = [[label.casefold() for label in each] for each in labels]
+    unique = all(len(set(each)) == len(each) for each in keys)
+    shared = set(keys[0]) & set(keys[1])
+    if not shared and all(any(_renamed(label) for label in each) for each in labels):
+        raise MMAError(
+            f"the landmarks {names[0]} and {names[1]} are labelled after the anatomy but "
+            f"share no label ({', '.join(labels[0][:3])} / {', '.join(labels[1][:3])}): give "
+            "each anatomical point the same label in both lists, or keep Slicer's own labels "
+            "to pair them in the order they were clicked."
+        )
     if unique and shared:
-        only = [[label for label in each if label not in shared] for each in labels]
+        only = [[label for label, key in zip(each, each_keys, strict=True) if key not in shared]
+                for each, each_keys in zip(labels, keys, strict=True)]
         if only[0] or only[1]:
             raise MMAError(
                 f"the landmarks {names[0]} and {names[1]} pair up by their labels, but "
@@ -819,8 +830,9 @@ def landmark_pairs(fixed_node: Any, moving_node: Any) -> tuple[np.ndarray, np.nd
                 + ". Give each anatomical point the same label in both lists (or mark it "
                 "missing where it is not visible)."
             )
-        moving_by_label = dict(lists[1])
-        pairs = [(point, moving_by_label[label]) for label, point in lists[0]]
+        moving_by_key = {key: point for key, (_, point) in zip(keys[1], lists[1], strict=True)}
+        pairs = [(point, moving_by_key[key])
+                 for key, (_, point) in zip(keys[0], lists[0], strict=True)]
     else:
         if len(lists[0]) != len(lists[1]):
             raise MMAError(
@@ -834,6 +846,11 @@ def landmark_pairs(fixed_node: Any, moving_node: Any) -> tuple[np.ndarray, np.nd
     if not pairs:
         raise MMAError(f"no landmark is placed in both {names[0]} and {names[1]}.")
     return np.array([f for f, _ in pairs]), np.array([m for _, m in pairs])
+
+
+def _renamed(label: str) -> bool:
+    """Whether a control point's label was given by the user, not Slicer's own ("F-3")."""
+    return bool(label) and re.fullmatch(r".*-\d+", label) is None
 
 
 def markups_from_points(points: Any, scene: Any | None = None, name: str = "",

@@ -463,6 +463,23 @@ def test_landmarks_pair_by_label_or_in_order_and_skip_points_marked_missing(mrml
     assert np.allclose(f, lps[[0, 2, 3]])
 
 
+def test_landmark_labels_pair_whatever_their_case_and_spaces_and_never_fall_back_to_order(
+        mrml_scene):
+    lps = np.array([[0.0, 0, 0], [50, 0, 0], [0, 60, 0], [0, 0, 70]])
+    fixed = mrml.markups_from_points(lps, mrml_scene, "on CT",
+                                     labels=["carina", "L1", "tip", "sternum"])
+    # the same anatomy clicked in another order, typed with capitals and a stray space
+    moving = mrml.markups_from_points(lps[[2, 0, 3, 1]] + 5.0, mrml_scene, "on MR",
+                                      labels=["Tip", "Carina", "Sternum", "L1 "])
+    f, m = mrml.landmark_pairs(fixed, moving)
+    assert np.allclose(m - f, 5.0)
+    # labelled after the anatomy on both sides but sharing none: refused, not paired in order
+    other = mrml.markups_from_points(lps + 5.0, mrml_scene, "on PET",
+                                     labels=["apex", "hilum", "dome", "spine"])
+    with pytest.raises(MMAError, match="share no label"):
+        mrml.landmark_pairs(fixed, other)
+
+
 def test_landmarks_that_cannot_pair_are_refused_with_what_to_do(mrml_scene, oblique_image):
     lps = np.array([[1.0, 2.0, 3.0], [10.0, -4.0, 7.0], [-6.0, 5.0, 0.0]])
     fixed = mrml.markups_from_points(lps, mrml_scene, "F", labels=["carina", "L1", "tip"])
