@@ -578,11 +578,22 @@ def segmentation_node_from_labels(
             if term is not None:
                 segment.SetTerminology(_terminology_string(term))
     finally:
-        scene.RemoveNode(labelmap)
+        _remove_temporary(scene, labelmap)
         scene.RemoveNode(color_table)
     if show_3d:
         segmentation.CreateClosedSurfaceRepresentation()
     return segmentation
+
+
+def _remove_temporary(scene: Any, node: Any) -> None:
+    """Remove a temporary node with the display and storage nodes made for it (removing a
+    node leaves them in the scene, which saves them)."""
+    own = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    own.append(node.GetStorageNode())
+    scene.RemoveNode(node)
+    for each in own:
+        if each is not None and each.GetScene() is scene:
+            scene.RemoveNode(each)
 
 
 def _ensure_conversion_rules() -> None:
@@ -727,7 +738,7 @@ def _export_segments(node: Any, indices: Any, reference_node: Any | None) -> sit
             raise MMAError(f"Slicer could not export segmentation {_node_label(node)}.")
         exported = image_from_volume_node(labelmap)
     finally:
-        scene.RemoveNode(labelmap)
+        _remove_temporary(scene, labelmap)
         # The export leaves a colour table behind for the temporary labelmap.
         for node_id in _node_ids(scene, "vtkMRMLColorTableNode") - colour_tables:
             scene.RemoveNode(scene.GetNodeByID(node_id))

@@ -324,8 +324,9 @@ def test_segmentation_has_named_coloured_segments_with_standard_terminology(mrml
     assert "SCT^71616004^Muscle" in by_name["muscle"].GetTerminology()
     assert np.allclose(by_name["muscle"].GetColor(), (0.0, 0.0, 1.0))
     assert segments.ContainsRepresentation("Closed surface")
-    # The temporary labelmap and colour table are gone.
+    # The temporary labelmap, its display node and the colour table are gone.
     assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLVolumeDisplayNode") == 0
     assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == 0
 
 
@@ -341,7 +342,11 @@ def test_labels_round_trip_through_a_segmentation_keeping_values_and_grid(mrml_s
         assert back.GetSize() == two_labels.GetSize()
         assert np.allclose(back.GetDirection(), two_labels.GetDirection(), atol=1e-6)
         assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(two_labels))
+    mrml.segment_masks(node, reference)
+    # Nothing of the temporary export labelmaps is left (the reference's own display node is)
     assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == 0
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeDisplayNode") == 0
     # Without a reference volume the labels come back on their own grid too, not on a grid
     # cropped to the segments.
     alone = mrml.segmentation_node_from_labels(two_labels, mrml_scene)
