@@ -54,6 +54,7 @@ class InputVolumesTable:
         self.table.insertRow(row)
         selector = slicer.qMRMLNodeComboBox()
         selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        selector.showChildNodeTypes = False  # no labelmaps or vector volumes
         selector.addEnabled = False
         selector.removeEnabled = False
         selector.noneEnabled = True

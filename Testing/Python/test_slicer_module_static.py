@@ -165,6 +165,23 @@ def test_every_node_selector_gets_the_scene():
     assert selectors <= connected, f"no setMRMLScene connection: {sorted(selectors - connected)}"
 
 
+def test_every_volume_selector_offers_scalar_volumes_only():
+    # A labelmap or a vector volume is a vtkMRMLScalarVolumeNode subclass: without
+    # showChildNodeTypes = False a selector would offer them as images to analyse.
+    for widget in ui_tree().iter("widget"):
+        types = [t.text for p in widget.findall("property") if p.get("name") == "nodeTypes"
+                 for t in p.iter("string")]
+        if "vtkMRMLScalarVolumeNode" in types:
+            shown = [p.find("bool").text for p in widget.findall("property")
+                     if p.get("name") == "showChildNodeTypes"]
+            assert shown == ["false"], f"{widget.get('name')}: set showChildNodeTypes false"
+    for path in module_python_files():
+        text = path.read_text()
+        for selector in re.findall(r"(\w+)\.nodeTypes = \[\"vtkMRMLScalarVolumeNode\"\]", text):
+            assert f"{selector}.showChildNodeTypes = False" in text, (
+                f"{path.name}: {selector} offers labelmaps and vector volumes")
+
+
 def _parameter_types() -> dict[str, str]:
     """Parameter name -> the kind of GUI it can bind to, read from the wrapper class."""
     tree = ast.parse((SLICER_LIB / "parameters.py").read_text())
