@@ -609,8 +609,11 @@ def classify_task(
             from MultiModalAnalysisLib.classification import load_classifier
 
             classifier = load_classifier(model)
+        names = [f for f in classifier.feature_names if f in table.columns]
         missing = [f for f in classifier.feature_names if f not in table.columns]
-        if missing:
+        # A trained model checks its features itself, as mma classify and the batch have it
+        # do (one it never uses may be absent); a stand-in without the check needs them all.
+        if missing and not hasattr(classifier, "check_features"):
             raise MMAError(
                 f"the features table lacks {len(missing)} feature(s) the classifier needs (e.g. "
                 f"{', '.join(missing[:5])}). Extract features with the settings the model was "
@@ -620,7 +623,7 @@ def classify_task(
         from MultiModalAnalysisLib.classification.model import predictions_of
 
         # (the model's own threshold and class names, as mma classify decides)
-        predicted = predictions_of(classifier, table[classifier.feature_names])
+        predicted = predictions_of(classifier, table[names])
         keep = [c for c in ("case_id", "segment") if c in table.columns]
         result = table[keep].copy() if keep else pd.DataFrame(index=table.index)
         result = pd.concat([result, predicted], axis=1)

@@ -180,6 +180,29 @@ def test_classify_table_adds_prediction_and_probability_per_row(mrml_scene):
         nodes.classify_table(table, NeedsMore())
 
 
+def test_classify_table_tolerates_a_feature_the_trained_model_never_uses(mrml_scene):
+    # As mma classify: a feature dropped by the model's selection may be absent; one it uses
+    # may not.
+    from synthetic_cohort import feature_cohort
+
+    from MultiModalAnalysisLib.classification import ClassifierSettings, train_classifier
+
+    features, labels = feature_cohort(n_cases=24, n_positive=8, n_informative=2, n_noise=6,
+                                      effect=3.0)
+    model = train_classifier(features, labels, ClassifierSettings(n_features=[3]),
+                             label_column="LungMets", evaluate=False)
+    unused = next(f for f in model.feature_names if f not in model.used_features)
+    table = features.drop(columns=[unused]).head(3)
+    result = mrml.dataframe_from_table_node(nodes.classify_table(
+        mrml.table_node_from_dataframe(table, mrml_scene, "features"), model))
+    assert result["probability"].to_numpy() == pytest.approx(
+        model.predict_proba(features.head(3))[:, 1])
+
+    used = features.drop(columns=[model.used_features[0]]).head(3)
+    with pytest.raises(MMAError, match=model.used_features[0]):
+        nodes.classify_table(mrml.table_node_from_dataframe(used, mrml_scene, "f"), model)
+
+
 def test_missing_inputs_are_refused_with_a_message(patient):
     with pytest.raises(MMAError, match="no reference volume"):
         nodes.resample_task(patient["PET"], None)
