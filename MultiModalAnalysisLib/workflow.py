@@ -219,7 +219,7 @@ def workflow_steps(
         steps.append(("features", then(
             lambda: nodes.extract_features_task(
                 dict(state.volumes), _region_node(state),
-                settings=settings.feature_settings if _given(settings.feature_settings) else None,
+                settings=_feature_settings(settings, classify="classify" in stages),
                 device=settings.device, case_id=settings.case_id, scene=target,
             ),
             lambda node: setattr(state, "features", node),
@@ -391,7 +391,26 @@ def batch_task(
     return nodes.NodeTask(f"batch of {len(folders)} cases", compute, publish)
 
 
-def _classifier_and_extraction(path: Any, settings: WorkflowSettings) -> tuple[Any, Any]:
+def _feature_settings(settings: WorkflowSettings, *, classify: bool) -> Any:
+    """The feature settings of a single-case run: those its classifier's training features
+    were computed with, when it classifies with a classifier that records them (a
+    classifier trained from images), else the module's."""
+    chosen = settings.feature_settings if _given(settings.feature_settings) else None
+    if not (classify and _given(settings.classifier)):
+        return chosen
+    _, extraction = _classifier_and_extraction(settings.classifier, settings, "Run all")
+    if extraction is None:
+        return chosen
+    if settings.preprocess:
+        log.warning(
+            "the classifier learnt features of images as read, and with Preprocess on the "
+            "module measures the preprocessed volumes: turn Preprocess off for a prediction "
+            "on the features it learnt (the batch measures the images as read by itself).")
+    return extraction["feature_settings"]
+
+
+def _classifier_and_extraction(path: Any, settings: WorkflowSettings,
+                               who: str = "the batch") -> tuple[Any, Any]:
     """The batch's classifier, loaded (or, when it cannot be, its path: the predictions
     then say why), and how its training features were computed (None when it does not
     record it: trained on a feature table)."""
@@ -409,9 +428,9 @@ def _classifier_and_extraction(path: Any, settings: WorkflowSettings) -> tuple[A
 
         if load_settings(settings.feature_settings).to_dict() != extraction["feature_settings"]:
             log.warning(
-                "the batch measures each case with the classifier's feature settings, those "
-                "its training features were computed with, not with %s: other settings "
-                "would give features the classifier did not learn.", settings.feature_settings)
+                "%s measures with the classifier's feature settings, those its training "
+                "features were computed with, not with %s: other settings would give "
+                "features the classifier did not learn.", who, settings.feature_settings)
     return classifier, extraction
 
 

@@ -360,9 +360,11 @@ def test_a_batch_moves_a_moving_modalitys_own_mask_with_its_registration(
     assert frame.loc[0, "PET_stat_mean"] == pytest.approx(8.0, abs=0.8)  # was 1.06
 
 
-def test_a_batch_measures_as_its_classifier_was_trained_and_refuses_swapped_images(
-    mrml_scene, tmp_path, few_features, caplog
-):
+@pytest.fixture
+def image_classifier(tmp_path):
+    """Eight synthetic STS-style case folders (CT with metal, PET, CT_mask), a classifier
+    trained from their image manifest with its own feature settings, and its training
+    table."""
     from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
 
     rng = np.random.default_rng(0)
@@ -391,9 +393,16 @@ def test_a_batch_measures_as_its_classifier_was_trained_and_refuses_swapped_imag
     train_classifier(table, settings={"classifier": "logistic_l2", "n_features": [2],
                                       "cv_folds": 2, "cv_repeats": 1},
                      evaluate=False, output=tmp_path / "CLF")
+    return tmp_path / "CLF", table
+
+
+def test_a_batch_measures_as_its_classifier_was_trained_and_refuses_swapped_images(
+    mrml_scene, tmp_path, few_features, caplog, image_classifier
+):
+    classifier, table = image_classifier
     # the module's own settings (preprocessing on, three families at 32 bins) differ
     settings = WorkflowSettings(preprocess=True, registration_type="none",
-                                feature_settings=few_features, classifier=str(tmp_path / "CLF"),
+                                feature_settings=few_features, classifier=str(classifier),
                                 device="cpu")
     folders = [tmp_path / "C00", tmp_path / "C01"]
     with caplog.at_level("WARNING"):
@@ -419,3 +428,39 @@ def test_a_batch_measures_as_its_classifier_was_trained_and_refuses_swapped_imag
         scene=mrml_scene).run())
     assert "do not look like CT in HU" in frame.loc[0, "error"]
     assert frame.loc[1, "error"] == "" and frame.loc[1, "prediction"] != ""
+
+
+def test_run_all_measures_with_its_classifiers_feature_settings(
+    mrml_scene, tmp_path, few_features, caplog, image_classifier
+):
+    classifier, table = image_classifier
+    case = load_case(tmp_path / "C01", ["CT", "PET"])
+    ct = mrml.volume_node_from_image(case.image("CT"), mrml_scene, "CT")
+    pet = mrml.volume_node_from_image(case.image("PET"), mrml_scene, "PET")
+    lesion = mrml.segmentation_node_from_labels(case.mask("CT_mask"), mrml_scene,
+                                                names={1: "lesion"}, reference_node=ct)
+    settings = WorkflowSettings(preprocess=False, feature_settings=few_features,
+                                classifier=str(classifier), device="cpu")
+    steps, state = workflow_steps([(ct, "CT"), (pet, "PET")], settings, mask_node=lesion,
+                                  stages=("features", "classify"))
+    with caplog.at_level("WARNING"):
+        StepRunner(steps).run_to_end()
+    assert "Run all measures with the classifier's feature settings" in caplog.text
+    measured = mrml.dataframe_from_table_node(state.features).iloc[0]
+    for column in table.features.columns:  # the training table's values, not the module's
+        assert measured[column] == pytest.approx(table.features.loc["C01", column],
+                                                 rel=1e-5), column
+    assert "CT_morph_volume" not in measured.index
+    caplog.clear()
+    steps, _ = workflow_steps([(ct, "CT"), (pet, "PET")],
+                              WorkflowSettings(classifier=str(classifier), device="cpu"),
+                              mask_node=lesion, stages=("features",))
+    with caplog.at_level("WARNING"):  # no classify stage: the module's settings, no word
+        StepRunner(steps).run_to_end()
+    assert "classifier" not in caplog.text
+    steps, _ = workflow_steps([(ct, "CT"), (pet, "PET")],
+                              WorkflowSettings(classifier=str(classifier), device="cpu"),
+                              mask_node=lesion, stages=("features", "classify"))
+    with caplog.at_level("WARNING"):
+        StepRunner(steps).run_to_end()
+    assert "turn Preprocess off" in caplog.text
