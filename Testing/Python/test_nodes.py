@@ -403,21 +403,28 @@ def tumour_landmarks(ct: sitk.Image, mask: sitk.Image, count: int = 5) -> np.nda
                      for idx in chosen])
 
 
-def test_the_transform_of_a_volume_with_a_parent_transform_replaces_that_parent(mrml_scene):
-    # The moving volume is the fixed one shown 5 mm to the right by a parent transform; the
-    # landmarks are clicked where each volume is shown. The published transform, set as the
-    # moving volume's parent in place of the old one, must show it on the fixed volume.
+def _shown_5_mm_right(scene, scale: float, names: tuple[str, str]):
+    """(image, fixed node, moving node, parent): one noise image as two volumes, the moving
+    one shown 5 mm to the right by a parent transform."""
     import vtk
 
-    image = sitk.GetImageFromArray(np.random.default_rng(2).normal(0, 1, (12, 16, 20)))
+    image = sitk.GetImageFromArray(np.random.default_rng(2).normal(0, scale, (12, 16, 20)))
     image.SetSpacing((1.5, 1.0, 2.0))
-    fixed = mrml.volume_node_from_image(image, mrml_scene, "fixed")
-    moving = mrml.volume_node_from_image(image, mrml_scene, "moving")
-    shift = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "5 mm right")
+    fixed = mrml.volume_node_from_image(image, scene, names[0])
+    moving = mrml.volume_node_from_image(image, scene, names[1])
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "5 mm right")
     matrix = vtk.vtkMatrix4x4()
     matrix.SetElement(0, 3, 5.0)  # RAS: +x is right
     shift.SetMatrixTransformToParent(matrix)
     moving.SetAndObserveTransformNodeID(shift.GetID())
+    return image, fixed, moving, shift
+
+
+def test_the_transform_of_a_volume_with_a_parent_transform_replaces_that_parent(mrml_scene):
+    # The moving volume is the fixed one shown 5 mm to the right by a parent transform; the
+    # landmarks are clicked where each volume is shown. The published transform, set as the
+    # moving volume's parent in place of the old one, must show it on the fixed volume.
+    image, fixed, moving, _ = _shown_5_mm_right(mrml_scene, 1.0, ("fixed", "moving"))
     points = np.array([[0.0, 0.0, 0.0], [20.0, 0.0, 5.0], [0.0, 12.0, 10.0], [8.0, 4.0, 20.0]])
     on_fixed = mrml.markups_from_points(points, mrml_scene, "on fixed")
     on_moving = mrml.markups_from_points(points - [5.0, 0.0, 0.0], mrml_scene, "on moving")
@@ -433,17 +440,7 @@ def test_the_transform_of_a_volume_with_a_parent_transform_replaces_that_parent(
 def test_the_transform_of_a_preprocessed_copy_also_replaces_the_inputs_parent(mrml_scene):
     # As above, through the preprocessed copy of the moving volume (Run all's default):
     # the copy stays under the input's parent, so the published transform replaces it too.
-    import vtk
-
-    image = sitk.GetImageFromArray(np.random.default_rng(2).normal(0, 100, (12, 16, 20)))
-    image.SetSpacing((1.5, 1.0, 2.0))
-    fixed = mrml.volume_node_from_image(image, mrml_scene, "CT")
-    moving = mrml.volume_node_from_image(image, mrml_scene, "PET")
-    shift = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "5 mm right")
-    matrix = vtk.vtkMatrix4x4()
-    matrix.SetElement(0, 3, 5.0)
-    shift.SetMatrixTransformToParent(matrix)
-    moving.SetAndObserveTransformNodeID(shift.GetID())
+    image, fixed, moving, shift = _shown_5_mm_right(mrml_scene, 100.0, ("CT", "PET"))
     copy = nodes.preprocess_volume(moving, "PET")
     assert copy.GetParentTransformNode() is shift
     assert np.allclose(mrml.image_from_volume_node(copy).GetOrigin(),
