@@ -822,7 +822,7 @@ def landmark_pairs(fixed_node: Any, moving_node: Any) -> tuple[np.ndarray, np.nd
     keys = [[label.casefold() for label in each] for each in labels]
     unique = all(len(set(each)) == len(each) for each in keys)
     shared = set(keys[0]) & set(keys[1])
-    if not shared and all(any(_renamed(label) for label in each) for each in labels):
+    if not shared and not any(_slicers_own_labels(each) for each in labels):
         raise MMAError(
             f"the landmarks {names[0]} and {names[1]} are labelled after the anatomy but "
             f"share no label ({', '.join(labels[0][:3])} / {', '.join(labels[1][:3])}): give "
@@ -859,9 +859,18 @@ def landmark_pairs(fixed_node: Any, moving_node: Any) -> tuple[np.ndarray, np.nd
     return np.array([f for f, _ in pairs]), np.array([m for _, m in pairs])
 
 
-def _renamed(label: str) -> bool:
-    """Whether a control point's label was given by the user, not Slicer's own ("F-3")."""
-    return bool(label) and re.fullmatch(r".*-\d+", label) is None
+def _slicers_own_labels(labels: Sequence[str]) -> bool:
+    """Whether a list's labels are Slicer's own: one name and a number ("F-1", "F-2", ...;
+    empty labels too). Anatomical labels such as "C-7", "T-4", "L-1" have several names."""
+    names = set()
+    for label in labels:
+        if not label:
+            continue
+        match = re.fullmatch(r"(.*)-\d+", label)
+        if match is None:
+            return False
+        names.add(match.group(1))
+    return len(names) <= 1
 
 
 def markups_from_points(points: Any, scene: Any | None = None, name: str = "",

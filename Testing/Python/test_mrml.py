@@ -483,6 +483,13 @@ def test_landmark_labels_pair_whatever_their_case_and_spaces_and_never_fall_back
                                      labels=["apex", "hilum", "dome", "spine"])
     with pytest.raises(MMAError, match="share no label"):
         mrml.landmark_pairs(fixed, other)
+    # vertebrae written "C-7" look like Slicer's "F-7" one by one, but not as a list
+    spine = mrml.markups_from_points(lps, mrml_scene, "spine on CT",
+                                     labels=["C-7", "T-4", "L-1", "S-1"])
+    typed = mrml.markups_from_points(lps[[2, 0, 3, 1]] + 5.0, mrml_scene, "spine on MR",
+                                     labels=["L1", "C7", "S1", "T4"])
+    with pytest.raises(MMAError, match="share no label"):
+        mrml.landmark_pairs(spine, typed)
 
 
 def test_landmarks_that_cannot_pair_are_refused_with_what_to_do(mrml_scene, oblique_image):
