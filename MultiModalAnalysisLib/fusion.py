@@ -107,12 +107,18 @@ def resample_case(
 def mask_transform(name: str, transforms: Mapping[str, sitk.Transform]
                    ) -> sitk.Transform | None:
     """The transform a mask named ``name`` follows: its own entry, else that of the modality
-    it is named after (``PET_mask`` follows ``PET``), else None (it lies on the reference)."""
+    it is named after (``PET_mask`` follows ``PET``; ``T1_mask`` and ``t1_mask`` follow
+    ``MR_T1``, as ``T1_image`` loads as it), else None (it lies on the reference)."""
     if name in transforms:
         return transforms[name]
     for modality, transform in transforms.items():
         if name.upper().startswith(modality + "_"):
             return transform
+    parts = name.split("_")
+    for count in range(len(parts) - 1, 0, -1):  # the longest prefix naming a modality
+        modality = canonical_modality("_".join(parts[:count]))
+        if modality in transforms:
+            return transforms[modality]
     return None
 
 

@@ -217,3 +217,15 @@ def test_fusion_refuses_unknown_methods_and_bad_options():
     blank.CopyInformation(ct)
     with pytest.raises(ConstantImageError, match="image 2 is constant"):
         fuse([ct, blank], "average")  # each image is scaled by its own range: none here
+
+
+def test_a_mask_follows_the_transform_of_the_modality_it_is_named_after():
+    from MultiModalAnalysisLib.fusion import mask_transform
+
+    pet, t1 = sitk.TranslationTransform(3, (1.0, 0, 0)), sitk.TranslationTransform(3)
+    transforms = {"PET": pet, "MR_T1": t1}
+    assert mask_transform("PET_mask", transforms) is pet
+    for name in ("MR_T1_mask", "T1_mask", "t1_mask", "mr-t1_label"):
+        assert mask_transform(name, transforms) is t1, name
+    assert mask_transform("CT_mask", transforms) is None  # the reference's own
+    assert mask_transform("mask", transforms) is None
