@@ -287,6 +287,9 @@ def _landmarks_by_modality(modalities: Sequence[str], landmarks: Sequence[Any | 
 def _keep_preprocessed(state: WorkflowState, modality: str, node: Any) -> None:
     state.volumes[modality] = node
     state.unregistered[modality] = node
+    # the volume is no longer the registered one: an earlier registration's field of view
+    # does not describe it
+    state.fields_of_view.pop(modality, None)
 
 
 def _keep_registration(state: WorkflowState, modality: str, out: nodes.RegistrationNodes):

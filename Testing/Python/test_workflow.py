@@ -197,6 +197,17 @@ def test_segmenting_after_a_separate_register_leaves_out_the_registered_padding(
     assert not (labels[~covered] > 0).any()
     assert (labels[covered] > 0).mean() > 0.9
 
+    # Preprocess afterwards replaces the registered PET by its unregistered copy: the
+    # registration's field of view no longer describes it and is not carried on
+    steps, third = workflow_steps(
+        [(n, m) for m, n in second.volumes.items()],
+        WorkflowSettings(preprocess=True, show_3d=False), stages=("preprocess",),
+        unregistered=[(n, m) for m, n in second.unregistered.items()],
+        fields_of_view=second.fields_of_view)
+    assert "PET" in third.fields_of_view
+    StepRunner(steps).run_to_end()
+    assert "PET" not in third.fields_of_view
+
 
 def test_the_segmentation_is_restricted_to_the_chosen_region(inputs):
     volumes, gtv = inputs
