@@ -219,7 +219,7 @@ def workflow_steps(
         steps.append(("features", then(
             lambda: nodes.extract_features_task(
                 dict(state.volumes), _region_node(state),
-                settings=_feature_settings(settings, classify="classify" in stages),
+                settings=_feature_settings(settings),
                 device=settings.device, case_id=settings.case_id, scene=target,
             ),
             lambda node: setattr(state, "features", node),
@@ -394,14 +394,16 @@ def batch_task(
     return nodes.NodeTask(f"batch of {len(folders)} cases", compute, publish)
 
 
-def _feature_settings(settings: WorkflowSettings, *, classify: bool) -> Any:
-    """The feature settings of a single-case run: those its classifier's training features
-    were computed with, when it classifies with a classifier that records them (a
-    classifier trained from images), else the module's."""
+def _feature_settings(settings: WorkflowSettings) -> Any:
+    """The feature settings of a single-case run: those the chosen classifier's training
+    features were computed with, when it records them (a classifier trained from images),
+    else the module's. (Also for the Features step alone: Classify, run next on its table,
+    must read the features the classifier learnt.)"""
     chosen = settings.feature_settings if _given(settings.feature_settings) else None
-    if not (classify and _given(settings.classifier)):
+    if not _given(settings.classifier):
         return chosen
-    _, extraction = _classifier_and_extraction(settings.classifier, settings, "Run all")
+    _, extraction = _classifier_and_extraction(settings.classifier, settings,
+                                               "the Features step")
     if extraction is None:
         return chosen
     if settings.preprocess:

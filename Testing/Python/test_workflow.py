@@ -441,7 +441,7 @@ def test_a_batch_measures_as_its_classifier_was_trained_and_refuses_swapped_imag
     assert frame.loc[1, "error"] == "" and frame.loc[1, "prediction"] != ""
 
 
-def test_run_all_measures_with_its_classifiers_feature_settings(
+def test_features_are_measured_with_the_chosen_classifiers_feature_settings(
     mrml_scene, tmp_path, few_features, caplog, image_classifier
 ):
     classifier, table = image_classifier
@@ -452,23 +452,27 @@ def test_run_all_measures_with_its_classifiers_feature_settings(
                                                 names={1: "lesion"}, reference_node=ct)
     settings = WorkflowSettings(preprocess=False, feature_settings=few_features,
                                 classifier=str(classifier), device="cpu")
-    steps, state = workflow_steps([(ct, "CT"), (pet, "PET")], settings, mask_node=lesion,
-                                  stages=("features", "classify"))
-    with caplog.at_level("WARNING"):
-        StepRunner(steps).run_to_end()
-    assert "Run all measures with the classifier's feature settings" in caplog.text
-    measured = mrml.dataframe_from_table_node(state.features).iloc[0]
-    for column in table.features.columns:  # the training table's values, not the module's
-        assert measured[column] == pytest.approx(table.features.loc["C01", column],
-                                                 rel=1e-5), column
-    assert "CT_morph_volume" not in measured.index
+    # Run all, and the Features step alone (Classify then reads its table)
+    for stages in (("features", "classify"), ("features",)):
+        steps, state = workflow_steps([(ct, "CT"), (pet, "PET")], settings, mask_node=lesion,
+                                      stages=stages)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            StepRunner(steps).run_to_end()
+        assert "measures with the classifier's feature settings" in caplog.text
+        measured = mrml.dataframe_from_table_node(state.features).iloc[0]
+        for column in table.features.columns:  # the training table's values
+            assert measured[column] == pytest.approx(table.features.loc["C01", column],
+                                                     rel=1e-5), column
+        assert "CT_morph_volume" not in measured.index  # morph: the module's families
     caplog.clear()
-    steps, _ = workflow_steps([(ct, "CT"), (pet, "PET")],
-                              WorkflowSettings(classifier=str(classifier), device="cpu"),
-                              mask_node=lesion, stages=("features",))
-    with caplog.at_level("WARNING"):  # no classify stage: the module's settings, no word
+    steps, state = workflow_steps([(ct, "CT"), (pet, "PET")],
+                                  WorkflowSettings(feature_settings=few_features, device="cpu"),
+                                  mask_node=lesion, stages=("features",))
+    with caplog.at_level("WARNING"):  # no classifier: the module's settings, no word
         StepRunner(steps).run_to_end()
     assert "classifier" not in caplog.text
+    assert "CT_morph_volume" in mrml.dataframe_from_table_node(state.features).columns
     steps, _ = workflow_steps([(ct, "CT"), (pet, "PET")],
                               WorkflowSettings(classifier=str(classifier), device="cpu"),
                               mask_node=lesion, stages=("features", "classify"))
