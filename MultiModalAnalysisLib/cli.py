@@ -417,6 +417,14 @@ def _classifier_settings(args: argparse.Namespace):
         "cv_repeats": args.repeats, "random_state": args.seed,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    from MultiModalAnalysisLib.classification.estimators import uses_n_features
+    from MultiModalAnalysisLib.errors import ConfigError
+
+    if args.n_features is not None and not uses_n_features(settings["selection"]):
+        raise ConfigError(
+            f"--selection {settings['selection']} does not use --n-features: it keeps every "
+            "feature it does not filter out. Drop --n-features, or choose a selection that "
+            "picks that many (mrmr, univariate, l1).")
     return load_settings(settings)
 
 
@@ -444,13 +452,8 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
     from MultiModalAnalysisLib.classification.table import UNMEASURED
 
     settings = _classifier_settings(args)
-    from MultiModalAnalysisLib.classification.estimators import build_model, uses_n_features
+    from MultiModalAnalysisLib.classification.estimators import build_model
 
-    if args.n_features is not None and not uses_n_features(settings.selection):
-        raise ConfigError(
-            f"--selection {settings.selection} does not use --n-features: it keeps every "
-            "feature it does not filter out. Drop --n-features, or choose a selection that "
-            "picks that many (mrmr, univariate, l1).")
     build_model(settings)  # a param_grid that does not fit the pipeline: now, not after
     if args.positive_label is not None:  # a wrong one: now, not after the features
         from MultiModalAnalysisLib.case import read_manifest

@@ -154,7 +154,17 @@ class ClassifierSettings:
                 f"unknown classifier setting(s) {', '.join(unknown)}; known: "
                 f"{', '.join(sorted(known))}."
             )
-        return cls(**values)
+        settings = cls(**values)
+        from MultiModalAnalysisLib.classification.estimators import uses_n_features
+
+        # (a saved model's settings carry the default n_features whatever the selection)
+        if (not uses_n_features(settings.selection)
+                and settings.n_features != cls().n_features):
+            raise ConfigError(
+                f"selection {settings.selection} does not use n_features: it keeps every "
+                "feature it does not filter out. Leave n_features out, or choose a selection "
+                "that picks that many (mrmr, univariate, l1).")
+        return settings
 
 
 def load_settings(source: ClassifierSettings | dict | str | Path | None) -> ClassifierSettings:

@@ -31,6 +31,7 @@ from MultiModalAnalysisLib.classification import (
 )
 from MultiModalAnalysisLib.classification.estimators import default_param_grid
 from MultiModalAnalysisLib.classification.selection import anova_f_scores
+from MultiModalAnalysisLib.classification.settings import load_settings
 from MultiModalAnalysisLib.errors import ConfigError
 from MultiModalAnalysisLib.metrics import (
     binary_classification_metrics,
@@ -425,3 +426,16 @@ def test_mrmr_ranks_a_feature_that_separates_the_classes_first():
     assert selector.relevance_[1] == 1.0
     assert 0.0 < selector.relevance_[0] < 1.0
     assert selector.ranking_.tolist() == [1, 0]
+
+
+def test_a_settings_file_giving_n_features_to_a_selection_without_it_is_refused(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text('{"selection": "none", "n_features": [3]}')
+    with pytest.raises(ConfigError, match="selection none does not use n_features"):
+        load_settings(path)
+    with pytest.raises(ConfigError, match="selection correlation does not use n_features"):
+        load_settings({"selection": "correlation", "n_features": [2, 4]})
+    # a saved model's settings carry the default n_features whatever the selection
+    saved = ClassifierSettings(selection="none").to_dict()
+    assert load_settings(saved).selection == "none"
+    assert load_settings({"selection": "mrmr", "n_features": [3]}).n_features == [3]
