@@ -490,14 +490,14 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _refuseClosedSceneNodes(p, volumes, unregistered):
-        """Volumes of a previous run that are no longer in the scene (it was closed since)
-        must not be worked on: they are the previous patient's."""
+        """Volumes of a previous run that are no longer in the scene (it was closed, or they
+        were deleted, since) must not be worked on: they may be the previous patient's."""
         scene = p.parameterNode.GetScene() or slicer.mrmlScene
         carried = list(volumes or ()) + list(unregistered or ())
         if any(node is not None and node.GetScene() is not scene for node, _ in carried):
             raise MMAError(
-                "the volumes of the previous step are no longer in the scene (it was closed "
-                "since): run the steps again from the inputs (Run all)."
+                "the volumes of the previous step are no longer in the scene (it was closed, "
+                "or they were deleted, since): run the steps again from the inputs (Run all)."
             )
 
     @staticmethod
