@@ -515,9 +515,14 @@ def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel,
     if extraction is not None:
         feature_settings = extraction["feature_settings"]
         if settings.preprocess:  # the classifier learnt features of images as read
-            measured = {m: resample_to_reference(case.images[m], fixed,
-                                                 transform=transforms.get(m),
-                                                 antialias=True, name=m)
+            from MultiModalAnalysisLib.images import same_grid
+
+            # (the reference is read on the grid it sets: no resampling of it onto itself)
+            measured = {m: case.images[m] if m not in transforms and same_grid(
+                            case.images[m], fixed)
+                        else resample_to_reference(case.images[m], fixed,
+                                                   transform=transforms.get(m),
+                                                   antialias=True, name=m)
                         for m in modalities}
     features = extract_features(measured, region, settings=feature_settings,
                                 device=settings.device, cancel=cancel)
