@@ -70,6 +70,17 @@ class TrainingError(MMAError):
     """A training run failed on its own terms (e.g. its loss stopped being finite)."""
 
 
+def for_case(error: MMAError, case_id: str) -> MMAError:
+    """The same kind of error, its message starting with the case (once)."""
+    message = str(error)
+    if message.startswith(f"case {case_id}"):
+        return error
+    try:
+        return type(error)(f"case {case_id}: {message}")
+    except TypeError:  # an error class with another signature: keep it as it is
+        return error
+
+
 class MMAWarning(UserWarning):
     """Base of the project's warnings. Each is also logged where it is raised, so the
     ``mma`` command line (whose log goes to stderr) does not print them a second time."""

@@ -21,15 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from MultiModalAnalysisLib import mrml, nodes
-from MultiModalAnalysisLib.errors import ConfigError, MMAError, OperationCancelled
+from MultiModalAnalysisLib.batch import (
+    check_batch,
+    classifier_and_extraction,
+    folder_cases,
+    refuse_tissue_classes,
+    run_batch,
+)
+from MultiModalAnalysisLib.batch import given as _given
+from MultiModalAnalysisLib.errors import ConfigError, MMAError
 from MultiModalAnalysisLib.modalities import canonical_modality
-from MultiModalAnalysisLib.progress import Progress, check_cancel
+from MultiModalAnalysisLib.progress import Progress
 
 log = logging.getLogger(__name__)
 
 STAGES = ("preprocess", "register", "fuse", "segment", "features", "classify")
-# segmentations whose labels are a lesion, which a batch row can measure
-BATCH_SEGMENTATIONS = ("model", "threshold")
 REGISTRATION_TYPES = ("rigid", "affine", "deformable", "landmarks", "none")
 
 
@@ -64,10 +70,6 @@ class WorkflowSettings:
                             ("classifier", self.classifier)):
             if _given(path) and not Path(path).exists():
                 raise ConfigError(f"the {label} file {path} does not exist.")
-
-
-def _given(path: str | Path | None) -> bool:
-    return path is not None and str(path) not in ("", ".")
 
 
 @dataclass
@@ -227,27 +229,13 @@ def workflow_steps(
     if "classify" in stages and _given(settings.classifier):
         if mask_node is None and {"segment", "features"} <= set(stages):
             # the features would measure this run's segmentation: one row per tissue class
-            _refuse_tissue_classes(settings, "the classifier reads",
+            refuse_tissue_classes(settings, "the classifier reads",
                                    "choose the lesion's segmentation as the features' mask")
         steps.append(("classify", then(
             lambda: nodes.classify_task(state.features, settings.classifier, scene=target),
             lambda node: setattr(state, "prediction", node),
         )))
     return steps, state
-
-
-def _refuse_tissue_classes(settings: WorkflowSettings, who: str, instead: str) -> None:
-    """Refuse a segmentation whose labels are no lesion (gmm/kmeans tissue classes, which
-    together cover the whole image, or none) where one region per case is needed."""
-    if settings.segmentation_method in BATCH_SEGMENTATIONS:
-        return
-    chosen = settings.segmentation_method or "none"
-    raise ConfigError(
-        f"{who} one region per case: {instead}, or segment with a trained model or a "
-        f"threshold; segmentation '{chosen}' "
-        + ("finds tissue classes that together cover the whole image."
-           if settings.segmentation_method else "gives no region.")
-    )
 
 
 def _modality_keys(volumes: Sequence[tuple[Any, str]]) -> list[str]:
@@ -336,57 +324,20 @@ def batch_task(
 ) -> nodes.NodeTask:
     """Run the pipeline over case folders (STS layout) and publish one table, a row per case.
 
-    Each case is loaded, preprocessed, registered to its first modality, segmented (or its own
-    mask named ``mask_name`` is used), measured and, with a classifier, predicted. No node is
-    created per case; a case that fails is reported in an ``error`` column and the batch goes
-    on, so one bad scan does not lose a cohort's run.
-
-    A row measures one region per case: the case's mask ``mask_name``, else what the
-    segmentation finds, which must then be a lesion (method ``model`` or ``threshold``):
-    gmm/kmeans classes cover the whole image, and their union would measure the whole crop.
-    The segmentation leaves out where a registered volume has no data.
+    The engine's :func:`batch.run_batch` does the work: each case is loaded, preprocessed,
+    registered to its first modality, segmented (or its own mask named ``mask_name`` is
+    used), measured and, with a classifier, predicted. No node is created per case; a case
+    that fails is reported in an ``error`` column and the batch goes on, so one bad scan
+    does not lose a cohort's run.
     """
-    settings.check()
-    if settings.registration_type == "landmarks":
-        raise ConfigError(
-            "a batch cannot register by landmarks (they are clicked per case in Slicer): "
-            "choose rigid, affine, deformable or none for the batch."
-        )
-    if not mask_name:
-        _refuse_tissue_classes(settings, "a batch measures",
-                               "give the name of each case's mask (e.g. CT_mask)")
     folders = [Path(f) for f in case_folders]
+    wanted = check_batch(settings, modalities, mask_name)
     if not folders:
         raise MMAError("no case folder was given for the batch.")
-    wanted = [canonical_modality(m) for m in modalities]
-    if "OTHER" in wanted:
-        raise ConfigError(
-            "a batch reads each case folder's files by modality (CT_image.nii.gz, "
-            "PET_image.nii.gz, ...): 'other' names no file. Choose the modality of every "
-            "input volume (or one its files are named by, e.g. DWI for DWI_image.nii.gz).")
 
     def compute(progress: Progress, cancel: threading.Event | None) -> Any:
-        import pandas as pd
-
-        classifier = settings.classifier
-        extraction = None
-        if _given(classifier):
-            classifier, extraction = _classifier_and_extraction(classifier, settings)
-        rows = []
-        for i, folder in enumerate(folders):
-            check_cancel(cancel, "the batch")
-            step = progress.sub(i / len(folders), (i + 1) / len(folders))
-            try:
-                rows.append(_run_case(folder, wanted, mask_name, settings, step, cancel,
-                                      extraction))
-            except OperationCancelled:
-                raise
-            except MMAError as error:
-                rows.append({"case_id": folder.name, "error": str(error)})
-        table = pd.DataFrame(rows)
-        if _given(settings.classifier):
-            table = _add_predictions(table, classifier)
-        return table
+        return run_batch(folder_cases(folders, wanted), settings, modalities=wanted,
+                         mask_name=mask_name, progress=progress, cancel=cancel)
 
     def publish(table: Any) -> Any:
         return mrml.table_node_from_dataframe(table, scene, name)
@@ -402,7 +353,7 @@ def _feature_settings(settings: WorkflowSettings) -> Any:
     chosen = settings.feature_settings if _given(settings.feature_settings) else None
     if not _given(settings.classifier):
         return chosen
-    _, extraction = _classifier_and_extraction(settings.classifier, settings,
+    _, extraction = classifier_and_extraction(settings.classifier, settings,
                                                "the Features step")
     if extraction is None:
         return chosen
@@ -412,145 +363,3 @@ def _feature_settings(settings: WorkflowSettings) -> Any:
             "module measures the preprocessed volumes: turn Preprocess off for a prediction "
             "on the features it learnt (the batch measures the images as read by itself).")
     return extraction["feature_settings"]
-
-
-def _classifier_and_extraction(path: Any, settings: WorkflowSettings,
-                               who: str = "the batch") -> tuple[Any, Any]:
-    """The batch's classifier, loaded (or, when it cannot be, its path: the predictions
-    then say why), and how its training features were computed (None when it does not
-    record it: trained on a feature table)."""
-    from MultiModalAnalysisLib.classification import load_classifier
-
-    try:
-        classifier = load_classifier(path)
-    except MMAError:
-        return path, None  # _add_predictions reports the error in prediction_error
-    extraction = (getattr(classifier, "metadata", None) or {}).get("extraction")
-    if not extraction or extraction.get("feature_settings") is None:
-        return classifier, None
-    if _given(settings.feature_settings):
-        from MultiModalAnalysisLib.features import load_settings
-
-        if load_settings(settings.feature_settings).to_dict() != extraction["feature_settings"]:
-            log.warning(
-                "%s measures with the classifier's feature settings, those its training "
-                "features were computed with, not with %s: other settings would give "
-                "features the classifier did not learn.", who, settings.feature_settings)
-    return classifier, extraction
-
-
-def _run_case(folder: Path, modalities, mask_name, settings, progress, cancel,
-              extraction: dict | None = None) -> dict:
-    """One batch row. With ``extraction`` (a classifier trained from images records it),
-    the features are measured as ``mma classify`` measures them: with its settings, on the
-    images as read (not preprocessed; moved onto the reference grid by the registration),
-    and images whose values do not fit their modality are refused."""
-    from MultiModalAnalysisLib.case import load_case
-    from MultiModalAnalysisLib.features import extract_features
-    from MultiModalAnalysisLib.images import require_plausible_units
-    from MultiModalAnalysisLib.preprocess import (
-        apply_modality_preset,
-        mask_on_grid,
-        resample_to_reference,
-    )
-
-    case = load_case(folder, modalities)
-    reference = modalities[0]
-    images = dict(case.images)
-    if extraction is not None:  # as mma classify: swapped inputs would predict nonsense
-        require_plausible_units(images, f"the classifier (case {case.case_id})")
-    if settings.preprocess:
-        for m in modalities:
-            images[m] = apply_modality_preset(images[m], m, cancel=cancel)
-    progress(0.2, f"{case.case_id}: preprocessed")
-    import numpy as np
-    import SimpleITK as sitk
-
-    from MultiModalAnalysisLib.segmentation.inputs import field_of_view
-
-    fixed = images[reference]
-    covered = np.ones(sitk.GetArrayViewFromImage(fixed).shape, bool)
-    transforms = {}  # a moving modality's own mask follows its registration
-    for m in modalities[1:]:
-        transform = None
-        if settings.registration_type == "none":
-            warped = resample_to_reference(images[m], fixed, name=m)
-        else:
-            from MultiModalAnalysisLib.registration import register
-
-            result = register(
-                fixed, images[m], transform=settings.registration_type,
-                metric=settings.registration_metric, device=settings.device,
-                fixed_modality=reference, moving_modality=m, cancel=cancel,
-            )
-            warped, transform = result.warped, result.transform
-        covered &= field_of_view(images[m], fixed, transform)
-        images[m] = warped
-        if transform is not None:
-            transforms[m] = transform
-    progress(0.5, f"{case.case_id}: registered")
-    if mask_name:
-        from MultiModalAnalysisLib.fusion import mask_transform
-
-        region = mask_on_grid(case.mask(mask_name), fixed, f"{case.case_id}'s {mask_name}",
-                              transform=mask_transform(mask_name, transforms))
-        outside = int((sitk.GetArrayViewFromImage(region).astype(bool) & ~covered).sum())
-        if outside:
-            log.warning("%s: %d voxel(s) of %s lie outside a registered volume's field of "
-                        "view, where it is padding: its features there are not measured "
-                        "values.", case.case_id, outside, mask_name)
-    else:
-        from MultiModalAnalysisLib.segmentation import segment
-
-        inside = sitk.GetImageFromArray(covered.astype(np.uint8))
-        inside.CopyInformation(fixed)
-        region = segment(images, method=settings.segmentation_method,
-                         classes=settings.segmentation_classes,
-                         model=settings.segmentation_model or None,
-                         field_of_view=inside, device=settings.device,
-                         cancel=cancel).labels
-    region = sitk.Cast(sitk.NotEqual(region, 0), sitk.sitkUInt8)
-    measured, feature_settings = images, (
-        settings.feature_settings if _given(settings.feature_settings) else None)
-    if extraction is not None:
-        feature_settings = extraction["feature_settings"]
-        if settings.preprocess:  # the classifier learnt features of images as read
-            from MultiModalAnalysisLib.images import same_grid
-
-            # (the reference is read on the grid it sets: no resampling of it onto itself)
-            measured = {m: case.images[m] if m not in transforms and same_grid(
-                            case.images[m], fixed)
-                        else resample_to_reference(case.images[m], fixed,
-                                                   transform=transforms.get(m),
-                                                   antialias=True, name=m)
-                        for m in modalities}
-    features = extract_features(measured, region, settings=feature_settings,
-                                device=settings.device, cancel=cancel)
-    progress(1.0, f"{case.case_id}: measured")
-    return {"case_id": case.case_id, **features}
-
-
-def _add_predictions(table: Any, classifier: Any) -> Any:
-    """``table`` with the classifier's ``prediction``, ``probability`` and ``threshold``
-    for each case that was measured (a failed case, with an ``error``, gets none), decided
-    as ``mma classify`` decides. A classifier that cannot read the table leaves the
-    measurements and says why in ``prediction_error``: an hour's batch is not lost."""
-    from MultiModalAnalysisLib.classification.model import predictions_of
-
-    table = table.copy()
-    try:
-        if isinstance(classifier, str | Path):
-            from MultiModalAnalysisLib.classification import load_classifier
-
-            classifier = load_classifier(classifier)
-        measured = table.index if "error" not in table.columns else table.index[
-            table["error"].isna() | (table["error"] == "")]
-        if len(measured):
-            names = [c for c in classifier.feature_names if c in table.columns]
-            predicted = predictions_of(classifier, table.loc[measured, names])
-            for column in predicted.columns:
-                table[column] = predicted[column]
-    except MMAError as error:
-        log.warning("the batch's classifier could not be applied: %s", error)
-        table["prediction_error"] = str(error)
-    return table

@@ -12,7 +12,13 @@ from pathlib import Path
 import torch
 
 from MultiModalAnalysisLib.case import Manifest, read_manifest
-from MultiModalAnalysisLib.errors import ConfigError, MissingModalityError, MMAError, UnitsError
+from MultiModalAnalysisLib.errors import (
+    ConfigError,
+    MissingModalityError,
+    MMAError,
+    UnitsError,
+    for_case,
+)
 from MultiModalAnalysisLib.features.extract import extract_features
 from MultiModalAnalysisLib.features.settings import FeatureSettings, load_settings
 from MultiModalAnalysisLib.images import (
@@ -92,7 +98,7 @@ def extract_cohort_features(
             except ConfigError:
                 raise
             except MMAError as error:
-                error = _for_case(error, case_id)
+                error = for_case(error, case_id)
                 if on_error == "stop":
                     raise error from None
                 failed[case_id] = error
@@ -156,17 +162,6 @@ def _warnings_name_the_case(case_id: str):
         logging.setLogRecordFactory(previous)
 
 
-def _for_case(error: MMAError, case_id: str) -> MMAError:
-    """The same kind of error, its message starting with the case (once)."""
-    message = str(error)
-    if message.startswith(f"case {case_id}"):
-        return error
-    try:
-        return type(error)(f"case {case_id}: {message}")
-    except TypeError:  # an error class with another signature: keep it as it is
-        return error
-
-
 READ_AHEAD = 2
 """Cases read in the background while the current one is extracted (SimpleITK releases the
 interpreter lock while it reads, so decompressing the next NIfTI files overlaps with the
@@ -191,7 +186,7 @@ def _read_ahead(
         row = manifest.row(case_id)
         # read directly: extract_features checks the mask itself, more cheaply than a
         # general label-image reader would (it only looks at the voxels that are set).
-        # Messages are named by column; _for_case puts the case in front.
+        # Messages are named by column; for_case puts the case in front.
         images = {
             name: read_image(_path(manifest, row, column, case_id), name=name)
             for name, column in columns.items()

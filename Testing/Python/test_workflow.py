@@ -253,8 +253,8 @@ def test_run_all_on_the_bundled_patient_registers_segments_and_measures(inputs, 
 
 
 def test_batch_predictions_skip_failed_cases_and_follow_the_models_threshold(caplog):
+    from MultiModalAnalysisLib.batch import add_predictions as _add_predictions
     from MultiModalAnalysisLib.errors import FeatureSetError
-    from MultiModalAnalysisLib.workflow import _add_predictions
 
     class Calibrated:
         feature_names = ["PET_stat_max"]
@@ -311,7 +311,7 @@ def test_a_batch_measures_a_lesion_not_the_union_of_tissue_classes(mrml_scene, t
     with pytest.raises(ConfigError, match="one region per case"):
         batch_task([sample_case_dir()], WorkflowSettings(segmentation_method=""),
                    modalities=["CT"], scene=mrml_scene)
-    with pytest.raises(ConfigError, match="'other' names no file"):
+    with pytest.raises(ConfigError, match="'other' names none"):
         batch_task([sample_case_dir()], WorkflowSettings(), modalities=["CT", "other"],
                    mask_name="CT_mask", scene=mrml_scene)
 
