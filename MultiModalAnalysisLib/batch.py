@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import ConfigError, MMAError, OperationCancelled, for_case
-from MultiModalAnalysisLib.modalities import canonical_modality
+from MultiModalAnalysisLib.modalities import canonical_modality, modality_family
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 
 if TYPE_CHECKING:
@@ -102,6 +102,12 @@ def check_batch(settings: WorkflowSettings, modalities: Sequence[str],
             "PET_image.nii.gz, or a manifest's CT, PET ... columns): 'other' names none. "
             "Choose the modality of every input volume (or one its files are named by, "
             "e.g. DWI for DWI_image.nii.gz).")
+    if not mask_name and settings.segmentation_method == "threshold" and not any(
+            modality_family(m) == "PET" for m in wanted):
+        raise ConfigError(
+            "a batch's threshold segmentation is PET's 40 % of SUVmax around the hottest "
+            "voxel: add PET to the modalities, or give each case's mask (on "
+            f"{', '.join(wanted)} a threshold would find tissue, not the lesion).")
     repeated = sorted({m for m in wanted if wanted.count(m) > 1})
     if repeated:
         raise ConfigError(f"the modalities name {', '.join(repeated)} twice: give each once.")

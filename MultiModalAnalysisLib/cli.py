@@ -328,6 +328,147 @@ def _with_manifest_columns(table, manifest: Path):
     return merged[["case_id", *kept, *[c for c in table.columns if c != "case_id"]]]
 
 
+def _add_batch(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "batch",
+        help="the whole pipeline over a cohort: a row of features (and a prediction) per case",
+        description="For each case of the manifest: preprocess (the modality presets), "
+        "register every further modality to the first, take the case's mask (--mask-column) "
+        "or segment the lesion (--segmentation), measure the IBSI features of every modality "
+        "in it and, with --classifier, predict. Writes a row per case (the manifest's "
+        "outcome columns after case_id, then the features, then prediction, probability and "
+        "threshold) to --output after every case, and a record beside it (for rows.csv, "
+        "rows.batch.json: the settings, and each case's status, time and registration "
+        "metrics), so an "
+        "interrupted run loses nothing: --resume measures only the cases still missing.",
+    )
+    parser.add_argument("--manifest", type=Path, required=True, help="cohort CSV")
+    parser.add_argument("--modalities", required=True,
+                        help="comma-separated image columns, e.g. CT,PET,MR_T1; the first is "
+                        "the reference every other one is registered to")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="the table (CSV)")
+    region = parser.add_argument_group("the region measured (one of)")
+    region.add_argument("--mask-column", help="the manifest column holding each case's mask "
+                        "(a mask drawn on a moving modality, e.g. PET_mask, follows its "
+                        "registration)")
+    region.add_argument("--segmentation", choices=("model", "threshold"),
+                        help="segment the lesion: with a trained model (--model), or PET "
+                        "40%% of SUVmax around the hottest voxel (threshold)")
+    region.add_argument("--model", type=Path, help="segmentation model file/folder")
+    parser.add_argument("--registration", choices=("rigid", "affine", "deformable", "none"),
+                        default="rigid", help="none: the images are already aligned (they "
+                        "are only resampled onto the reference grid; default: rigid)")
+    parser.add_argument("--metric", choices=METRIC_CHOICES, default="auto",
+                        help="registration metric (default: by modality pair)")
+    parser.add_argument("--no-preprocess", action="store_true",
+                        help="measure the images as read, without the modality presets")
+    parser.add_argument("--settings", type=Path,
+                        help="JSON or YAML file of IBSI feature settings (see FeatureSettings)")
+    parser.add_argument("--classifier", type=Path, help="a saved radiomics classifier: adds "
+                        "its prediction (a classifier trained from images measures every "
+                        "case as in its training: its feature settings, the images as read)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--save-dir", type=Path, help="also write each case's measured "
+                        "region and registrations (warped image, transform, metrics, QC "
+                        "figure) to SAVE_DIR/<case_id>/")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cases an earlier run with the same settings measured "
+                        "in --output and measure the others")
+    parser.add_argument("--skip-failed", action="store_true",
+                        help="a case that cannot be read or measured gets a row with its error "
+                        "and the batch goes on (default: the batch stops at it, its rows so "
+                        "far written)")
+    parser.set_defaults(func=_run_batch)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from MultiModalAnalysisLib.batch import (
+        BatchOutput,
+        check_batch,
+        describe_batch,
+        manifest_cases,
+        manifest_extra,
+        run_batch,
+    )
+    from MultiModalAnalysisLib.case import read_manifest
+    from MultiModalAnalysisLib.errors import ConfigError
+    from MultiModalAnalysisLib.workflow import WorkflowSettings
+
+    if args.mask_column and args.segmentation:
+        raise ConfigError("give --mask-column (each case's mask is measured) or "
+                          "--segmentation (the lesion is segmented), not both.")
+    if not args.mask_column and not args.segmentation:
+        raise ConfigError("say what to measure: --mask-column (each case's mask, e.g. "
+                          "CT_mask) or --segmentation model --model M / --segmentation "
+                          "threshold.")
+    if args.model is not None and args.segmentation != "model":
+        raise ConfigError("--model is the segmentation model: it goes with --segmentation "
+                          "model.")
+    if args.save_dir is not None:
+        if args.save_dir.exists() and not args.save_dir.is_dir():
+            raise ConfigError(f"--save-dir {args.save_dir} is a file: give a folder.")
+        _check_writable(args.save_dir, "--save-dir", args.save_dir)
+    settings = WorkflowSettings(
+        preprocess=not args.no_preprocess, registration_type=args.registration,
+        registration_metric=args.metric, device=args.device,
+        segmentation_method=args.segmentation or "",
+        segmentation_model=str(args.model) if args.model else "",
+        feature_settings=str(args.settings) if args.settings else "",
+        classifier=str(args.classifier) if args.classifier else "", show_3d=False,
+    )
+    modalities = check_batch(settings, [m.strip() for m in args.modalities.split(",")
+                                        if m.strip()], args.mask_column)
+    if args.classifier is not None:
+        from MultiModalAnalysisLib.classification import load_classifier
+        from MultiModalAnalysisLib.classification.model import TrainedClassifier
+
+        if not isinstance(load_classifier(args.classifier), TrainedClassifier):
+            raise ConfigError(f"--classifier {args.classifier} is a deep classifier, which "
+                              "reads the images itself: use mma classify with it.")
+    if args.settings is not None:
+        from MultiModalAnalysisLib.features import load_settings
+
+        load_settings(args.settings)  # a wrong settings file: said before any case
+    manifest = read_manifest(args.manifest)
+    cases = manifest_cases(manifest, modalities, args.mask_column)
+    description = describe_batch(settings, manifest=args.manifest, modalities=modalities,
+                                 mask_column=args.mask_column)
+    options = {"order": [c for c, _ in cases], "extra": manifest_extra(manifest),
+               "save_dir": args.save_dir}
+    output = (BatchOutput.resume(args.output, description, **options) if args.resume
+              else BatchOutput(args.output, description, **options))
+    done = set(output.done)
+    if done:
+        print(f"--resume: {len(done)} of {len(cases)} cases were measured before and are "
+              "kept")
+    todo = [(c, read) for c, read in cases if c not in done]
+    table = None
+    try:
+        if todo:
+            with ProgressBar("batch", enabled=not args.quiet) as bar:
+                new = run_batch(todo, settings, modalities=modalities,
+                                mask_name=args.mask_column, progress=bar,
+                                on_error="record" if args.skip_failed else "stop",
+                                on_case=output)
+            table = output.finish(new)
+        else:
+            table = output.write()
+    except MMAError:
+        if output.done:
+            print(f"mma batch: {len(output.done)} case(s) measured so far are in "
+                  f"{args.output}; after a fix, --resume measures the others (or "
+                  "--skip-failed records a failing case and goes on).", file=sys.stderr)
+        raise
+    failed = [c for c in output.order if output.cases.get(c, {}).get("status") == "failed"]
+    print(f"{len(output.done)} of {len(cases)} cases measured"
+          + (f"; {len(failed)} failed: {', '.join(failed)} (their row's error column says "
+             "why)" if failed else "")
+          + f"; wrote {args.output} and {output.record.name}")
+    if "prediction_error" in table.columns:
+        print(f"no predictions: {table['prediction_error'].iloc[0]}", file=sys.stderr)
+    return 0 if len(output.done) else 2
+
+
 def _add_info(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("info", help="print versions and the compute device")
     parser.set_defaults(func=_run_info)
@@ -1108,6 +1249,7 @@ def _run_train_segmentation(args: argparse.Namespace) -> int:
 COMMANDS = (
     _add_demo, _add_preprocess, _add_manifest, _add_info, _add_register, _add_fuse,
     _add_segment, _add_train_segmentation, _add_features, _add_train_classifier, _add_classify,
+    _add_batch,
 )
 
 
@@ -1140,7 +1282,7 @@ OUTPUT_FOLDER_FILES = {  # what a command writes into --output-dir
     "register": ("warped.nii.gz", "transform.tfm", "transform.h5", "metrics.json", "qc.png"),
 }
 FOLDER_OUTPUTS = ("train-segmentation", "train-classifier")  # --output may be a model folder
-TABLE_OUTPUTS = ("manifest", "features", "classify")  # --output is a CSV table
+TABLE_OUTPUTS = ("manifest", "features", "classify", "batch")  # --output is a CSV table
 TABLE_SUFFIXES = (".csv", ".csv.gz")  # (pandas writes commas, whatever the name)
 
 

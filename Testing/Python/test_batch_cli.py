@@ -1,0 +1,253 @@
+"""``mma batch``: the whole pipeline over a cohort manifest, a row per case, written as it
+goes, resumable, with a record of its settings beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from synthetic_cohort import image_cohort
+
+from MultiModalAnalysisLib import batch
+from MultiModalAnalysisLib.cli import main
+
+
+@pytest.fixture
+def cohort(tmp_path) -> Path:
+    return image_cohort(tmp_path / "cohort", n_cases=5, n_positive=2)
+
+
+@pytest.fixture
+def stat_only(tmp_path) -> Path:
+    path = tmp_path / "stat.json"
+    path.write_text(json.dumps({"families": ["stat"]}))
+    return path
+
+
+def run(manifest: Path, output: Path, settings: Path, *extra: str) -> int:
+    return main(["-q", "batch", "--manifest", str(manifest), "--modalities", "CT,PET",
+                 "--mask-column", "mask", "--registration", "none", "--settings",
+                 str(settings), "--output", str(output), *extra])
+
+
+def test_batch_writes_a_row_per_case_as_mma_features_measures_it(cohort, stat_only,
+                                                                 tmp_path):
+    from MultiModalAnalysisLib.features import extract_cohort_features
+
+    output = tmp_path / "rows.csv"
+    assert run(cohort, output, stat_only, "--no-preprocess") == 0
+    table = pd.read_csv(output, dtype={"case_id": str})
+    manifest = pd.read_csv(cohort)
+    assert table["case_id"].tolist() == manifest["case_id"].tolist()
+    # the outcome follows case_id (the table goes to train-classifier), then the features
+    assert table.columns[1] == "Outcome"
+    assert table["Outcome"].tolist() == manifest["Outcome"].tolist()
+    expected = extract_cohort_features(cohort, ["CT", "PET"], "mask", stat_only,
+                                       device="cpu").set_index("case_id")
+    measured = table.set_index("case_id")[expected.columns]
+    np.testing.assert_allclose(measured.to_numpy(float), expected.to_numpy(float),
+                               rtol=1e-6)
+    record = json.loads(batch.record_path(output).read_text())
+    assert record["description"]["settings"]["preprocess"] is False
+    assert [c["status"] for c in record["cases"].values()] == ["measured"] * 5
+    # with the presets, the CT values are those of the clipped, preprocessed image
+    assert run(cohort, tmp_path / "pre.csv", stat_only) == 0
+    assert "CT_stat_mean" in pd.read_csv(tmp_path / "pre.csv").columns
+
+
+def test_an_interrupted_batch_keeps_its_rows_and_resume_measures_only_the_others(
+    cohort, stat_only, tmp_path, monkeypatch, capsys
+):
+    reference = tmp_path / "whole.csv"
+    assert run(cohort, reference, stat_only) == 0
+    output = tmp_path / "rows.csv"
+    measured: list[str] = []
+    original = batch.run_case
+
+    def interrupted(case, *args, **kwargs):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the third case
+        measured.append(case.case_id)
+        return original(case, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "run_case", interrupted)
+    assert run(cohort, output, stat_only) == 130
+    kept = pd.read_csv(output, dtype={"case_id": str})
+    assert kept["case_id"].tolist() == measured  # nothing measured was lost
+
+    resumed: list[str] = []
+
+    def counting(case, *args, **kwargs):
+        resumed.append(case.case_id)
+        return original(case, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "run_case", counting)
+    assert run(cohort, output, stat_only, "--resume") == 0
+    assert "2 of 5 cases were measured before" in capsys.readouterr().out
+    assert resumed == ["case_002", "case_003", "case_004"]
+    pd.testing.assert_frame_equal(pd.read_csv(output), pd.read_csv(reference))
+    # once everything is measured, --resume measures nothing
+    resumed.clear()
+    assert run(cohort, output, stat_only, "--resume") == 0
+    assert resumed == []
+
+
+def test_resume_refuses_rows_measured_with_other_settings_or_without_a_record(
+    cohort, stat_only, tmp_path, capsys
+):
+    output = tmp_path / "rows.csv"
+    assert run(cohort, output, stat_only) == 0
+    capsys.readouterr()
+    assert run(cohort, output, stat_only, "--resume", "--no-preprocess") == 2
+    error = capsys.readouterr().err
+    assert "settings.preprocess" in error and "True then, False now" in error
+    batch.record_path(output).unlink()
+    assert run(cohort, output, stat_only, "--resume") == 2
+    assert "rows.batch.json" in capsys.readouterr().err
+
+
+def test_a_failing_case_stops_the_batch_or_with_skip_failed_gets_its_error(
+    cohort, stat_only, tmp_path, capsys
+):
+    (cohort.parent / "case_002" / "PET.nii.gz").write_bytes(b"not an image")
+    output = tmp_path / "rows.csv"
+    assert run(cohort, output, stat_only) == 2
+    error = capsys.readouterr().err
+    assert "case_002" in error and "--resume" in error
+    table = pd.read_csv(output, dtype={"case_id": str}, keep_default_na=False)
+    assert table["case_id"].tolist() == ["case_000", "case_001", "case_002"]
+    assert table["error"].tolist()[:2] == ["", ""] and "case_002" in table["error"][2]
+
+    assert run(cohort, output, stat_only, "--skip-failed") == 0
+    assert "4 of 5 cases measured; 1 failed: case_002" in capsys.readouterr().out
+    table = pd.read_csv(output, dtype={"case_id": str}, keep_default_na=False)
+    assert len(table) == 5 and table.loc[2, "CT_stat_mean"] == ""
+    assert np.isfinite(table.drop(index=2)["CT_stat_mean"].astype(float)).all()
+    record = json.loads(batch.record_path(output).read_text())
+    assert record["cases"]["case_002"]["status"] == "failed"
+
+
+def test_batch_predictions_equal_mma_classify(cohort, tmp_path):
+    from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
+
+    trained_with = {"families": ["stat"], "discretisation_method": "fixed_bin_number",
+                    "discretisation_bin_number": 16}
+    table = read_feature_table(cohort, "Outcome", mask_column="mask",
+                               feature_settings=trained_with, device="cpu")
+    train_classifier(table, settings={"classifier": "logistic_l2", "n_features": [2],
+                                      "cv_folds": 2, "cv_repeats": 1},
+                     evaluate=False, output=tmp_path / "CLF")
+    assert main(["-q", "classify", "--model", str(tmp_path / "CLF"), "--manifest",
+                 str(cohort), "--mask-column", "mask", "--output",
+                 str(tmp_path / "classify.csv")]) == 0
+    output = tmp_path / "rows.csv"
+    # (preprocessing on: the classifier, trained from images, measures them as read)
+    assert main(["-q", "batch", "--manifest", str(cohort), "--modalities", "CT,PET",
+                 "--mask-column", "mask", "--registration", "none", "--classifier",
+                 str(tmp_path / "CLF"), "--device", "cpu", "--output", str(output)]) == 0
+    rows = pd.read_csv(output, dtype={"case_id": str})
+    expected = pd.read_csv(tmp_path / "classify.csv", dtype={"case_id": str})
+    probability = [c for c in expected.columns if c.startswith("probability")][0]
+    np.testing.assert_allclose(rows["probability"], expected[probability], rtol=1e-6)
+    assert rows["prediction"].tolist() == expected["prediction"].tolist()
+    assert len(set(rows["prediction"])) == 2
+
+
+def test_batch_saves_each_cases_registration_and_region(tmp_path):
+    # The PET's content lies 12 mm along x from the CT's, under the same header; its
+    # lesion mask is drawn on the PET and must follow the registration onto the CT grid.
+    folder = tmp_path / "M00"
+    folder.mkdir()
+    n, shift = 32, 6
+    z, y, x = np.indices((n, n, n))
+
+    def ball(cx):
+        return (x - cx) ** 2 + (y - 16) ** 2 + (z - 16) ** 2 <= 9
+
+    body = (abs(x - 16) < 13) & (abs(y - 16) < 13) & (abs(z - 16) < 13)
+    ct = np.where(body, 0, -1000).astype(np.int16)
+    ct[ball(12)] = 200
+    ct[4:8, 20:26, 6:10] = 400
+    pet = np.where(np.roll(body, shift, 2), 1.0, 0.0).astype(np.float32)
+    pet[ball(12 + shift)] = 8.0
+    pet[4:8, 20:26, 6 + shift:10 + shift] = 4.0
+    for name, array in (("CT", ct), ("PET", pet), ("PET_mask", ball(12 + shift))):
+        image = sitk.GetImageFromArray(array.astype(array.dtype if name != "PET_mask"
+                                                    else np.uint8))
+        image.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
+    manifest = tmp_path / "cases.csv"
+    pd.DataFrame([{"case_id": "M00", "CT": "M00/CT.nii.gz", "PET": "M00/PET.nii.gz",
+                   "PET_mask": "M00/PET_mask.nii.gz"}]).to_csv(manifest, index=False)
+    settings = tmp_path / "stat.json"
+    settings.write_text(json.dumps({"families": ["stat"]}))
+    output = tmp_path / "rows.csv"
+    assert main(["-q", "batch", "--manifest", str(manifest), "--modalities", "CT,PET",
+                 "--mask-column", "PET_mask", "--no-preprocess", "--settings",
+                 str(settings), "--save-dir", str(tmp_path / "saved"), "--device", "cpu",
+                 "--output", str(output)]) == 0
+    row = pd.read_csv(output).iloc[0]
+    assert row["CT_stat_mean"] == pytest.approx(200.0, abs=20.0)
+    assert row["PET_stat_mean"] == pytest.approx(8.0, abs=0.8)
+    saved = tmp_path / "saved" / "M00"
+    transform = sitk.ReadTransform(str(saved / "PET_registration" / "transform.tfm"))
+    assert transform.TransformPoint((0.0, 0.0, 0.0))[0] == pytest.approx(12.0, abs=1.0)
+    region = sitk.GetArrayFromImage(sitk.ReadImage(str(saved / "region.nii.gz")))
+    assert (region == ball(12)).mean() > 0.99  # the mask, moved onto the CT's lesion
+    assert (saved / "PET_registration" / "qc.png").stat().st_size > 0
+    assert sitk.ReadImage(str(saved / "PET_registration" / "warped.nii.gz")).GetSize() == (
+        n, n, n)
+    record = json.loads(batch.record_path(output).read_text())
+    assert "metric_after" in record["cases"]["M00"]["registration"]["PET"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--mask-column", "mask", "--segmentation", "threshold"], "not both"),
+    ([], "say what to measure"),
+    (["--segmentation", "threshold", "--model", "m.pt"], "goes with --segmentation model"),
+    (["--mask-column", "mask", "--modalities", "CT,CT"], "CT twice"),
+    (["--mask-column", "nope"], "no column 'nope'"),
+    (["--segmentation", "threshold", "--modalities", "CT"], "add PET to the modalities"),
+    (["--mask-column", "mask", "--output", "rows.nii.gz"], "end the name in .csv"),
+])
+def test_batch_refuses_what_cannot_work_before_any_case(cohort, tmp_path, capsys, options,
+                                                        message):
+    arguments = {"--modalities": "CT,PET", "--output": str(tmp_path / "rows.csv")}
+    for flag in ("--modalities", "--output"):
+        if flag in options:
+            at = options.index(flag)
+            arguments[flag] = options[at + 1]
+            options = options[:at] + options[at + 2:]
+    argv = ["batch", "--manifest", str(cohort), *[x for pair in arguments.items()
+                                                   for x in pair], *options]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "rows.csv").exists()
+
+
+def test_a_classifier_trained_on_a_table_is_used_with_a_warning_about_its_settings(
+    cohort, stat_only, tmp_path, caplog
+):
+    from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
+    from MultiModalAnalysisLib.features import extract_cohort_features
+
+    features = extract_cohort_features(cohort, ["CT", "PET"], "mask", stat_only,
+                                       device="cpu")
+    features["Outcome"] = pd.read_csv(cohort)["Outcome"].to_numpy()
+    features.to_csv(tmp_path / "features.csv", index=False)
+    train_classifier(read_feature_table(tmp_path / "features.csv", "Outcome"),
+                     settings={"classifier": "logistic_l2", "n_features": [2],
+                               "cv_folds": 2, "cv_repeats": 1},
+                     evaluate=False, output=tmp_path / "CLF")
+    output = tmp_path / "rows.csv"
+    with caplog.at_level("WARNING"):
+        assert run(cohort, output, stat_only, "--no-preprocess", "--classifier",
+                   str(tmp_path / "CLF")) == 0
+    assert "does not record how its features were computed" in caplog.text
+    assert str(stat_only) in caplog.text
+    rows = pd.read_csv(output)
+    assert rows["probability"].between(0, 1).all() and len(rows) == 5
