@@ -83,13 +83,15 @@ def extract_features(
     if not images:
         raise MMAError("extract_features needs at least one image.")
     report = as_progress(progress)
+    _warn_about_unmatched_images(settings, images)
     values: dict[str, float] = {}
     for number, (name, image) in enumerate(images.items()):
         check_cancel(cancel, "feature extraction")
         part = report.sub(number / len(images), (number + 1) / len(images))
 
         def work(target: torch.device, name=name, image=image, part=part) -> dict[str, float]:
-            return image_features(image, mask, settings, target, name, part, cancel, workers)
+            return image_features(image, mask, settings.for_image(name), target, name, part,
+                                  cancel, workers)
 
         # The feature arithmetic runs on tensors of a few hundred thousand elements or
         # fewer, where intra-op threading gains little and, on a busy machine, its
@@ -100,6 +102,21 @@ def extract_features(
         values.update({f"{name}_{tag}": value for tag, value in features.items()})
     report(1.0, "features done")
     return values
+
+
+def _warn_about_unmatched_images(settings: FeatureSettings, images: Mapping[str, object]
+                                 ) -> None:
+    """A ``per_image`` name that is no modality and no given image is likely a typo (a
+    modality absent here is not: one settings file serves CT-only and CT+PET runs)."""
+    from MultiModalAnalysisLib.features.settings import _image_key
+    from MultiModalAnalysisLib.modalities import modality_family
+
+    given = {_image_key(name) for name in images}
+    for key in settings.per_image:
+        if key not in given and modality_family(key) == "OTHER":
+            log.warning("the feature settings' per_image %s names none of the images "
+                        "measured (%s): its settings are not used.", key,
+                        ", ".join(map(str, images)))
 
 
 def image_features(

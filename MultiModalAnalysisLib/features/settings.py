@@ -44,7 +44,19 @@ key                                default             meaning
                                                        which IBSI lists but does not standardise
 ``mask_grid_mismatch``             ``"resample"``      mask on another grid: resample it onto
                                                        the image (with a warning) or ``error``
+``per_image``                      ``{}``              settings of one image, by its name or
+                                                       modality (below)
 =================================  ==================  =========================================
+
+Settings are in the units of the images they measure, so one set rarely fits a CT in HU and
+a PET in SUV alike. ``per_image`` maps an image's name (a modality such as ``CT``, ``PET``,
+``MR_T1``, spelled in any way the modality names accept, or another image name such as
+``FUSED``) to the settings that differ for it; the others apply to every image::
+
+    texture_aggregation: [3D]
+    per_image:
+      CT: {discretisation_method: fixed_bin_size, discretisation_bin_width: 25}
+      PET: {discretisation_method: fixed_bin_size, discretisation_bin_width: 0.5}
 
 A fixed_bin_size discretisation (and an IVH with ``none`` on non-integer intensities) uses
 the re-segmentation range when one is given, as IBSI recommends for CT and PET.
@@ -120,6 +132,7 @@ class FeatureSettings:
     features: tuple[str, ...] | None = None
     non_standard_features: bool = True
     mask_grid_mismatch: str = "resample"
+    per_image: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +145,13 @@ class FeatureSettings:
             elif isinstance(value, list):
                 object.__setattr__(self, key, tuple(value))
         self.validate()
+
+    def for_image(self, name: str) -> FeatureSettings:
+        """The settings of the image named ``name``: these, with its ``per_image`` ones."""
+        changes = self.per_image.get(_image_key(name))
+        if not changes:
+            return self
+        return replace(self, per_image={}, **changes)
 
     # -- derived views -------------------------------------------------------------------
     @property
@@ -203,6 +223,7 @@ class FeatureSettings:
                 f"unknown feature setting(s): {', '.join(sorted(self.extra))}. Known: "
                 f"{', '.join(SETTING_NAMES)}."
             )
+        self._check_per_image()
         if self.new_spacing is not None:
             spacing = self.new_spacing
             if isinstance(spacing, (int, float)):
@@ -283,11 +304,44 @@ class FeatureSettings:
             raise ConfigError("ngldm_coarseness must be a finite number, not negative.")
         _choose("mask_grid_mismatch", self.mask_grid_mismatch, GRID_MISMATCH_POLICIES)
 
+    def _check_per_image(self) -> None:
+        """``per_image``: image name -> settings, keyed by the name's canonical spelling;
+        each image's settings are validated as a whole."""
+        given = self.per_image or {}
+        if not isinstance(given, dict):
+            raise ConfigError("per_image must map image names (CT, PET, ...) to their "
+                              "settings.")
+        per_image: dict[str, dict[str, Any]] = {}
+        for name, changes in given.items():
+            key = _image_key(name)
+            if key in per_image:
+                raise ConfigError(f"per_image names {key} twice ({name!r} is the same image).")
+            if not isinstance(changes, dict):
+                raise ConfigError(f"per_image {name}: give a mapping of settings, e.g. "
+                                  "{discretisation_bin_width: 0.5}.")
+            unknown = sorted(k for k in changes if k not in SETTING_NAMES or k == "per_image")
+            if unknown:
+                raise ConfigError(
+                    f"per_image {name}: unknown feature setting(s) {', '.join(unknown)}. "
+                    f"Known: {', '.join(n for n in SETTING_NAMES if n != 'per_image')}.")
+            try:
+                replace(self, per_image={}, **changes)
+            except ConfigError as error:
+                raise ConfigError(f"per_image {name}: {error}") from None
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"per_image {name}: a setting has the wrong type "
+                                  f"({error}).") from None
+            per_image[key] = {k: list(v) if isinstance(v, tuple) else v
+                              for k, v in changes.items()}
+        self.per_image = per_image
+
     # -- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-ready values (tuples become lists)."""
         values = asdict(self)
         values.pop("extra")
+        if not values["per_image"]:
+            values.pop("per_image")  # (as settings written before per_image existed)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     def save(self, path: str | Path) -> Path:
@@ -338,6 +392,14 @@ def load_settings(source: FeatureSettings | dict | str | Path | None = None) -> 
     path = Path(source)
     values = read_settings_file(path, "feature settings")
     return FeatureSettings.from_dict(values, source=f"settings file {path}")
+
+
+def _image_key(name: str) -> str:
+    """An image's name as ``per_image`` keys it: the canonical modality spelling (``t1`` ->
+    ``MR_T1``), which upper-cases other names (``fused`` -> ``FUSED``)."""
+    from MultiModalAnalysisLib.modalities import canonical_modality
+
+    return canonical_modality(name)
 
 
 @lru_cache(maxsize=32)

@@ -287,3 +287,59 @@ def test_switches_written_as_text_and_empty_lists_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="could not be parsed") as raised:
         load_settings(broken)
     assert "\n" not in str(raised.value)  # one line, not YAML's caret diagram
+
+
+def test_per_image_settings_measure_each_image_as_its_own_settings_do(lesion, rng):
+    ct, mask = lesion
+    pet = sitk.Abs(ct) / 20.0  # SUV-sized values on the same grid
+    ct_own = {"discretisation_method": "fixed_bin_size", "discretisation_bin_width": 25.0}
+    pet_own = {"discretisation_method": "fixed_bin_size", "discretisation_bin_width": 0.5}
+    together = extract_features(
+        {"CT": ct, "PET": pet}, mask,
+        {**FAST, "per_image": {"ct": ct_own, "PT": pet_own}}, device="cpu")
+    alone = extract_features({"CT": ct}, mask, {**FAST, **ct_own}, device="cpu")
+    alone |= extract_features({"PET": pet}, mask, {**FAST, **pet_own}, device="cpu")
+    assert together.keys() == alone.keys()
+    assert all(together[k] == pytest.approx(alone[k], nan_ok=True) for k in alone)
+    # one bin width for both (the shared default, 32 bins) gives other texture values
+    shared = extract_features({"CT": ct, "PET": pet}, mask, FAST, device="cpu")
+    assert shared["PET_cm_joint_entr_3D_avg"] != pytest.approx(
+        together["PET_cm_joint_entr_3D_avg"], rel=1e-3)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_per_image_settings_round_trip_under_the_canonical_names(tmp_path, suffix):
+    settings = FeatureSettings(texture_aggregation=("3D",), per_image={
+        "t1": {"discretisation_bin_number": 16},
+        "pet": {"discretisation_method": "fixed_bin_size", "discretisation_bin_width": 0.5,
+                "texture_aggregation": ("2D",)}})
+    assert set(settings.per_image) == {"MR_T1", "PET"}
+    loaded = load_settings(settings.save(tmp_path / f"settings{suffix}"))
+    assert loaded == settings
+    assert loaded.for_image("PET").texture.bin_width == 0.5
+    assert loaded.for_image("PET").texture_aggregation == ("2D",)
+    assert loaded.for_image("MR-T1").texture.bin_number == 16
+    assert loaded.for_image("CT") == loaded  # no settings of its own
+    assert "per_image" not in FeatureSettings().to_dict()  # files as before
+
+
+@pytest.mark.parametrize("per_image, message", [
+    ({"PET": {"bin_width": 0.5}}, "per_image PET: unknown feature setting"),
+    ({"PET": {"discretisation_bin_width": -1}}, "per_image PET: discretisation_bin_width"),
+    ({"PET": 0.5}, "give a mapping"),
+    ({"PET": {}, "pt": {}}, "names PET twice"),
+    ({"CT": {"per_image": {}}}, "unknown feature setting"),
+    (["CT"], "must map image names"),
+])
+def test_bad_per_image_settings_are_refused_naming_the_image(per_image, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings({"per_image": per_image})
+
+
+def test_a_per_image_name_that_is_no_image_and_no_modality_is_warned_about(lesion, caplog):
+    ct, mask = lesion
+    with caplog.at_level(logging.WARNING):
+        extract_features({"CT": ct}, mask, {**FAST, "per_image": {
+            "fusd": {"discretisation_bin_number": 8}, "PET": {}}}, device="cpu")
+    assert "per_image FUSD names none of the images" in caplog.text
+    assert "PET" not in caplog.text  # a modality absent here is no typo
