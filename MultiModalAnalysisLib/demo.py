@@ -191,6 +191,18 @@ DEMO_FEATURE_SETTINGS = {
     "PET": {"discretisation_method": "fixed_bin_size", "discretisation_bin_width": 0.5},
     "MR_T1": {"discretisation_method": "fixed_bin_number", "discretisation_bin_number": 32},
 }
+
+
+def demo_feature_settings():
+    """The demo's feature settings as one :class:`features.FeatureSettings`: 3-D texture,
+    and each modality's discretisation (``per_image``). The shipped classifier's features
+    were computed with these (its folder holds them as ``feature_settings.json``)."""
+    from MultiModalAnalysisLib.features import FeatureSettings
+
+    return FeatureSettings(texture_aggregation=("3D",), per_image={
+        modality: dict(settings) for modality, settings in DEMO_FEATURE_SETTINGS.items()})
+
+
 MAIN_FEATURES = {
     "volume (mL)": ("CT", "morph_volume", 1e-3),
     "sphericity": ("CT", "morph_sphericity", 1.0),
@@ -210,17 +222,9 @@ def _features(state: DemoState, progress: Progress, cancel: threading.Event | No
     from MultiModalAnalysisLib.features import extract_features
 
     fused, values = state.fused, {"case_id": state.fused.case_id}
-    for i, modality in enumerate(MODALITIES):
-        settings = {**DEMO_FEATURE_SETTINGS[modality], "texture_aggregation": ["3D"]}
-        values.update(
-            extract_features(
-                {modality: fused.image(modality)},
-                fused.mask(TUMOUR_MASK),
-                settings,
-                progress=progress.sub(i / len(MODALITIES), (i + 1) / len(MODALITIES)),
-                cancel=cancel,
-            )
-        )
+    values.update(extract_features({m: fused.image(m) for m in MODALITIES},
+                                   fused.mask(TUMOUR_MASK), demo_feature_settings(),
+                                   progress=progress, cancel=cancel))
     path = state.output_dir / "features.csv"
     pd.DataFrame([values]).to_csv(path, index=False)
     state.outputs["features"] = path

@@ -184,9 +184,11 @@ def permutation_null(features, labels, settings, n_permutations: int) -> np.ndar
 DEMO_FEATURES_NOTE = (
     "(features as `mma demo` computes them: each modality preprocessed with its preset and "
     "resampled onto the CT grid, then IBSI features inside CT_mask with CT fixed bin width "
-    "25 HU, PET fixed bin width 0.5 SUV, MR_T1 32 bins, 3-D texture; see "
-    "DEMO_FEATURE_SETTINGS in MultiModalAnalysisLib/demo.py. Features computed with other "
-    "settings are on other scales: the probabilities would mean nothing)"
+    "25 HU, PET fixed bin width 0.5 SUV, MR_T1 32 bins, 3-D texture: feature_settings.json "
+    "beside this card, from demo_feature_settings() in MultiModalAnalysisLib/demo.py; "
+    "`mma batch --settings feature_settings.json --registration none --mask-column CT_mask` "
+    "measures a cohort so. Features computed with other settings are on other scales: the "
+    "probabilities would mean nothing)"
 )
 
 
@@ -196,7 +198,12 @@ def ship_demo_classifier(cohort: Path, outcomes: pd.Series, folder: Path) -> Non
     Needs the demo's feature step (features branch): same preprocessing, same grid, same
     settings, so the demo's ``features.csv`` fits the model.
     """
-    from MultiModalAnalysisLib.demo import DEMO_FEATURE_SETTINGS, REFERENCE, TUMOUR_MASK
+    from MultiModalAnalysisLib.demo import (
+        DEMO_FEATURE_SETTINGS,
+        REFERENCE,
+        TUMOUR_MASK,
+        demo_feature_settings,
+    )
     from MultiModalAnalysisLib.features import extract_features
     from MultiModalAnalysisLib.pipeline import preprocess_case, resample_case_to_reference
 
@@ -204,18 +211,16 @@ def ship_demo_classifier(cohort: Path, outcomes: pd.Series, folder: Path) -> Non
     for case_id in outcomes.index:
         case = load_case(cohort / case_id, tuple(DEMO_FEATURE_SETTINGS))
         on_grid = resample_case_to_reference(preprocess_case(case), REFERENCE)
-        values: dict[str, float] = {}
-        for modality, settings in DEMO_FEATURE_SETTINGS.items():
-            values.update(extract_features({modality: on_grid.image(modality)},
-                                           on_grid.mask(TUMOUR_MASK),
-                                           {**settings, "texture_aggregation": ["3D"]}))
-        rows[case_id] = values
+        rows[case_id] = extract_features(
+            {m: on_grid.image(m) for m in DEMO_FEATURE_SETTINGS}, on_grid.mask(TUMOUR_MASK),
+            demo_feature_settings())
         print(f"  demo features {case_id}", file=sys.stderr)
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "case_id"
     settings = ClassifierSettings(**{**RECIPE_B.to_dict(), "cv_repeats": 5})
     train_classifier(table, outcomes.loc[table.index], settings, label_column=LABEL,
                      source=f"{cohort} {DEMO_FEATURES_NOTE}", output=folder)
+    demo_feature_settings().save(folder / "feature_settings.json")
     print(f"shipped classifier written to {folder}", file=sys.stderr)
 
 

@@ -251,3 +251,40 @@ def test_a_classifier_trained_on_a_table_is_used_with_a_warning_about_its_settin
     assert str(stat_only) in caplog.text
     rows = pd.read_csv(output)
     assert rows["probability"].between(0, 1).all() and len(rows) == 5
+
+
+def test_batch_with_the_shipped_classifiers_settings_measures_as_the_demo(tmp_path):
+    from MultiModalAnalysisLib.case import load_case
+    from MultiModalAnalysisLib.classification import load_classifier
+    from MultiModalAnalysisLib.classification.shipped import shipped_classifier_dir
+    from MultiModalAnalysisLib.demo import REFERENCE, TUMOUR_MASK, demo_feature_settings
+    from MultiModalAnalysisLib.features import extract_features, load_settings
+    from MultiModalAnalysisLib.pipeline import preprocess_case, resample_case_to_reference
+    from MultiModalAnalysisLib.sample_data import sample_case_dir
+
+    folder = shipped_classifier_dir()
+    # the settings file beside the shipped classifier is the demo's, which trained it
+    assert load_settings(folder / "feature_settings.json") == demo_feature_settings()
+    case_dir = Path(sample_case_dir())
+    manifest = tmp_path / "one.csv"
+    pd.DataFrame([{"case_id": "STS_002", "CT": case_dir / "CT_image.nii.gz",
+                   "PET": case_dir / "PET_image.nii.gz",
+                   "MR_T1": case_dir / "MR_T1_image.nii.gz",
+                   "CT_mask": case_dir / "CT_mask.nii.gz"}]).to_csv(manifest, index=False)
+    output = tmp_path / "rows.csv"
+    assert main(["-q", "batch", "--manifest", str(manifest), "--modalities", "CT,PET,MR_T1",
+                 "--mask-column", "CT_mask", "--registration", "none", "--settings",
+                 str(folder / "feature_settings.json"), "--classifier", str(folder),
+                 "--device", "cpu", "--output", str(output)]) == 0
+    row = pd.read_csv(output).iloc[0]
+    # the demo's way: presets, resampled onto the CT grid, measured in CT_mask
+    on_grid = resample_case_to_reference(
+        preprocess_case(load_case(case_dir, ["CT", "PET", "MR_T1"])), REFERENCE)
+    demo = extract_features({m: on_grid.image(m) for m in ("CT", "PET", "MR_T1")},
+                            on_grid.mask(TUMOUR_MASK), demo_feature_settings(), device="cpu")
+    assert len(demo) == 645
+    for name, value in demo.items():
+        assert row[name] == pytest.approx(value, rel=1e-9, nan_ok=True), name
+    classifier = load_classifier(folder)
+    expected = classifier.predict_proba(pd.DataFrame([demo])[classifier.feature_names])[0, 1]
+    assert row["probability"] == pytest.approx(expected, rel=1e-9)
