@@ -52,6 +52,7 @@ class CaseResult:
         registrations: moving modality -> its :class:`registration.RegistrationResult`
             (quality metrics, ``save`` for the warped image, transform and QC figure).
         seconds: the case's wall time.
+        sources: image or mask name -> the file it was read from.
     """
 
     row: dict[str, Any]
@@ -59,6 +60,7 @@ class CaseResult:
     transforms: dict[str, sitk.Transform] = field(default_factory=dict)
     registrations: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def given(path: str | Path | None) -> bool:
@@ -238,8 +240,10 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
     features = extract_features(measured, region, settings=feature_settings,
                                 device=settings.device, cancel=cancel)
     report(1.0, f"{case.case_id}: measured")
+    used = {*modalities, *([mask_name] if mask_name else [])}
     return CaseResult({"case_id": case.case_id, **features}, region, transforms,
-                      registrations, time.perf_counter() - started)
+                      registrations, time.perf_counter() - started,
+                      {k: v for k, v in case.sources.items() if k in used})
 
 
 def add_predictions(table: pd.DataFrame, classifier: Any) -> pd.DataFrame:
@@ -380,12 +384,30 @@ def describe_batch(settings: WorkflowSettings, *, manifest: str | Path,
     whose descriptions are equal measure a case alike, so one can resume the other."""
     from dataclasses import asdict
 
-    chosen = {k: v for k, v in asdict(settings).items() if k not in ("show_3d", "case_id")}
+    chosen = {k: v for k, v in asdict(settings).items()
+              if k not in ("show_3d", "case_id", "fusion_method")}
     for key in ("segmentation_model", "feature_settings", "classifier"):
         chosen[key] = str(Path(chosen[key]).resolve()) if given(chosen[key]) else ""
+        # (the same path with other content measures otherwise: an edited settings file,
+        # a retrained model)
+        chosen[f"{key}_sha256"] = _fingerprint(Path(chosen[key])) if chosen[key] else ""
     return {"manifest": str(Path(manifest).resolve()),
             "modalities": [canonical_modality(m) for m in modalities],
             "mask_column": mask_column or "", "settings": chosen}
+
+
+def _fingerprint(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's files (their names and contents)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else "").encode())
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 class BatchOutput:
@@ -416,10 +438,14 @@ class BatchOutput:
         self.cases: dict[str, dict[str, Any]] = {}
 
     @classmethod
-    def resume(cls, output: str | Path, description: dict[str, Any], **options: Any
+    def resume(cls, output: str | Path, description: dict[str, Any], *,
+               sources: Callable[[str], dict[str, str]] | None = None, **options: Any
                ) -> BatchOutput:
         """The batch output of an earlier run with the same description, its measured cases
-        kept (those that failed are measured again). Without an earlier table, a new one."""
+        kept (those that failed are measured again). Without an earlier table, a new one.
+
+        ``sources(case_id)`` gives the files a case reads now (name -> path): a case whose
+        files are other paths, or were rewritten since, is measured again."""
         import json
 
         import pandas as pd
@@ -460,6 +486,12 @@ class BatchOutput:
             measured = (kept_cases.get(case_id, {}).get("status") == "measured"
                         and (error is None or error == "" or pd.isna(error)))
             if measured and case_id in out.order:
+                recorded = kept_cases[case_id].get("inputs")
+                if sources is not None and recorded != file_states(sources(case_id)):
+                    log.warning("case %s: its files changed since it was measured (another "
+                                "path in the manifest, or a file rewritten): measured again.",
+                                case_id)
+                    continue
                 out.rows[case_id] = {k: v for k, v in row.items()
                                      if k not in extra_columns and k != "error"}
                 out.cases[case_id] = kept_cases[case_id]
@@ -477,6 +509,7 @@ class BatchOutput:
             self.cases[case_id] = {
                 "status": "measured", "seconds": round(result.seconds, 3),
                 "registration": {m: dict(r.metrics) for m, r in result.registrations.items()},
+                "inputs": file_states(result.sources),
             }
             if self.save_dir is not None:
                 self._save(case_id, result)
@@ -538,6 +571,33 @@ class BatchOutput:
         write_image(result.region, folder / "region.nii.gz")
         for modality, registration in result.registrations.items():
             registration.save(folder / f"{modality}_registration")
+
+
+def file_states(sources: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Each file's path, size and modification time (what tells a rewritten file)."""
+    states = {}
+    for name, path in sorted(sources.items()):
+        try:
+            stat = Path(path).stat()
+            states[name] = {"path": str(Path(path).resolve()), "bytes": stat.st_size,
+                            "modified_ns": stat.st_mtime_ns}
+        except OSError:
+            states[name] = {"path": str(Path(path).resolve())}
+    return states
+
+
+def manifest_sources(manifest: Any, modalities: Sequence[str], mask_column: str | None
+                     ) -> Callable[[str], dict[str, str]]:
+    """``sources(case_id)``: the files a manifest's case reads (as :class:`case.Case`
+    ``sources`` names them), without reading them."""
+    def sources(case_id: str) -> dict[str, str]:
+        row = manifest.row(case_id)
+        files = {canonical_modality(m): row[manifest.modality_column(m)] for m in modalities}
+        if mask_column:
+            files[mask_column] = row[manifest.column(mask_column)]
+        return {name: str(manifest.resolve(value)) for name, value in files.items()
+                if isinstance(value, str) and value.strip()}
+    return sources
 
 
 def _lookup(description: dict[str, Any], key: str) -> Any:

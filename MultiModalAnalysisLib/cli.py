@@ -388,6 +388,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         describe_batch,
         manifest_cases,
         manifest_extra,
+        manifest_sources,
         run_batch,
     )
     from MultiModalAnalysisLib.case import read_manifest
@@ -435,8 +436,9 @@ def _run_batch(args: argparse.Namespace) -> int:
                                  mask_column=args.mask_column)
     options = {"order": [c for c, _ in cases], "extra": manifest_extra(manifest),
                "save_dir": args.save_dir}
-    output = (BatchOutput.resume(args.output, description, **options) if args.resume
-              else BatchOutput(args.output, description, **options))
+    output = (BatchOutput.resume(args.output, description, **options, sources=manifest_sources(
+                  manifest, modalities, args.mask_column))
+              if args.resume else BatchOutput(args.output, description, **options))
     done = set(output.done)
     if done:
         print(f"--resume: {len(done)} of {len(cases)} cases were measured before and are "

@@ -94,6 +94,16 @@ def test_an_interrupted_batch_keeps_its_rows_and_resume_measures_only_the_others
     resumed.clear()
     assert run(cohort, output, stat_only, "--resume") == 0
     assert resumed == []
+    # ... but a case whose file was rewritten since is measured again
+    pet = cohort.parent / "case_003" / "PET.nii.gz"
+    image = sitk.ReadImage(str(pet))
+    sitk.WriteImage(image * 2.0, str(pet))
+    assert run(cohort, output, stat_only, "--resume") == 0
+    assert resumed == ["case_003"]
+    table = pd.read_csv(output).set_index("case_id")
+    assert table.loc["case_003", "PET_stat_mean"] == pytest.approx(
+        2 * pd.read_csv(reference).set_index("case_id").loc["case_003", "PET_stat_mean"],
+        rel=1e-5)
 
 
 def test_resume_refuses_rows_measured_with_other_settings_or_without_a_record(
@@ -105,6 +115,10 @@ def test_resume_refuses_rows_measured_with_other_settings_or_without_a_record(
     assert run(cohort, output, stat_only, "--resume", "--no-preprocess") == 2
     error = capsys.readouterr().err
     assert "settings.preprocess" in error and "True then, False now" in error
+    # the same settings file, edited: other rows
+    stat_only.write_text(json.dumps({"families": ["stat"], "intensity_rounding": True}))
+    assert run(cohort, output, stat_only, "--resume") == 2
+    assert "settings.feature_settings_sha256" in capsys.readouterr().err
     batch.record_path(output).unlink()
     assert run(cohort, output, stat_only, "--resume") == 2
     assert "rows.batch.json" in capsys.readouterr().err
