@@ -328,12 +328,14 @@ def require_plausible_units(images: Mapping[str, sitk.Image], what: str, *,
     Raises:
         UnitsError: naming each doubtful image and why.
     """
-    doubts = [f"{name}: {doubt}" for name, image in images.items()
+    doubts = [f"the image given as {name}: {doubt}" for name, image in images.items()
               if (doubt := implausible_intensities(str(name), image, pet_in_suv=pet_in_suv))
               is not None]
     if doubts:
+        names = list(map(str, images))
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
         raise UnitsError(
-            f"{what} takes {', '.join(map(str, images))}, and " + "; ".join(doubts)
+            f"{what} takes {listed}, but " + "; ".join(doubts)
             + ". Check that each image is given under its own modality (two inputs swapped?) "
             "and in the units expected (CT in HU" + (", PET in SUV" if pet_in_suv else "")
             + ").")

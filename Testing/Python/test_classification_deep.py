@@ -110,7 +110,8 @@ def test_deep_classifier_names_a_missing_modality(deep_model):
     probabilities = model.predict_images({"ct": ct, "pet": pet}, mask)
     assert probabilities.shape == (2,) and probabilities.sum() == pytest.approx(1.0)
     # swapped inputs are refused, not classified on the wrong scale
-    with pytest.raises(UnitsError, match="CT: values .* do not look like CT in HU"):
+    with pytest.raises(UnitsError,
+                       match="the image given as CT: values .* do not look like CT in HU"):
         model.predict_images({"CT": pet, "PET": ct}, mask)
 
 
