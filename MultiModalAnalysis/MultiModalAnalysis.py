@@ -517,12 +517,18 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
             if os.path.isdir(os.path.join(folder, d))
         )
         modalities = [m for _, m in self.inputs(p)]
+        # The rows are also written as each case is done (a crash keeps them); the path is
+        # in the log, and the table node holds the same rows at the end.
+        output = os.path.join(
+            slicer.app.temporaryPath, "MultiModalAnalysis",
+            f"batch-{time.strftime('%Y%m%d-%H%M%S')}.csv")
         return batch_task(
             cases,
             self.settings(p),
             modalities=modalities,
             mask_name=p.batchMaskName or None,
             scene=slicer.mrmlScene,
+            output=output,
         )
 
     def run(self, p, stages=STAGES, volumes=None, unregistered=None, fieldsOfView=None):

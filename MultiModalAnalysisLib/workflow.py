@@ -22,8 +22,10 @@ from typing import Any
 
 from MultiModalAnalysisLib import mrml, nodes
 from MultiModalAnalysisLib.batch import (
+    BatchOutput,
     check_batch,
     classifier_and_extraction,
+    describe_batch,
     folder_cases,
     refuse_tissue_classes,
     run_batch,
@@ -321,6 +323,7 @@ def batch_task(
     mask_name: str | None = None,
     scene: Any,
     name: str = "batch features",
+    output: str | Path | None = None,
 ) -> nodes.NodeTask:
     """Run the pipeline over case folders (STS layout) and publish one table, a row per case.
 
@@ -328,7 +331,9 @@ def batch_task(
     registered to its first modality, segmented (or its own mask named ``mask_name`` is
     used), measured and, with a classifier, predicted. No node is created per case; a case
     that fails is reported in an ``error`` column and the batch goes on, so one bad scan
-    does not lose a cohort's run.
+    does not lose a cohort's run. With ``output`` (a CSV path), the rows are also written
+    there after every case, with a record of the settings beside it (as ``mma batch``
+    writes them), so a crash or a cancel keeps the cases measured so far.
     """
     folders = [Path(f) for f in case_folders]
     wanted = check_batch(settings, modalities, mask_name)
@@ -336,8 +341,18 @@ def batch_task(
         raise MMAError("no case folder was given for the batch.")
 
     def compute(progress: Progress, cancel: threading.Event | None) -> Any:
-        return run_batch(folder_cases(folders, wanted), settings, modalities=wanted,
-                         mask_name=mask_name, progress=progress, cancel=cancel)
+        cases = folder_cases(folders, wanted)
+        written = None
+        if output is not None:
+            written = BatchOutput(output, describe_batch(
+                settings, manifest=folders[0].parent, modalities=wanted,
+                mask_column=mask_name), order=[c for c, _ in cases])
+            log.info("the batch's rows are written to %s as each case is done", output)
+        table = run_batch(cases, settings, modalities=wanted, mask_name=mask_name,
+                          progress=progress, cancel=cancel, on_case=written)
+        if written is not None:
+            written.finish(table)
+        return table
 
     def publish(table: Any) -> Any:
         return mrml.table_node_from_dataframe(table, scene, name)

@@ -303,6 +303,35 @@ def test_batch_measures_every_case_and_reports_a_broken_one_without_stopping(
     assert any(c.startswith("PET_") for c in frame.columns)
 
 
+def test_a_batch_writes_its_rows_as_each_case_is_done(mrml_scene, tmp_path, few_features,
+                                                      monkeypatch):
+    from MultiModalAnalysisLib import batch
+    from MultiModalAnalysisLib.errors import OperationCancelled
+
+    settings = WorkflowSettings(preprocess=False, registration_type="none",
+                                feature_settings=few_features)
+    original, done = batch.run_case, []
+
+    def cancelled_in_the_second(case, *args, **kwargs):
+        if done:
+            raise OperationCancelled("the batch was cancelled")
+        done.append(case.case_id)
+        return original(case, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "run_case", cancelled_in_the_second)
+    second = tmp_path / "STS_002_copy"
+    second.symlink_to(sample_case_dir(), target_is_directory=True)
+    output = tmp_path / "out" / "batch.csv"
+    task = batch_task([sample_case_dir(), second], settings, modalities=["CT", "PET"],
+                      mask_name="CT_mask", scene=mrml_scene, output=output)
+    with pytest.raises(OperationCancelled):
+        task.run()
+    kept = pd.read_csv(output)  # the first case survived the cancel
+    assert kept["case_id"].tolist() == ["STS_002"] and kept.loc[0, "CT_stat_mean"] > 0
+    assert json.loads((tmp_path / "out" / "batch.batch.json").read_text())["cases"][
+        "STS_002"]["status"] == "measured"
+
+
 def test_a_batch_measures_a_lesion_not_the_union_of_tissue_classes(mrml_scene, tmp_path):
     settings = WorkflowSettings(preprocess=False, registration_type="none",
                                 segmentation_method="kmeans")
