@@ -333,12 +333,16 @@ def run_batch(
             log.warning("%s", error)
             rows.append({"case_id": case_id, "error": str(error)})
             continue
+        if given(settings.classifier) and not isinstance(classifier, str | Path):
+            # predicted as it is measured, so the rows written so far carry their prediction
+            result.row = add_predictions(pd.DataFrame([result.row]), classifier).iloc[
+                0].to_dict()
         if on_case is not None:
             on_case(case_id, result, None)
         rows.append(result.row)
     table = pd.DataFrame(rows)
-    if given(settings.classifier):
-        table = add_predictions(table, classifier)
+    if given(settings.classifier) and isinstance(classifier, str | Path):
+        table = add_predictions(table, classifier)  # (it could not be loaded: says why)
     return table
 
 

@@ -145,7 +145,7 @@ def test_a_failing_case_stops_the_batch_or_with_skip_failed_gets_its_error(
     assert record["cases"]["case_002"]["status"] == "failed"
 
 
-def test_batch_predictions_equal_mma_classify(cohort, tmp_path):
+def test_batch_predictions_equal_mma_classify(cohort, tmp_path, monkeypatch):
     from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
 
     trained_with = {"families": ["stat"], "discretisation_method": "fixed_bin_number",
@@ -160,9 +160,23 @@ def test_batch_predictions_equal_mma_classify(cohort, tmp_path):
                  str(tmp_path / "classify.csv")]) == 0
     output = tmp_path / "rows.csv"
     # (preprocessing on: the classifier, trained from images, measures them as read)
-    assert main(["-q", "batch", "--manifest", str(cohort), "--modalities", "CT,PET",
-                 "--mask-column", "mask", "--registration", "none", "--classifier",
-                 str(tmp_path / "CLF"), "--device", "cpu", "--output", str(output)]) == 0
+    argv = ["-q", "batch", "--manifest", str(cohort), "--modalities", "CT,PET",
+            "--mask-column", "mask", "--registration", "none", "--classifier",
+            str(tmp_path / "CLF"), "--device", "cpu", "--output", str(output)]
+    original, measured = batch.run_case, []
+
+    def interrupted(case, *args, **kwargs):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append(case.case_id)
+        return original(case, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "run_case", interrupted)
+    assert main(argv) == 130
+    partial = pd.read_csv(output)
+    assert len(partial) == 2 and partial["probability"].notna().all()  # predicted as measured
+    monkeypatch.setattr(batch, "run_case", original)
+    assert main([*argv, "--resume"]) == 0
     rows = pd.read_csv(output, dtype={"case_id": str})
     expected = pd.read_csv(tmp_path / "classify.csv", dtype={"case_id": str})
     probability = [c for c in expected.columns if c.startswith("probability")][0]
