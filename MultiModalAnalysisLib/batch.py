@@ -14,6 +14,7 @@ registration onto the reference grid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -24,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import SimpleITK as sitk
 
-from MultiModalAnalysisLib.errors import ConfigError, MMAError, OperationCancelled, for_case
+from MultiModalAnalysisLib.errors import (
+    ConfigError,
+    GeometryError,
+    MMAError,
+    OperationCancelled,
+    for_case,
+)
 from MultiModalAnalysisLib.modalities import canonical_modality, modality_family
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 # segmentations whose labels are a lesion, which a batch row can measure
 BATCH_SEGMENTATIONS = ("model", "threshold")
 BATCH_REGISTRATIONS = ("rigid", "affine", "deformable", "none")
+# a region smaller than this (a 3x3x3 block) is measured with a warning
+SMALL_REGION_VOXELS = 27
 
 
 @dataclass
@@ -53,6 +62,7 @@ class CaseResult:
             (quality metrics, ``save`` for the warped image, transform and QC figure).
         seconds: the case's wall time.
         sources: image or mask name -> the file it was read from.
+        warnings: what the case's work warned about (the log's warnings while it ran).
     """
 
     row: dict[str, Any]
@@ -61,6 +71,7 @@ class CaseResult:
     registrations: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     sources: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def given(path: str | Path | None) -> bool:
@@ -151,15 +162,16 @@ def classifier_and_extraction(path: Any, settings: WorkflowSettings,
 def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
              settings: WorkflowSettings, progress: ProgressCallback | None = None,
              cancel: threading.Event | None = None,
-             extraction: dict | None = None) -> CaseResult:
-    """One batch row. With ``extraction`` (a classifier trained from images records it),
-    the features are measured as ``mma classify`` measures them: with its settings, on the
-    images as read (not preprocessed; moved onto the reference grid by the registration),
-    and images whose values do not fit their modality are refused."""
+             extraction: dict | None = None, model: Any = None) -> CaseResult:
+    """One batch row: the features of every modality on the reference grid (the moving
+    ones resampled through their registration) in the region. With ``extraction`` (a
+    classifier trained from images records it), they are measured as ``mma classify``
+    measures them instead: with its settings, on the images as read, each on its own grid
+    (:func:`_as_trained`), and images whose values do not fit their modality are refused."""
     import numpy as np
 
     from MultiModalAnalysisLib.features import extract_features
-    from MultiModalAnalysisLib.images import require_plausible_units, same_grid
+    from MultiModalAnalysisLib.images import require_plausible_units
     from MultiModalAnalysisLib.preprocess import (
         apply_modality_preset,
         mask_on_grid,
@@ -208,11 +220,20 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
 
         region = mask_on_grid(case.mask(mask_name), fixed, f"{case.case_id}'s {mask_name}",
                               transform=mask_transform(mask_name, transforms))
-        outside = int((sitk.GetArrayViewFromImage(region).astype(bool) & ~covered).sum())
+        inside = sitk.GetArrayViewFromImage(region).astype(bool)
+        outside = int((inside & ~covered).sum())
+        if outside > 0.5 * inside.sum():
+            raise GeometryError(
+                f"case {case.case_id}: {outside} of the {int(inside.sum())} voxels of "
+                f"{mask_name} ({100 * outside / inside.sum():.0f} %) lie outside a registered "
+                "volume's field of view, where it is padding: its features would describe "
+                "the padding. Check the registration (--save-dir keeps its QC figure) and "
+                "the mask.")
         if outside:
-            log.warning("%s: %d voxel(s) of %s lie outside a registered volume's field of "
-                        "view, where it is padding: its features there are not measured "
-                        "values.", case.case_id, outside, mask_name)
+            log.warning("%s: %d of the %d voxels of %s lie outside a registered volume's "
+                        "field of view, where it is padding: its features there are not "
+                        "measured values.", case.case_id, outside, int(inside.sum()),
+                        mask_name)
     else:
         from MultiModalAnalysisLib.segmentation import segment
 
@@ -220,30 +241,58 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
         inside.CopyInformation(fixed)
         region = segment(images, method=settings.segmentation_method,
                          classes=settings.segmentation_classes,
-                         model=settings.segmentation_model or None,
+                         model=model or settings.segmentation_model or None,
                          field_of_view=inside, device=settings.device,
                          cancel=cancel).labels
         report(0.7, f"{case.case_id}: segmented")
     region = sitk.Cast(sitk.NotEqual(region, 0), sitk.sitkUInt8)
-    measured = images
-    feature_settings = settings.feature_settings if given(settings.feature_settings) else None
-    if extraction is not None:
-        feature_settings = extraction["feature_settings"]
-        if settings.preprocess:  # the classifier learnt features of images as read
-            # (the reference is read on the grid it sets: no resampling of it onto itself)
-            measured = {m: case.images[m] if m not in transforms and same_grid(
-                            case.images[m], fixed)
-                        else resample_to_reference(case.images[m], fixed,
-                                                   transform=transforms.get(m),
-                                                   antialias=True, name=m)
-                        for m in modalities}
-    features = extract_features(measured, region, settings=feature_settings,
-                                device=settings.device, cancel=cancel)
+    size = region_size(region)
+    if size["voxels"] < SMALL_REGION_VOXELS:
+        log.warning("%s: the region measured has %d voxel(s) (%.3g mL): texture and shape "
+                    "features of so few voxels mean little. Check the %s.", case.case_id,
+                    size["voxels"], size["ml"], mask_name or "segmentation")
+    if extraction is None:  # every modality on the reference grid
+        feature_settings = (settings.feature_settings if given(settings.feature_settings)
+                            else None)
+        features = extract_features(images, region, settings=feature_settings,
+                                    device=settings.device, cancel=cancel)
+    else:
+        features = _as_trained(case, modalities, region, transforms, extraction, settings,
+                               cancel)
     report(1.0, f"{case.case_id}: measured")
     used = {*modalities, *([mask_name] if mask_name else [])}
     return CaseResult({"case_id": case.case_id, **features}, region, transforms,
                       registrations, time.perf_counter() - started,
                       {k: v for k, v in case.sources.items() if k in used})
+
+
+def _as_trained(case: Case, modalities: Sequence[str], region: sitk.Image,
+                transforms: dict[str, sitk.Transform], extraction: dict,
+                settings: WorkflowSettings, cancel: threading.Event | None) -> dict:
+    """The features a classifier trained from images learnt, as ``mma classify`` measures
+    them: with its feature settings, each image as read, on its own grid, the region mapped
+    onto it (a registered image's through the registration's inverse). The region is
+    resampled as the features' settings resample a mask (``roi_interpolation_method``,
+    kept at ``roi_partial_volume_threshold``)."""
+    from MultiModalAnalysisLib.features import extract_features, load_settings
+    from MultiModalAnalysisLib.features.roi import _SITK_INTERPOLATORS
+
+    feature_settings = load_settings(extraction["feature_settings"])
+    features: dict[str, float] = {}
+    for m in modalities:
+        image = case.images[m]
+        mask = region
+        if m in transforms:  # the region, in the moving image's space
+            own = feature_settings.for_image(m)
+            moved = sitk.Resample(sitk.Cast(region, sitk.sitkFloat32), image,
+                                  transforms[m].GetInverse(),
+                                  _SITK_INTERPOLATORS[own.roi_interpolation_method], 0.0,
+                                  sitk.sitkFloat32)
+            mask = sitk.Cast(moved >= own.roi_partial_volume_threshold - 1e-9,
+                             sitk.sitkUInt8)
+        features.update(extract_features({m: image}, mask, settings=feature_settings,
+                                         device=settings.device, cancel=cancel))
+    return features
 
 
 def add_predictions(table: pd.DataFrame, classifier: Any) -> pd.DataFrame:
@@ -316,16 +365,35 @@ def run_batch(
     extraction = None
     if given(classifier):
         classifier, extraction = classifier_and_extraction(classifier, settings)
+    if extraction is not None and settings.registration_type == "deformable":
+        raise ConfigError(
+            "the classifier was trained from images, each measured on its own grid, so the "
+            "batch maps the region back onto each registered image, which a deformable "
+            "registration cannot do exactly: choose rigid, affine or none with it.")
+    if given(settings.classifier) and extraction is None and not isinstance(classifier,
+                                                                         str | Path):
+        _require_classifier_features(classifier, wanted, settings)
+    model = _segmentation_model(settings, wanted) if not mask_name else None
     rows = []
     for i, (case_id, read) in enumerate(cases):
         check_cancel(cancel, "the batch")
         step = report.sub(i / len(cases), (i + 1) / len(cases))
         try:
-            result = run_case(read(), wanted, mask_name, settings, step, cancel, extraction)
+            with _warnings_kept() as warned:
+                result = run_case(read(), wanted, mask_name, settings, step, cancel,
+                                  extraction, model)
+            result.warnings = warned
         except OperationCancelled:
             raise
-        except MMAError as error:
-            error = error if case_id in str(error) else for_case(error, case_id)
+        except Exception as error:  # noqa: BLE001 - one case's failure is recorded, below
+            if not isinstance(error, MMAError):
+                if on_error == "stop":
+                    raise
+                # (a bug, or a library's own error: the batch goes on, and the log keeps
+                # the traceback)
+                log.exception("case %s failed unexpectedly", case_id)
+                error = MMAError(f"unexpected {type(error).__name__}: {error}")
+            error = for_case(error, case_id)
             if on_case is not None:
                 on_case(case_id, None, error)
             if on_error == "stop":
@@ -344,6 +412,73 @@ def run_batch(
     if given(settings.classifier) and isinstance(classifier, str | Path):
         table = add_predictions(table, classifier)  # (it could not be loaded: says why)
     return table
+
+
+class _KeptWarnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _warnings_kept():
+    """The project's log warnings while the block runs in this thread (for a case's
+    record: a warning scrolled past in an hour's log is lost otherwise)."""
+    handler = _KeptWarnings()
+    logger = logging.getLogger("MultiModalAnalysisLib")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _require_classifier_features(classifier: Any, modalities: Sequence[str],
+                                 settings: WorkflowSettings) -> None:
+    """Refuse, before any case, a classifier whose features these feature settings do not
+    compute (found after an hour's batch, they would leave it without predictions)."""
+    from MultiModalAnalysisLib.features import load_settings
+    from MultiModalAnalysisLib.features.extract import feature_tags
+
+    names = list(getattr(classifier, "feature_names", None) or [])
+    if not names:
+        return
+    chosen = load_settings(settings.feature_settings if given(settings.feature_settings)
+                           else None)
+    computed = {f"{m}_{tag}" for m in modalities
+                for tag in feature_tags(chosen.for_image(m))}
+    missing = [n for n in names if n not in computed]
+    if missing:
+        which = (f"the feature settings {settings.feature_settings}"
+                 if given(settings.feature_settings) else "the default feature settings")
+        raise ConfigError(
+            f"the classifier reads {len(missing)} feature(s) the batch would not compute "
+            f"with {which} and the modalities {', '.join(modalities)} (e.g. "
+            f"{', '.join(missing[:3])}): "
+            "give the feature settings and modalities its training features were computed "
+            "with.")
+
+
+def _segmentation_model(settings: WorkflowSettings, modalities: Sequence[str]) -> Any:
+    """The segmentation model, loaded once for the whole batch; one that reads a modality
+    the batch does not load is refused before any case."""
+    if settings.segmentation_method != "model":
+        return None
+    from MultiModalAnalysisLib.segmentation.inference import resolve_model
+    from MultiModalAnalysisLib.segmentation.model_file import SegmentationModel
+
+    model = resolve_model(settings.segmentation_model)
+    if isinstance(model, SegmentationModel):
+        missing = [m for m in model.modalities if canonical_modality(m) not in modalities]
+        if missing:
+            raise ConfigError(
+                f"the segmentation model {settings.segmentation_model} reads "
+                f"{', '.join(model.modalities)}: add {', '.join(missing)} to the batch's "
+                "modalities.")
+    return model
 
 
 def folder_cases(folders: Iterable[str | Path], modalities: Sequence[str]) -> list[CaseSource]:
@@ -388,8 +523,9 @@ def describe_batch(settings: WorkflowSettings, *, manifest: str | Path,
     whose descriptions are equal measure a case alike, so one can resume the other."""
     from dataclasses import asdict
 
-    chosen = {k: v for k, v in asdict(settings).items()
-              if k not in ("show_3d", "case_id", "fusion_method")}
+    # (what the batch does not use, or what does not change the numbers: the device)
+    chosen = {k: v for k, v in asdict(settings).items() if k not in (
+        "show_3d", "case_id", "fusion_method", "segmentation_classes", "device")}
     for key in ("segmentation_model", "feature_settings", "classifier"):
         chosen[key] = str(Path(chosen[key]).resolve()) if given(chosen[key]) else ""
         # (the same path with other content measures otherwise: an edited settings file,
@@ -431,13 +567,14 @@ class BatchOutput:
 
     def __init__(self, output: str | Path, description: dict[str, Any], *,
                  order: Sequence[str], extra: pd.DataFrame | None = None,
-                 save_dir: str | Path | None = None) -> None:
+                 save_dir: str | Path | None = None, command: str = "") -> None:
         self.output = Path(output)
         self.record = record_path(self.output)
         self.description = description
         self.order = list(order)
         self.extra = extra
         self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.command = command
         self.rows: dict[str, dict[str, Any]] = {}
         self.cases: dict[str, dict[str, Any]] = {}
 
@@ -482,7 +619,18 @@ class BatchOutput:
                             f"{_lookup(description, key)!r} now" for key in changed[:3])
                 + "). Resume with the same inputs and settings, or run without --resume "
                 "to measure every case again.")
+        from MultiModalAnalysisLib import __version__
+
+        if earlier.get("mma_version") != __version__:
+            log.warning("the rows kept were measured by MultiModalAnalysis %s, and the others "
+                        "are measured by %s: run without --resume if the versions measure "
+                        "differently.", earlier.get("mma_version"), __version__)
         kept_cases = earlier.get("cases", {})
+        dropped = sorted(set(map(str, table["case_id"])) - set(out.order))
+        if dropped:
+            log.warning("--resume: %d case(s) of %s are no longer in the manifest and are "
+                        "left out of the table: %s", len(dropped), out.output.name,
+                        ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""))
         extra_columns = set(out.extra.columns) - {"case_id"} if out.extra is not None else set()
         for row in table.to_dict("records"):
             case_id = str(row["case_id"])
@@ -513,6 +661,8 @@ class BatchOutput:
             self.cases[case_id] = {
                 "status": "measured", "seconds": round(result.seconds, 3),
                 "registration": {m: dict(r.metrics) for m, r in result.registrations.items()},
+                "region": region_size(result.region),
+                "warnings": list(result.warnings),
                 "inputs": file_states(result.sources),
             }
             if self.save_dir is not None:
@@ -560,7 +710,8 @@ class BatchOutput:
         os.replace(partial, self.output)
         from MultiModalAnalysisLib import __version__
 
-        record = {"mma_version": __version__, "description": self.description,
+        record = {"mma_version": __version__, "command": self.command,
+                  "description": self.description,
                   "cases": {c: self.cases[c] for c in self.order if c in self.cases}}
         partial = self.record.with_name(f".~{self.record.name}")
         partial.write_text(json.dumps(record, indent=2, default=_jsonable), encoding="utf-8")
@@ -575,6 +726,15 @@ class BatchOutput:
         write_image(result.region, folder / "region.nii.gz")
         for modality, registration in result.registrations.items():
             registration.save(folder / f"{modality}_registration")
+
+
+def region_size(region: sitk.Image) -> dict[str, float]:
+    """The measured region's voxel count and volume (mL)."""
+    import numpy as np
+
+    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(region)))
+    return {"voxels": voxels, "ml": round(voxels * float(np.prod(region.GetSpacing())) / 1000,
+                                          3)}
 
 
 def file_states(sources: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -611,11 +771,15 @@ def _lookup(description: dict[str, Any], key: str) -> Any:
 
 
 def _safe_name(case_id: str) -> str:
-    """A case id as a folder name (no path separators, no leading dots)."""
+    """A case id as a folder name (no path separators, no leading dots); an id that had to
+    be changed gets a short hash of itself, so that ``A/1`` and ``A_1`` stay apart."""
+    import hashlib
     import re
 
     name = re.sub(r"[^0-9A-Za-z._-]+", "_", case_id).lstrip(".")
-    return name or "case"
+    if name != case_id or not name:
+        name = f"{name or 'case'}-{hashlib.sha1(case_id.encode()).hexdigest()[:8]}"
+    return name
 
 
 def _jsonable(value: Any) -> Any:

@@ -339,13 +339,16 @@ def _add_batch(subparsers: argparse._SubParsersAction) -> None:
         "outcome columns after case_id, then the features, then prediction, probability and "
         "threshold) to --output after every case, and a record beside it (for rows.csv, "
         "rows.batch.json: the settings, and each case's status, time and registration "
-        "metrics), so an "
-        "interrupted run loses nothing: --resume measures only the cases still missing.",
+        "metrics, warnings, region size), so an interrupted run loses nothing: --resume "
+        "measures only the cases still missing. Exit status 0: every case measured (and "
+        "predicted); 1: some failed (--skip-failed) or got no prediction; 2: an error, or "
+        "no case measured.",
     )
     parser.add_argument("--manifest", type=Path, required=True, help="cohort CSV")
     parser.add_argument("--modalities", required=True,
-                        help="comma-separated image columns, e.g. CT,PET,MR_T1; the first is "
-                        "the reference every other one is registered to")
+                        help="comma-separated modalities (the manifest's image columns, e.g. "
+                        "CT,PET,MR_T1; t1 is MR_T1); the first is the reference every other "
+                        "one is registered to and measured on")
     parser.add_argument("--output", "-o", type=Path, required=True, help="the table (CSV)")
     region = parser.add_argument_group("the region measured (one of)")
     region.add_argument("--mask-column", help="the manifest column holding each case's mask "
@@ -374,11 +377,20 @@ def _add_batch(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the cases an earlier run with the same settings measured "
                         "in --output and measure the others")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier batch's --output (refused without this or "
+                        "--resume)")
     parser.add_argument("--skip-failed", action="store_true",
                         help="a case that cannot be read or measured gets a row with its error "
                         "and the batch goes on (default: the batch stops at it, its rows so "
                         "far written)")
     parser.set_defaults(func=_run_batch)
+
+
+def _command_line() -> str:
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in ["mma", *sys.argv[1:]])
 
 
 def _run_batch(args: argparse.Namespace) -> int:
@@ -389,6 +401,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         manifest_cases,
         manifest_extra,
         manifest_sources,
+        record_path,
         run_batch,
     )
     from MultiModalAnalysisLib.case import read_manifest
@@ -405,10 +418,30 @@ def _run_batch(args: argparse.Namespace) -> int:
     if args.model is not None and args.segmentation != "model":
         raise ConfigError("--model is the segmentation model: it goes with --segmentation "
                           "model.")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume keeps an earlier run's rows, --overwrite replaces them: "
+                          "give one.")
     if args.save_dir is not None:
         if args.save_dir.exists() and not args.save_dir.is_dir():
             raise ConfigError(f"--save-dir {args.save_dir} is a file: give a folder.")
+        save_dir = args.save_dir.resolve()
+        if save_dir in (args.output.resolve(), record_path(args.output).resolve()):
+            raise ConfigError("--save-dir and --output name the same path: give the per-case "
+                              "files a folder of their own.")
+        inside = sorted(str(path) for path in _files_listed_in(args.manifest)
+                        if path.is_relative_to(save_dir))
+        if inside:
+            raise ConfigError(
+                f"--save-dir {args.save_dir} holds files the manifest reads (e.g. "
+                f"{inside[0]}), and a case's files there would be replaced: give a folder "
+                "outside the data.")
         _check_writable(args.save_dir, "--save-dir", args.save_dir)
+    if (args.output.exists() and record_path(args.output).exists() and not args.resume
+            and not args.overwrite):
+        raise ConfigError(
+            f"{args.output} holds an earlier batch's rows (its record "
+            f"{record_path(args.output).name} is beside it): --resume goes on with it, "
+            "--overwrite starts again, or give another --output.")
     settings = WorkflowSettings(
         preprocess=not args.no_preprocess, registration_type=args.registration,
         registration_metric=args.metric, device=args.device,
@@ -435,7 +468,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     description = describe_batch(settings, manifest=args.manifest, modalities=modalities,
                                  mask_column=args.mask_column)
     options = {"order": [c for c, _ in cases], "extra": manifest_extra(manifest),
-               "save_dir": args.save_dir}
+               "save_dir": args.save_dir, "command": _command_line()}
     output = (BatchOutput.resume(args.output, description, **options, sources=manifest_sources(
                   manifest, modalities, args.mask_column))
               if args.resume else BatchOutput(args.output, description, **options))
@@ -461,14 +494,24 @@ def _run_batch(args: argparse.Namespace) -> int:
                   f"{args.output}; after a fix, --resume measures the others (or "
                   "--skip-failed records a failing case and goes on).", file=sys.stderr)
         raise
+    except (KeyboardInterrupt, OperationCancelled):
+        print(f"mma batch: {len(output.done)} case(s) measured so far are in {args.output}: "
+              "--resume measures the others.", file=sys.stderr)
+        raise
     failed = [c for c in output.order if output.cases.get(c, {}).get("status") == "failed"]
+    warned = [c for c in output.done if output.cases[c].get("warnings")]
     print(f"{len(output.done)} of {len(cases)} cases measured"
           + (f"; {len(failed)} failed: {', '.join(failed)} (their row's error column says "
              "why)" if failed else "")
+          + (f"; {len(warned)} with warnings ({output.record.name} lists them per case)"
+             if warned else "")
           + f"; wrote {args.output} and {output.record.name}")
-    if "prediction_error" in table.columns:
+    unpredicted = "prediction_error" in table.columns
+    if unpredicted:
         print(f"no predictions: {table['prediction_error'].iloc[0]}", file=sys.stderr)
-    return 0 if len(output.done) else 2
+    if not output.done:
+        return 2
+    return 1 if failed or unpredicted else 0  # (1: a cohort script sees a partial run)
 
 
 def _add_info(subparsers: argparse._SubParsersAction) -> None:

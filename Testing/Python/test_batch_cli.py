@@ -136,7 +136,10 @@ def test_a_failing_case_stops_the_batch_or_with_skip_failed_gets_its_error(
     assert table["case_id"].tolist() == ["case_000", "case_001", "case_002"]
     assert table["error"].tolist()[:2] == ["", ""] and "case_002" in table["error"][2]
 
-    assert run(cohort, output, stat_only, "--skip-failed") == 0
+    # an earlier batch's table is not replaced unless asked
+    assert run(cohort, output, stat_only, "--skip-failed") == 2
+    assert "--resume goes on with it, --overwrite starts again" in capsys.readouterr().err
+    assert run(cohort, output, stat_only, "--skip-failed", "--overwrite") == 1  # (partial)
     assert "4 of 5 cases measured; 1 failed: case_002" in capsys.readouterr().out
     table = pd.read_csv(output, dtype={"case_id": str}, keep_default_na=False)
     assert len(table) == 5 and table.loc[2, "CT_stat_mean"] == ""
@@ -183,6 +186,91 @@ def test_batch_predictions_equal_mma_classify(cohort, tmp_path, monkeypatch):
     np.testing.assert_allclose(rows["probability"], expected[probability], rtol=1e-6)
     assert rows["prediction"].tolist() == expected["prediction"].tolist()
     assert len(set(rows["prediction"])) == 2
+
+
+def test_a_classifier_trained_from_images_on_their_own_grids_gets_its_features(tmp_path):
+    # PET on a grid twice as coarse as the CT's, as in a PET/CT: a classifier trained from
+    # images measured each on its own grid (the mask resampled onto the PET's), and so must
+    # the batch, registered or not (it measured the PET resampled onto the CT grid: PET
+    # energy 22x off on the STS patients, and predictions flipped).
+    from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
+    from MultiModalAnalysisLib.features import extract_cohort_features
+
+    manifest = image_cohort(tmp_path / "cohort", n_cases=6, n_positive=3)
+    for folder in sorted((tmp_path / "cohort").glob("case_*")):
+        pet = sitk.ReadImage(str(folder / "PET.nii.gz"))
+        coarse = sitk.Resample(pet, [s // 2 for s in pet.GetSize()], sitk.Transform(),
+                               sitk.sitkLinear, pet.GetOrigin(),
+                               [2 * s for s in pet.GetSpacing()], pet.GetDirection())
+        sitk.WriteImage(coarse, str(folder / "PET.nii.gz"))
+    trained_with = {"families": ["stat", "cm"], "texture_aggregation": ["3D"],
+                    "discretisation_method": "fixed_bin_number",
+                    "discretisation_bin_number": 16}
+    table = read_feature_table(manifest, "Outcome", mask_column="mask",
+                               feature_settings=trained_with, device="cpu")
+    train_classifier(table, settings={"classifier": "logistic_l2", "n_features": [3],
+                                      "cv_folds": 2, "cv_repeats": 1},
+                     evaluate=False, output=tmp_path / "CLF")
+    assert main(["-q", "classify", "--model", str(tmp_path / "CLF"), "--manifest",
+                 str(manifest), "--mask-column", "mask", "--output",
+                 str(tmp_path / "classify.csv")]) == 0
+    expected = pd.read_csv(tmp_path / "classify.csv", dtype={"case_id": str})
+    probability = [c for c in expected.columns if c.startswith("probability")][0]
+    features = extract_cohort_features(manifest, ["CT", "PET"], "mask", trained_with,
+                                       device="cpu").set_index("case_id")
+    output = tmp_path / "rows.csv"
+    assert main(["-q", "batch", "--manifest", str(manifest), "--modalities", "CT,PET",
+                 "--mask-column", "mask", "--registration", "none", "--classifier",
+                 str(tmp_path / "CLF"), "--device", "cpu", "--output", str(output)]) == 0
+    rows = pd.read_csv(output, dtype={"case_id": str}).set_index("case_id")
+    np.testing.assert_allclose(rows["probability"], expected[probability].to_numpy(),
+                               rtol=1e-9)
+    np.testing.assert_allclose(rows[features.columns].to_numpy(float),
+                               features.to_numpy(float), rtol=1e-9)
+    # a deformable registration cannot map the region back onto each image exactly
+    assert main(["-q", "batch", "--manifest", str(manifest), "--modalities", "CT,PET",
+                 "--mask-column", "mask", "--registration", "deformable", "--classifier",
+                 str(tmp_path / "CLF"), "--output", str(tmp_path / "deformable.csv")]) == 2
+    assert not (tmp_path / "deformable.csv").exists()
+
+
+def test_as_trained_maps_the_region_onto_a_registered_image_through_the_inverse():
+    from MultiModalAnalysisLib.case import Case
+    from MultiModalAnalysisLib.features import extract_features
+    from MultiModalAnalysisLib.workflow import WorkflowSettings
+
+    n = 32
+    z, y, x = np.indices((n, n, n))
+    rng = np.random.default_rng(0)
+
+    def ball(cx):
+        return ((x - cx) ** 2 + (y - 16) ** 2 + (z - 16) ** 2 <= 25).astype(np.uint8)
+
+    def image(array, spacing):
+        result = sitk.GetImageFromArray(array)
+        result.SetSpacing(spacing)
+        return result
+
+    ct = image(rng.normal(0, 50, (n, n, n)).astype(np.float32), (2.0, 2.0, 2.0))
+    pet_array = rng.gamma(2.0, 1.0, (n // 2,) * 3).astype(np.float32)
+    pet = image(pet_array, (4.0, 4.0, 4.0))  # its own, coarser grid
+    region = image(ball(12), (2.0, 2.0, 2.0))  # the lesion on the CT grid
+    shift = sitk.TranslationTransform(3, (8.0, 0.0, 0.0))  # CT point -> PET point
+    case = Case("C")
+    case.images = {"CT": ct, "PET": pet}
+    settings = {"families": ["stat"], "roi_interpolation_method": "nearest"}
+    values = batch._as_trained(case, ["CT", "PET"], region, {"PET": shift},
+                               {"feature_settings": settings},
+                               WorkflowSettings(device="cpu"), None)
+    # the same lesion drawn where it lies in the PET: 8 mm further along x
+    on_pet = sitk.Resample(image(ball(16), (2.0, 2.0, 2.0)), pet, sitk.Transform(),
+                           sitk.sitkNearestNeighbor)
+    expected = extract_features({"PET": pet}, on_pet, settings, device="cpu")
+    assert values["PET_stat_mean"] == pytest.approx(expected["PET_stat_mean"], rel=1e-9)
+    unmoved = extract_features({"PET": pet}, region, settings, device="cpu")
+    assert values["PET_stat_mean"] != pytest.approx(unmoved["PET_stat_mean"], rel=1e-3)
+    assert values["CT_stat_mean"] == pytest.approx(
+        extract_features({"CT": ct}, region, settings, device="cpu")["CT_stat_mean"])
 
 
 def test_batch_saves_each_cases_registration_and_region(tmp_path):
@@ -316,3 +404,101 @@ def test_batch_with_the_shipped_classifiers_settings_measures_as_the_demo(tmp_pa
     classifier = load_classifier(folder)
     expected = classifier.predict_proba(pd.DataFrame([demo])[classifier.feature_names])[0, 1]
     assert row["probability"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_save_dir_never_holds_the_data_and_case_ids_keep_their_own_folders(cohort, stat_only,
+                                                                           tmp_path, capsys):
+    before = (cohort.parent / "case_000" / "mask.nii.gz").read_bytes()
+    assert run(cohort, tmp_path / "rows.csv", stat_only, "--save-dir",
+               str(cohort.parent)) == 2
+    assert "holds files the manifest reads" in capsys.readouterr().err
+    assert (cohort.parent / "case_000" / "mask.nii.gz").read_bytes() == before
+    assert run(cohort, tmp_path / "rows.csv", stat_only, "--save-dir",
+               str(tmp_path / "rows.csv")) == 2
+    assert "name the same path" in capsys.readouterr().err
+    names = {batch._safe_name(c) for c in ("A/1", "A_1", "A 1", "..", "")}
+    assert len(names) == 5 and "A_1" in names
+    assert all("/" not in n and not n.startswith(".") and n for n in names)
+
+
+def test_what_cannot_fit_is_refused_before_any_case_is_measured(cohort, stat_only, tmp_path,
+                                                                capsys, monkeypatch):
+    from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
+    from MultiModalAnalysisLib.features import extract_cohort_features
+
+    def never(*args, **kwargs):
+        raise AssertionError("a case was measured")
+
+    monkeypatch.setattr(batch, "run_case", never)
+    # the shipped model reads MR_T1 too
+    model = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "sts_gtv"
+    assert main(["-q", "batch", "--manifest", str(cohort), "--modalities", "CT,PET",
+                 "--segmentation", "model", "--model", str(model), "--output",
+                 str(tmp_path / "a.csv")]) == 2
+    assert "add MR_T1 to the batch's modalities" in capsys.readouterr().err
+    # a classifier of morphology features, with stat-only settings
+    settings = tmp_path / "morph.json"
+    settings.write_text(json.dumps({"families": ["morph", "stat"]}))
+    features = extract_cohort_features(cohort, ["CT", "PET"], "mask", settings, device="cpu")
+    features = features[["case_id", "CT_morph_volume", "CT_morph_sphericity",
+                         "PET_stat_mean"]]
+    features["Outcome"] = pd.read_csv(cohort)["Outcome"].to_numpy()
+    features.to_csv(tmp_path / "features.csv", index=False)
+    train_classifier(read_feature_table(tmp_path / "features.csv", "Outcome"),
+                     settings={"classifier": "logistic_l2", "cv_folds": 2, "cv_repeats": 1},
+                     evaluate=False, output=tmp_path / "CLF")
+    assert run(cohort, tmp_path / "b.csv", stat_only, "--classifier",
+               str(tmp_path / "CLF")) == 2
+    assert "would not compute" in capsys.readouterr().err
+    assert not (tmp_path / "a.csv").exists() and not (tmp_path / "b.csv").exists()
+
+
+def test_each_cases_warnings_and_region_are_in_the_record(cohort, stat_only, tmp_path):
+    # case_001's mask shrunk to 8 voxels: measured, with a warning kept in the record
+    path = cohort.parent / "case_001" / "mask.nii.gz"
+    mask = sitk.ReadImage(str(path))
+    array = np.zeros(sitk.GetArrayViewFromImage(mask).shape, np.uint8)
+    array[10:12, 14:16, 14:16] = 1
+    small = sitk.GetImageFromArray(array)
+    small.CopyInformation(mask)
+    sitk.WriteImage(small, str(path))
+    output = tmp_path / "rows.csv"
+    assert run(cohort, output, stat_only) == 0
+    record = json.loads(batch.record_path(output).read_text())
+    case = record["cases"]["case_001"]
+    assert case["region"]["voxels"] == 8
+    assert any("has 8 voxel(s)" in w for w in case["warnings"])
+    assert record["cases"]["case_000"]["region"]["voxels"] > 100
+    assert "batch" in record["command"]
+
+
+def test_a_mask_mostly_outside_a_modalitys_field_of_view_fails_its_case(tmp_path):
+    # The PET covers only x < 32 mm of the CT; the lesion lies mostly beyond: its PET
+    # features would describe the padding.
+    n = 32
+    z, y, x = np.indices((n, n, n))
+    folder = tmp_path / "P"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    ct = rng.normal(40, 10, (n, n, n)).astype(np.float32)
+    ct[:, :, 0] = -1000
+    pet = rng.gamma(2.0, 1.0, (n, n, n // 2)).astype(np.float32)
+    outside = ((x - 22) ** 2 + (y - 16) ** 2 + (z - 16) ** 2 <= 16).astype(np.uint8)
+    inside = ((x - 8) ** 2 + (y - 16) ** 2 + (z - 16) ** 2 <= 16).astype(np.uint8)
+    rows = []
+    for case_id, mask in (("OUT", outside), ("IN", inside)):
+        for name, array in (("CT", ct), ("PET", pet), ("mask", mask)):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((2.0, 2.0, 2.0))
+            sitk.WriteImage(image, str(folder / f"{case_id}_{name}.nii.gz"))
+        rows.append({"case_id": case_id, "CT": f"P/{case_id}_CT.nii.gz",
+                     "PET": f"P/{case_id}_PET.nii.gz", "mask": f"P/{case_id}_mask.nii.gz"})
+    manifest = tmp_path / "cases.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    settings = tmp_path / "stat.json"
+    settings.write_text(json.dumps({"families": ["stat"]}))
+    output = tmp_path / "rows.csv"
+    assert run(manifest, output, settings, "--skip-failed") == 1
+    table = pd.read_csv(output, keep_default_na=False).set_index("case_id")
+    assert "lie outside a registered volume's field of view" in table.loc["OUT", "error"]
+    assert table.loc["IN", "error"] == "" and float(table.loc["IN", "PET_stat_mean"]) > 0
