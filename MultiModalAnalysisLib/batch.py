@@ -274,25 +274,11 @@ def _as_trained(case: Case, modalities: Sequence[str], region: sitk.Image,
     onto it (a registered image's through the registration's inverse). The region is
     resampled as the features' settings resample a mask (``roi_interpolation_method``,
     kept at ``roi_partial_volume_threshold``)."""
-    from MultiModalAnalysisLib.features import extract_features, load_settings
-    from MultiModalAnalysisLib.features.roi import _SITK_INTERPOLATORS
+    from MultiModalAnalysisLib.features import extract_on_own_grids
 
-    feature_settings = load_settings(extraction["feature_settings"])
-    features: dict[str, float] = {}
-    for m in modalities:
-        image = case.images[m]
-        mask = region
-        if m in transforms:  # the region, in the moving image's space
-            own = feature_settings.for_image(m)
-            moved = sitk.Resample(sitk.Cast(region, sitk.sitkFloat32), image,
-                                  transforms[m].GetInverse(),
-                                  _SITK_INTERPOLATORS[own.roi_interpolation_method], 0.0,
-                                  sitk.sitkFloat32)
-            mask = sitk.Cast(moved >= own.roi_partial_volume_threshold - 1e-9,
-                             sitk.sitkUInt8)
-        features.update(extract_features({m: image}, mask, settings=feature_settings,
-                                         device=settings.device, cancel=cancel))
-    return features
+    return extract_on_own_grids({m: case.images[m] for m in modalities}, region, transforms,
+                                extraction["feature_settings"], device=settings.device,
+                                cancel=cancel)
 
 
 def add_predictions(table: pd.DataFrame, classifier: Any) -> pd.DataFrame:

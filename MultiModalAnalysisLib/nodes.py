@@ -526,12 +526,17 @@ def extract_features_task(
     case_id: str = "",
     scene: Any | None = None,
     name: str = "",
+    own_grids: bool = False,
+    transforms: Mapping[str, sitk.Transform] | None = None,
 ) -> NodeTask:
     """Radiomics features (``features.extract_features``) of each region into a table node.
 
     Args:
         volume_nodes: image name (modality) -> volume node; resampled onto the first one's
-            grid, where the mask is taken too.
+            grid, where the mask is taken too (with ``own_grids``: each measured on its own
+            grid, the mask taken onto it, through the inverse of ``transforms[name]``, the
+            registration fixed -> that volume, where one is given; as a classifier trained
+            from images measured its training features).
         mask_node: a segmentation node (one row per segment) or a labelmap node (one row per
             label value).
         segments: only these segment names (default: every segment).
@@ -556,7 +561,7 @@ def extract_features_task(
     def compute(progress: Progress, cancel: threading.Event | None) -> Any:
         import pandas as pd
 
-        from MultiModalAnalysisLib.features import extract_features
+        from MultiModalAnalysisLib.features import extract_features, extract_on_own_grids
 
         reference = next(iter(images.values()))
         on_grid = {m: _on_grid(image, reference, m) for m, image in images.items()}
@@ -565,10 +570,15 @@ def extract_features_task(
             check_cancel(cancel, "feature extraction")
             region_mask = _on_grid(mask, reference, "mask", is_label=True)
             step = progress.sub(i / len(regions), (i + 1) / len(regions))
-            features = extract_features(
-                on_grid, region_mask, settings=settings, device=device, progress=step,
-                cancel=cancel,
-            )
+            if own_grids:
+                features = extract_on_own_grids(
+                    images, region_mask, transforms, settings, device=device, progress=step,
+                    cancel=cancel)
+            else:
+                features = extract_features(
+                    on_grid, region_mask, settings=settings, device=device, progress=step,
+                    cancel=cancel,
+                )
             rows.append({"case_id": case, "segment": region, **features})
         return pd.DataFrame(rows)
 

@@ -221,11 +221,7 @@ def workflow_steps(
         )))
     if "features" in stages:
         steps.append(("features", then(
-            lambda: nodes.extract_features_task(
-                dict(state.volumes), _region_node(state),
-                settings=_feature_settings(settings),
-                device=settings.device, case_id=settings.case_id, scene=target,
-            ),
+            lambda: _features_task(state, settings, target),
             lambda node: setattr(state, "features", node),
         )))
     if "classify" in stages and _given(settings.classifier):
@@ -360,21 +356,36 @@ def batch_task(
     return nodes.NodeTask(f"batch of {len(folders)} cases", compute, publish)
 
 
-def _feature_settings(settings: WorkflowSettings) -> Any:
-    """The feature settings of a single-case run: those the chosen classifier's training
-    features were computed with, when it records them (a classifier trained from images),
-    else the module's. (Also for the Features step alone: Classify, run next on its table,
-    must read the features the classifier learnt.)"""
+def _features_task(state: WorkflowState, settings: WorkflowSettings, target: Any
+                   ) -> nodes.NodeTask:
+    """The Features step: every volume on the reference grid, with the module's feature
+    settings; or, with a classifier trained from images (Classify, run next on its table,
+    must read the features it learnt), as ``mma classify`` measures: with its feature
+    settings, on the volumes registrations start from (the inputs, with Preprocess off),
+    each on its own grid, the region mapped onto a registered one through the inverse of
+    its registration."""
     chosen = settings.feature_settings if _given(settings.feature_settings) else None
-    if not _given(settings.classifier):
-        return chosen
-    _, extraction = classifier_and_extraction(settings.classifier, settings,
-                                               "the Features step")
+    extraction = None
+    if _given(settings.classifier):
+        extraction = classifier_and_extraction(settings.classifier, settings,
+                                               "the Features step")[1]
     if extraction is None:
-        return chosen
+        return nodes.extract_features_task(
+            dict(state.volumes), _region_node(state), settings=chosen,
+            device=settings.device, case_id=settings.case_id, scene=target)
     if settings.preprocess:
         log.warning(
             "the classifier learnt features of images as read, and with Preprocess on the "
             "module measures the preprocessed volumes: turn Preprocess off for a prediction "
             "on the features it learnt (the batch measures the images as read by itself).")
-    return extraction["feature_settings"]
+    volumes = {m: state.unregistered.get(m, node) for m, node in state.volumes.items()}
+    transforms = {}
+    for m, transform_node in state.transforms.items():
+        # (a volume placed under its registration already lies in the reference's frame)
+        if transform_node is not None and volumes[m].GetParentTransformNode() is not (
+                transform_node):
+            transforms[m] = mrml.transform_from_transform_node(transform_node)
+    return nodes.extract_features_task(
+        volumes, _region_node(state), settings=extraction["feature_settings"],
+        device=settings.device, case_id=settings.case_id, scene=target, own_grids=True,
+        transforms=transforms)

@@ -8,7 +8,11 @@ discretisation) set by :class:`FeatureSettings`. Columns are ``<image>_<IBSI tag
 """
 
 from MultiModalAnalysisLib.features.cohort import extract_cohort_features
-from MultiModalAnalysisLib.features.extract import UndefinedFeatureWarning, extract_features
+from MultiModalAnalysisLib.features.extract import (
+    UndefinedFeatureWarning,
+    extract_features,
+    extract_on_own_grids,
+)
 from MultiModalAnalysisLib.features.settings import FAMILIES, FeatureSettings, load_settings
 
 __all__ = [
@@ -17,5 +21,6 @@ __all__ = [
     "UndefinedFeatureWarning",
     "extract_cohort_features",
     "extract_features",
+    "extract_on_own_grids",
     "load_settings",
 ]

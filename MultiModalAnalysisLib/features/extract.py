@@ -104,6 +104,49 @@ def extract_features(
     return values
 
 
+def extract_on_own_grids(
+    images: Mapping[str, sitk.Image],
+    region: sitk.Image,
+    transforms: Mapping[str, sitk.Transform] | None = None,
+    settings: FeatureSettings | dict | str | None = None,
+    device: str | torch.device = "auto",
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> dict[str, float]:
+    """IBSI features of each image on its own grid, in a region drawn on another grid.
+
+    As :func:`extract_features` with one mask for images on several grids (a CT and its
+    PET, each as read): the region is taken onto each image's grid by IBSI mask
+    interpolation. For an image in another frame, ``transforms[name]`` is the registration
+    that maps the region's points to the image's (fixed -> moving, as ``register`` gives
+    it); the region is mapped through its inverse. Without one, the frames are the same.
+
+    Raises:
+        ConfigError: a transform without an exact inverse (a deformable registration).
+    """
+    from MultiModalAnalysisLib.features.roi import mask_onto_image
+
+    settings = load_settings(settings)
+    report = as_progress(progress)
+    transforms = dict(transforms or {})
+    values: dict[str, float] = {}
+    for number, (name, image) in enumerate(images.items()):
+        mask = region
+        if transforms.get(name) is not None:
+            transform = transforms[name]
+            if not transform.IsLinear():
+                raise ConfigError(
+                    f"{name} was registered by a non-linear (deformable) transform, which "
+                    "has no exact inverse to map the region onto its own grid: register it "
+                    "rigidly or affinely for features measured on its own grid.")
+            mask = mask_onto_image(region, image, settings.for_image(name),
+                                   transform.GetInverse())
+        values.update(extract_features(
+            {name: image}, mask, settings, device,
+            report.sub(number / len(images), (number + 1) / len(images)), cancel))
+    return values
+
+
 def _warn_about_unmatched_images(settings: FeatureSettings, images: Mapping[str, object]
                                  ) -> None:
     """A ``per_image`` name that is no modality and no given image is likely a typo (a

@@ -229,11 +229,21 @@ def _mask_on_image_grid(
 
 
 def _resample_mask(mask: sitk.Image, reference: sitk.Image, settings: FeatureSettings):
-    """IBSI mask interpolation: interpolate the 0/1 mask, keep values >= the threshold."""
+    return mask_onto_image(mask, reference, settings)
+
+
+def mask_onto_image(mask: sitk.Image, image: sitk.Image, settings: FeatureSettings,
+                    image_to_mask: sitk.Transform | None = None) -> sitk.Image:
+    """A 0/1 mask on ``image``'s grid by IBSI mask interpolation: the mask interpolated
+    (``roi_interpolation_method``), kept where the value reaches
+    ``roi_partial_volume_threshold``. ``image_to_mask`` maps a point of the image's space
+    to the mask's (for a mask drawn in another frame: the inverse of a registration that
+    maps the mask's points to the image's); default the identity."""
+    reference = image
     resampled = sitk.Resample(
         sitk.Cast(mask, sitk.sitkFloat32),
         reference,
-        sitk.Transform(3, sitk.sitkIdentity),
+        image_to_mask or sitk.Transform(3, sitk.sitkIdentity),
         _SITK_INTERPOLATORS[settings.roi_interpolation_method],
         0.0,
         sitk.sitkFloat32,

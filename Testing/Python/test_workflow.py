@@ -508,3 +508,58 @@ def test_features_are_measured_with_the_chosen_classifiers_feature_settings(
     with caplog.at_level("WARNING"):
         StepRunner(steps).run_to_end()
     assert "turn Preprocess off" in caplog.text
+
+
+def test_a_classifier_trained_from_images_gets_each_volume_on_its_own_grid_after_registering(
+    mrml_scene, tmp_path, image_classifier
+):
+    # The PET lies on a grid twice as coarse, its content 8 mm along x from the CT's. The
+    # classifier learnt PET features on the PET's own grid: the Features step measures the
+    # PET volume itself, the lesion mapped onto it through the registration (it measured the
+    # PET resampled onto the CT grid: energy, a sum over voxels, about 8x too large).
+    from MultiModalAnalysisLib.features import extract_features
+
+    classifier, _ = image_classifier
+    n, shift = 32, 4
+    z, y, x = np.indices((n, n, n))
+    rng = np.random.default_rng(3)
+
+    def ball(cx, r2=30):
+        return (x - cx) ** 2 + (y - 16) ** 2 + (z - 16) ** 2 <= r2
+
+    body = (abs(x - 16) < 13) & (abs(y - 16) < 13) & (abs(z - 16) < 13)
+    ct = np.where(body, 0.0, -1000.0)
+    ct[ball(12)] = 200 + rng.normal(0, 30, int(ball(12).sum()))
+    ct[4:8, 20:26, 6:10] = 400
+    pet = np.where(np.roll(body, shift, 2), 1.0, 0.0)
+    pet[ball(12 + shift)] = 8 + rng.normal(0, 2, int(ball(12 + shift).sum()))
+    pet[4:8, 20:26, 6 + shift:10 + shift] = 4.0
+
+    def image(array, spacing=2.0):
+        result = sitk.GetImageFromArray(array.astype(np.float32))
+        result.SetSpacing((spacing,) * 3)
+        return result
+
+    pet_image = sitk.Resample(image(pet), [n // 2] * 3, sitk.Transform(), sitk.sitkLinear,
+                              (1.0, 1.0, 1.0), (4.0, 4.0, 4.0))
+    ct_node = mrml.volume_node_from_image(image(ct), mrml_scene, "CT")
+    pet_node = mrml.volume_node_from_image(pet_image, mrml_scene, "PET")
+    lesion_image = sitk.Cast(image(ball(12).astype(np.float32)), sitk.sitkUInt8)
+    lesion = mrml.segmentation_node_from_labels(lesion_image, mrml_scene,
+                                                names={1: "lesion"}, reference_node=ct_node)
+    settings = WorkflowSettings(preprocess=False, registration_type="rigid",
+                                classifier=str(classifier), device="cpu")
+    steps, state = workflow_steps([(ct_node, "CT"), (pet_node, "PET")], settings,
+                                  mask_node=lesion, stages=("register", "features"))
+    StepRunner(steps).run_to_end()
+    measured = mrml.dataframe_from_table_node(state.features).iloc[0]
+    trained_with = {"families": ["stat", "cm"], "discretisation_method": "fixed_bin_number",
+                    "discretisation_bin_number": 16}
+    where_it_is = sitk.Cast(image(ball(12 + shift).astype(np.float32)), sitk.sitkUInt8)
+    expected = extract_features({"PET": pet_image}, where_it_is, trained_with, device="cpu")
+    on_ct_grid = extract_features(
+        {"PET": mrml.image_from_volume_node(state.volumes["PET"])}, lesion_image,
+        trained_with, device="cpu")
+    assert on_ct_grid["PET_stat_energy"] > 4 * expected["PET_stat_energy"]
+    assert measured["PET_stat_energy"] == pytest.approx(expected["PET_stat_energy"], rel=0.15)
+    assert measured["PET_stat_mean"] == pytest.approx(expected["PET_stat_mean"], rel=0.05)
