@@ -79,3 +79,46 @@ def image_cohort(folder: Path, n_cases: int, n_positive: int, seed: int = 0,
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
+
+
+def shifted_pet_case(folder: Path, names: dict[str, str], shift: int = 6) -> Path:
+    """A CT and a PET (32^3 voxels of 2 mm under one header) whose content lies
+    ``2 * shift`` mm apart along x, with a lesion mask drawn on the PET: a moving
+    modality's own mask, which must follow the registration. ``names`` maps ``CT``,
+    ``PET`` and ``PET_mask`` to file names (without ``.nii.gz``) in ``folder``.
+    The lesion: CT 200 HU, PET 8; a second block (CT 400, PET 4) makes the pose unique."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 32
+    z, y, x = np.indices((n, n, n))
+
+    def ball(cx):
+        return (x - cx) ** 2 + (y - 16) ** 2 + (z - 16) ** 2 <= 9
+
+    body = (abs(x - 16) < 13) & (abs(y - 16) < 13) & (abs(z - 16) < 13)
+    ct = np.where(body, 0, -1000).astype(np.int16)
+    ct[ball(12)] = 200
+    ct[4:8, 20:26, 6:10] = 400
+    pet = np.where(np.roll(body, shift, 2), 1.0, 0.0).astype(np.float32)
+    pet[ball(12 + shift)] = 8.0
+    pet[4:8, 20:26, 6 + shift:10 + shift] = 4.0
+    for key, array in (("CT", ct), ("PET", pet),
+                       ("PET_mask", ball(12 + shift).astype(np.uint8))):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(image, str(folder / f"{names[key]}.nii.gz"))
+    return folder
+
+
+def train_image_classifier(manifest: Path, output: Path, feature_settings: dict,
+                           n_features: int = 2) -> Path:
+    """A logistic classifier trained from an image manifest's ``mask`` regions (it records
+    its feature settings, as ``mma train-classifier --feature-settings`` does)."""
+    from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
+
+    table = read_feature_table(manifest, "Outcome", mask_column="mask",
+                               feature_settings=feature_settings, device="cpu")
+    train_classifier(table, settings={"classifier": "logistic_l2",
+                                      "n_features": [n_features], "cv_folds": 2,
+                                      "cv_repeats": 1},
+                     evaluate=False, output=output)
+    return output

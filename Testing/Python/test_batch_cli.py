@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from synthetic_cohort import image_cohort
+from synthetic_cohort import image_cohort, shifted_pet_case, train_image_classifier
 
 from MultiModalAnalysisLib import batch
 from MultiModalAnalysisLib.cli import main
@@ -149,15 +149,9 @@ def test_a_failing_case_stops_the_batch_or_with_skip_failed_gets_its_error(
 
 
 def test_batch_predictions_equal_mma_classify(cohort, tmp_path, monkeypatch):
-    from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
-
-    trained_with = {"families": ["stat"], "discretisation_method": "fixed_bin_number",
-                    "discretisation_bin_number": 16}
-    table = read_feature_table(cohort, "Outcome", mask_column="mask",
-                               feature_settings=trained_with, device="cpu")
-    train_classifier(table, settings={"classifier": "logistic_l2", "n_features": [2],
-                                      "cv_folds": 2, "cv_repeats": 1},
-                     evaluate=False, output=tmp_path / "CLF")
+    train_image_classifier(cohort, tmp_path / "CLF", {
+        "families": ["stat"], "discretisation_method": "fixed_bin_number",
+        "discretisation_bin_number": 16})
     assert main(["-q", "classify", "--model", str(tmp_path / "CLF"), "--manifest",
                  str(cohort), "--mask-column", "mask", "--output",
                  str(tmp_path / "classify.csv")]) == 0
@@ -193,7 +187,6 @@ def test_a_classifier_trained_from_images_on_their_own_grids_gets_its_features(t
     # images measured each on its own grid (the mask resampled onto the PET's), and so must
     # the batch, registered or not (it measured the PET resampled onto the CT grid: PET
     # energy 22x off on the STS patients, and predictions flipped).
-    from MultiModalAnalysisLib.classification import read_feature_table, train_classifier
     from MultiModalAnalysisLib.features import extract_cohort_features
 
     manifest = image_cohort(tmp_path / "cohort", n_cases=6, n_positive=3)
@@ -206,11 +199,7 @@ def test_a_classifier_trained_from_images_on_their_own_grids_gets_its_features(t
     trained_with = {"families": ["stat", "cm"], "texture_aggregation": ["3D"],
                     "discretisation_method": "fixed_bin_number",
                     "discretisation_bin_number": 16}
-    table = read_feature_table(manifest, "Outcome", mask_column="mask",
-                               feature_settings=trained_with, device="cpu")
-    train_classifier(table, settings={"classifier": "logistic_l2", "n_features": [3],
-                                      "cv_folds": 2, "cv_repeats": 1},
-                     evaluate=False, output=tmp_path / "CLF")
+    train_image_classifier(manifest, tmp_path / "CLF", trained_with, n_features=3)
     assert main(["-q", "classify", "--model", str(tmp_path / "CLF"), "--manifest",
                  str(manifest), "--mask-column", "mask", "--output",
                  str(tmp_path / "classify.csv")]) == 0
@@ -276,26 +265,7 @@ def test_as_trained_maps_the_region_onto_a_registered_image_through_the_inverse(
 def test_batch_saves_each_cases_registration_and_region(tmp_path):
     # The PET's content lies 12 mm along x from the CT's, under the same header; its
     # lesion mask is drawn on the PET and must follow the registration onto the CT grid.
-    folder = tmp_path / "M00"
-    folder.mkdir()
-    n, shift = 32, 6
-    z, y, x = np.indices((n, n, n))
-
-    def ball(cx):
-        return (x - cx) ** 2 + (y - 16) ** 2 + (z - 16) ** 2 <= 9
-
-    body = (abs(x - 16) < 13) & (abs(y - 16) < 13) & (abs(z - 16) < 13)
-    ct = np.where(body, 0, -1000).astype(np.int16)
-    ct[ball(12)] = 200
-    ct[4:8, 20:26, 6:10] = 400
-    pet = np.where(np.roll(body, shift, 2), 1.0, 0.0).astype(np.float32)
-    pet[ball(12 + shift)] = 8.0
-    pet[4:8, 20:26, 6 + shift:10 + shift] = 4.0
-    for name, array in (("CT", ct), ("PET", pet), ("PET_mask", ball(12 + shift))):
-        image = sitk.GetImageFromArray(array.astype(array.dtype if name != "PET_mask"
-                                                    else np.uint8))
-        image.SetSpacing((2.0, 2.0, 2.0))
-        sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
+    shifted_pet_case(tmp_path / "M00", {"CT": "CT", "PET": "PET", "PET_mask": "PET_mask"})
     manifest = tmp_path / "cases.csv"
     pd.DataFrame([{"case_id": "M00", "CT": "M00/CT.nii.gz", "PET": "M00/PET.nii.gz",
                    "PET_mask": "M00/PET_mask.nii.gz"}]).to_csv(manifest, index=False)
@@ -313,10 +283,12 @@ def test_batch_saves_each_cases_registration_and_region(tmp_path):
     transform = sitk.ReadTransform(str(saved / "PET_registration" / "transform.tfm"))
     assert transform.TransformPoint((0.0, 0.0, 0.0))[0] == pytest.approx(12.0, abs=1.0)
     region = sitk.GetArrayFromImage(sitk.ReadImage(str(saved / "region.nii.gz")))
-    assert (region == ball(12)).mean() > 0.99  # the mask, moved onto the CT's lesion
+    z, y, x = np.indices(region.shape)
+    lesion_on_ct = (x - 12) ** 2 + (y - 16) ** 2 + (z - 16) ** 2 <= 9
+    assert (region == lesion_on_ct).mean() > 0.99  # the mask, moved onto the CT's lesion
     assert (saved / "PET_registration" / "qc.png").stat().st_size > 0
     assert sitk.ReadImage(str(saved / "PET_registration" / "warped.nii.gz")).GetSize() == (
-        n, n, n)
+        32, 32, 32)
     record = json.loads(batch.record_path(output).read_text())
     assert "metric_after" in record["cases"]["M00"]["registration"]["PET"]
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from synthetic_cohort import shifted_pet_case
 
 from MultiModalAnalysisLib import mrml
 from MultiModalAnalysisLib.case import load_case
@@ -368,26 +369,8 @@ def test_a_batch_moves_a_moving_modalitys_own_mask_with_its_registration(
     # The PET's content lies 12 mm along x from the CT's, under the same header; its
     # lesion mask is drawn on the PET. Measured on the CT grid after the registration,
     # the mask must follow the PET (it used to stay where it was drawn: off the lesion).
-    folder = tmp_path / "M00"
-    folder.mkdir()
-    n, shift = 32, 6
-    z, y, x = np.indices((n, n, n))
-
-    def ball(cx):
-        return (x - cx) ** 2 + (y - 16) ** 2 + (z - 16) ** 2 <= 9
-
-    body = (abs(x - 16) < 13) & (abs(y - 16) < 13) & (abs(z - 16) < 13)
-    ct = np.where(body, 0, -1000).astype(np.int16)
-    ct[ball(12)] = 200
-    ct[4:8, 20:26, 6:10] = 400
-    pet = np.where(np.roll(body, shift, 2), 1.0, 0.0).astype(np.float32)
-    pet[ball(12 + shift)] = 8.0
-    pet[4:8, 20:26, 6 + shift:10 + shift] = 4.0
-    for name, array in (("CT_image", ct), ("PET_image", pet),
-                        ("PET_mask", ball(12 + shift).astype(np.uint8))):
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing((2.0, 2.0, 2.0))
-        sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
+    folder = shifted_pet_case(tmp_path / "M00", {"CT": "CT_image", "PET": "PET_image",
+                                                 "PET_mask": "PET_mask"})
     features = tmp_path / "features.json"
     features.write_text(json.dumps({"families": ["stat"]}))
     settings = WorkflowSettings(preprocess=False, registration_type="rigid",
