@@ -593,10 +593,13 @@ class BatchOutput:
             raise ConfigError(f"cannot resume {out.output}: it or its record "
                               f"{out.record.name} cannot be read ({error}).") from None
         before = earlier.get("description", {})
-        changed = [key for key in description if before.get(key) != description[key]]
+        # (files by content, not by where they are: each case's own files are compared
+        # below, the settings files and models by their SHA-256)
+        changed = [key for key in description
+                   if key not in ("settings", "manifest") and before.get(key) != description[key]]
         changed += [f"settings.{key}" for key in description.get("settings", {})
-                    if before.get("settings", {}).get(key) != description["settings"][key]]
-        changed = [key for key in changed if key != "settings"]
+                    if key not in ("segmentation_model", "feature_settings", "classifier")
+                    and before.get("settings", {}).get(key) != description["settings"][key]]
         if changed:
             raise ConfigError(
                 f"cannot resume {out.output}: it was measured with other "

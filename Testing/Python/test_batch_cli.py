@@ -94,6 +94,11 @@ def test_an_interrupted_batch_keeps_its_rows_and_resume_measures_only_the_others
     resumed.clear()
     assert run(cohort, output, stat_only, "--resume") == 0
     assert resumed == []
+    # the same settings under another name are the same settings
+    copy = tmp_path / "copy.json"
+    copy.write_bytes(stat_only.read_bytes())
+    assert run(cohort, output, copy, "--resume") == 0
+    assert resumed == []
     # ... but a case whose file was rewritten since is measured again
     pet = cohort.parent / "case_003" / "PET.nii.gz"
     image = sitk.ReadImage(str(pet))
