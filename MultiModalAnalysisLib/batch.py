@@ -127,6 +127,35 @@ def check_batch(settings: WorkflowSettings, modalities: Sequence[str],
     return wanted
 
 
+# the feature settings a classifier trained on a feature table was given beside it (the
+# shipped one's: benchmarks/classification.py --ship writes it)
+CLASSIFIER_FEATURE_SETTINGS = "feature_settings.json"
+
+
+def with_classifier_settings(settings: WorkflowSettings) -> WorkflowSettings:
+    """``settings`` with the feature settings its classifier's folder holds
+    (:data:`CLASSIFIER_FEATURE_SETTINGS`), when no feature settings were chosen: the
+    settings its training features were computed with (a copy; ``settings`` is kept)."""
+    from dataclasses import replace
+
+    if not given(settings.classifier):
+        return settings
+    beside = Path(settings.classifier) / CLASSIFIER_FEATURE_SETTINGS
+    if not beside.is_file():
+        return settings
+    if not given(settings.feature_settings):
+        log.info("the classifier's folder holds the feature settings its features were "
+                 "computed with (%s): measuring with them.", beside)
+        return replace(settings, feature_settings=str(beside))
+    from MultiModalAnalysisLib.features import load_settings
+
+    if load_settings(settings.feature_settings) != load_settings(beside):
+        log.warning("the feature settings %s differ from those the classifier's features "
+                    "were computed with (%s): its predictions would read features on other "
+                    "scales.", settings.feature_settings, beside)
+    return settings
+
+
 def classifier_and_extraction(path: Any, settings: WorkflowSettings,
                               who: str = "the batch") -> tuple[Any, Any]:
     """The batch's classifier, loaded (or, when it cannot be, its path: the predictions
@@ -171,7 +200,7 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
     import numpy as np
 
     from MultiModalAnalysisLib.features import extract_features
-    from MultiModalAnalysisLib.images import require_plausible_units
+    from MultiModalAnalysisLib.images import require_plausible_units, validate_mask
     from MultiModalAnalysisLib.preprocess import (
         apply_modality_preset,
         mask_on_grid,
@@ -256,6 +285,13 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
                             else None)
         features = extract_features(images, region, settings=feature_settings,
                                     device=settings.device, cancel=cancel)
+    elif mask_name:  # the mask as drawn, onto each image as mma classify takes it
+        from MultiModalAnalysisLib.fusion import mask_transform
+
+        features = _as_trained(case, modalities, validate_mask(case.mask(mask_name),
+                                                               mask_name),
+                               transforms, extraction, settings, cancel,
+                               mask_transform(mask_name, transforms))
     else:
         features = _as_trained(case, modalities, region, transforms, extraction, settings,
                                cancel)
@@ -268,7 +304,8 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
 
 def _as_trained(case: Case, modalities: Sequence[str], region: sitk.Image,
                 transforms: dict[str, sitk.Transform], extraction: dict,
-                settings: WorkflowSettings, cancel: threading.Event | None) -> dict:
+                settings: WorkflowSettings, cancel: threading.Event | None,
+                region_transform: sitk.Transform | None = None) -> dict:
     """The features a classifier trained from images learnt, as ``mma classify`` measures
     them: with its feature settings, each image as read, on its own grid, the region mapped
     onto it (a registered image's through the registration's inverse). The region is
@@ -278,7 +315,7 @@ def _as_trained(case: Case, modalities: Sequence[str], region: sitk.Image,
 
     return extract_on_own_grids({m: case.images[m] for m in modalities}, region, transforms,
                                 extraction["feature_settings"], device=settings.device,
-                                cancel=cancel)
+                                cancel=cancel, region_transform=region_transform)
 
 
 def add_predictions(table: pd.DataFrame, classifier: Any) -> pd.DataFrame:
@@ -345,6 +382,7 @@ def run_batch(
     if on_error not in ("record", "stop"):
         raise ConfigError(f"on_error must be 'record' or 'stop', not {on_error!r}.")
     wanted = check_batch(settings, modalities, mask_name)
+    settings = with_classifier_settings(settings)
     cases = list(cases)
     report = as_progress(progress)
     classifier = settings.classifier
@@ -360,12 +398,14 @@ def run_batch(
                                                                          str | Path):
         _require_classifier_features(classifier, wanted, settings)
     model = _segmentation_model(settings, wanted) if not mask_name else None
+    from MultiModalAnalysisLib.features.cohort import warnings_name_the_case
+
     rows = []
     for i, (case_id, read) in enumerate(cases):
         check_cancel(cancel, "the batch")
         step = report.sub(i / len(cases), (i + 1) / len(cases))
         try:
-            with _warnings_kept() as warned:
+            with _warnings_kept() as warned, warnings_name_the_case(case_id):
                 result = run_case(read(), wanted, mask_name, settings, step, cancel,
                                   extraction, model)
             result.warnings = warned
@@ -380,6 +420,7 @@ def run_batch(
                 log.exception("case %s failed unexpectedly", case_id)
                 error = MMAError(f"unexpected {type(error).__name__}: {error}")
             error = for_case(error, case_id)
+            error.warnings = list(warned)  # (what the case said before it failed)
             if on_case is not None:
                 on_case(case_id, None, error)
             if on_error == "stop":
@@ -585,7 +626,7 @@ class BatchOutput:
             raise ConfigError(
                 f"cannot resume {out.output}: its record {out.record.name}, which mma batch "
                 "writes beside the table, is missing, so the settings the rows were measured "
-                "with are unknown. Run without --resume to measure every case again.")
+                "with are unknown. Run with --overwrite to measure every case again.")
         try:
             earlier = json.loads(out.record.read_text(encoding="utf-8"))
             table = pd.read_csv(out.output, dtype={"case_id": str})
@@ -601,12 +642,16 @@ class BatchOutput:
                     if key not in ("segmentation_model", "feature_settings", "classifier")
                     and before.get("settings", {}).get(key) != description["settings"][key]]
         if changed:
+            def then_now(key: str) -> str:
+                if key.endswith("_sha256"):  # (the hashes themselves say nothing)
+                    return f"{key.removesuffix('_sha256')}: the file's content changed"
+                return f"{key}: {_lookup(before, key)!r} then, {_lookup(description, key)!r} now"
+
             raise ConfigError(
                 f"cannot resume {out.output}: it was measured with other "
-                f"{', '.join(changed)} ("
-                + "; ".join(f"{key}: {_lookup(before, key)!r} then, "
-                            f"{_lookup(description, key)!r} now" for key in changed[:3])
-                + "). Resume with the same inputs and settings, or run without --resume "
+                f"{', '.join(k.removesuffix('_sha256') for k in changed)} ("
+                + "; ".join(map(then_now, changed[:3]))
+                + "). Resume with the same inputs and settings, or run with --overwrite "
                 "to measure every case again.")
         from MultiModalAnalysisLib import __version__
 
@@ -658,7 +703,8 @@ class BatchOutput:
                 self._save(case_id, result)
         else:
             self.rows[case_id] = {"case_id": case_id, "error": str(error)}
-            self.cases[case_id] = {"status": "failed", "error": str(error)}
+            self.cases[case_id] = {"status": "failed", "error": str(error),
+                                   "warnings": list(getattr(error, "warnings", []))}
         self.write()
 
     def finish(self, table: pd.DataFrame) -> pd.DataFrame:
@@ -679,6 +725,10 @@ class BatchOutput:
         if "error" in table.columns:
             table["error"] = table["error"].fillna("")
             table = table[[c for c in table.columns if c != "error"] + ["error"]]
+        if "prediction" in table.columns:  # class 0/1 stays 0/1 beside a failed case's gap
+            table["prediction"] = table["prediction"].map(
+                lambda v: int(v) if isinstance(v, float) and v.is_integer() else v
+            ).astype(object)
         if self.extra is not None and len(self.extra.columns) > 1:
             extra = [c for c in self.extra.columns if c != "case_id" and c not in table.columns]
             table = table.merge(self.extra[["case_id", *extra]], on="case_id", how="left")

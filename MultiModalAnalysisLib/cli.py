@@ -378,8 +378,8 @@ def _add_batch(subparsers: argparse._SubParsersAction) -> None:
                         help="keep the cases an earlier run with the same settings measured "
                         "in --output and measure the others")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier batch's --output (refused without this or "
-                        "--resume)")
+                        help="replace an existing --output (refused without this, or "
+                        "--resume for an earlier batch's table)")
     parser.add_argument("--skip-failed", action="store_true",
                         help="a case that cannot be read or measured gets a row with its error "
                         "and the batch goes on (default: the batch stops at it, its rows so "
@@ -403,6 +403,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         manifest_sources,
         record_path,
         run_batch,
+        with_classifier_settings,
     )
     from MultiModalAnalysisLib.case import read_manifest
     from MultiModalAnalysisLib.errors import ConfigError
@@ -436,12 +437,14 @@ def _run_batch(args: argparse.Namespace) -> int:
                 f"{inside[0]}), and a case's files there would be replaced: give a folder "
                 "outside the data.")
         _check_writable(args.save_dir, "--save-dir", args.save_dir)
-    if (args.output.exists() and record_path(args.output).exists() and not args.resume
-            and not args.overwrite):
-        raise ConfigError(
-            f"{args.output} holds an earlier batch's rows (its record "
-            f"{record_path(args.output).name} is beside it): --resume goes on with it, "
-            "--overwrite starts again, or give another --output.")
+    if args.output.exists() and not args.resume and not args.overwrite:
+        if record_path(args.output).exists():
+            raise ConfigError(
+                f"{args.output} holds an earlier batch's rows (its record "
+                f"{record_path(args.output).name} is beside it): --resume goes on with it, "
+                "--overwrite starts again, or give another --output.")
+        raise ConfigError(f"{args.output} exists (and is no batch table with its record): "
+                          "--overwrite replaces it, or give another --output.")
     settings = WorkflowSettings(
         preprocess=not args.no_preprocess, registration_type=args.registration,
         registration_metric=args.metric, device=args.device,
@@ -452,6 +455,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     )
     modalities = check_batch(settings, [m.strip() for m in args.modalities.split(",")
                                         if m.strip()], args.mask_column)
+    settings = with_classifier_settings(settings)  # (the record names what is used)
     if args.classifier is not None:
         from MultiModalAnalysisLib.classification import load_classifier
         from MultiModalAnalysisLib.classification.model import TrainedClassifier
@@ -494,7 +498,7 @@ def _run_batch(args: argparse.Namespace) -> int:
                   f"{args.output}; after a fix, --resume measures the others (or "
                   "--skip-failed records a failing case and goes on).", file=sys.stderr)
         raise
-    except (KeyboardInterrupt, OperationCancelled):
+    except BaseException:  # Ctrl-C, a cancel, or a bug: say what is kept, then stop
         print(f"mma batch: {len(output.done)} case(s) measured so far are in {args.output}: "
               "--resume measures the others.", file=sys.stderr)
         raise

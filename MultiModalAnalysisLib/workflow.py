@@ -29,6 +29,7 @@ from MultiModalAnalysisLib.batch import (
     folder_cases,
     refuse_tissue_classes,
     run_batch,
+    with_classifier_settings,
 )
 from MultiModalAnalysisLib.batch import given as _given
 from MultiModalAnalysisLib.errors import ConfigError, MMAError
@@ -364,6 +365,7 @@ def _features_task(state: WorkflowState, settings: WorkflowSettings, target: Any
     settings, on the volumes registrations start from (the inputs, with Preprocess off),
     each on its own grid, the region mapped onto a registered one through the inverse of
     its registration."""
+    settings = with_classifier_settings(settings)
     chosen = settings.feature_settings if _given(settings.feature_settings) else None
     extraction = None
     if _given(settings.classifier):

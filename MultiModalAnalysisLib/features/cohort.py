@@ -92,7 +92,7 @@ def extract_cohort_features(
                     raise problem
                 if label is not None:
                     mask = select_label(mask, label, mask_column)
-                with _warnings_name_the_case(case_id):
+                with warnings_name_the_case(case_id):
                     values = extract_features(images, mask, settings, device, progress=part,
                                               cancel=cancel)
             except ConfigError:
@@ -139,7 +139,7 @@ def _require_files(manifest: Manifest, columns: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def _warnings_name_the_case(case_id: str):
+def warnings_name_the_case(case_id: str):
     """Prefix ``case <id>: `` to this library's warnings logged by this thread meanwhile
     (the extraction's messages name the image, "PET's grid", not which case of the cohort;
     the read-ahead thread, busy with the next case, is left alone)."""

@@ -112,17 +112,20 @@ def extract_on_own_grids(
     device: str | torch.device = "auto",
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    region_transform: sitk.Transform | None = None,
 ) -> dict[str, float]:
     """IBSI features of each image on its own grid, in a region drawn on another grid.
 
     As :func:`extract_features` with one mask for images on several grids (a CT and its
     PET, each as read): the region is taken onto each image's grid by IBSI mask
-    interpolation. For an image in another frame, ``transforms[name]`` is the registration
-    that maps the region's points to the image's (fixed -> moving, as ``register`` gives
-    it); the region is mapped through its inverse. Without one, the frames are the same.
+    interpolation. The images and the region may lie in other frames than the reference
+    one (the fixed image's of a registration): ``transforms[name]`` maps a reference point
+    to the image's (fixed -> moving, as ``register`` gives it), ``region_transform`` to the
+    region's (a mask drawn on a registered image); each missing one is the identity.
 
     Raises:
-        ConfigError: a transform without an exact inverse (a deformable registration).
+        ConfigError: an image's transform without an exact inverse (a deformable
+            registration).
     """
     from MultiModalAnalysisLib.features.roi import mask_onto_image
 
@@ -132,15 +135,19 @@ def extract_on_own_grids(
     values: dict[str, float] = {}
     for number, (name, image) in enumerate(images.items()):
         mask = region
-        if transforms.get(name) is not None:
-            transform = transforms[name]
-            if not transform.IsLinear():
-                raise ConfigError(
-                    f"{name} was registered by a non-linear (deformable) transform, which "
-                    "has no exact inverse to map the region onto its own grid: register it "
-                    "rigidly or affinely for features measured on its own grid.")
-            mask = mask_onto_image(region, image, settings.for_image(name),
-                                   transform.GetInverse())
+        transform = transforms.get(name)
+        if transform is not None and not transform.IsLinear():
+            raise ConfigError(
+                f"{name} was registered by a non-linear (deformable) transform, which has "
+                "no exact inverse to map the region onto its own grid: register it rigidly "
+                "or affinely for features measured on its own grid.")
+        if transform is not None or region_transform is not None:
+            # an image point -> the reference frame -> the region's frame
+            steps = [t for t in (region_transform,
+                                 transform.GetInverse() if transform is not None else None)
+                     if t is not None]
+            image_to_region = steps[0] if len(steps) == 1 else sitk.CompositeTransform(steps)
+            mask = mask_onto_image(region, image, settings.for_image(name), image_to_region)
         values.update(extract_features(
             {name: image}, mask, settings, device,
             report.sub(number / len(images), (number + 1) / len(images)), cancel))

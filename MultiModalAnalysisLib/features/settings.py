@@ -359,19 +359,51 @@ class FeatureSettings:
         """A copy with some settings changed (validated)."""
         return replace(self, **changes)
 
+    def unused(self, keys: Any) -> list[str]:
+        """Of the setting names ``keys``, those these settings do not use (a bin width with
+        a fixed bin number, ...): a setting given but ignored is a mistake a user should
+        hear of."""
+        sized = {self.texture.method, self.intensity_histogram.method}
+        uses = {
+            "discretisation_bin_width": "fixed_bin_size" in sized,
+            "discretisation_lower_bound": "fixed_bin_size" in sized,
+            "discretisation_bin_number": "fixed_bin_number" in sized,
+            "ih_discretisation_bin_width":
+                self.intensity_histogram.method == "fixed_bin_size",
+            "ih_discretisation_lower_bound":
+                self.intensity_histogram.method == "fixed_bin_size",
+            "ih_discretisation_bin_number":
+                self.intensity_histogram.method == "fixed_bin_number",
+            "ivh_discretisation_bin_width":
+                self.ivh_discretisation_method == "fixed_bin_size",
+            "ivh_discretisation_bin_number":
+                self.ivh_discretisation_method == "fixed_bin_number",
+        }
+        return [k for k in keys if not uses.get(k, True)]
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "settings") -> FeatureSettings:
-        """Settings from a mapping of IBSI parameter names; unknown names are an error."""
+        """Settings from a mapping of IBSI parameter names; unknown names are an error, and
+        a setting the others make unused (a bin width with a fixed bin number) is warned
+        about, per image too."""
         if not isinstance(values, dict):
             raise ConfigError(f"{source} must hold a mapping of setting names to values.")
         known = {k: v for k, v in values.items() if k in SETTING_NAMES}
         unknown = {k: v for k, v in values.items() if k not in SETTING_NAMES}
         try:
-            return cls(**known, extra=unknown)
+            settings = cls(**known, extra=unknown)
         except ConfigError as error:
             raise ConfigError(f"{source}: {error}") from None
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{source}: a setting has the wrong type ({error}).") from None
+        # (a saved file holds every key, the defaults too: those are no choice)
+        defaults = FeatureSettings().to_dict()
+        chosen = [k for k, v in known.items() if k not in defaults or v != defaults[k]]
+        _warn_unused(source, "", tuple(settings.unused(chosen)))
+        for name, changes in settings.per_image.items():
+            _warn_unused(source, f"per_image {name}: ",
+                         tuple(settings.for_image(name).unused(changes)))
+        return settings
 
 
 SETTING_NAMES = tuple(f.name for f in fields(FeatureSettings) if f.name != "extra")
@@ -392,6 +424,20 @@ def load_settings(source: FeatureSettings | dict | str | Path | None = None) -> 
     path = Path(source)
     values = read_settings_file(path, "feature settings")
     return FeatureSettings.from_dict(values, source=f"settings file {path}")
+
+
+@lru_cache(maxsize=64)
+def _warn_unused(source: str, where: str, keys: tuple[str, ...] | list[str]) -> None:
+    """Warn (once per settings and keys: a cohort reads its settings file per case) about
+    settings that the chosen discretisation methods leave unused."""
+    if keys:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: %s%s not used: the discretisation method in force takes no such setting "
+            "(a bin width goes with fixed_bin_size, a bin number with fixed_bin_number): "
+            "set discretisation_method (or ih_/ivh_discretisation_method) to the method "
+            "meant.", source, where, ", ".join(keys))
 
 
 def _image_key(name: str) -> str:

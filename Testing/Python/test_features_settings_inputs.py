@@ -343,3 +343,22 @@ def test_a_per_image_name_that_is_no_image_and_no_modality_is_warned_about(lesio
             "fusd": {"discretisation_bin_number": 8}, "PET": {}}}, device="cpu")
     assert "per_image FUSD names none of the images" in caplog.text
     assert "PET" not in caplog.text  # a modality absent here is no typo
+
+
+def test_a_setting_the_discretisation_method_leaves_unused_is_warned_about(caplog, tmp_path):
+    with caplog.at_level(logging.WARNING):
+        load_settings({"per_image": {"PET": {"discretisation_bin_width": 0.5}}})
+    assert "per_image PET: discretisation_bin_width not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_settings({"discretisation_bin_number": 64, "discretisation_method":
+                       "fixed_bin_size", "discretisation_bin_width": 10.0})
+    assert "discretisation_bin_number not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a saved file holds every default: no word
+        load_settings(FeatureSettings(per_image={"PET": {
+            "discretisation_method": "fixed_bin_size",
+            "discretisation_bin_width": 0.5}}).save(tmp_path / "s.json"))
+        load_settings({"ih_discretisation_method": "fixed_bin_size",
+                       "discretisation_bin_width": 5.0})  # (the histogram takes it)
+    assert "not used" not in caplog.text
