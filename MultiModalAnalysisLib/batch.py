@@ -63,6 +63,8 @@ class CaseResult:
         seconds: the case's wall time.
         sources: image or mask name -> the file it was read from.
         warnings: what the case's work warned about (the log's warnings while it ran).
+        stages: wall seconds per stage (read, preprocess, register, mask or segment,
+            features).
     """
 
     row: dict[str, Any]
@@ -72,6 +74,7 @@ class CaseResult:
     seconds: float = 0.0
     sources: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 def given(path: str | Path | None) -> bool:
@@ -208,7 +211,15 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
     )
     from MultiModalAnalysisLib.segmentation.inputs import field_of_view
 
-    started = time.perf_counter()
+    started = clock = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def lap(stage: str) -> None:  # the stage's wall time, for the record
+        nonlocal clock
+        now = time.perf_counter()
+        stages[stage] = round(now - clock, 3)
+        clock = now
+
     report = as_progress(progress)
     case.require(modalities)
     reference = modalities[0]
@@ -219,6 +230,7 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
         for m in modalities:
             images[m] = apply_modality_preset(images[m], m, cancel=cancel)
     report(0.2, f"{case.case_id}: preprocessed")
+    lap("preprocess")
     fixed = images[reference]
     covered = np.ones(sitk.GetArrayViewFromImage(fixed).shape, bool)
     transforms: dict[str, sitk.Transform] = {}  # a moving modality's own mask follows it
@@ -244,6 +256,7 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
             transforms[m] = transform
         report(0.2 + 0.3 * (number + 1) / max(len(modalities) - 1, 1),
                f"{case.case_id}: {m} registered")
+    lap("register")
     if mask_name:
         from MultiModalAnalysisLib.fusion import mask_transform
 
@@ -274,6 +287,7 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
                          field_of_view=inside, device=settings.device,
                          cancel=cancel).labels
         report(0.7, f"{case.case_id}: segmented")
+    lap("mask" if mask_name else "segment")
     region = sitk.Cast(sitk.NotEqual(region, 0), sitk.sitkUInt8)
     size = region_size(region)
     if size["voxels"] < SMALL_REGION_VOXELS:
@@ -296,10 +310,11 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
         features = _as_trained(case, modalities, region, transforms, extraction, settings,
                                cancel)
     report(1.0, f"{case.case_id}: measured")
+    lap("features")
     used = {*modalities, *([mask_name] if mask_name else [])}
     return CaseResult({"case_id": case.case_id, **features}, region, transforms,
                       registrations, time.perf_counter() - started,
-                      {k: v for k, v in case.sources.items() if k in used})
+                      {k: v for k, v in case.sources.items() if k in used}, stages=stages)
 
 
 def _as_trained(case: Case, modalities: Sequence[str], region: sitk.Image,
@@ -406,9 +421,14 @@ def run_batch(
         step = report.sub(i / len(cases), (i + 1) / len(cases))
         try:
             with _warnings_kept() as warned, warnings_name_the_case(case_id):
-                result = run_case(read(), wanted, mask_name, settings, step, cancel,
+                reading = time.perf_counter()
+                case = read()
+                reading = time.perf_counter() - reading
+                result = run_case(case, wanted, mask_name, settings, step, cancel,
                                   extraction, model)
             result.warnings = warned
+            result.stages = {"read": round(reading, 3), **result.stages}
+            result.seconds += reading
         except OperationCancelled:
             raise
         except Exception as error:  # noqa: BLE001 - one case's failure is recorded, below
@@ -695,6 +715,7 @@ class BatchOutput:
             self.cases[case_id] = {
                 "status": "measured", "seconds": round(result.seconds, 3),
                 "registration": {m: dict(r.metrics) for m, r in result.registrations.items()},
+                "stages": dict(result.stages),
                 "region": region_size(result.region),
                 "warnings": list(result.warnings),
                 "inputs": file_states(result.sources),

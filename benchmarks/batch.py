@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     per_case = [c["seconds"] for c in cases.values() if c["status"] == "measured"]
     registration = {m: [c["registration"][m]["runtime_s"] for c in cases.values()
                         if m in c.get("registration", {})] for m in ("PET", "MR_T1")}
+    measured = [c for c in cases.values() if c["status"] == "measured"]
+    stages = {stage: {"median": round(statistics.median(c["stages"][stage] for c in measured),
+                                      2),
+                      "sum": round(sum(c["stages"][stage] for c in measured), 1)}
+              for stage in measured[0]["stages"]}
+    largest = max(measured, key=lambda c: c["region"]["voxels"])
     table = pd.read_csv(rows)
     resumed_all, status_all, _ = mma(*command, "--resume")
     table.drop(index=table.index[-5:]).to_csv(rows, index=False)
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         "per_case_s": {"median": round(statistics.median(per_case), 2),
                        "min": round(min(per_case), 2), "max": round(max(per_case), 2)},
         "registration_s": {m: round(statistics.median(v), 2) for m, v in registration.items()},
+        "stages_s": stages,
+        "largest_region": {"ml": largest["region"]["ml"], "seconds": largest["seconds"],
+                           "stages_s": largest["stages"]},
         "peak_mb": round(peak_mb),
         "features": int(sum(c.startswith(("CT_", "PET_", "MR_T1_")) for c in table.columns)),
         "predicted_positive": int((table["prediction"].astype(str) == "1").sum()),

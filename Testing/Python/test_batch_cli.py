@@ -474,6 +474,10 @@ def test_each_cases_warnings_and_region_are_in_the_record(cohort, stat_only, tmp
     assert case["region"]["voxels"] == 8
     assert any("has 8 voxel(s)" in w for w in case["warnings"])
     assert record["cases"]["case_000"]["region"]["voxels"] > 100
+    stages = record["cases"]["case_000"]["stages"]
+    assert set(stages) == {"read", "preprocess", "register", "mask", "features"}
+    assert sum(stages.values()) == pytest.approx(record["cases"]["case_000"]["seconds"],
+                                                 abs=0.05)
     assert "batch" in record["command"]
 
 
