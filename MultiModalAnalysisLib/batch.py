@@ -272,7 +272,7 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
                 "the padding. Check the registration (--save-dir keeps its QC figure) and "
                 "the mask.")
         if outside:
-            log.warning("%s: %d of the %d voxels of %s lie outside a registered volume's "
+            log.warning("case %s: %d of the %d voxels of %s lie outside a registered volume's "
                         "field of view, where it is padding: its features there are not "
                         "measured values.", case.case_id, outside, int(inside.sum()),
                         mask_name)
@@ -291,7 +291,7 @@ def run_case(case: Case, modalities: Sequence[str], mask_name: str | None,
     region = sitk.Cast(sitk.NotEqual(region, 0), sitk.sitkUInt8)
     size = region_size(region)
     if size["voxels"] < SMALL_REGION_VOXELS:
-        log.warning("%s: the region measured has %d voxel(s) (%.3g mL): texture and shape "
+        log.warning("case %s: the region measured has %d voxel(s) (%.3g mL): texture and shape "
                     "features of so few voxels mean little. Check the %s.", case.case_id,
                     size["voxels"], size["ml"], mask_name or "segmentation")
     if extraction is None:  # every modality on the reference grid

@@ -387,10 +387,11 @@ def _add_batch(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_batch)
 
 
-def _command_line() -> str:
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed (for a record), from the arguments ``main`` parsed."""
     import shlex
 
-    return " ".join(shlex.quote(a) for a in ["mma", *sys.argv[1:]])
+    return " ".join(shlex.quote(str(a)) for a in ["mma", *getattr(args, "argv", [])])
 
 
 def _run_batch(args: argparse.Namespace) -> int:
@@ -472,7 +473,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     description = describe_batch(settings, manifest=args.manifest, modalities=modalities,
                                  mask_column=args.mask_column)
     options = {"order": [c for c, _ in cases], "extra": manifest_extra(manifest),
-               "save_dir": args.save_dir, "command": _command_line()}
+               "save_dir": args.save_dir, "command": _command_line(args)}
     output = (BatchOutput.resume(args.output, description, **options, sources=manifest_sources(
                   manifest, modalities, args.mask_column))
               if args.resume else BatchOutput(args.output, description, **options))
@@ -1393,7 +1394,7 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
     inputs: dict[Path, str] = {}
     folders: list[tuple[Path, str, bool]] = []  # (input folder, argument, all its files)
     for name, value in vars(args).items():
-        if name in OUTPUT_FILES or name in ("output_dir", "func", "command"):
+        if name in OUTPUT_FILES or name in ("output_dir", "func", "command", "argv"):
             continue
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, str | Path):
@@ -1511,6 +1512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mma`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s: %(message)s",
