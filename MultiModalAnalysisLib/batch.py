@@ -150,6 +150,8 @@ def with_classifier_settings(settings: WorkflowSettings) -> WorkflowSettings:
         log.info("the classifier's folder holds the feature settings its features were "
                  "computed with (%s): measuring with them.", beside)
         return replace(settings, feature_settings=str(beside))
+    if Path(settings.feature_settings).resolve() == beside.resolve():
+        return settings  # (already those: chosen, or set by an earlier call)
     from MultiModalAnalysisLib.features import load_settings
 
     if load_settings(settings.feature_settings) != load_settings(beside):

@@ -564,7 +564,9 @@ def extract_features_task(
         from MultiModalAnalysisLib.features import extract_features, extract_on_own_grids
 
         reference = next(iter(images.values()))
-        on_grid = {m: _on_grid(image, reference, m) for m, image in images.items()}
+        # (each image on the reference grid, unless each is measured on its own)
+        on_grid = {} if own_grids else {m: _on_grid(image, reference, m)
+                                        for m, image in images.items()}
         rows = []
         for i, (region, mask) in enumerate(regions.items()):
             check_cancel(cancel, "feature extraction")

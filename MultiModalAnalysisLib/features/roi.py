@@ -225,11 +225,7 @@ def _mask_on_image_grid(
         settings.roi_partial_volume_threshold,
     )
     warn_about_voxels_outside(mask, image, "the mask", where=f"{name}'s field of view")
-    return _resample_mask(mask, image, settings)
-
-
-def _resample_mask(mask: sitk.Image, reference: sitk.Image, settings: FeatureSettings):
-    return mask_onto_image(mask, reference, settings)
+    return mask_onto_image(mask, image, settings)
 
 
 def mask_onto_image(mask: sitk.Image, image: sitk.Image, settings: FeatureSettings,
@@ -239,10 +235,9 @@ def mask_onto_image(mask: sitk.Image, image: sitk.Image, settings: FeatureSettin
     ``roi_partial_volume_threshold``. ``image_to_mask`` maps a point of the image's space
     to the mask's (for a mask drawn in another frame: the inverse of a registration that
     maps the mask's points to the image's); default the identity."""
-    reference = image
     resampled = sitk.Resample(
         sitk.Cast(mask, sitk.sitkFloat32),
-        reference,
+        image,
         image_to_mask or sitk.Transform(3, sitk.sitkIdentity),
         _SITK_INTERPOLATORS[settings.roi_interpolation_method],
         0.0,
@@ -279,7 +274,7 @@ def _interpolate(image: sitk.Image, mask: sitk.Image, settings: FeatureSettings)
         float(np.min(sitk.GetArrayViewFromImage(image))),
         sitk.sitkFloat64,
     )
-    return resampled, _resample_mask(mask, grid, settings)
+    return resampled, mask_onto_image(mask, grid, settings)
 
 
 def _crop_box(mask: np.ndarray, spacing_zyx: tuple[float, ...]) -> tuple[slice, ...]:
