@@ -40,7 +40,7 @@ from MultiModalAnalysisLib.features.settings import (
 )
 from MultiModalAnalysisLib.features.statistics import statistics_feature_values
 from MultiModalAnalysisLib.features.zones import border_distance, find_zones
-from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
+from MultiModalAnalysisLib.progress import Progress, ProgressCallback, as_progress, check_cancel
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,16 @@ def extract_features(
     settings = load_settings(settings)
     if not images:
         raise MMAError("extract_features needs at least one image.")
-    report = as_progress(progress)
     _warn_about_unmatched_images(settings, images)
+    return _features_of(images, mask, settings, device, as_progress(progress), cancel,
+                        workers)
+
+
+def _features_of(images: Mapping[str, sitk.Image], mask: sitk.Image,
+                 settings: FeatureSettings, device: str | torch.device,
+                 report: Progress, cancel: threading.Event | None,
+                 workers: int | None) -> dict[str, float]:
+    """:func:`extract_features` once its settings are read and checked."""
     values: dict[str, float] = {}
     for number, (name, image) in enumerate(images.items()):
         check_cancel(cancel, "feature extraction")
@@ -131,6 +139,7 @@ def extract_on_own_grids(
 
     settings = load_settings(settings)
     report = as_progress(progress)
+    _warn_about_unmatched_images(settings, images)
     transforms = dict(transforms or {})
     values: dict[str, float] = {}
     for number, (name, image) in enumerate(images.items()):
@@ -148,9 +157,9 @@ def extract_on_own_grids(
                      if t is not None]
             image_to_region = steps[0] if len(steps) == 1 else sitk.CompositeTransform(steps)
             mask = mask_onto_image(region, image, settings.for_image(name), image_to_region)
-        values.update(extract_features(
+        values.update(_features_of(  # (settings checked once, above, for every image)
             {name: image}, mask, settings, device,
-            report.sub(number / len(images), (number + 1) / len(images)), cancel))
+            report.sub(number / len(images), (number + 1) / len(images)), cancel, None))
     return values
 
 

@@ -345,6 +345,23 @@ def test_a_per_image_name_that_is_no_image_and_no_modality_is_warned_about(lesio
     assert "PET" not in caplog.text  # a modality absent here is no typo
 
 
+def test_per_image_names_are_checked_once_against_every_image_on_their_own_grids(lesion,
+                                                                               caplog):
+    # each image measured on its own grid: the names are checked against all the images
+    # (a section naming the second image was taken for a typo while the first was measured)
+    from MultiModalAnalysisLib.features import extract_on_own_grids
+
+    ct, mask = lesion
+    with caplog.at_level(logging.WARNING):
+        values = extract_on_own_grids({"CT": ct, "fused": ct}, mask, settings={
+            **FAST, "per_image": {"fused": {"discretisation_bin_number": 8},
+                                  "fusd": {"discretisation_bin_number": 8}}}, device="cpu")
+    assert caplog.text.count("names none of the images") == 1
+    assert "per_image FUSD names none" in caplog.text
+    joint_max = [k.removeprefix("CT_") for k in values if k.startswith("CT_cm_joint_max")]
+    assert values[f"CT_{joint_max[0]}"] != values[f"fused_{joint_max[0]}"]  # its own bins
+
+
 def test_a_setting_the_discretisation_method_leaves_unused_is_warned_about(caplog, tmp_path):
     with caplog.at_level(logging.WARNING):
         load_settings({"per_image": {"PET": {"discretisation_bin_width": 0.5}}})
