@@ -135,10 +135,13 @@ def check_batch(settings: WorkflowSettings, modalities: Sequence[str],
 CLASSIFIER_FEATURE_SETTINGS = "feature_settings.json"
 
 
-def with_classifier_settings(settings: WorkflowSettings) -> WorkflowSettings:
+def with_classifier_settings(settings: WorkflowSettings, *, warn: bool = True
+                             ) -> WorkflowSettings:
     """``settings`` with the feature settings its classifier's folder holds
     (:data:`CLASSIFIER_FEATURE_SETTINGS`), when no feature settings were chosen: the
-    settings its training features were computed with (a copy; ``settings`` is kept)."""
+    settings its training features were computed with (a copy; ``settings`` is kept).
+    Other feature settings chosen are kept, with a warning (``warn``: the caller that
+    goes on to :func:`run_batch`, which warns, need not)."""
     from dataclasses import replace
 
     if not given(settings.classifier):
@@ -154,7 +157,7 @@ def with_classifier_settings(settings: WorkflowSettings) -> WorkflowSettings:
         return settings  # (already those: chosen, or set by an earlier call)
     from MultiModalAnalysisLib.features import load_settings
 
-    if load_settings(settings.feature_settings) != load_settings(beside):
+    if warn and load_settings(settings.feature_settings) != load_settings(beside):
         log.warning("the feature settings %s differ from those the classifier's features "
                     "were computed with (%s): its predictions would read features on other "
                     "scales.", settings.feature_settings, beside)
@@ -336,9 +339,10 @@ def _as_trained(case: Case, modalities: Sequence[str], region: sitk.Image,
 
 
 def add_predictions(table: pd.DataFrame, classifier: Any) -> pd.DataFrame:
-    """``table`` with the classifier's ``prediction``, ``probability`` and ``threshold``
-    for each case that was measured (a failed case, with an ``error``, gets none), decided
-    as ``mma classify`` decides. A classifier that cannot read the table leaves the
+    """``table`` with the classifier's ``prediction``, ``probability_<positive class>``
+    (:func:`probability_column`) and ``threshold`` for each case that was measured (a
+    failed case, with an ``error``, gets none), decided as ``mma classify`` decides. A
+    classifier that cannot read the table leaves the
     measurements and says why in ``prediction_error``: an hour's batch is not lost."""
     from MultiModalAnalysisLib.classification.model import predictions_of
 
@@ -353,12 +357,22 @@ def add_predictions(table: pd.DataFrame, classifier: Any) -> pd.DataFrame:
         if len(measured):
             names = [c for c in classifier.feature_names if c in table.columns]
             predicted = predictions_of(classifier, table.loc[measured, names])
+            # (named as mma classify names it: a script reads either table alike)
+            predicted = predicted.rename(columns={
+                "probability": probability_column(classifier)})
             for column in predicted.columns:
                 table[column] = predicted[column]
     except MMAError as error:
         log.warning("the batch's classifier could not be applied: %s", error)
         table["prediction_error"] = str(error)
     return table
+
+
+def probability_column(classifier: Any) -> str:
+    """The column of the positive class's probability, as ``mma classify`` names it
+    (``probability_1`` for classes 0 / 1)."""
+    classes = list(getattr(classifier, "class_names", None) or [0, 1])
+    return f"probability_{classes[1]}"
 
 
 CaseSource = tuple[str, Callable[[], "Case"]]  # a case id and how to read the case
@@ -391,8 +405,9 @@ def run_batch(
             writing rows as they come (nothing is lost if the run is stopped).
 
     With a classifier (``settings.classifier``), the table gains ``prediction``,
-    ``probability`` and ``threshold`` (or ``prediction_error``); a classifier trained from
-    images measures every case as it was trained (its feature settings, the images as read).
+    ``probability_<positive class>`` and ``threshold`` (or ``prediction_error``); a
+    classifier trained from images measures every case as it was trained (its feature
+    settings, the images as read).
     """
     import pandas as pd
 

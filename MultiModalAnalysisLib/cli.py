@@ -456,7 +456,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     )
     modalities = check_batch(settings, [m.strip() for m in args.modalities.split(",")
                                         if m.strip()], args.mask_column)
-    settings = with_classifier_settings(settings)  # (the record names what is used)
+    # (the record names what is used; run_batch warns if it is not the classifier's own)
+    settings = with_classifier_settings(settings, warn=False)
     if args.classifier is not None:
         from MultiModalAnalysisLib.classification import load_classifier
         from MultiModalAnalysisLib.classification.model import TrainedClassifier

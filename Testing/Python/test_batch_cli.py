@@ -175,14 +175,15 @@ def test_batch_predictions_equal_mma_classify(cohort, tmp_path, monkeypatch):
 
     monkeypatch.setattr(batch, "run_case", interrupted)
     assert main(argv) == 130
+    expected = pd.read_csv(tmp_path / "classify.csv", dtype={"case_id": str})
+    # (the column named as mma classify names it)
+    probability = [c for c in expected.columns if c.startswith("probability")][0]
     partial = pd.read_csv(output)
-    assert len(partial) == 2 and partial["probability"].notna().all()  # predicted as measured
+    assert len(partial) == 2 and partial[probability].notna().all()  # predicted as measured
     monkeypatch.setattr(batch, "run_case", original)
     assert main([*argv, "--resume"]) == 0
     rows = pd.read_csv(output, dtype={"case_id": str})
-    expected = pd.read_csv(tmp_path / "classify.csv", dtype={"case_id": str})
-    probability = [c for c in expected.columns if c.startswith("probability")][0]
-    np.testing.assert_allclose(rows["probability"], expected[probability], rtol=1e-6)
+    np.testing.assert_allclose(rows[probability], expected[probability], rtol=1e-6)
     assert rows["prediction"].tolist() == expected["prediction"].tolist()
     assert len(set(rows["prediction"])) == 2
 
@@ -224,8 +225,7 @@ def test_a_classifier_trained_from_images_on_their_own_grids_gets_its_features(t
                  "--mask-column", "mask", "--registration", "none", "--classifier",
                  str(tmp_path / "CLF"), "--device", "cpu", "--output", str(output)]) == 0
     rows = pd.read_csv(output, dtype={"case_id": str}).set_index("case_id")
-    np.testing.assert_allclose(rows["probability"], expected[probability].to_numpy(),
-                               rtol=1e-9)
+    np.testing.assert_allclose(rows[probability], expected[probability].to_numpy(), rtol=1e-9)
     np.testing.assert_allclose(rows[features.columns].to_numpy(float),
                                features.to_numpy(float), rtol=1e-9)
     # the PET's own mask: taken onto the CT as mma classify takes it (it went through the
@@ -239,7 +239,7 @@ def test_a_classifier_trained_from_images_on_their_own_grids_gets_its_features(t
                  str(tmp_path / "pet_mask.csv")]) == 0
     expected = pd.read_csv(tmp_path / "classify_pet.csv", dtype={"case_id": str})
     rows = pd.read_csv(tmp_path / "pet_mask.csv", dtype={"case_id": str})
-    np.testing.assert_allclose(rows["probability"], expected[probability], rtol=1e-9)
+    np.testing.assert_allclose(rows[probability], expected[probability], rtol=1e-9)
     # a deformable registration cannot map the region back onto each image exactly
     assert main(["-q", "batch", "--manifest", str(manifest), "--modalities", "CT,PET",
                  "--mask-column", "mask", "--registration", "deformable", "--classifier",
@@ -362,7 +362,16 @@ def test_a_classifier_trained_on_a_table_is_used_with_a_warning_about_its_settin
     assert "does not record how its features were computed" in caplog.text
     assert str(stat_only) in caplog.text
     rows = pd.read_csv(output)
-    assert rows["probability"].between(0, 1).all() and len(rows) == 5
+    # named as mma classify names it
+    assert rows["probability_1"].between(0, 1).all() and len(rows) == 5
+    # settings other than those beside the classifier: said once (it was said twice)
+    (tmp_path / "CLF" / "feature_settings.json").write_text(
+        json.dumps({"families": ["stat", "cm"]}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert run(cohort, tmp_path / "other.csv", stat_only, "--no-preprocess",
+                   "--classifier", str(tmp_path / "CLF")) == 0
+    assert caplog.text.count("differ from those the classifier's features were") == 1
 
 
 def test_batch_with_the_shipped_classifiers_settings_measures_as_the_demo(tmp_path):
@@ -402,7 +411,7 @@ def test_batch_with_the_shipped_classifiers_settings_measures_as_the_demo(tmp_pa
         assert row[name] == pytest.approx(value, rel=1e-9, nan_ok=True), name
     classifier = load_classifier(folder)
     expected = classifier.predict_proba(pd.DataFrame([demo])[classifier.feature_names])[0, 1]
-    assert row["probability"] == pytest.approx(expected, rel=1e-9)
+    assert row["probability_1"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_save_dir_never_holds_the_data_and_case_ids_keep_their_own_folders(cohort, stat_only,
