@@ -600,12 +600,20 @@ def describe_batch(settings: WorkflowSettings, *, manifest: str | Path,
             "mask_column": mask_column or "", "settings": chosen}
 
 
+# what a model's folder holds beside the model that does not change what it computes: its
+# card and figures (edited without retraining, they must not stop a --resume)
+_NOT_THE_MODEL = (".md", ".txt", ".png", ".jpg", ".pdf", ".html")
+
+
 def _fingerprint(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's files (their names and contents)."""
+    """SHA-256 of a file, or of a folder's files (their names and contents), documents and
+    figures left out (:data:`_NOT_THE_MODEL`)."""
     import hashlib
 
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and not p.name.lower().endswith(_NOT_THE_MODEL))
     for file in files:
         digest.update(str(file.relative_to(path) if file != path else "").encode())
         with open(file, "rb") as stream:

@@ -129,6 +129,20 @@ def test_resume_refuses_rows_measured_with_other_settings_or_without_a_record(
     assert "rows.batch.json" in capsys.readouterr().err
 
 
+def test_a_models_fingerprint_follows_the_model_not_its_card(tmp_path):
+    # a retrained model refuses a --resume; an edited model card or figure does not
+    folder = tmp_path / "CLF"
+    folder.mkdir()
+    (folder / "classifier.joblib").write_bytes(b"weights")
+    (folder / "MODEL_CARD.md").write_text("card")
+    before = batch._fingerprint(folder)
+    (folder / "MODEL_CARD.md").write_text("card, with a typo fixed")
+    (folder / "roc_curve.png").write_bytes(b"figure")
+    assert batch._fingerprint(folder) == before
+    (folder / "classifier.joblib").write_bytes(b"weights, retrained")
+    assert batch._fingerprint(folder) != before
+
+
 def test_a_failing_case_stops_the_batch_or_with_skip_failed_gets_its_error(
     cohort, stat_only, tmp_path, capsys
 ):
