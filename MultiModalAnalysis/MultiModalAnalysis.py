@@ -128,6 +128,7 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._fieldsOfView = None  # where each of the registered ones has data
         self._carriedReference = None  # the reference volume those were made from
         self._startedAt = 0.0
+        self._batchFile = None  # the CSV the running batch writes its rows to
         self._deviceChecked = False
 
     def setup(self):
@@ -315,12 +316,23 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         ):
             self.logic.installer.ensure()
             self._state = None
+            self._batchFile = None
             self._start(
                 StepRunner(
-                    [("batch", lambda: self.logic.batch(self._parameterNode))],
+                    [("batch", self._batchTask)],
                     on_published=self.onStepPublished,
                 )
             )
+
+    def _batchTask(self):
+        task = self.logic.batch(self._parameterNode)
+        self._batchFile = self.logic.lastBatchFile  # (named when the batch ends)
+        return task
+
+    def _batchFileText(self):
+        """ " Rows in <file>." when a batch wrote rows (kept after a cancel or a failure)."""
+        path, self._batchFile = self._batchFile, None
+        return f" Rows in {path}." if path and os.path.isfile(path) else ""
 
     def _start(self, runner):
         self._runner = runner
@@ -358,16 +370,19 @@ class MultiModalAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             ]
             self._fieldsOfView = dict(self._state.fields_of_view)
         self.updateButtonStates()
+        written = self._batchFileText()
         if runner.cancelled:
-            self.ui.statusLabel.text = "Cancelled."
+            self.ui.statusLabel.text = "Cancelled." + written
             return
         if runner.error is not None:
-            self.ui.statusLabel.text = f"Failed: {runner.error}"
+            self.ui.statusLabel.text = f"Failed: {runner.error}{written}"
             with slicer.util.tryWithErrorDisplay("MultiModalAnalysis failed.", waitCursor=False):
                 raise runner.error
             return
         self.ui.progressBar.value = 100
-        self.ui.statusLabel.text = f"Done in {elapsed:.1f} s ({', '.join(runner.outputs)})."
+        self.ui.statusLabel.text = (
+            f"Done in {elapsed:.1f} s ({', '.join(runner.outputs)}).{written}"
+        )
 
     def onCancel(self):
         if self._runner is not None:
@@ -416,6 +431,7 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.installer = DependencyInstaller()
+        self.lastBatchFile = None  # the CSV the last batch writes its rows to
 
     def getParameterNode(self):
         return MultiModalAnalysisParameterNode(super().getParameterNode())
@@ -517,11 +533,13 @@ class MultiModalAnalysisLogic(ScriptedLoadableModuleLogic):
             if os.path.isdir(os.path.join(folder, d))
         )
         modalities = [m for _, m in self.inputs(p)]
-        # The rows are also written as each case is done (a crash keeps them); the path is
-        # in the log, and the table node holds the same rows at the end.
+        # The rows are also written as each case is done (a crash keeps them); the status
+        # line names the file when the batch ends (done, cancelled or failed), and the table
+        # node names it in its attribute.
         output = os.path.join(
             slicer.app.temporaryPath, "MultiModalAnalysis",
             f"batch-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+        self.lastBatchFile = output
         return batch_task(
             cases,
             self.settings(p),

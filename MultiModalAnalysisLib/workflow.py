@@ -312,6 +312,10 @@ def _region_node(state: WorkflowState) -> Any:
 # ---------------------------------------------------------------------------------- batch
 
 
+# the table node's attribute naming the CSV a batch wrote its rows to
+BATCH_FILE_ATTRIBUTE = "MultiModalAnalysis.BatchFile"
+
+
 def batch_task(
     case_folders: Sequence[str | Path],
     settings: WorkflowSettings,
@@ -330,7 +334,8 @@ def batch_task(
     that fails is reported in an ``error`` column and the batch goes on, so one bad scan
     does not lose a cohort's run. With ``output`` (a CSV path), the rows are also written
     there after every case, with a record of the settings beside it (as ``mma batch``
-    writes them), so a crash or a cancel keeps the cases measured so far.
+    writes them), so a crash or a cancel keeps the cases measured so far; the table node
+    names the file in its :data:`BATCH_FILE_ATTRIBUTE` attribute.
     """
     folders = [Path(f) for f in case_folders]
     wanted = check_batch(settings, modalities, mask_name)
@@ -352,7 +357,10 @@ def batch_task(
         return table
 
     def publish(table: Any) -> Any:
-        return mrml.table_node_from_dataframe(table, scene, name)
+        node = mrml.table_node_from_dataframe(table, scene, name)
+        if output is not None:  # (where the rows and their record are, for the user)
+            node.SetAttribute(BATCH_FILE_ATTRIBUTE, str(Path(output).resolve()))
+        return node
 
     return nodes.NodeTask(f"batch of {len(folders)} cases", compute, publish)
 

@@ -132,6 +132,31 @@ def test_a_reference_changed_by_any_route_forgets_the_carried_volumes(module, mr
     assert widget._currentVolumes is None
 
 
+def test_the_status_line_names_the_file_a_batch_kept_its_rows_in(module, mrml_scene,
+                                                                tmp_path):
+    # (the rows written case by case survive a cancel; their file was named only in the log)
+    ct = _volume(mrml_scene, 100.0, "CT")
+    widget = _widget(module, _parameters(mrml_scene, ct))
+    rows = tmp_path / "batch-1.csv"
+
+    def batch(p):
+        widget.logic.lastBatchFile = str(rows)
+        rows.write_text("case_id\nSTS_001\n")
+        return mock.MagicMock()
+
+    widget.logic.batch = batch
+    for cancelled in (True, False):
+        widget._batchTask()
+        widget._runner = mock.MagicMock(cancelled=cancelled, error=None, outputs=["batch"])
+        widget._timer = mock.MagicMock()
+        widget._finish()
+        assert f"Rows in {rows}." in widget.ui.statusLabel.text
+        assert widget.ui.statusLabel.text.startswith("Cancelled." if cancelled else "Done")
+    widget._runner = mock.MagicMock(cancelled=False, error=None, outputs=["segment"])
+    widget._finish()  # a run that was no batch names no file
+    assert "Rows in" not in widget.ui.statusLabel.text
+
+
 def test_the_logic_refuses_volumes_of_a_closed_scene(module, mrml_scene):
     old = _volume(mrml_scene, 100.0, "patient A CT")
     mrml_scene.Clear(0)

@@ -16,7 +16,12 @@ from MultiModalAnalysisLib.case import load_case
 from MultiModalAnalysisLib.errors import ConfigError, MMAError
 from MultiModalAnalysisLib.jobs import StepRunner
 from MultiModalAnalysisLib.sample_data import sample_case_dir
-from MultiModalAnalysisLib.workflow import WorkflowSettings, batch_task, workflow_steps
+from MultiModalAnalysisLib.workflow import (
+    BATCH_FILE_ATTRIBUTE,
+    WorkflowSettings,
+    batch_task,
+    workflow_steps,
+)
 
 pytest.importorskip("slicer", reason="needs the slicer-core wheel (test extra)")
 
@@ -272,7 +277,8 @@ def test_batch_predictions_skip_failed_cases_and_follow_the_models_threshold(cap
     # A and C are predicted (0.34 >= 0.3: yes; 0.2: no), B, which failed, is not; one
     # failed case no longer drops every case's prediction.
     assert out["prediction"].tolist()[::2] == ["yes", "no"] and pd.isna(out["prediction"][1])
-    assert out["probability"].tolist()[::2] == pytest.approx([0.34, 0.2])
+    # (the column named as mma classify names it: the positive class's)
+    assert out["probability_yes"].tolist()[::2] == pytest.approx([0.34, 0.2])
     assert "error" in out.columns and table.columns.tolist() == ["case_id", "PET_stat_max",
                                                                   "error"]  # input kept
 
@@ -297,11 +303,16 @@ def test_batch_measures_every_case_and_reports_a_broken_one_without_stopping(
     settings = WorkflowSettings(preprocess=False, registration_type="none",
                                 feature_settings=few_features)
     task = batch_task([sample_case_dir(), broken], settings, modalities=["CT", "PET"],
-                      mask_name="CT_mask", scene=mrml_scene)
-    frame = mrml.dataframe_from_table_node(task.run())
+                      mask_name="CT_mask", scene=mrml_scene, output=tmp_path / "rows.csv")
+    node = task.run()
+    frame = mrml.dataframe_from_table_node(node)
     assert frame["case_id"].tolist() == ["STS_002", "STS_999"]
     assert frame.loc[0, "error"] == "" and "STS_999" in frame.loc[1, "error"]
     assert any(c.startswith("PET_") for c in frame.columns)
+    # the table names the file its rows were written to
+    written = Path(node.GetAttribute(BATCH_FILE_ATTRIBUTE))
+    assert written == (tmp_path / "rows.csv").resolve()
+    assert pd.read_csv(written)["case_id"].tolist() == ["STS_002", "STS_999"]
 
 
 def test_a_batch_writes_its_rows_as_each_case_is_done(mrml_scene, tmp_path, few_features,
