@@ -23,7 +23,9 @@ from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 from MultiModalAnalysisLib.segmentation.model_inputs import onto_grid, prepare_channels
 
-CACHE_VERSION = 2
+# 3: the key holds the modality presets and the project's version (an MR preset changed
+# under version 2 kept serving cases prepared with the old one)
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -118,8 +120,13 @@ def load_training_case(
     """Prepare one manifest row (or read it from ``cache_dir`` when prepared before)."""
     names = [canonical_modality(m) for m in modalities]
     columns = [manifest.modality_column(m) for m in names] + [manifest.column(label_column)]
+    from MultiModalAnalysisLib import __version__
+    from MultiModalAnalysisLib.preprocess import preset_for
+
+    # (everything that decides the prepared arrays: a changed preset prepares anew)
     settings = {"modalities": names, "spacing": list(spacing), "normalisation": normalisations,
-                "values": list(values)}
+                "values": list(values), "presets": {m: preset_for(m).describe() for m in names},
+                "version": __version__}
     cached = None
     if cache_dir is not None:
         key = _cache_key(manifest, case_id, columns, settings)
