@@ -253,19 +253,29 @@ def segment_with_model(
     # The user's clean-up settings override the model's own, one by one.
     settings = {**model.postprocess, **(cleanup or {})}
     labels = _cleaned(labels, settings)
+    if not sitk.GetArrayViewFromImage(labels).any():
+        log.warning("model '%s' labels no voxel%s: the label map is empty.", model.name,
+                    " inside the mask" if mask is not None else "")
     uncertainty = None
     if variance is not None:
         uncertainty = resample_to_reference(image_from_array(variance, grid), reference,
                                             default_value=0.0, name="uncertainty")
+        if region is not None:  # certain background there, as the probabilities say
+            kept = sitk.GetArrayFromImage(uncertainty)
+            kept[~region] = 0.0
+            uncertainty = image_from_array(kept, reference)
+    labels, names, colors, values = _as_training_values(labels, model)
     report(1.0, "segmented")
     return SegmentationResult(
         labels=labels,
         probabilities=probability_image(on_reference, reference),
         uncertainty=uncertainty,
-        label_names=model.label_names,
-        label_colors=model.label_colors,
+        label_names=names,
+        label_colors=colors,
         method="model",
         info={
+            # (probability component k is the label valued label_values[k])
+            **({"label_values": values} if values else {}),
             "model": model.name,
             "model_path": str(model.path) if model.path else None,
             "training_cases": list((model.metadata.get("training") or {}).get("cases") or []),
@@ -277,6 +287,26 @@ def segment_with_model(
             "masked": region is not None,
         },
     )
+
+
+def _as_training_values(labels: sitk.Image, model: SegmentationModel):
+    """The labels with the values the training label maps gave them (a model trained on
+    maps holding 2 and 5 learns labels 1 and 2, and writes 2 and 5 again), with their names
+    and colours under those values, and ``{model label: value}`` (``None`` when they are
+    the same)."""
+    stored = model.metadata.get("label_values_in_training") or {}
+    values = {int(label): int(value) for value, label in stored.items()}
+    if all(label == value for label, value in values.items()):
+        return labels, model.label_names, model.label_colors, None
+    lookup = np.arange(max(256, max(values.values()) + 1), dtype=np.int64)
+    for label, value in values.items():
+        lookup[label] = value
+    array = lookup[sitk.GetArrayViewFromImage(labels)]
+    array = array.astype(np.uint8 if array.max() <= 255 else np.uint16)
+    return (image_from_array(array, labels),
+            {values.get(k, k): n for k, n in model.label_names.items()},
+            {values.get(k, k): c for k, c in model.label_colors.items()},
+            {0: 0, **values})
 
 
 def _warn_if_presets_changed(model: SegmentationModel) -> None:

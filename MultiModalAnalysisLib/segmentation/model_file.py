@@ -113,9 +113,9 @@ class SegmentationModel:
         for needed in list(missing):
             # An input named by its family alone (MR, from mr.nii.gz) stands for the one
             # modality of that family the model takes, when no other input could.
+            # (a name that says another sequence, FLAIR or MR_T2 for MR_T1, is not one)
             family = modality_family(needed)
-            candidates = [n for n in by_name if n not in self.modalities
-                          and modality_family(n) == family]
+            candidates = [n for n in by_name if n not in self.modalities and n == family]
             takers = [m for m in self.modalities if modality_family(m) == family]
             if family in ("CT", "PET", "MR") and len(candidates) == 1 and len(takers) == 1:
                 log.warning("model '%s': the input %s is taken as its %s (name it %s=PATH "
@@ -123,11 +123,16 @@ class SegmentationModel:
                 by_name[needed] = by_name.pop(candidates[0])
                 missing.remove(needed)
         if missing:
+            others = [n for n in by_name if n not in self.modalities and any(
+                modality_family(n) == modality_family(m) for m in missing)]
             raise MissingModalityError(
                 f"model '{self.name}' needs {', '.join(self.modalities)} (in that order) but "
                 f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from the "
                 f"inputs (given: {', '.join(map(str, images)) or 'none'}). Name each input by "
                 "its modality, e.g. CT=ct.nii.gz PET=pet.nii.gz."
+                + (f" {', '.join(others)} {'is' if len(others) == 1 else 'are'} another "
+                   "sequence than the model learnt: a network trained on one sequence "
+                   "mis-reads another's contrast." if others else "")
             )
         extra = [name for name in by_name if name not in self.modalities]
         if extra:

@@ -188,8 +188,26 @@ def test_a_mask_restricts_the_models_labels_and_classical_options_are_refused(
     background = sitk.GetArrayFromImage(result.probabilities)[..., 0]
     assert np.all(background[~inside] == 1.0)
     assert result.info["masked"]
+    # the uncertainty map agrees: certain outside the region (it was highest there)
+    flipped = segment(images, "model", model=folder / "model", device="cpu", mask=box)
+    uncertainty = sitk.GetArrayFromImage(flipped.uncertainty)
+    assert not uncertainty[~inside].any() and uncertainty[inside].any()
     with pytest.raises(ConfigError, match="does not take the option.*regularisation"):
         segment(images, "model", model=folder / "model", device="cpu", regularisation="icm")
+
+
+def test_a_model_that_labels_nothing_says_so(trained, phantom, caplog):
+    # (it wrote an empty label map without a word, where the threshold method warns)
+    _, _, folder = trained
+    images, mask = phantom
+    away = sitk.Image(mask.GetSize(), sitk.sitkUInt8)
+    away.CopyInformation(mask)
+    away[:2, :2, :] = 1  # a corner of the field, far from the tumour
+    with caplog.at_level("WARNING"):
+        result = segment(images, "model", model=folder / "model", device="cpu", tta=False,
+                         mask=away)
+    assert not sitk.GetArrayFromImage(result.labels).any()
+    assert "labels no voxel inside the mask: the label map is empty" in caplog.text
 
 
 def test_training_is_reproducible_with_a_seed(tmp_path, phantom):
@@ -416,6 +434,11 @@ def test_an_input_named_by_its_family_stands_for_the_models_modality(trained, ph
     assert "the input MR is taken as its MR_T1" in caplog.text
     np.testing.assert_array_equal(sitk.GetArrayFromImage(result.labels),
                                   sitk.GetArrayFromImage(plain.labels))
+    # a name that says another sequence is not taken for the T1 (it was, with a warning)
+    for other in ("FLAIR", "MR_T2", "T1c"):
+        named = {"CT": images["CT"], "PET": images["PET"], other: images["MR_T1"]}
+        with pytest.raises(MissingModalityError, match="another sequence than the model"):
+            segment(named, "model", model=folder / "model", device="cpu", tta=False)
 
 
 def test_a_model_trained_with_another_preset_is_warned_about(trained, phantom, caplog):
@@ -456,9 +479,39 @@ def test_label_values_become_consecutive_model_labels(tmp_path, phantom):
     model = load_segmentation_model(result.path)
     assert model.label_names == {1: "label 2", 2: "label 5"}
     assert model.metadata["label_values_in_training"] == {"2": 1, "5": 2}
+    # ... and its label maps hold 2 and 5 again, as the user's own maps do (it wrote 1, 2)
+    from MultiModalAnalysisLib.segmentation.inference import _as_training_values
+
+    learnt = sitk.GetImageFromArray(np.array([[[0, 1, 2, 1]]], np.uint8))
+    written, names, _, values = _as_training_values(learnt, model)
+    assert sitk.GetArrayFromImage(written).ravel().tolist() == [0, 2, 5, 2]
+    assert names == {2: "label 2", 5: "label 5"} and values == {0: 0, 1: 2, 2: 5}
+    result = segment(images, "model", model=model, device="cpu", tta=False)
+    assert set(np.unique(sitk.GetArrayFromImage(result.labels))) <= {0, 2, 5}
+    assert result.label_names == {2: "label 2", 5: "label 5"}
+    assert result.info["label_values"] == {0: 0, 1: 2, 2: 5}
     with pytest.raises(ConfigError, match="more than once"):
         train_segmentation(manifest, ["CT", "ct"], "mask", tmp_path / "twice", epochs=1,
                            **QUICK)
+
+
+def test_the_training_cache_prepares_a_case_anew_when_a_preset_changes(tmp_path, phantom,
+                                                                         monkeypatch):
+    # (the key left the presets out: an MR preset changed, and the cache kept serving
+    # the MR prepared with the old one)
+    from MultiModalAnalysisLib.preprocess import presets
+    from MultiModalAnalysisLib.segmentation.model_inputs import default_normalisation
+    from MultiModalAnalysisLib.segmentation.training_data import as_manifest, load_training_case
+
+    manifest = as_manifest(write_cohort(tmp_path, {"case1": phantom}))
+    arguments = (manifest, "case1", MODALITIES, "mask", [4.0, 4.0, 6.0],
+                 {m: default_normalisation(m) for m in MODALITIES}, [1])
+    load_training_case(*arguments, cache_dir=tmp_path / "cache")
+    load_training_case(*arguments, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the same settings: reused
+    monkeypatch.setattr(presets.ModalityPreset, "describe", lambda self: "another preset")
+    load_training_case(*arguments, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # prepared anew
 
 
 def test_validation_dice_scores_only_the_labels_present():
