@@ -258,8 +258,9 @@ def validate_mask(
     if nonzero.size > 1:
         raise LabelError(
             f"{name} holds {nonzero.size} different labels ({nonzero[:6].tolist()}...); a binary "
-            "mask (0 = outside, one value inside) is needed. Select one label first (mma "
-            "features --label N; images.select_label)."
+            "mask (0 = outside, one value inside) is needed. Select one label first (in "
+            "Python: images.select_label; mma features takes --label N) or give a binary "
+            "mask."
         )
     if reference is not None and not same_grid(mask, reference):
         raise GeometryError(

@@ -105,6 +105,8 @@ class VoxelClassifier:
         """
         self._check_parameters()
         stack = stack_images(images)
+        # (an order_by missing from the images: said before the fit, not after it)
+        order_channel = stack.index(self.order_by) if self.order_by else 0
         region = stack_region(stack, mask, warn=False)  # (segment() warns)
         values = stack.channels[:, region].T.astype(np.float64)  # [voxels, channels]
         if values.shape[0] < self.n_classes:
@@ -136,7 +138,6 @@ class VoxelClassifier:
         check_cancel(cancel, f"{self.method_name} segmentation")
         self._fit_model(features)
         check_cancel(cancel, f"{self.method_name} segmentation")
-        order_channel = stack.index(self.order_by) if self.order_by else 0
         means = self._component_means() * self.scale_ + self.center_
         self.order_ = np.argsort(means[:, order_channel], kind="stable")
         self.means_ = means[self.order_]

@@ -14,8 +14,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from MultiModalAnalysisLib.device import autocast, autocast_dtype, run_with_device_fallback
-from MultiModalAnalysisLib.errors import ConfigError
-from MultiModalAnalysisLib.images import image_from_array
+from MultiModalAnalysisLib.errors import ConfigError, ImageDimensionError
+from MultiModalAnalysisLib.images import image_from_array, require_3d
 from MultiModalAnalysisLib.preprocess import resample_to_reference
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 from MultiModalAnalysisLib.segmentation.inputs import (
@@ -208,6 +208,12 @@ def segment_with_model(
         cancel: stops the work when set.
     """
     require_images(images)
+    for name, image in images.items():  # (a 3-D network; its grid is the first image's)
+        require_3d(image, str(name))
+        if 1 in image.GetSize():
+            raise ImageDimensionError(
+                f"{name} is a single slice (size {' x '.join(map(str, image.GetSize()))}): "
+                "a model segments 3-D volumes. Load the whole series or volume.")
     report = as_progress(progress)
     model = resolve_model(model)
     first = next(iter(images))

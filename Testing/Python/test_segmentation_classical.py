@@ -70,6 +70,15 @@ def test_classifiers_recover_the_three_classes_of_a_two_channel_phantom(segmente
     assert dice(sitk.Equal(labels, 2), sitk.Equal(truth, 3)) >= 0.95
 
 
+def test_an_order_by_channel_that_is_not_given_is_refused_before_the_fit(rng, monkeypatch):
+    # (it was refused after the whole fit: 17 s on a patient)
+    images, _ = phantom(rng)
+    monkeypatch.setattr(GaussianMixtureSegmenter, "_fit_model",
+                        lambda self, features: pytest.fail("fitted before the check"))
+    with pytest.raises(MissingModalityError):
+        GaussianMixtureSegmenter(3, order_by="CT").fit(images)
+
+
 def test_icm_regularisation_removes_the_salt_and_pepper_of_voxelwise_labels(rng):
     images, truth = phantom(rng, noise=35.0)
     plain = GaussianMixtureSegmenter(3, order_by="PET", regularisation="none").fit_predict(images)

@@ -196,6 +196,17 @@ def test_a_mask_restricts_the_models_labels_and_classical_options_are_refused(
         segment(images, "model", model=folder / "model", device="cpu", regularisation="icm")
 
 
+def test_a_single_slice_input_is_refused_naming_it(trained, phantom):
+    # a one-slice CT made the grid, and the MR was blamed (its N4 on that one slice)
+    from MultiModalAnalysisLib.errors import ImageDimensionError
+
+    _, _, folder = trained
+    images, _ = phantom
+    one_slice = dict(images, CT=images["CT"][:, :, 10:11])
+    with pytest.raises(ImageDimensionError, match="CT is a single slice"):
+        segment(one_slice, "model", model=folder / "model", device="cpu", tta=False)
+
+
 def test_a_model_that_labels_nothing_says_so(trained, phantom, caplog):
     # (it wrote an empty label map without a word, where the threshold method warns)
     _, _, folder = trained
