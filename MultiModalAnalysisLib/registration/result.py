@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,28 +71,38 @@ class RegistrationResult:
         """
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        # Each file is written under a temporary name first and the set is moved into place
+        # at the end: a run stopped half-way (Ctrl-C, an error) leaves the folder as it was,
+        # never this run's warped image beside an earlier run's transform and metrics.
+        final = {"warped": output_dir / "warped.nii.gz",
+                 "transform": output_dir / self.transform_filename,
+                 "metrics": output_dir / "metrics.json",
+                 **({"qc": output_dir / "qc.png"} if qc else {})}
+        partial = {k: path.with_name(f".partial-{path.name}") for k, path in final.items()}
+        try:
+            write_image(self.warped, partial["warped"])
+            try:
+                sitk.WriteTransform(self.transform, str(partial["transform"]))
+            except RuntimeError as error:
+                raise MMAError(f"could not write {final['transform']}: {error}") from None
+            partial["metrics"].write_text(json.dumps(self.metrics, indent=2,
+                                                     default=_jsonable), encoding="utf-8")
+            if qc:
+                self.qc_figure(partial["qc"])
+        except BaseException:
+            for path in partial.values():
+                path.unlink(missing_ok=True)
+            raise
         # This method owns these names in the folder: an earlier run's transform of the
-        # other kind (or its QC figure) would sit beside this run's results and pass for
-        # them. Removed first, so a run that fails half-way leaves none of them behind.
-        written = {self.transform_filename, *(["qc.png"] if qc else [])}
-        for stale in sorted({"transform.tfm", "transform.h5", "qc.png"} - written):
+        # other kind (or its QC figure) would sit beside this run's results and pass for them.
+        for stale in sorted({"transform.tfm", "transform.h5", "qc.png"}
+                            - {p.name for p in final.values()}):
             if (output_dir / stale).is_file():
                 (output_dir / stale).unlink()
                 log.info("removed %s, left in %s by an earlier registration", stale, output_dir)
-        paths = {"warped": write_image(self.warped, output_dir / "warped.nii.gz")}
-        transform_path = output_dir / self.transform_filename
-        try:
-            sitk.WriteTransform(self.transform, str(transform_path))
-        except RuntimeError as error:
-            raise MMAError(f"could not write {transform_path}: {error}") from None
-        paths["transform"] = transform_path
-        metrics_path = output_dir / "metrics.json"
-        metrics_path.write_text(json.dumps(self.metrics, indent=2, default=_jsonable),
-                                encoding="utf-8")
-        paths["metrics"] = metrics_path
-        if qc:
-            paths["qc"] = self.qc_figure(output_dir / "qc.png")
-        return paths
+        for key, path in final.items():
+            os.replace(partial[key], path)
+        return final
 
     def qc_figure(self, path: str | Path) -> Path:
         """Checkerboard and edge overlay of fixed vs moving, before and after (a PNG)."""

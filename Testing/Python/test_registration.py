@@ -229,6 +229,19 @@ def test_saved_transform_maps_fixed_points_to_moving_points(ct_phantom, tmp_path
     assert metrics["runtime_s"] > 0 and metrics["metric_after"] < metrics["metric_before"]
     qc = matplotlib.image.imread(paths["qc"])
     assert qc.shape[0] > 600 and qc[..., :3].std() > 0.05
+    # A save stopped half-way (Ctrl-C while the QC figure is drawn) leaves the folder as it
+    # was: it left this run's warped image beside the earlier run's transform and metrics.
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    again = register(ct_phantom, phantom("MR", seed=4), "rigid", fixed_modality="CT",
+                     moving_modality="MR")
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    again.qc_figure = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        again.save(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_a_composite_initial_transform_gives_a_result_that_saves_and_reads_back(
