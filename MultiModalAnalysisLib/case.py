@@ -339,6 +339,9 @@ def read_manifest(path: str | Path) -> Manifest:
     duplicated = table["case_id"][table["case_id"].duplicated()].tolist()
     if duplicated:
         raise ManifestError(f"manifest {path} lists cases more than once: {duplicated}.")
+    # (where its relative paths start: a DICOM folder, which has no image suffix, is
+    # recognised as an image path by being a folder there; see image_path_columns)
+    table.attrs["base_dir"] = str(path.resolve().parent)
     return Manifest(path.resolve(), table)
 
 

@@ -65,16 +65,30 @@ class FeatureTable:
 
 
 def image_path_columns(table: pd.DataFrame) -> list[str]:
-    """Columns whose values are (mostly) image file paths: the mark of an image manifest.
+    """Columns whose values are (mostly) image paths, volume files or DICOM folders: the
+    mark of an image manifest.
 
     Any such column makes the CSV an image manifest (``mma features`` writes no paths into
     its tables), which keeps the rule predictable rather than guessing from the numbers.
     """
+    base = table.attrs.get("base_dir")  # (read_manifest sets it)
+
+    def is_image_path(value: str) -> bool:
+        if has_image_suffix(value):
+            return True
+        # a DICOM series is a folder of slices (a volume file or a DICOM folder is an IMAGE)
+        path = Path(value).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        return bool(value.strip()) and path.is_dir()
+
     columns = []
     for column in table.columns:
+        if str(column) == "case_id":  # (often also the name of each case's folder)
+            continue
         values = table[column].dropna()
         if len(values) and not pd.api.types.is_numeric_dtype(values) and np.mean(
-            [has_image_suffix(str(v)) for v in values]
+            [is_image_path(str(v)) for v in values]
         ) > 0.5:
             columns.append(str(column))
     return columns

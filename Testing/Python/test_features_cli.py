@@ -261,3 +261,19 @@ def test_cohort_reads_ahead_in_order_and_a_missing_file_names_its_case(tmp_path,
     status = main(["-q", "features", "--manifest", str(manifest), "--mask-column", "CT_mask",
                    "--modalities", "CT", "--skip-failed", "--output", str(out)])
     assert status == 0 and len(pd.read_csv(out)) == 4
+
+
+def test_a_manifest_column_of_dicom_folders_is_an_image_column(tmp_path, monkeypatch):
+    # (a CT column of DICOM series folders was taken for clinical data: train-classifier
+    # kept the PET alone, and mma features copied the folder paths into its table)
+    from MultiModalAnalysisLib.case import read_manifest
+    from MultiModalAnalysisLib.classification.table import image_path_columns
+
+    for case in ("A", "B"):
+        (tmp_path / "data" / case / "ct_dicom").mkdir(parents=True)
+    pd.DataFrame({"case_id": ["A", "B"], "CT": ["A/ct_dicom", "B/ct_dicom"],
+                  "PET": ["A/pet.nii.gz", "B/pet.nii.gz"], "Outcome": ["yes", "no"],
+                  "Site": ["arm", "leg"]}).to_csv(tmp_path / "data" / "m.csv", index=False)
+    monkeypatch.chdir(tmp_path)  # (relative paths start at the manifest's folder)
+    assert image_path_columns(read_manifest(tmp_path / "data" / "m.csv").table) == ["CT",
+                                                                                     "PET"]
