@@ -155,10 +155,16 @@ def _run_preprocess(args: argparse.Namespace) -> int:
                     args.modality)
     elif args.mask:  # as segment, features and register do: the mask onto the image's grid
         mask = mask_on_grid(read_mask(args.mask), image, f"the mask {args.mask}", warn=True)
+    reference = None
+    if args.reference:  # read and checked before the preset's work (N4: seconds to minutes)
+        from MultiModalAnalysisLib.images import require_overlap
+
+        reference = read_image(args.reference)
+        require_overlap(image, reference, str(args.image), f"the reference {args.reference}")
     with ProgressBar("preprocess", enabled=not args.quiet) as bar:
         result = apply_modality_preset(image, args.modality, mask=mask, progress=bar)
-    if args.reference:
-        result = resample_to_reference(result, read_image(args.reference), antialias=True,
+    if reference is not None:
+        result = resample_to_reference(result, reference, antialias=True,
                                        name=str(args.image))
     elif args.spacing:
         result = resample_to_spacing(result, args.spacing)
@@ -679,7 +685,9 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
     if model.cv_result is not None:
         print(model.cv_result.describe())
         print(f"cross-validated figures: {args.output / 'cv_metrics.json'}")
-    print(f"final model: {settings.classifier}, {len(model.used_features)} of "
+    from MultiModalAnalysisLib.classification.model import fitted_model
+
+    print(f"final model: {fitted_model(model.metadata)}, {len(model.used_features)} of "
           f"{len(model.feature_names)} features used ({', '.join(model.used_features[:8])}"
           f"{' ...' if len(model.used_features) > 8 else ''}); saved to {args.output}")
     return 0
@@ -908,6 +916,7 @@ def _run_register(args: argparse.Namespace) -> int:
         if args.device != "auto":  # harmless: scripts pass it for every transform
             log.warning("--device applies to the deformable stage only; ignored for %s %s "
                         "registration.", _article(args.transform), args.transform)
+            args.device = "auto"  # (ignored indeed: --device cuda on a CPU machine failed)
         unused = [f"--backend {args.backend}"] if args.backend != "auto" else []
         if args.metric == "mind":
             unused.append("--metric mind (a deformable, torch-backend metric)")

@@ -454,6 +454,22 @@ def load_classifier(path: str | Path):
     return load_radiomics_classifier(folder, metadata)
 
 
+def fitted_model(metadata: dict[str, Any]) -> str:
+    """What was fitted, e.g. ``SVC (chosen by 'auto', C=0.1, kernel=rbf, 8 features)``:
+    the classifier the search chose (``auto`` names none) and its hyper-parameters."""
+    params = dict((metadata.get("model") or {}).get("best_params") or {})
+    asked = str((metadata.get("settings") or {}).get("classifier", ""))
+    chosen = params.pop("classify", None)
+    details = [f"{k.split('__')[-1]}={v}" for k, v in params.items()
+               if k.startswith("classify__")]
+    if "select__n_features" in params:
+        details.append(f"{params['select__n_features']} features")
+    name = str(chosen) if chosen is not None else asked
+    if chosen is not None and asked and asked != name:
+        details.insert(0, f"chosen by '{asked}'")
+    return name + (f" ({', '.join(details)})" if details else "")
+
+
 def model_card(metadata: dict[str, Any]) -> str:
     """A short human-readable card for a saved classifier (Markdown)."""
     cohort = metadata["training_cohort"]
@@ -467,6 +483,9 @@ def model_card(metadata: dict[str, Any]) -> str:
         "## Predicts",
         f"P({label['column']} = {label['positive']}) per case; predicted {label['positive']} "
         f"when it reaches {metadata['model']['threshold']:.3f}.",
+        "",
+        "## Model",
+        fitted_model(metadata) + ".",
         "",
         "## Training cohort",
         f"{cohort['n_cases']} cases ({cohort['n_positive']} {label['positive']}, "

@@ -639,3 +639,16 @@ def test_labels_indexed_by_case_id_are_matched_to_the_features_whatever_their_or
     with pytest.raises(ConfigError, match=r"1 case\(s\) with features have no label: "
                        r"case_003; 1 labelled case\(s\) have no features: case_999"):
         train_classifier(X, labels.rename({"case_003": "case_999"}), settings, evaluate=False)
+
+
+def test_the_card_and_the_cli_name_the_classifier_auto_chose():
+    # (with --classifier auto, only classifier.json's best_params said it was an SVC)
+    from MultiModalAnalysisLib.classification.model import fitted_model
+
+    metadata = {"settings": {"classifier": "auto"}, "model": {"best_params": {
+        "classify": "SVC", "classify__C": 0.1, "classify__kernel": "rbf",
+        "select__n_features": 8}}}
+    assert fitted_model(metadata) == "SVC (chosen by 'auto', C=0.1, kernel=rbf, 8 features)"
+    metadata = {"settings": {"classifier": "logistic_l2"},
+                "model": {"best_params": {"classify__C": 1.0}}}
+    assert fitted_model(metadata) == "logistic_l2 (C=1.0)"

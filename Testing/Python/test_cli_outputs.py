@@ -5,6 +5,7 @@ places it cannot write into."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from synthetic import make_image
 
@@ -115,3 +116,22 @@ def test_an_output_where_nothing_can_be_written_is_refused_before_the_work(tmp_p
     _refused(capsys, ["features", "--manifest", str(manifest), "--modalities", "CT",
                       "--mask-column", "CT_mask", "--output", str(blocker / "f.csv")],
              "is a file, not a folder")
+
+
+def test_preprocess_reads_its_reference_before_the_presets_work(tmp_path, capsys,
+                                                                monkeypatch):
+    # (a missing or distant --reference was said after N4 had run: 8 s on a small MR)
+    from MultiModalAnalysisLib import preprocess
+
+    ramp = np.arange(512, dtype=np.float32).reshape(8, 8, 8)
+    image = tmp_path / "mr.nii.gz"
+    sitk.WriteImage(make_image(ramp), str(image))
+    far = make_image(ramp)
+    far.SetOrigin((500.0, 0.0, 0.0))
+    sitk.WriteImage(far, str(tmp_path / "far.nii.gz"))
+    monkeypatch.setattr(preprocess, "apply_modality_preset",
+                        lambda *a, **k: pytest.fail("the preset ran first"))
+    for reference, message in ((tmp_path / "nothere.nii.gz", "nothere.nii.gz"),
+                               (tmp_path / "far.nii.gz", "do not overlap")):
+        _refused(capsys, ["preprocess", str(image), "--modality", "MR_T1", "--reference",
+                          str(reference), "--output", str(tmp_path / "o.nii.gz")], message)

@@ -199,3 +199,18 @@ def test_building_the_parser_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"
+
+
+def test_device_is_ignored_for_a_rigid_registration_as_the_warning_says(tmp_path, capsys,
+                                                                         monkeypatch):
+    # (--device cuda on a machine without a GPU: "ignored", then refused for it)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sitk.WriteImage(phantom("CT"), str(tmp_path / "fixed.nii.gz"))
+    sitk.WriteImage(phantom("CT", seed=5), str(tmp_path / "moving.nii.gz"))
+    status = main(["-q", "register", str(tmp_path / "fixed.nii.gz"),
+                   str(tmp_path / "moving.nii.gz"), "--transform", "rigid", "--device", "cuda",
+                   "--output-dir", str(tmp_path / "out"), "--no-qc"])
+    assert status == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "transform.tfm").is_file()
