@@ -31,13 +31,11 @@ from MultiModalAnalysisLib.classification.model import model_card, prediction_fr
 from MultiModalAnalysisLib.classification.modelfile import (
     FORMAT,
     FORMAT_VERSION,
-    clear_previous_model,
     library_versions,
     now_iso,
-    sha256,
+    save_model_folder,
     verify_weights,
     warn_on_version_change,
-    write_metadata,
 )
 from MultiModalAnalysisLib.classification.settings import ClassifierSettings
 from MultiModalAnalysisLib.device import resolve_device, run_with_device_fallback
@@ -328,20 +326,12 @@ class DeepClassifier:
         """Write ``network.pt``, ``classifier.json``, ``MODEL_CARD.md`` (+ CV outputs)."""
         import torch
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        weights = folder / WEIGHTS_FILE
-        torch.save(self.estimator.network_.state_dict(), weights)
-        self.metadata["model_file"] = {"name": WEIGHTS_FILE, "sha256": sha256(weights),
-                                       "format": "torch state_dict (weights_only)"}
-        clear_previous_model(folder, WEIGHTS_FILE,
-                             () if self.cv_result is not None else CVResult.FILES)
-        if self.cv_result is not None:
-            self.cv_result.save(folder, title=f"{self.metadata['label']['column']}: deep "
-                                f"{self.estimator.architecture}")
-        write_metadata(folder, self.metadata)
-        (folder / "MODEL_CARD.md").write_text(model_card(self.metadata), encoding="utf-8")
-        return folder
+        return save_model_folder(
+            folder, WEIGHTS_FILE,
+            lambda path: torch.save(self.estimator.network_.state_dict(), path),
+            self.metadata, {"format": "torch state_dict (weights_only)"}, self.cv_result,
+            f"{self.metadata['label']['column']}: deep {self.estimator.architecture}",
+            model_card)
 
 
 def _network_params(estimator: CropClassifier) -> dict[str, Any]:

@@ -35,14 +35,12 @@ from MultiModalAnalysisLib.classification.modelfile import (
     FORMAT,
     FORMAT_VERSION,
     METADATA_FILE,
-    clear_previous_model,
     library_versions,
     now_iso,
     read_metadata,
-    sha256,
+    save_model_folder,
     verify_weights,
     warn_on_version_change,
-    write_metadata,
 )
 from MultiModalAnalysisLib.classification.settings import ClassifierSettings, load_settings
 from MultiModalAnalysisLib.classification.table import (
@@ -216,20 +214,11 @@ class TrainedClassifier:
         """Write the model folder (see the module docstring); returns the folder."""
         import joblib
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        weights = folder / WEIGHTS_FILE
-        joblib.dump(self.estimator, weights)
-        self.metadata["model_file"] = {"name": WEIGHTS_FILE, "sha256": sha256(weights),
-                                       "format": "joblib (pickle)", "caveat": PICKLE_CAVEAT}
-        clear_previous_model(folder, WEIGHTS_FILE,
-                             () if self.cv_result is not None else CVResult.FILES)
-        if self.cv_result is not None:
-            self.cv_result.save(folder, title=f"{self.metadata['label']['column']}: "
-                                f"{self.metadata['settings']['classifier']}")
-        write_metadata(folder, self.metadata)
-        (folder / "MODEL_CARD.md").write_text(model_card(self.metadata), encoding="utf-8")
-        return folder
+        return save_model_folder(
+            folder, WEIGHTS_FILE, lambda path: joblib.dump(self.estimator, path),
+            self.metadata, {"format": "joblib (pickle)", "caveat": PICKLE_CAVEAT},
+            self.cv_result, f"{self.metadata['label']['column']}: "
+            f"{self.metadata['settings']['classifier']}", model_card)
 
 
 def predictions_of(classifier: Any, features: pd.DataFrame) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import platform
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,51 @@ def warn_on_version_change(metadata: dict[str, Any], what: str) -> None:
                 "%s was saved with %s %s and is loaded with %s; predictions may differ "
                 "slightly.", what, name, saved[name], current[name],
             )
+
+
+def save_model_folder(folder: str | Path, weights: str, write_weights: Callable[[Path], None],
+                      metadata: dict[str, Any], file_info: dict[str, Any], cv_result: Any,
+                      cv_title: str, card: Callable[[dict[str, Any]], str]) -> Path:
+    """Write a classifier's folder: its ``weights`` (by ``write_weights(path)``), their
+    checksum in the metadata (``metadata["model_file"]``, with ``file_info``), the
+    cross-validation outputs of ``cv_result`` (or none) and the card.
+
+    Everything is written under temporary names and moved into place at the end, so a save
+    stopped half-way (Ctrl-C while the figures are drawn) leaves the model that was there
+    whole: new weights beside the old metadata failed its checksum, and it did not load.
+    """
+    import os
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial_weights = folder / f".partial-{weights}"
+    partial_metadata = folder / f".partial-{METADATA_FILE}"
+    staging = folder / ".partial-cv"
+    try:
+        write_weights(partial_weights)
+        metadata["model_file"] = {"name": weights, "sha256": sha256(partial_weights),
+                                  **file_info}
+        if cv_result is not None:
+            cv_result.save(staging, title=cv_title)
+        partial_metadata.write_text(json.dumps(metadata, indent=2, default=str),
+                                    encoding="utf-8")
+    except BaseException:
+        partial_weights.unlink(missing_ok=True)
+        partial_metadata.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    from MultiModalAnalysisLib.classification.evaluation import CVResult
+
+    clear_previous_model(folder, weights, () if cv_result is not None else CVResult.FILES)
+    os.replace(partial_weights, folder / weights)
+    os.replace(partial_metadata, folder / METADATA_FILE)
+    if staging.is_dir():
+        for produced in staging.iterdir():
+            os.replace(produced, folder / produced.name)
+        staging.rmdir()
+    (folder / "MODEL_CARD.md").write_text(card(metadata), encoding="utf-8")
+    return folder
 
 
 def clear_previous_model(folder: Path, weights: str, cv_files: tuple[str, ...]) -> None:

@@ -111,6 +111,36 @@ def test_retraining_into_a_model_folder_without_cv_removes_the_old_cv_figures(tr
     assert (folder / "cv_metrics.json").is_file()  # (the original is untouched)
 
 
+def test_a_save_stopped_half_way_leaves_the_model_that_was_there_whole(trained, tmp_path,
+                                                                        monkeypatch):
+    # (Ctrl-C while the CV figures were drawn left new weights beside the old metadata:
+    # the checksum failed and the model that was there no longer loaded)
+    import shutil
+
+    from MultiModalAnalysisLib.classification import figures
+
+    model, folder, X, y = trained
+    again = tmp_path / "CLF"
+    shutil.copytree(folder, again)
+    before = {p.name: p.read_bytes() for p in again.iterdir()}
+    retrained = train_classifier(X.iloc[:, ::-1], y, QUICK, label_column="LungMets",
+                                 source="synthetic")  # another model, its own CV
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures, "plot_roc_curves", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        retrained.save(again)
+    assert {p.name: p.read_bytes() for p in again.iterdir()} == before
+    np.testing.assert_allclose(load_classifier(again).predict_proba(X),
+                               model.predict_proba(X), atol=1e-12)
+    monkeypatch.undo()
+    retrained.save(again)  # and a whole save writes every file
+    assert {p.name for p in again.iterdir()} == set(before)
+    assert load_classifier(again).feature_names == list(X.columns[::-1])
+
+
 def test_missing_features_the_model_uses_are_named_in_the_error(trained):
     model, folder, X, _ = trained
     loaded = load_classifier(folder)
