@@ -9,6 +9,8 @@ classification) slot in as further steps.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -385,7 +387,11 @@ def run_demo(
         log: where step summaries go (``None``: silent).
     """
     output_dir = Path(output_dir)
-    state = DemoState(Path(case_dir) if case_dir else sample_case_dir(), output_dir)
+    # Every step writes into a staging folder, moved into ``output_dir`` when the demo is
+    # done: a demo stopped half-way (Ctrl-C, an error) leaves an earlier run's outputs
+    # whole, never one patient's registration beside another's features and report.
+    staging = output_dir / ".partial-demo"
+    state = DemoState(Path(case_dir) if case_dir else sample_case_dir(), staging)
     # Before any output or long work: a case that cannot be read, or a folder that cannot
     # be written, fails now rather than after the first steps.
     state.case = load_case(state.case_dir, MODALITIES)
@@ -398,27 +404,42 @@ def run_demo(
     done = 0.0
     timings: dict[str, float] = {}
     summaries: dict[str, str] = {}
-    for step in DEMO_STEPS:
-        check_cancel(cancel, "the demo")
-        start = time.perf_counter()
-        summary = step.run(
-            state, report.sub(done / total, (done + step.weight) / total), cancel
-        )
-        timings[step.name] = time.perf_counter() - start
-        summaries[step.name] = summary
-        done += step.weight
-        if log is not None:
-            log(f"[{step.name:>10}] {timings[step.name]:6.2f} s  {summary}")
+    shutil.rmtree(staging, ignore_errors=True)  # (an interrupted run's)
+    try:
+        for step in DEMO_STEPS:
+            check_cancel(cancel, "the demo")
+            start = time.perf_counter()
+            summary = step.run(
+                state, report.sub(done / total, (done + step.weight) / total), cancel
+            )
+            timings[step.name] = time.perf_counter() - start
+            summaries[step.name] = summary
+            done += step.weight
+            if log is not None:
+                log(f"[{step.name:>10}] {timings[step.name]:6.2f} s  {summary}")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if log is not None and any(output_dir.iterdir()):
+            log(f"mma demo stopped: {output_dir} keeps the earlier run's outputs as they were.")
+        raise
+    for produced in sorted(p for p in staging.rglob("*") if p.is_file()):
+        target = output_dir / produced.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(produced, target)
+    shutil.rmtree(staging, ignore_errors=True)
+    outputs = {k: output_dir / Path(v).relative_to(staging) for k, v in state.outputs.items()}
     report_path = output_dir / "report.json"
-    state.outputs["report"] = report_path
-    result = DemoResult(output_dir, dict(state.outputs), timings, summaries, state.facts)
+    outputs["report"] = report_path
+    result = DemoResult(output_dir, outputs, timings, summaries, state.facts)
     report_path.write_text(json.dumps(_report(result), indent=2, default=str), encoding="utf-8")
     return result
 
 
 def _report(result: DemoResult) -> dict[str, Any]:
+    # (paths relative to the report's folder: they were relative to where mma ran)
     return {
-        "outputs": {k: str(v) for k, v in result.outputs.items()},
+        "outputs": {k: os.path.relpath(v, result.output_dir)
+                    for k, v in result.outputs.items()},
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
         "summaries": result.summaries,
         "facts": result.facts,

@@ -42,8 +42,10 @@ def test_mma_demo_runs_end_to_end_and_writes_its_outputs(tmp_path):
     # every file written is listed, the registration's too
     for key in ("registration_warped", "registration_metrics", "registration_transform",
                 "registration_qc"):
-        path = report["outputs"][key]
-        assert path.startswith(str(out / "registration")) and key in result.stdout
+        path = report["outputs"][key]  # (relative to the report's folder)
+        assert path.startswith("registration/") and (out / path).is_file()
+        assert key in result.stdout
+    assert ".partial" not in result.stdout and not (out / ".partial-demo").exists()
     # STS_002 is one of the shipped model's training patients, and the demo says so
     assert "was in its training set" in result.stdout
     assert "training-set figure" in report["facts"]["segmentation"]["note"]
@@ -76,6 +78,20 @@ def test_demo_can_be_cancelled_between_steps(tmp_path):
     with pytest.raises(OperationCancelled):
         run_demo(tmp_path, progress=cancel_at_first_report, cancel=cancel, log=None)
     assert not (tmp_path / "montage.png").exists()
+    # an earlier run's outputs are left whole by a run stopped half-way (it mixed them)
+    (tmp_path / "report.json").write_text("an earlier run")
+    cancel.clear()
+    calls = []
+
+    def cancel_after_the_registration(fraction: float, message: str) -> None:
+        calls.append(message)
+        if (tmp_path / ".partial-demo" / "registration" / "metrics.json").exists():
+            cancel.set()
+
+    with pytest.raises(OperationCancelled):
+        run_demo(tmp_path, progress=cancel_after_the_registration, cancel=cancel, log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    assert (tmp_path / "report.json").read_text() == "an earlier run"
 
 
 def test_cli_reports_user_errors_in_one_line_with_status_2(tmp_path, capsys):
