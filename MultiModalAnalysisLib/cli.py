@@ -47,7 +47,7 @@ class ProgressBar:
             # None: tqdm hides the bar when stderr is not a terminal (logs, CI).
             disable=None if enabled else True,
             leave=False,
-            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
             file=sys.stderr,
         )
 
