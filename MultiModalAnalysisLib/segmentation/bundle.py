@@ -14,6 +14,7 @@ the labels come back on the first input image's grid.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from MultiModalAnalysisLib.segmentation.result import (
     default_label_colors,
     probability_image,
 )
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 # Preprocessing transforms applied from a bundle: those that only change intensities.
@@ -69,12 +72,80 @@ def is_monai_bundle(path: str | Path) -> bool:
     return configs.is_dir() and any((configs / n).is_file() for n in CONFIG_NAMES)
 
 
-def _find_transform(transforms: list, name: str) -> int | None:
-    """The position of the first transform named ``name`` in a preprocessing list."""
-    for position, entry in enumerate(transforms):
-        if isinstance(entry, dict) and str(entry.get("_target_", "")).split(".")[-1] == name:
-            return position
-    return None
+def _transform_name(entry: Any) -> str:
+    """A transform's class name from its ``_target_``, in MONAI's dictionary spelling
+    (``monai.transforms.SpacingD`` -> ``Spacingd``); ``""`` for what is not a transform."""
+    if not isinstance(entry, dict):
+        return ""
+    name = str(entry.get("_target_", "")).split(".")[-1]
+    for alias in ("Dict", "D"):  # MONAI's aliases of each dictionary transform
+        if name.endswith(alias) and len(name) > len(alias):
+            return name[: -len(alias)] + "d"
+    return name
+
+
+def _find_transform(transforms: list[dict], *names: str) -> dict | None:
+    """The first transform named one of ``names`` in a list of transforms."""
+    return next((t for t in transforms if _transform_name(t) in names), None)
+
+
+def _plain(value: Any) -> Any:
+    """A resolved config value with MONAI's config items unwrapped into dicts and lists."""
+    from monai.bundle.config_item import ConfigItem
+
+    if isinstance(value, ConfigItem):
+        return _plain(value.get_config())
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _transform_list(parser, key: str, config: Path, unread: str) -> list[dict]:
+    """The transforms of the config's ``key`` (``preprocessing``, ``postprocessing``), every
+    reference and expression resolved and nested ``Compose`` flattened; ``[]`` without one.
+
+    Resolved as a whole rather than looked up entry by entry, because bundles often write
+    ``"transforms": "$@preprocessing_transforms"`` (a reference to a list defined elsewhere).
+    What cannot be read as a list of transforms (an expression that builds them in code, a
+    broken reference) is warned about, saying what is lost (``unread``), and taken as none.
+    """
+    if key not in parser:
+        return []
+    try:
+        resolved = _plain(parser.get_parsed_content(key, instantiate=False))
+    except Exception as error:  # a bundle may reference anything; say so and go on
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    else:
+        if isinstance(resolved, dict) and _transform_name(resolved) == "Compose":
+            resolved = resolved.get("transforms")
+        transforms = _flattened(resolved) if isinstance(resolved, list) else None
+        if transforms is not None:
+            return transforms
+        reason = f"it is a {type(resolved).__name__}, not a list of transforms"
+    log.warning("the bundle's %s could not be read from %s (%s): %s.", key, config, reason,
+                unread)
+    return []
+
+
+def _flattened(entries: list) -> list[dict] | None:
+    """The transforms of a list, those of nested ``Compose`` in their place; ``None`` when an
+    entry is not a transform's config."""
+    flat: list[dict] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            return None
+        if str(entry.get("_disabled_", "")).lower() == "true":  # switched off in the config
+            continue
+        if _transform_name(entry) == "Compose" and isinstance(entry.get("transforms"), list):
+            inner = _flattened(entry["transforms"])
+            if inner is None:
+                return None
+            flat.extend(inner)
+        else:
+            flat.append(entry)
+    return flat
 
 
 def _setting(parser, key: str, config: Path) -> Any:
@@ -144,16 +215,18 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         raise ModelError(f"could not build the network of bundle {folder}: {error}") from None
     network = _load_weights(network, folder, torch)
 
-    preprocessing = parser.get("preprocessing", {}) or {}
-    transforms = preprocessing.get("transforms", []) if isinstance(preprocessing, dict) else []
-    transforms = transforms if isinstance(transforms, list) else []
+    transforms = _transform_list(
+        parser, "preprocessing", config, "none of it is applied (no spacing, orientation or "
+        "intensity scaling of the bundle's own); check the labels, or write the transforms "
+        "out as a list in the config")
     spacing, orientation = None, None
-    if (at := _find_transform(transforms, "Spacingd")) is not None:
-        key = f"preprocessing#transforms#{at}#pixdim"
-        spacing = _number_list(_setting(parser, key, config), key, config, float)
-    if (at := _find_transform(transforms, "Orientationd")) is not None:
-        orientation = str(_setting(parser, f"preprocessing#transforms#{at}#axcodes", config))
-    intensity = _intensity_transforms(parser, transforms)
+    if (spacing_entry := _find_transform(transforms, "Spacingd", "Spacing")) is not None:
+        spacing = _number_list(spacing_entry.get("pixdim"), "Spacingd pixdim", config, float)
+    if (orient := _find_transform(transforms, "Orientationd", "Orientation")) is not None:
+        # (as_closest_canonical: MONAI's closest canonical orientation, RAS)
+        axcodes = orient.get("axcodes") or ("RAS" if orient.get("as_closest_canonical") else None)
+        orientation = str(axcodes) if axcodes else None
+    intensity = _intensity_transforms(transforms)
     inferer = parser.get("inferer", {}) or {}
     roi = None
     if isinstance(inferer, dict) and "roi_size" in inferer:
@@ -215,16 +288,18 @@ def _load_weights(network, folder: Path, torch):
     raise ModelError(f"bundle {folder} has no weights (models/model.pt or models/model.ts).")
 
 
-def _intensity_transforms(parser, transforms: list):
-    """The bundle's intensity-only preprocessing as one MONAI Compose (or None)."""
+def _intensity_transforms(transforms: list[dict]):
+    """The bundle's intensity-only preprocessing as one MONAI Compose over ``{"image": ...}``
+    (or None); the transforms come resolved (see :func:`_transform_list`)."""
     from monai.bundle import ConfigParser
 
-    kept = [t for t in transforms if isinstance(t, dict)
-            and str(t.get("_target_", "")).split(".")[-1] in INTENSITY_TRANSFORMS]
+    # Applied to the image alone: whatever keys the bundle names (its own image key, a
+    # label), here there is one input, "image".
+    kept = [{**t, "keys": "image"} for t in transforms if _transform_name(t) in
+            INTENSITY_TRANSFORMS]
     if not kept:
         return None
     sub = ConfigParser({"transforms": {"_target_": "Compose", "transforms": kept}})
-    sub.update({k: parser.get(k) for k in ("image_key",) if k in parser})
     try:
         return sub.get_parsed_content("transforms", instantiate=True)
     except Exception as error:

@@ -146,3 +146,43 @@ def test_bundle_settings_given_by_reference_are_resolved_and_damaged_configs_ref
     (folder / "configs" / "metadata.json").write_text("{oops")
     with pytest.raises(ModelError, match="cannot read the bundle metadata"):
         load_monai_bundle(folder)
+
+
+def edit_config(folder, change):
+    """Rewrite a bundle's inference.json through ``change(config)`` (which edits it in place)."""
+    path = folder / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    return folder
+
+
+def test_preprocessing_given_by_reference_is_applied_as_when_written_out(tmp_path, caplog):
+    image, _ = oblique_ball()
+    plain = segment({"CT": image}, "model", model=write_bundle(tmp_path / "plain"),
+                    device="cpu")
+
+    def by_reference(reference):
+        def change(config):
+            config["preprocessing_transforms"] = config["preprocessing"]["transforms"]
+            config["preprocessing"]["transforms"] = reference
+        return change
+
+    for i, reference in enumerate(("$@preprocessing_transforms", "@preprocessing_transforms")):
+        folder = edit_config(write_bundle(tmp_path / f"by_reference{i}"), by_reference(reference))
+        bundle = load_monai_bundle(folder)
+        assert bundle.spacing == [2.0, 2.0, 2.0] and bundle.orientation == "RAS"
+        assert bundle.intensity is not None
+        result = segment({"CT": image}, "model", model=bundle, device="cpu")
+        assert np.array_equal(sitk.GetArrayFromImage(result.labels),
+                              sitk.GetArrayFromImage(plain.labels))
+
+    def built_in_code(config):
+        config["preprocessing"] = "$monai.transforms.Compose([])"
+
+    folder = edit_config(write_bundle(tmp_path / "code"), built_in_code)
+    with caplog.at_level("WARNING"):
+        bundle = load_monai_bundle(folder)
+    assert bundle.spacing is None and bundle.intensity is None
+    assert "preprocessing could not be read" in caplog.text
+    assert "none of it is applied" in caplog.text
