@@ -56,8 +56,9 @@ class MonaiBundle:
     in_channels: int
     label_names: dict[int, str]
     roi_size: list[int] | None = None
-    spacing: list[float] | None = None
+    spacing: list[float] | None = None  # x y z along the oriented axes; <= 0: keep the image's
     orientation: str | None = None
+    orientation_first: bool = True  # Orientationd before Spacingd, as bundles usually have it
     intensity: Any = None  # a MONAI Compose over {"image": tensor}, or None
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +88,11 @@ def _transform_name(entry: Any) -> str:
 def _find_transform(transforms: list[dict], *names: str) -> dict | None:
     """The first transform named one of ``names`` in a list of transforms."""
     return next((t for t in transforms if _transform_name(t) in names), None)
+
+
+def _position(transforms: list[dict], entry: dict | None) -> int:
+    """Where ``entry`` is in ``transforms`` (past the end for ``None``)."""
+    return next((i for i, t in enumerate(transforms) if t is entry), len(transforms))
 
 
 def _plain(value: Any) -> Any:
@@ -222,10 +228,14 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
     spacing, orientation = None, None
     if (spacing_entry := _find_transform(transforms, "Spacingd", "Spacing")) is not None:
         spacing = _number_list(spacing_entry.get("pixdim"), "Spacingd pixdim", config, float)
+        # MONAI pads a shorter pixdim with its last value and ignores the rest of a longer one.
+        spacing = (spacing + spacing[-1:] * 3)[:3] if spacing else None
     if (orient := _find_transform(transforms, "Orientationd", "Orientation")) is not None:
         # (as_closest_canonical: MONAI's closest canonical orientation, RAS)
         axcodes = orient.get("axcodes") or ("RAS" if orient.get("as_closest_canonical") else None)
         orientation = str(axcodes) if axcodes else None
+    orientation_first = (_position(transforms, orient) <= _position(transforms, spacing_entry)
+                         if orientation else True)
     intensity = _intensity_transforms(transforms)
     inferer = parser.get("inferer", {}) or {}
     roi = None
@@ -249,6 +259,7 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         roi_size=roi,
         spacing=spacing,
         orientation=orientation,
+        orientation_first=orientation_first,
         intensity=intensity,
         metadata=metadata,
     )
@@ -306,6 +317,39 @@ def _intensity_transforms(transforms: list[dict]):
         raise ModelError(f"could not build the bundle's intensity preprocessing: {error}") from None
 
 
+def network_grid(reference: sitk.Image, bundle: MonaiBundle) -> sitk.Image:
+    """The grid the bundle's network sees: ``reference``'s extent, its axes turned to the
+    bundle's orientation (``Orientationd``) and spaced at its ``Spacingd`` pixdim.
+
+    Done in the order of the bundle's preprocessing, as MONAI does: usually orient, then
+    space, so pixdim applies along the turned axes and a sagittally stored image gives the
+    network the same grid as the same image stored axially.
+    """
+    grid = reference
+    if bundle.orientation and bundle.orientation_first:
+        grid = sitk.DICOMOrient(grid, bundle.orientation)
+    if bundle.spacing:
+        # (a pixdim <= 0 keeps the spacing along that axis, as MONAI's Spacingd does)
+        spacing = [s if s > 0 else own
+                   for s, own in zip(bundle.spacing, grid.GetSpacing(), strict=True)]
+        grid = model_grid(grid, spacing)
+    if bundle.orientation and not bundle.orientation_first:
+        grid = sitk.DICOMOrient(grid, bundle.orientation)
+    return grid
+
+
+def _onto_network_grid(image: sitk.Image, grid: sitk.Image, name: str) -> sitk.Image:
+    """``image`` on the network's grid, its voxels first turned to the grid's axis order
+    (a lossless permutation and flip): resampling smooths before down-sampling along the
+    image's own axes by comparing spacings axis by axis, which only holds when the axes
+    are the same ones."""
+    axes = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(grid.GetDirection())
+    own = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    if own != axes:
+        image = sitk.DICOMOrient(image, axes)
+    return onto_grid(image, grid, name=name)
+
+
 def segment_with_bundle(
     images: Mapping[str, sitk.Image],
     bundle: MonaiBundle,
@@ -330,11 +374,9 @@ def segment_with_bundle(
             f"{len(images)} were given ({', '.join(map(str, images))})."
         )
     reference = images[next(iter(images))]
-    grid = model_grid(reference, bundle.spacing) if bundle.spacing else reference
-    on_grid = {n: onto_grid(image, grid, name=str(n)) for n, image in images.items()}
-    if bundle.orientation:
-        on_grid = {n: sitk.DICOMOrient(image, bundle.orientation) for n, image in on_grid.items()}
-    stack = stack_images(on_grid)
+    grid = network_grid(reference, bundle)
+    stack = stack_images({n: _onto_network_grid(image, grid, str(n))
+                          for n, image in images.items()})
     # MONAI's layout is channel, x, y, z; SimpleITK arrays are z, y, x.
     volume = torch.from_numpy(np.ascontiguousarray(np.transpose(stack.channels, (0, 3, 2, 1))))
     if bundle.intensity is not None:

@@ -186,3 +186,42 @@ def test_preprocessing_given_by_reference_is_applied_as_when_written_out(tmp_pat
     assert bundle.spacing is None and bundle.intensity is None
     assert "preprocessing could not be read" in caplog.text
     assert "none of it is applied" in caplog.text
+
+
+def network_inputs(monkeypatch):
+    """The whole volumes MONAI's sliding window is given, recorded as ``[x, y, z]`` arrays."""
+    import monai.inferers
+
+    seen = []
+    original = monai.inferers.sliding_window_inference
+
+    def recording(inputs, *args, **kwargs):
+        seen.append(inputs[0].detach().cpu().numpy())
+        return original(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(monai.inferers, "sliding_window_inference", recording)
+    return seen
+
+
+def test_a_sagittally_stored_image_gives_the_network_the_same_input_as_the_axial_one(
+    tmp_path, monkeypatch
+):
+    # Anisotropic pixdim: applied along the image's stored axes instead of the oriented
+    # ones, the network would get another grid for each storage order.
+    def anisotropic(config):
+        config["preprocessing"]["transforms"][3]["pixdim"] = [1.5, 2.0, 3.0]
+
+    folder = edit_config(write_bundle(tmp_path / "bundle"), anisotropic)
+    seen = network_inputs(monkeypatch)
+    axial, _ = oblique_ball()
+    stored_otherwise = sitk.PermuteAxes(axial, [2, 0, 1])  # the same image, axes z, x, y
+    results = [segment({"CT": image}, "model", model=folder, device="cpu")
+               for image in (axial, stored_otherwise)]
+    assert seen[0].shape == seen[1].shape
+    assert np.abs(seen[0] - seen[1]).max() < 1e-4
+    spaced_along_oriented_axes = np.array(
+        sitk.DICOMOrient(axial, "RAS").GetSize()) * np.array(
+        sitk.DICOMOrient(axial, "RAS").GetSpacing()) / np.array([1.5, 2.0, 3.0])
+    np.testing.assert_allclose(seen[0].shape[1:], spaced_along_oriented_axes, atol=1.0)
+    back = sitk.PermuteAxes(results[1].labels, [1, 2, 0])
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(results[0].labels))
