@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 # Preprocessing transforms applied from a bundle: those that only change intensities.
+# Bundles whose overlapping labels were flattened and warned about (once per bundle).
+_FLATTENING_WARNED: set[str] = set()
 INTENSITY_TRANSFORMS = {
     "ScaleIntensityd", "ScaleIntensityRanged", "ScaleIntensityRangePercentilesd",
     "NormalizeIntensityd", "ClipIntensityPercentilesd", "ThresholdIntensityd",
@@ -60,6 +62,8 @@ class MonaiBundle:
     orientation: str | None = None
     orientation_first: bool = True  # Orientationd before Spacingd, as bundles usually have it
     intensity: Any = None  # a MONAI Compose over {"image": tensor}, or None
+    multi_label: bool = False  # a sigmoid per output channel (postprocessing Activationsd)
+    threshold: float = 0.5  # of each sigmoid channel (postprocessing AsDiscreted)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -243,26 +247,61 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         roi = _number_list(_setting(parser, "inferer#roi_size", config), "inferer#roi_size",
                            config, int)
 
+    multi_label, threshold = _sigmoid_outputs(_transform_list(
+        parser, "postprocessing", config, "its outputs are read as softmax classes"), config)
+
     data_format = metadata.get("network_data_format", {})
     inputs = data_format.get("inputs", {}).get("image", {})
     outputs = data_format.get("outputs", {}).get("pred", {})
-    channel_def = outputs.get("channel_def", {}) or {}
-    label_names = {int(k): str(v) for k, v in channel_def.items() if int(k) != 0}
-    if not label_names:
-        out_channels = int(outputs.get("num_channels", 2))
-        label_names = {k: f"label {k}" for k in range(1, max(out_channels, 2))}
     return MonaiBundle(
         folder=folder,
         network=network,
         in_channels=int(inputs.get("num_channels", 1)),
-        label_names=label_names,
+        label_names=_label_names(outputs, multi_label),
         roi_size=roi,
         spacing=spacing,
         orientation=orientation,
         orientation_first=orientation_first,
         intensity=intensity,
+        multi_label=multi_label,
+        threshold=threshold,
         metadata=metadata,
     )
+
+
+def _sigmoid_outputs(transforms: list[dict], config: Path) -> tuple[bool, float]:
+    """Whether the bundle's postprocessing applies a sigmoid (``Activationsd`` with
+    ``sigmoid=True``: one independent probability per output channel, as BraTS's TC/WT/ET),
+    and the threshold its ``AsDiscreted`` applies after it (0.5 without one)."""
+    activation = _find_transform(transforms, "Activationsd", "Activations")
+    sigmoid = activation is not None and _truthy(activation.get("sigmoid"))
+    discrete = _find_transform(transforms, "AsDiscreted", "AsDiscrete") or {}
+    value = discrete.get("threshold")
+    if value is None and _truthy(discrete.get("threshold_values")):  # MONAI < 0.8 spelling
+        value = discrete.get("logit_thresh", 0.5)
+    if value is None:
+        return sigmoid, 0.5
+    values = _number_list(value if isinstance(value, list | tuple) else [value],
+                          "AsDiscreted threshold", config, float)
+    return sigmoid, values[0]  # (one per key: the first key is the prediction)
+
+
+def _truthy(value: Any) -> bool:
+    """A config flag that may be given per key (a list) or as text."""
+    if isinstance(value, list | tuple):
+        return any(_truthy(v) for v in value)
+    return value is True or str(value).lower() == "true"
+
+
+def _label_names(outputs: Mapping[str, Any], multi_label: bool) -> dict[int, str]:
+    """Label value -> name from the metadata's output ``channel_def``: channel k is label k
+    of a softmax (channel 0 the background), label k + 1 when each channel is a label of its
+    own (a sigmoid per channel, or a single output channel)."""
+    channel_def = {int(k): str(v) for k, v in (outputs.get("channel_def") or {}).items()}
+    out_channels = int(outputs.get("num_channels", len(channel_def) or 2))
+    if multi_label or out_channels == 1:
+        return {c + 1: channel_def.get(c, f"label {c + 1}") for c in range(out_channels)}
+    return {k: channel_def.get(k, f"label {k}") for k in range(1, max(out_channels, 2))}
 
 
 def _load_weights(network, folder: Path, torch):
@@ -392,30 +431,98 @@ def segment_with_bundle(
                                               overlap=overlap, mode="gaussian")
         network.to("cpu")
         logits = logits[0].float()
-        if logits.shape[0] == 1:  # one sigmoid channel
-            foreground = torch.sigmoid(logits)
-            return torch.cat([1 - foreground, foreground]).cpu().numpy()
+        if bundle.multi_label or logits.shape[0] == 1:  # a sigmoid per channel
+            return torch.sigmoid(logits).cpu().numpy()
         return torch.softmax(logits, dim=0).cpu().numpy()
 
     probabilities = run_with_device_fallback(run, device, f"bundle {bundle.name}")
     report(0.8, "network done")
     zyx = np.transpose(probabilities, (0, 3, 2, 1))
+    independent = bundle.multi_label or len(zyx) == 1
+    if independent:
+        labels, on_reference = _labels_of_independent_channels(
+            zyx, stack.reference, reference, region, bundle)
+        output = "multi-label sigmoid" if len(zyx) > 1 else "sigmoid"
+    else:
+        labels, on_reference = _labels_of_classes(zyx, stack.reference, reference, region)
+        output = "softmax"
+    report(1.0, "segmented")
+    names = {k: bundle.label_names.get(k, f"label {k}")
+             for k in range(1, len(zyx) + (1 if independent else 0))}
+    return SegmentationResult(
+        labels=image_from_array(labels, reference),
+        probabilities=probability_image(on_reference, reference),
+        label_names=names,
+        label_colors=default_label_colors(max(names, default=1)),
+        method="model",
+        info={"bundle": str(bundle.folder), "roi_size": roi, "spacing": bundle.spacing,
+              "orientation": bundle.orientation, "masked": region is not None,
+              "output": output, **({"threshold": bundle.threshold} if independent else {})},
+    )
+
+
+def _labels_of_classes(probabilities: np.ndarray, grid: sitk.Image, reference: sitk.Image,
+                       region: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (the most probable class) and class probabilities on ``reference``'s grid, from
+    softmax ``[class, z, y, x]`` probabilities on the network's ``grid``."""
     from MultiModalAnalysisLib.segmentation.inference import (
         background_outside,
         probabilities_on_reference,
     )
 
     on_reference = background_outside(
-        probabilities_on_reference(zyx, stack.reference, reference), region)
-    labels = image_from_array(on_reference.argmax(axis=0).astype(np.uint8), reference)
-    report(1.0, "segmented")
-    names = {k: v for k, v in bundle.label_names.items() if k < on_reference.shape[0]}
-    return SegmentationResult(
-        labels=labels,
-        probabilities=probability_image(on_reference, reference),
-        label_names=names,
-        label_colors=default_label_colors(max(names, default=1)),
-        method="model",
-        info={"bundle": str(bundle.folder), "roi_size": roi, "spacing": bundle.spacing,
-              "orientation": bundle.orientation, "masked": region is not None},
-    )
+        probabilities_on_reference(probabilities, grid, reference), region)
+    return on_reference.argmax(axis=0).astype(np.uint8), on_reference
+
+
+def _labels_of_independent_channels(
+    probabilities: np.ndarray, grid: sitk.Image, reference: sitk.Image,
+    region: np.ndarray | None, bundle: MonaiBundle,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels 1..C and the probabilities to keep, on ``reference``'s grid, from C sigmoid
+    channels ``[channel, z, y, x]`` on the network's ``grid``, each thresholded at the
+    bundle's threshold (see :func:`flatten_overlapping` for where they overlap).
+
+    The probabilities kept are each channel's own (not summing to 1); a single channel is
+    kept as ``[1 - p, p]``, background and foreground, like a softmax's.
+    """
+    from MultiModalAnalysisLib.preprocess import resample_to_reference
+
+    on_reference = np.stack([sitk.GetArrayFromImage(resample_to_reference(
+        image_from_array(channel.astype(np.float32), grid), reference, default_value=0.0,
+        name="probabilities")) for channel in probabilities])
+    if region is not None:
+        on_reference[:, ~region] = 0.0
+    labels, smallest_first = flatten_overlapping(on_reference >= bundle.threshold)
+    if smallest_first and str(bundle.folder) not in _FLATTENING_WARNED:
+        _FLATTENING_WARNED.add(str(bundle.folder))
+        log.warning(
+            "bundle '%s' gives one sigmoid per output channel and its labels overlap: a "
+            "voxel in several took the label of the channel with the smallest region in the "
+            "image (here, smallest first: %s). The probabilities file holds each channel's "
+            "own probability.", bundle.name,
+            ", ".join(bundle.label_names.get(c + 1, f"label {c + 1}") for c in smallest_first))
+    if len(on_reference) == 1:
+        on_reference = np.concatenate([1.0 - on_reference, on_reference])
+    return labels, on_reference
+
+
+def flatten_overlapping(masks: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """One label map (uint8, labels 1..C) from C boolean masks ``[channel, z, y, x]`` that
+    may overlap: a voxel in several masks gets the label of the channel whose mask is the
+    smallest over the whole image.
+
+    So nested regions, such as enhancing tumour inside tumour core inside whole tumour, come
+    out as the innermost region and the rings around it.
+
+    Returns:
+        ``(labels, channels from the smallest mask up)``, the list empty when no masks
+        overlap.
+    """
+    volumes = masks.reshape(len(masks), -1).sum(axis=1)
+    by_size = sorted(range(len(masks)), key=lambda c: volumes[c])
+    labels = np.zeros(masks.shape[1:], np.uint8)
+    for channel in reversed(by_size):  # the largest first, smaller ones painted over it
+        labels[masks[channel]] = channel + 1
+    overlapping = bool((masks.sum(axis=0) > 1).any())
+    return labels, by_size if overlapping else []

@@ -225,3 +225,65 @@ def test_a_sagittally_stored_image_gives_the_network_the_same_input_as_the_axial
     np.testing.assert_allclose(seen[0].shape[1:], spaced_along_oriented_axes, atol=1.0)
     back = sitk.PermuteAxes(results[1].labels, [1, 2, 0])
     assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(results[0].labels))
+
+
+def nested_spheres():
+    """A 0..3 image: whole (1) around core (2) around enhancing (3) spheres, off-centre, and
+    the voxel count of each value."""
+    z, y, x = np.mgrid[:24, :24, :24]
+    distance = np.sqrt((z - 11) ** 2 + (y - 12) ** 2 + (x - 13) ** 2)
+    values = (distance < 9).astype(np.float32) + (distance < 6) + (distance < 3)
+    image = make_image(values, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), rotation_direction((0, 0, 0)))
+    return image, {v: int((values == v).sum()) for v in (1, 2, 3)}
+
+
+def write_multi_label_bundle(folder, threshold=0.5):
+    """A BraTS-like bundle: three sigmoid channels, tumour core (> 1.5), whole tumour (> 0.5)
+    and enhancing tumour (> 2.5) of the input, in BraTS's channel order."""
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    config = {
+        "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 3,
+                        "kernel_size": 1},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [24, 24, 24]},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "threshold": threshold},
+        ]},
+    }
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    metadata = {"name": "nested", "network_data_format": {
+        "inputs": {"image": {"num_channels": 1}},
+        "outputs": {"pred": {"num_channels": 3, "channel_def": {
+            "0": "Tumor core", "1": "Whole tumor", "2": "Enhancing tumor"}}}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    network = torch.nn.Conv3d(1, 3, 1)
+    with torch.no_grad():
+        network.weight.fill_(10.0)
+        network.bias.copy_(torch.tensor([-15.0, -5.0, -25.0]))
+    torch.save(network.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
+def test_a_sigmoid_bundles_channels_are_labels_of_their_own_nested_ones_flattened(
+    tmp_path, caplog
+):
+    image, counts = nested_spheres()
+    bundle = load_monai_bundle(write_multi_label_bundle(tmp_path / "bundle", threshold=0.6))
+    assert bundle.multi_label and bundle.threshold == 0.6
+    assert bundle.label_names == {1: "Tumor core", 2: "Whole tumor", 3: "Enhancing tumor"}
+    with caplog.at_level("WARNING"):
+        result = segment({"MR": image}, "model", model=bundle, device="cpu")
+        segment({"MR": image}, "model", model=bundle, device="cpu")
+    labels = sitk.GetArrayFromImage(result.labels)
+    # Channel 0 is a label, not the background; each voxel takes the smallest region's.
+    assert int((labels == 3).sum()) == counts[3]  # enhancing
+    assert int((labels == 1).sum()) == counts[2]  # core less enhancing
+    assert int((labels == 2).sum()) == counts[1]  # whole less core
+    assert result.label_names == bundle.label_names
+    assert result.info["output"] == "multi-label sigmoid"
+    probabilities = sitk.GetArrayFromImage(result.probabilities)
+    assert probabilities.shape[-1] == 3
+    assert probabilities[labels == 3].sum(axis=-1).min() > 2.9  # three independent ones
+    assert caplog.text.count("smallest region") == 1
+    assert "Enhancing tumor, Tumor core, Whole tumor" in caplog.text
