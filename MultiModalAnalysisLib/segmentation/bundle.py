@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import SimpleITK as sitk
 from MultiModalAnalysisLib.device import run_with_device_fallback
 from MultiModalAnalysisLib.errors import ModelError
 from MultiModalAnalysisLib.images import image_from_array
+from MultiModalAnalysisLib.modalities import canonical_modality
 from MultiModalAnalysisLib.progress import ProgressCallback, as_progress, check_cancel
 from MultiModalAnalysisLib.segmentation.inputs import require_images, stack_images
 from MultiModalAnalysisLib.segmentation.model_inputs import model_grid, onto_grid
@@ -57,6 +59,7 @@ class MonaiBundle:
     network: Any
     in_channels: int
     label_names: dict[int, str]
+    input_names: list[str] = field(default_factory=list)  # metadata channel_def, in order
     roi_size: list[int] | None = None
     spacing: list[float] | None = None  # x y z along the oriented axes; <= 0: keep the image's
     orientation: str | None = None
@@ -258,6 +261,8 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         network=network,
         in_channels=int(inputs.get("num_channels", 1)),
         label_names=_label_names(outputs, multi_label),
+        input_names=[str(name) for _, name in sorted(
+            (int(k), v) for k, v in (inputs.get("channel_def") or {}).items())],
         roi_size=roi,
         spacing=spacing,
         orientation=orientation,
@@ -356,6 +361,62 @@ def _intensity_transforms(transforms: list[dict]):
         raise ModelError(f"could not build the bundle's intensity preprocessing: {error}") from None
 
 
+def order_inputs(images: Mapping[str, sitk.Image], bundle: MonaiBundle) -> dict:
+    """``images`` in the order of the bundle's input channels (its metadata's
+    ``channel_def``), told by their names.
+
+    Names match case-insensitively, without ``-`` and ``_`` (``t1-c`` is ``T1c``), or as the
+    same modality (``t1ce`` is ``T1c``, ``t2f`` is ``FLAIR``). Images named otherwise than
+    every channel keep the order given, with a warning naming the bundle's order: a network
+    fed its channels in another order gives wrong labels without failing.
+
+    Raises:
+        ModelError: some names match the bundle's channels and others do not, or two
+            images match one channel.
+    """
+    expected, given = bundle.input_names, list(images)
+    if len(given) < 2 or len(expected) != len(given):
+        return dict(images)
+    matches = {name: _matching_channels(name, expected) for name in given}
+    if not any(matches.values()):
+        log.warning("bundle '%s' takes its input channels in the order %s; none of the "
+                    "images given (%s) is named as one of them, so they are fed in the order "
+                    "given. Name them as the bundle does to have them checked.", bundle.name,
+                    ", ".join(expected), ", ".join(given))
+        return dict(images)
+    problems = [f"{name} matches none of its channels" for name in given if not matches[name]]
+    problems += [f"{name} matches several ({', '.join(expected[i] for i in matches[name])})"
+                 for name in given if len(matches[name]) > 1]
+    taken = [matches[name][0] for name in given if len(matches[name]) == 1]
+    problems += [f"{' and '.join(n for n in given if matches[n] == [i])} match the same "
+                 f"channel, {expected[i]}" for i in sorted(set(taken)) if taken.count(i) > 1]
+    if problems:
+        raise ModelError(
+            f"bundle '{bundle.name}' takes its input channels in the order "
+            f"{', '.join(expected)}, but the images given are {', '.join(given)}: "
+            f"{'; '.join(problems)}. Name each image after one of the bundle's channels "
+            f"({' '.join(f'{name}=...' for name in expected)}).")
+    ordered = {name: images[name] for name in sorted(given, key=lambda n: matches[n][0])}
+    if list(ordered) != given:
+        log.info("bundle '%s' takes its input channels in the order %s: the images are fed "
+                 "as %s (given as %s).", bundle.name, ", ".join(expected),
+                 ", ".join(ordered), ", ".join(given))
+    return ordered
+
+
+def _matching_channels(name: str, expected: list[str]) -> list[int]:
+    """The positions in ``expected`` of the channels ``name`` stands for: the same letters
+    (case, ``-`` and ``_`` aside) or else the same modality."""
+    def key(text: str) -> str:
+        return re.sub(r"[-_\s]", "", str(text)).lower()
+
+    same = [i for i, channel in enumerate(expected) if key(channel) == key(name)]
+    if same:
+        return same
+    modality = canonical_modality(name)
+    return [i for i, channel in enumerate(expected) if canonical_modality(channel) == modality]
+
+
 def network_grid(reference: sitk.Image, bundle: MonaiBundle) -> sitk.Image:
     """The grid the bundle's network sees: ``reference``'s extent, its axes turned to the
     bundle's orientation (``Orientationd``) and spaced at its ``Spacingd`` pixdim.
@@ -413,6 +474,7 @@ def segment_with_bundle(
             f"{len(images)} were given ({', '.join(map(str, images))})."
         )
     reference = images[next(iter(images))]
+    images = order_inputs(images, bundle)
     grid = network_grid(reference, bundle)
     stack = stack_images({n: _onto_network_grid(image, grid, str(n))
                           for n, image in images.items()})
@@ -457,7 +519,8 @@ def segment_with_bundle(
         method="model",
         info={"bundle": str(bundle.folder), "roi_size": roi, "spacing": bundle.spacing,
               "orientation": bundle.orientation, "masked": region is not None,
-              "output": output, **({"threshold": bundle.threshold} if independent else {})},
+              "inputs": list(images), "output": output,
+              **({"threshold": bundle.threshold} if independent else {})},
     )
 
 

@@ -287,3 +287,53 @@ def test_a_sigmoid_bundles_channels_are_labels_of_their_own_nested_ones_flattene
     assert probabilities[labels == 3].sum(axis=-1).min() > 2.9  # three independent ones
     assert caplog.text.count("smallest region") == 1
     assert "Enhancing tumor, Tumor core, Whole tumor" in caplog.text
+
+
+def write_two_channel_bundle(folder):
+    """A bundle taking T1c then FLAIR that labels where its first channel is brighter."""
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    config = {"network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 2,
+                              "out_channels": 2, "kernel_size": 1}}
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    metadata = {"name": "two channels", "network_data_format": {
+        "inputs": {"image": {"num_channels": 2, "channel_def": {"1": "FLAIR", "0": "T1c"}}},
+        "outputs": {"pred": {"num_channels": 2, "channel_def": {"0": "background",
+                                                                 "1": "brighter in T1c"}}}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    network = torch.nn.Conv3d(2, 2, 1)
+    with torch.no_grad():
+        network.weight.zero_()
+        network.bias.zero_()
+        network.weight[1, 0], network.weight[1, 1] = 20.0, -20.0
+    torch.save(network.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
+def test_input_images_are_fed_in_the_bundles_channel_order_told_by_their_names(
+    tmp_path, caplog
+):
+    nested, _ = nested_spheres()
+    bright = sitk.Cast(sitk.Greater(nested, 1.5), sitk.sitkFloat32) * 2.0 + 1.0  # 3 in, 1 out
+    flat = sitk.Cast(nested * 0.0 + 2.0, sitk.sitkFloat32)
+    inside = sitk.GetArrayFromImage(bright) > 2
+    bundle = load_monai_bundle(write_two_channel_bundle(tmp_path / "bundle"))
+    assert bundle.input_names == ["T1c", "FLAIR"]
+
+    def labels(images):
+        result = segment(images, "model", model=bundle, device="cpu")
+        return sitk.GetArrayFromImage(result.labels) == 1, result
+
+    assert np.array_equal(labels({"T1c": bright, "FLAIR": flat})[0], inside)
+    with caplog.at_level("INFO", logger="MultiModalAnalysisLib.segmentation.bundle"):
+        reordered, result = labels({"flair": flat, "t1ce": bright})
+    assert np.array_equal(reordered, inside)
+    assert result.info["inputs"] == ["t1ce", "flair"]
+    assert "fed as t1ce, flair" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        as_given, _ = labels({"first": flat, "second": bright})
+    assert np.array_equal(as_given, ~inside)  # unknown names: the order given, warned about
+    assert "in the order T1c, FLAIR" in caplog.text
+    with pytest.raises(ModelError, match="order T1c, FLAIR.*given are T1c, PD: PD matches none"):
+        labels({"T1c": bright, "PD": flat})
