@@ -16,8 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import threading
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,19 +222,21 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
     config = next(p for p in (folder / "configs" / n for n in CONFIG_NAMES) if p.is_file())
     parser, metadata = _read_configs(folder, config)
     parser["bundle_root"] = str(folder)
-    key = "network_def" if "network_def" in parser else "network" if "network" in parser else None
-    if key is None:
-        raise ModelError(f"{config} defines no 'network_def' (or 'network'): cannot build it.")
-    try:
-        network = parser.get_parsed_content(key, instantiate=True)
-    except Exception as error:  # a bundle may reference anything; report it plainly
-        raise ModelError(f"could not build the network of bundle {folder}: {error}") from None
-    network = _load_weights(network, folder, torch)
-
-    transforms = _transform_list(
-        parser, "preprocessing", config, "none of it is applied (no spacing, orientation or "
-        "intensity scaling of the bundle's own); check the labels, or write the transforms "
-        "out as a list in the config")
+    with _bundle_code_importable(folder):
+        network = _build_network(parser, folder, config, torch)
+        transforms = _transform_list(
+            parser, "preprocessing", config, "none of it is applied (no spacing, orientation "
+            "or intensity scaling of the bundle's own); check the labels, or write the "
+            "transforms out as a list in the config")
+        intensity = _intensity_transforms(transforms)
+        multi_label, threshold = _sigmoid_outputs(_transform_list(
+            parser, "postprocessing", config, "its outputs are read as softmax classes"),
+            config)
+        inferer = parser.get("inferer", {}) or {}
+        roi = None
+        if isinstance(inferer, dict) and "roi_size" in inferer:
+            roi = _number_list(_setting(parser, "inferer#roi_size", config),
+                               "inferer#roi_size", config, int)
     spacing, orientation = None, None
     if (spacing_entry := _find_transform(transforms, "Spacingd", "Spacing")) is not None:
         spacing = _number_list(spacing_entry.get("pixdim"), "Spacingd pixdim", config, float)
@@ -243,15 +248,6 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         orientation = str(axcodes) if axcodes else None
     orientation_first = (_position(transforms, orient) <= _position(transforms, spacing_entry)
                          if orientation else True)
-    intensity = _intensity_transforms(transforms)
-    inferer = parser.get("inferer", {}) or {}
-    roi = None
-    if isinstance(inferer, dict) and "roi_size" in inferer:
-        roi = _number_list(_setting(parser, "inferer#roi_size", config), "inferer#roi_size",
-                           config, int)
-
-    multi_label, threshold = _sigmoid_outputs(_transform_list(
-        parser, "postprocessing", config, "its outputs are read as softmax classes"), config)
 
     data_format = metadata.get("network_data_format", {})
     inputs = data_format.get("inputs", {}).get("image", {})
@@ -309,9 +305,66 @@ def _label_names(outputs: Mapping[str, Any], multi_label: bool) -> dict[int, str
     return {k: channel_def.get(k, f"label {k}") for k in range(1, max(out_channels, 2))}
 
 
-def _load_weights(network, folder: Path, torch):
-    torchscript = folder / "models" / "model.ts"
-    weights = folder / "models" / "model.pt"
+@contextmanager
+def _bundle_code_importable(folder: Path) -> Iterator[None]:
+    """The bundle's own Python code importable while its config is read and built.
+
+    Bundles name their own classes relative to their folder (``scripts.net.MyNet``), as
+    MONAI runs them from there. Modules of the same top-level names imported before
+    (another bundle's ``scripts``) are set aside meanwhile and put back after, so that one
+    bundle never builds from another's code, and the folder leaves ``sys.path`` again.
+    """
+    own = {p.stem for p in folder.iterdir()
+           if p.suffix == ".py" or (p.is_dir() and any(p.glob("*.py")))}
+
+    def from_bundle(module: str) -> bool:
+        return module.split(".")[0] in own
+
+    aside = {name: module for name, module in sys.modules.items() if from_bundle(name)}
+    for name in aside:
+        del sys.modules[name]
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        if str(folder) in sys.path:
+            sys.path.remove(str(folder))
+        for name in [name for name in sys.modules if from_bundle(name)]:
+            del sys.modules[name]
+        sys.modules.update(aside)
+
+
+def _build_network(parser, folder: Path, config: Path, torch):
+    """The bundle's network with its weights: ``network_def`` (or ``network``) with
+    ``models/model.pt``, else the TorchScript ``models/model.ts``, which needs no definition
+    (some bundles ship only that)."""
+    weights, torchscript = folder / "models" / "model.pt", folder / "models" / "model.ts"
+    key = "network_def" if "network_def" in parser else "network" if "network" in parser else None
+    if key is not None and (weights.is_file() or not torchscript.is_file()):
+        try:
+            network = parser.get_parsed_content(key, instantiate=True)
+        except Exception as error:  # a bundle may reference anything; report it plainly
+            raise ModelError(f"could not build the network of bundle {folder}: {error}") from None
+        return _load_weights(network, weights, folder, torch)
+    if torchscript.is_file():
+        try:
+            with warnings.catch_warnings():
+                # (torch deprecates TorchScript in favour of torch.export; bundles still
+                # ship it, and the user cannot act on the warning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(str(torchscript), map_location="cpu").eval()
+        except Exception as error:
+            raise ModelError(f"the TorchScript network {torchscript} cannot be loaded "
+                             f"({type(error).__name__}): the file is damaged or not "
+                             "TorchScript.") from None
+    raise ModelError(f"{config} defines no 'network_def' (or 'network') and bundle {folder} has "
+                     "no TorchScript models/model.ts: there is no network to build. Use the "
+                     "bundle's folder as it was published, configs and models together.")
+
+
+def _load_weights(network, weights: Path, folder: Path, torch):
+    """``network`` with the trained weights of ``weights`` (a state dict or a MONAI
+    checkpoint), in evaluation mode."""
     if weights.is_file():
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -333,13 +386,6 @@ def _load_weights(network, folder: Path, torch):
                 f"{str(error).splitlines()[0]}"
             ) from None
         return network.eval()
-    if torchscript.is_file():
-        try:
-            return torch.jit.load(str(torchscript), map_location="cpu").eval()
-        except Exception as error:
-            raise ModelError(f"the TorchScript network {torchscript} cannot be loaded "
-                             f"({type(error).__name__}): the file is damaged or not "
-                             "TorchScript.") from None
     raise ModelError(f"bundle {folder} has no weights (models/model.pt or models/model.ts).")
 
 

@@ -337,3 +337,44 @@ def test_input_images_are_fed_in_the_bundles_channel_order_told_by_their_names(
     assert "in the order T1c, FLAIR" in caplog.text
     with pytest.raises(ModelError, match="order T1c, FLAIR.*given are T1c, PD: PD matches none"):
         labels({"T1c": bright, "PD": flat})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_torchscript_only_bundle_and_one_with_its_own_code_are_built(tmp_path):
+    import sys
+
+    image, _ = oblique_ball()
+    plain = segment({"CT": image}, "model", model=write_bundle(tmp_path / "plain"),
+                    device="cpu")
+    expected = sitk.GetArrayFromImage(plain.labels)
+
+    only = edit_config(write_bundle(tmp_path / "torchscript"),
+                       lambda config: config.pop("network_def"))
+    network = torch.nn.Conv3d(1, 2, 7, padding=3)
+    network.load_state_dict(torch.load(only / "models" / "model.pt"))
+    torch.jit.script(network).save(str(only / "models" / "model.ts"))
+    (only / "models" / "model.pt").unlink()
+    result = segment({"CT": image}, "model", model=only, device="cpu")
+    assert np.array_equal(sitk.GetArrayFromImage(result.labels), expected)
+
+    # Two bundles with code of the same module names: each is built from its own.
+    for name, out_channels in (("own_code", 2), ("other_code", 3)):
+        folder = edit_config(write_bundle(tmp_path / name), lambda config: config.update(
+            network_def={"_target_": "scripts.net.Net"}))
+        (folder / "scripts").mkdir()
+        (folder / "scripts" / "__init__.py").write_text("")
+        (folder / "scripts" / "net.py").write_text(
+            "import torch\n\n\nclass Net(torch.nn.Conv3d):\n    def __init__(self):\n"
+            f"        super().__init__(1, {out_channels}, 7, padding=3)\n")
+        if out_channels == 3:
+            torch.save(torch.nn.Conv3d(1, 3, 7, padding=3).state_dict(),
+                       folder / "models" / "model.pt")
+        bundle = load_monai_bundle(folder)
+        assert bundle.network.out_channels == out_channels
+        assert str(folder) not in sys.path and "scripts.net" not in sys.modules
+    result = segment({"CT": image}, "model", model=tmp_path / "own_code", device="cpu")
+    assert np.array_equal(sitk.GetArrayFromImage(result.labels), expected)
+
+    (only / "models" / "model.ts").unlink()
+    with pytest.raises(ModelError, match="no 'network_def'.*no TorchScript models/model.ts"):
+        load_monai_bundle(only)
