@@ -255,7 +255,7 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
     return MonaiBundle(
         folder=folder,
         network=network,
-        in_channels=int(inputs.get("num_channels", 1)),
+        in_channels=_input_channels(inputs, network),
         label_names=_label_names(outputs, multi_label),
         input_names=[str(name) for _, name in sorted(
             (int(k), v) for k, v in (inputs.get("channel_def") or {}).items())],
@@ -268,6 +268,33 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         threshold=threshold,
         metadata=metadata,
     )
+
+
+def _input_channels(inputs: Mapping[str, Any], network) -> int:
+    """How many images the network takes: the metadata's ``num_channels``, else the built
+    network's own ``in_channels`` or that of its first convolution (1 when none says)."""
+    if inputs.get("num_channels") is not None:
+        return int(inputs["num_channels"])
+    own = getattr(network, "in_channels", None)
+    if isinstance(own, int):
+        return own
+    first = _first_convolution(network)
+    return first[0] if first else 1
+
+
+def _first_convolution(network) -> tuple[int, int] | None:
+    """``(in_channels, spatial dimensions)`` of the network's first convolution (a torch
+    ``Conv1d/2d/3d`` or its TorchScript form), ``None`` when it has none to be found."""
+    import torch
+
+    kinds = ((torch.nn.Conv3d, 3), (torch.nn.Conv2d, 2), (torch.nn.Conv1d, 1))
+    scripted = {"Conv3d": 3, "Conv2d": 2, "Conv1d": 1}
+    for module in network.modules():
+        dims = next((d for kind, d in kinds if isinstance(module, kind)), None)
+        dims = dims or scripted.get(getattr(module, "original_name", ""))
+        if dims and isinstance(getattr(module, "in_channels", None), int):
+            return module.in_channels, dims
+    return None
 
 
 def _sigmoid_outputs(transforms: list[dict], config: Path) -> tuple[bool, float]:

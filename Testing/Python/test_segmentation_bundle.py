@@ -378,3 +378,21 @@ def test_a_torchscript_only_bundle_and_one_with_its_own_code_are_built(tmp_path)
     (only / "models" / "model.ts").unlink()
     with pytest.raises(ModelError, match="no 'network_def'.*no TorchScript models/model.ts"):
         load_monai_bundle(only)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_without_metadata_the_input_channels_are_those_of_the_network(tmp_path):
+    folder = write_two_channel_bundle(tmp_path / "bundle")
+    (folder / "configs" / "metadata.json").unlink()
+    bundle = load_monai_bundle(folder)
+    assert bundle.in_channels == 2
+    nested, _ = nested_spheres()
+    result = segment({"A": nested, "B": nested * 0.0 + 1.5}, "model", model=bundle,
+                     device="cpu")
+    assert sitk.GetArrayFromImage(result.labels).any()
+    # A network without an in_channels of its own: its first convolution's, in TorchScript too.
+    network = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 1), torch.nn.Conv3d(4, 2, 1))
+    edit_config(folder, lambda config: config.pop("network_def"))
+    (folder / "models" / "model.pt").unlink()
+    torch.jit.script(network).save(str(folder / "models" / "model.ts"))
+    assert load_monai_bundle(folder).in_channels == 2
