@@ -237,6 +237,7 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         if isinstance(inferer, dict) and "roi_size" in inferer:
             roi = _number_list(_setting(parser, "inferer#roi_size", config),
                                "inferer#roi_size", config, int)
+    _refuse_other_than_3d(folder, config, network, roi)
     spacing, orientation = None, None
     if (spacing_entry := _find_transform(transforms, "Spacingd", "Spacing")) is not None:
         spacing = _number_list(spacing_entry.get("pixdim"), "Spacingd pixdim", config, float)
@@ -268,6 +269,25 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         threshold=threshold,
         metadata=metadata,
     )
+
+
+def _refuse_other_than_3d(folder: Path, config: Path, network, roi: list[int] | None) -> None:
+    """Refuse a 2-D bundle (a sliding window of 2 numbers, a first convolution that is not
+    3-D) before MONAI fails on a volume with a traceback that does not say so.
+
+    Raises:
+        ModelError: the bundle is not made for 3-D volumes.
+    """
+    first = _first_convolution(network)
+    why = ("its inferer's roi_size has 2 numbers" if roi is not None and len(roi) == 2
+           else f"its network's first layer is a Conv{first[1]}d" if first and first[1] != 3
+           else None)
+    if why:
+        raise ModelError(f"bundle {folder} is a 2-D bundle ({why}): 2-D bundles are not "
+                         "supported, as this project segments 3-D volumes. Use a 3-D bundle.")
+    if roi is not None and len(roi) != 3:
+        raise ModelError(f"'inferer#roi_size' of {config} should be 3 numbers (x y z), not "
+                         f"{len(roi)}.")
 
 
 def _input_channels(inputs: Mapping[str, Any], network) -> int:

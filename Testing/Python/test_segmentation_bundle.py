@@ -396,3 +396,20 @@ def test_without_metadata_the_input_channels_are_those_of_the_network(tmp_path):
     (folder / "models" / "model.pt").unlink()
     torch.jit.script(network).save(str(folder / "models" / "model.ts"))
     assert load_monai_bundle(folder).in_channels == 2
+
+
+def test_a_2d_bundle_is_refused_as_such(tmp_path):
+    def two_d_window(config):
+        config["inferer"]["roi_size"] = [16, 16]
+
+    with pytest.raises(ModelError, match="2-D bundle .*roi_size has 2 numbers.*not supported"):
+        load_monai_bundle(edit_config(write_bundle(tmp_path / "window"), two_d_window))
+
+    def two_d_network(config):
+        config["network_def"]["_target_"] = "torch.nn.Conv2d"
+        config.pop("inferer")
+
+    folder = edit_config(write_bundle(tmp_path / "network"), two_d_network)
+    torch.save(torch.nn.Conv2d(1, 2, 7, padding=3).state_dict(), folder / "models" / "model.pt")
+    with pytest.raises(ModelError, match="2-D bundle .*first layer is a Conv2d.*not supported"):
+        load_monai_bundle(folder)
