@@ -64,6 +64,9 @@ class MonaiBundle:
     label_names: dict[int, str]
     input_names: list[str] = field(default_factory=list)  # metadata channel_def, in order
     roi_size: list[int] | None = None
+    overlap: float | None = None  # the inferer's; None: not given there
+    sw_batch_size: int | None = None
+    mode: str | None = None  # "gaussian" or "constant" blending of the windows
     spacing: list[float] | None = None  # x y z along the oriented axes; <= 0: keep the image's
     orientation: str | None = None
     orientation_first: bool = True  # Orientationd before Spacingd, as bundles usually have it
@@ -232,12 +235,8 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         multi_label, threshold = _sigmoid_outputs(_transform_list(
             parser, "postprocessing", config, "its outputs are read as softmax classes"),
             config)
-        inferer = parser.get("inferer", {}) or {}
-        roi = None
-        if isinstance(inferer, dict) and "roi_size" in inferer:
-            roi = _number_list(_setting(parser, "inferer#roi_size", config),
-                               "inferer#roi_size", config, int)
-    _refuse_other_than_3d(folder, config, network, roi)
+        inferer = _inferer_settings(parser, config)
+    _refuse_other_than_3d(folder, config, network, inferer["roi_size"])
     spacing, orientation = None, None
     if (spacing_entry := _find_transform(transforms, "Spacingd", "Spacing")) is not None:
         spacing = _number_list(spacing_entry.get("pixdim"), "Spacingd pixdim", config, float)
@@ -260,7 +259,7 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         label_names=_label_names(outputs, multi_label),
         input_names=[str(name) for _, name in sorted(
             (int(k), v) for k, v in (inputs.get("channel_def") or {}).items())],
-        roi_size=roi,
+        **inferer,
         spacing=spacing,
         orientation=orientation,
         orientation_first=orientation_first,
@@ -269,6 +268,41 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         threshold=threshold,
         metadata=metadata,
     )
+
+
+def _inferer_settings(parser, config: Path) -> dict[str, Any]:
+    """The sliding window of the bundle's ``inferer``: ``roi_size``, ``overlap``,
+    ``sw_batch_size`` and ``mode``, each ``None`` where the config does not give it.
+
+    Raises:
+        ModelError: a setting that cannot be read or is out of its range.
+    """
+    inferer = parser.get("inferer", {}) or {}
+    given = inferer if isinstance(inferer, dict) else {}
+
+    def setting(key: str) -> Any:
+        return _setting(parser, f"inferer#{key}", config) if key in given else None
+
+    def refuse(key: str, value: Any, expected: str) -> ModelError:
+        return ModelError(f"'inferer#{key}' of {config} should be {expected}, not {value!r}. "
+                          "Fix the bundle's config.")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    overlap, batch, mode = setting("overlap"), setting("sw_batch_size"), setting("mode")
+    if overlap is not None and not (number(overlap) and 0.0 <= overlap < 1.0):
+        raise refuse("overlap", overlap, "a fraction from 0 to under 1")
+    if batch is not None and not (number(batch) and batch == int(batch) and batch >= 1):
+        raise refuse("sw_batch_size", batch, "a whole number of windows, at least 1")
+    if mode is not None and mode not in ("constant", "gaussian"):
+        raise refuse("mode", mode, "'constant' or 'gaussian'")
+    return {
+        "roi_size": _number_list(setting("roi_size"), "inferer#roi_size", config, int),
+        "overlap": None if overlap is None else float(overlap),
+        "sw_batch_size": None if batch is None else int(batch),
+        "mode": mode,
+    }
 
 
 def _refuse_other_than_3d(folder: Path, config: Path, network, roi: list[int] | None) -> None:
@@ -553,9 +587,18 @@ def segment_with_bundle(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> SegmentationResult:
-    """Run a bundle's network on ``images`` (its input channels, in order); labels on the
-    first image's grid, background outside ``region`` (boolean ``[z, y, x]`` on that grid)
-    when one is given."""
+    """Run a bundle's network on ``images``; labels on the first image's grid.
+
+    Args:
+        images: name -> image, one per input channel of the bundle (put in its order when
+            the names tell it, see :func:`order_inputs`).
+        bundle: a bundle from :func:`load_monai_bundle`.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        overlap: of the sliding windows, where the bundle's inferer gives none.
+        region: boolean ``[z, y, x]`` on the first image's grid; background outside it.
+        progress: ``progress(fraction, message)`` callback.
+        cancel: stops the work when set.
+    """
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -577,13 +620,17 @@ def segment_with_bundle(
         volume = bundle.intensity({"image": volume})["image"]
     volume = torch.as_tensor(volume, dtype=torch.float32)
     roi = bundle.roi_size or list(volume.shape[1:])
+    overlap = bundle.overlap if bundle.overlap is not None else overlap
+    sw_batch_size = bundle.sw_batch_size or 2
+    mode = bundle.mode or "gaussian"
     check_cancel(cancel, "segmentation with a MONAI bundle")
 
     def run(torch_device):
         network = bundle.network.to(torch_device).eval()
         with torch.no_grad():
-            logits = sliding_window_inference(volume[None].to(torch_device), roi, 2, network,
-                                              overlap=overlap, mode="gaussian")
+            logits = sliding_window_inference(volume[None].to(torch_device), roi,
+                                              sw_batch_size, network, overlap=overlap,
+                                              mode=mode)
         network.to("cpu")
         logits = logits[0].float()
         if bundle.multi_label or logits.shape[0] == 1:  # a sigmoid per channel
@@ -610,7 +657,8 @@ def segment_with_bundle(
         label_names=names,
         label_colors=default_label_colors(max(names, default=1)),
         method="model",
-        info={"bundle": str(bundle.folder), "roi_size": roi, "spacing": bundle.spacing,
+        info={"bundle": str(bundle.folder), "roi_size": roi, "overlap": overlap,
+              "sw_batch_size": sw_batch_size, "mode": mode, "spacing": bundle.spacing,
               "orientation": bundle.orientation, "masked": region is not None,
               "inputs": list(images), "output": output,
               **({"threshold": bundle.threshold} if independent else {})},

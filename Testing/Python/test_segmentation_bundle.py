@@ -188,19 +188,23 @@ def test_preprocessing_given_by_reference_is_applied_as_when_written_out(tmp_pat
     assert "none of it is applied" in caplog.text
 
 
-def network_inputs(monkeypatch):
-    """The whole volumes MONAI's sliding window is given, recorded as ``[x, y, z]`` arrays."""
+def sliding_window_calls(monkeypatch):
+    """The calls of MONAI's sliding window, recorded: its arguments by name, ``inputs`` as a
+    ``[channel, x, y, z]`` array."""
+    import inspect
+
     import monai.inferers
 
-    seen = []
+    calls = []
     original = monai.inferers.sliding_window_inference
 
-    def recording(inputs, *args, **kwargs):
-        seen.append(inputs[0].detach().cpu().numpy())
-        return original(inputs, *args, **kwargs)
+    def recording(*args, **kwargs):
+        call = dict(inspect.signature(original).bind(*args, **kwargs).arguments)
+        calls.append({**call, "inputs": call["inputs"][0].detach().cpu().numpy()})
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(monai.inferers, "sliding_window_inference", recording)
-    return seen
+    return calls
 
 
 def test_a_sagittally_stored_image_gives_the_network_the_same_input_as_the_axial_one(
@@ -212,11 +216,12 @@ def test_a_sagittally_stored_image_gives_the_network_the_same_input_as_the_axial
         config["preprocessing"]["transforms"][3]["pixdim"] = [1.5, 2.0, 3.0]
 
     folder = edit_config(write_bundle(tmp_path / "bundle"), anisotropic)
-    seen = network_inputs(monkeypatch)
+    calls = sliding_window_calls(monkeypatch)
     axial, _ = oblique_ball()
     stored_otherwise = sitk.PermuteAxes(axial, [2, 0, 1])  # the same image, axes z, x, y
     results = [segment({"CT": image}, "model", model=folder, device="cpu")
                for image in (axial, stored_otherwise)]
+    seen = [call["inputs"] for call in calls]
     assert seen[0].shape == seen[1].shape
     assert np.abs(seen[0] - seen[1]).max() < 1e-4
     spaced_along_oriented_axes = np.array(
@@ -412,4 +417,25 @@ def test_a_2d_bundle_is_refused_as_such(tmp_path):
     folder = edit_config(write_bundle(tmp_path / "network"), two_d_network)
     torch.save(torch.nn.Conv2d(1, 2, 7, padding=3).state_dict(), folder / "models" / "model.pt")
     with pytest.raises(ModelError, match="2-D bundle .*first layer is a Conv2d.*not supported"):
+        load_monai_bundle(folder)
+
+
+def test_the_bundles_own_sliding_window_settings_are_used(tmp_path, monkeypatch):
+    image, _ = oblique_ball()
+    calls = sliding_window_calls(monkeypatch)
+
+    def inferer_says(config):
+        config["inferer"].update(overlap=0.25, sw_batch_size=3, mode="constant")
+
+    folder = edit_config(write_bundle(tmp_path / "bundle"), inferer_says)
+    result = segment({"CT": image}, "model", model=folder, device="cpu", overlap=0.7)
+    assert (calls[-1]["overlap"], calls[-1]["sw_batch_size"], calls[-1]["mode"]) == (
+        0.25, 3, "constant")
+    assert result.info["overlap"] == 0.25 and result.info["mode"] == "constant"
+    silent = write_bundle(tmp_path / "silent")  # gives roi_size and sw_batch_size only
+    segment({"CT": image}, "model", model=silent, device="cpu", overlap=0.7)
+    assert (calls[-1]["overlap"], calls[-1]["sw_batch_size"]) == (0.7, 1)
+
+    edit_config(folder, lambda config: config["inferer"].update(mode="blend"))
+    with pytest.raises(ModelError, match="'inferer#mode' of .* should be 'constant' or "):
         load_monai_bundle(folder)
