@@ -2,11 +2,27 @@
 Zoo beforehand; nothing is downloaded here): build the bundle's inference network with its
 weights and run it on the given volumes.
 
-What is taken from the bundle: ``network_def`` (or ``network``) from
-``configs/inference.{json,yaml}``, the weights in ``models/model.pt`` (or a TorchScript
-``models/model.ts``), the sliding-window size of its ``inferer``, the target spacing
-(``Spacingd``) and axis orientation (``Orientationd``) and the intensity transforms of its
-``preprocessing``, and the input channels and label names of ``configs/metadata.json``.
+What is taken from the bundle, from ``configs/inference.{json,yaml}`` (references and
+expressions resolved by MONAI's ConfigParser, so settings given as ``"@name"`` or
+``"$@preprocessing_transforms"`` count as written out) and ``configs/metadata.json``:
+
+- the network: ``network_def`` (or ``network``) with the weights in ``models/model.pt``,
+  or the TorchScript ``models/model.ts`` alone; the bundle's own code (``scripts/``) is
+  importable while it is built. 2-D bundles are refused.
+- the sliding window of its ``inferer``: ``roi_size``, ``overlap``, ``sw_batch_size``,
+  ``mode``.
+- of its ``preprocessing``: the axis orientation (``Orientationd``), the spacing
+  (``Spacingd``, along the oriented axes when it comes after ``Orientationd``, as in MONAI)
+  and the transforms that only change intensities; a preprocessing that cannot be read as
+  a list of transforms is warned about and not applied.
+- of its ``postprocessing``: whether the outputs are a sigmoid per channel (``Activationsd``
+  with ``sigmoid``) and the threshold of ``AsDiscreted``. Such channels (BraTS's tumour
+  core, whole tumour, enhancing tumour) are labels 1..C of their own; where they overlap,
+  a voxel takes the label of the smallest region. Otherwise the outputs are softmax
+  classes, channel 0 the background.
+- of the metadata: the input channels (their number, else the network's, and their order
+  by name: images named as the channels are put in that order) and the label names.
+
 Reading, resampling and orientation are done here on SimpleITK images (in physical space), so
 the labels come back on the first input image's grid.
 """
@@ -45,13 +61,13 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 # Preprocessing transforms applied from a bundle: those that only change intensities.
-# Bundles whose overlapping labels were flattened and warned about (once per bundle).
-_FLATTENING_WARNED: set[str] = set()
 INTENSITY_TRANSFORMS = {
     "ScaleIntensityd", "ScaleIntensityRanged", "ScaleIntensityRangePercentilesd",
     "NormalizeIntensityd", "ClipIntensityPercentilesd", "ThresholdIntensityd",
     "ShiftIntensityd", "CastToTyped", "EnsureTyped",
 }
+# Bundles whose overlapping labels were flattened and warned about (once per bundle).
+_FLATTENING_WARNED: set[str] = set()
 
 
 @dataclass
@@ -210,10 +226,12 @@ def _number_list(value: Any, key: str, config: Path, kind: type) -> list | None:
 
 
 def load_monai_bundle(folder: str | Path) -> MonaiBundle:
-    """Build a bundle's inference network with its trained weights.
+    """Build a bundle's inference network with its trained weights, and read how to feed
+    it (see the module's docstring for what is taken from the bundle).
 
     Raises:
-        ModelError: not a bundle, no network definition, missing or unfitting weights.
+        ModelError: not a bundle, no network (definition with weights, or TorchScript),
+            missing or unfitting weights, a 2-D bundle, unreadable or out-of-range settings.
     """
     import torch
 
@@ -237,18 +255,6 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
             config)
         inferer = _inferer_settings(parser, config)
     _refuse_other_than_3d(folder, config, network, inferer["roi_size"])
-    spacing, orientation = None, None
-    if (spacing_entry := _find_transform(transforms, "Spacingd", "Spacing")) is not None:
-        spacing = _number_list(spacing_entry.get("pixdim"), "Spacingd pixdim", config, float)
-        # MONAI pads a shorter pixdim with its last value and ignores the rest of a longer one.
-        spacing = (spacing + spacing[-1:] * 3)[:3] if spacing else None
-    if (orient := _find_transform(transforms, "Orientationd", "Orientation")) is not None:
-        # (as_closest_canonical: MONAI's closest canonical orientation, RAS)
-        axcodes = orient.get("axcodes") or ("RAS" if orient.get("as_closest_canonical") else None)
-        orientation = str(axcodes) if axcodes else None
-    orientation_first = (_position(transforms, orient) <= _position(transforms, spacing_entry)
-                         if orientation else True)
-
     data_format = metadata.get("network_data_format", {})
     inputs = data_format.get("inputs", {}).get("image", {})
     outputs = data_format.get("outputs", {}).get("pred", {})
@@ -260,14 +266,30 @@ def load_monai_bundle(folder: str | Path) -> MonaiBundle:
         input_names=[str(name) for _, name in sorted(
             (int(k), v) for k, v in (inputs.get("channel_def") or {}).items())],
         **inferer,
-        spacing=spacing,
-        orientation=orientation,
-        orientation_first=orientation_first,
+        **_geometry(transforms, config),
         intensity=intensity,
         multi_label=multi_label,
         threshold=threshold,
         metadata=metadata,
     )
+
+
+def _geometry(transforms: list[dict], config: Path) -> dict[str, Any]:
+    """The ``spacing``, ``orientation`` and ``orientation_first`` of a bundle from its
+    (resolved) preprocessing's ``Spacingd`` and ``Orientationd``."""
+    spacing, orientation = None, None
+    if (spacing_entry := _find_transform(transforms, "Spacingd", "Spacing")) is not None:
+        spacing = _number_list(spacing_entry.get("pixdim"), "Spacingd pixdim", config, float)
+        # MONAI pads a shorter pixdim with its last value and ignores the rest of a longer one.
+        spacing = (spacing + spacing[-1:] * 3)[:3] if spacing else None
+    if (orient := _find_transform(transforms, "Orientationd", "Orientation")) is not None:
+        # (as_closest_canonical: MONAI's closest canonical orientation, RAS)
+        axcodes = orient.get("axcodes") or ("RAS" if orient.get("as_closest_canonical") else None)
+        orientation = str(axcodes) if axcodes else None
+    orientation_first = (_position(transforms, orient) <= _position(transforms, spacing_entry)
+                         if orientation else True)
+    return {"spacing": spacing, "orientation": orientation,
+            "orientation_first": orientation_first}
 
 
 def _inferer_settings(parser, config: Path) -> dict[str, Any]:
