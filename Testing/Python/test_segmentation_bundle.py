@@ -146,3 +146,296 @@ def test_bundle_settings_given_by_reference_are_resolved_and_damaged_configs_ref
     (folder / "configs" / "metadata.json").write_text("{oops")
     with pytest.raises(ModelError, match="cannot read the bundle metadata"):
         load_monai_bundle(folder)
+
+
+def edit_config(folder, change):
+    """Rewrite a bundle's inference.json through ``change(config)`` (which edits it in place)."""
+    path = folder / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    return folder
+
+
+def test_preprocessing_given_by_reference_is_applied_as_when_written_out(tmp_path, caplog):
+    image, _ = oblique_ball()
+    plain = segment({"CT": image}, "model", model=write_bundle(tmp_path / "plain"),
+                    device="cpu")
+
+    def by_reference(reference):
+        def change(config):
+            config["preprocessing_transforms"] = config["preprocessing"]["transforms"]
+            config["preprocessing"]["transforms"] = reference
+        return change
+
+    for i, reference in enumerate(("$@preprocessing_transforms", "@preprocessing_transforms")):
+        folder = edit_config(write_bundle(tmp_path / f"by_reference{i}"), by_reference(reference))
+        bundle = load_monai_bundle(folder)
+        assert bundle.spacing == [2.0, 2.0, 2.0] and bundle.orientation == "RAS"
+        assert bundle.intensity is not None
+        result = segment({"CT": image}, "model", model=bundle, device="cpu")
+        assert np.array_equal(sitk.GetArrayFromImage(result.labels),
+                              sitk.GetArrayFromImage(plain.labels))
+
+    def built_in_code(config):
+        config["preprocessing"] = "$monai.transforms.Compose([])"
+
+    folder = edit_config(write_bundle(tmp_path / "code"), built_in_code)
+    with caplog.at_level("WARNING"):
+        bundle = load_monai_bundle(folder)
+    assert bundle.spacing is None and bundle.intensity is None
+    assert "preprocessing could not be read" in caplog.text
+    assert "none of it is applied" in caplog.text
+
+
+def sliding_window_calls(monkeypatch):
+    """The calls of MONAI's sliding window, recorded: its arguments by name, ``inputs`` as a
+    ``[channel, x, y, z]`` array."""
+    import inspect
+
+    import monai.inferers
+
+    calls = []
+    original = monai.inferers.sliding_window_inference
+
+    def recording(*args, **kwargs):
+        call = dict(inspect.signature(original).bind(*args, **kwargs).arguments)
+        calls.append({**call, "inputs": call["inputs"][0].detach().cpu().numpy()})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(monai.inferers, "sliding_window_inference", recording)
+    return calls
+
+
+def test_a_sagittally_stored_image_gives_the_network_the_same_input_as_the_axial_one(
+    tmp_path, monkeypatch
+):
+    # Anisotropic pixdim: applied along the image's stored axes instead of the oriented
+    # ones, the network would get another grid for each storage order.
+    def anisotropic(config):
+        config["preprocessing"]["transforms"][3]["pixdim"] = [1.5, 2.0, 3.0]
+
+    folder = edit_config(write_bundle(tmp_path / "bundle"), anisotropic)
+    calls = sliding_window_calls(monkeypatch)
+    axial, _ = oblique_ball()
+    stored_otherwise = sitk.PermuteAxes(axial, [2, 0, 1])  # the same image, axes z, x, y
+    results = [segment({"CT": image}, "model", model=folder, device="cpu")
+               for image in (axial, stored_otherwise)]
+    seen = [call["inputs"] for call in calls]
+    assert seen[0].shape == seen[1].shape
+    assert np.abs(seen[0] - seen[1]).max() < 1e-4
+    spaced_along_oriented_axes = np.array(
+        sitk.DICOMOrient(axial, "RAS").GetSize()) * np.array(
+        sitk.DICOMOrient(axial, "RAS").GetSpacing()) / np.array([1.5, 2.0, 3.0])
+    np.testing.assert_allclose(seen[0].shape[1:], spaced_along_oriented_axes, atol=1.0)
+    back = sitk.PermuteAxes(results[1].labels, [1, 2, 0])
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(results[0].labels))
+
+
+def nested_spheres():
+    """A 0..3 image: whole (1) around core (2) around enhancing (3) spheres, off-centre, and
+    the voxel count of each value."""
+    z, y, x = np.mgrid[:24, :24, :24]
+    distance = np.sqrt((z - 11) ** 2 + (y - 12) ** 2 + (x - 13) ** 2)
+    values = (distance < 9).astype(np.float32) + (distance < 6) + (distance < 3)
+    image = make_image(values, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), rotation_direction((0, 0, 0)))
+    return image, {v: int((values == v).sum()) for v in (1, 2, 3)}
+
+
+def write_multi_label_bundle(folder, threshold=0.5):
+    """A BraTS-like bundle: three sigmoid channels, tumour core (> 1.5), whole tumour (> 0.5)
+    and enhancing tumour (> 2.5) of the input, in BraTS's channel order."""
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    config = {
+        "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 3,
+                        "kernel_size": 1},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [24, 24, 24]},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "threshold": threshold},
+        ]},
+    }
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    metadata = {"name": "nested", "network_data_format": {
+        "inputs": {"image": {"num_channels": 1}},
+        "outputs": {"pred": {"num_channels": 3, "channel_def": {
+            "0": "Tumor core", "1": "Whole tumor", "2": "Enhancing tumor"}}}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    network = torch.nn.Conv3d(1, 3, 1)
+    with torch.no_grad():
+        network.weight.fill_(10.0)
+        network.bias.copy_(torch.tensor([-15.0, -5.0, -25.0]))
+    torch.save(network.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
+def test_a_sigmoid_bundles_channels_are_labels_of_their_own_nested_ones_flattened(
+    tmp_path, caplog
+):
+    image, counts = nested_spheres()
+    bundle = load_monai_bundle(write_multi_label_bundle(tmp_path / "bundle", threshold=0.6))
+    assert bundle.multi_label and bundle.threshold == 0.6
+    assert bundle.label_names == {1: "Tumor core", 2: "Whole tumor", 3: "Enhancing tumor"}
+    with caplog.at_level("WARNING"):
+        result = segment({"MR": image}, "model", model=bundle, device="cpu")
+        segment({"MR": image}, "model", model=bundle, device="cpu")
+    labels = sitk.GetArrayFromImage(result.labels)
+    # Channel 0 is a label, not the background; each voxel takes the smallest region's.
+    assert int((labels == 3).sum()) == counts[3]  # enhancing
+    assert int((labels == 1).sum()) == counts[2]  # core less enhancing
+    assert int((labels == 2).sum()) == counts[1]  # whole less core
+    assert result.label_names == bundle.label_names
+    assert result.info["output"] == "multi-label sigmoid"
+    probabilities = sitk.GetArrayFromImage(result.probabilities)
+    assert probabilities.shape[-1] == 3
+    assert probabilities[labels == 3].sum(axis=-1).min() > 2.9  # three independent ones
+    assert caplog.text.count("smallest region") == 1
+    assert "Enhancing tumor, Tumor core, Whole tumor" in caplog.text
+
+
+def write_two_channel_bundle(folder):
+    """A bundle taking T1c then FLAIR that labels where its first channel is brighter."""
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    config = {"network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 2,
+                              "out_channels": 2, "kernel_size": 1}}
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    metadata = {"name": "two channels", "network_data_format": {
+        "inputs": {"image": {"num_channels": 2, "channel_def": {"1": "FLAIR", "0": "T1c"}}},
+        "outputs": {"pred": {"num_channels": 2, "channel_def": {"0": "background",
+                                                                 "1": "brighter in T1c"}}}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    network = torch.nn.Conv3d(2, 2, 1)
+    with torch.no_grad():
+        network.weight.zero_()
+        network.bias.zero_()
+        network.weight[1, 0], network.weight[1, 1] = 20.0, -20.0
+    torch.save(network.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
+def test_input_images_are_fed_in_the_bundles_channel_order_told_by_their_names(
+    tmp_path, caplog
+):
+    nested, _ = nested_spheres()
+    bright = sitk.Cast(sitk.Greater(nested, 1.5), sitk.sitkFloat32) * 2.0 + 1.0  # 3 in, 1 out
+    flat = sitk.Cast(nested * 0.0 + 2.0, sitk.sitkFloat32)
+    inside = sitk.GetArrayFromImage(bright) > 2
+    bundle = load_monai_bundle(write_two_channel_bundle(tmp_path / "bundle"))
+    assert bundle.input_names == ["T1c", "FLAIR"]
+
+    def labels(images):
+        result = segment(images, "model", model=bundle, device="cpu")
+        return sitk.GetArrayFromImage(result.labels) == 1, result
+
+    assert np.array_equal(labels({"T1c": bright, "FLAIR": flat})[0], inside)
+    with caplog.at_level("INFO", logger="MultiModalAnalysisLib.segmentation.bundle"):
+        reordered, result = labels({"flair": flat, "t1ce": bright})
+    assert np.array_equal(reordered, inside)
+    assert result.info["inputs"] == ["t1ce", "flair"]
+    assert "fed as t1ce, flair" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        as_given, _ = labels({"first": flat, "second": bright})
+    assert np.array_equal(as_given, ~inside)  # unknown names: the order given, warned about
+    assert "in the order T1c, FLAIR" in caplog.text
+    with pytest.raises(ModelError, match="order T1c, FLAIR.*given are T1c, PD: PD matches none"):
+        labels({"T1c": bright, "PD": flat})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_torchscript_only_bundle_and_one_with_its_own_code_are_built(tmp_path):
+    import sys
+
+    image, _ = oblique_ball()
+    plain = segment({"CT": image}, "model", model=write_bundle(tmp_path / "plain"),
+                    device="cpu")
+    expected = sitk.GetArrayFromImage(plain.labels)
+
+    only = edit_config(write_bundle(tmp_path / "torchscript"),
+                       lambda config: config.pop("network_def"))
+    network = torch.nn.Conv3d(1, 2, 7, padding=3)
+    network.load_state_dict(torch.load(only / "models" / "model.pt"))
+    torch.jit.script(network).save(str(only / "models" / "model.ts"))
+    (only / "models" / "model.pt").unlink()
+    result = segment({"CT": image}, "model", model=only, device="cpu")
+    assert np.array_equal(sitk.GetArrayFromImage(result.labels), expected)
+
+    # Two bundles with code of the same module names: each is built from its own.
+    for name, out_channels in (("own_code", 2), ("other_code", 3)):
+        folder = edit_config(write_bundle(tmp_path / name), lambda config: config.update(
+            network_def={"_target_": "scripts.net.Net"}))
+        (folder / "scripts").mkdir()
+        (folder / "scripts" / "__init__.py").write_text("")
+        (folder / "scripts" / "net.py").write_text(
+            "import torch\n\n\nclass Net(torch.nn.Conv3d):\n    def __init__(self):\n"
+            f"        super().__init__(1, {out_channels}, 7, padding=3)\n")
+        if out_channels == 3:
+            torch.save(torch.nn.Conv3d(1, 3, 7, padding=3).state_dict(),
+                       folder / "models" / "model.pt")
+        bundle = load_monai_bundle(folder)
+        assert bundle.network.out_channels == out_channels
+        assert str(folder) not in sys.path and "scripts.net" not in sys.modules
+    result = segment({"CT": image}, "model", model=tmp_path / "own_code", device="cpu")
+    assert np.array_equal(sitk.GetArrayFromImage(result.labels), expected)
+
+    (only / "models" / "model.ts").unlink()
+    with pytest.raises(ModelError, match="no 'network_def'.*no TorchScript models/model.ts"):
+        load_monai_bundle(only)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_without_metadata_the_input_channels_are_those_of_the_network(tmp_path):
+    folder = write_two_channel_bundle(tmp_path / "bundle")
+    (folder / "configs" / "metadata.json").unlink()
+    bundle = load_monai_bundle(folder)
+    assert bundle.in_channels == 2
+    nested, _ = nested_spheres()
+    result = segment({"A": nested, "B": nested * 0.0 + 1.5}, "model", model=bundle,
+                     device="cpu")
+    assert sitk.GetArrayFromImage(result.labels).any()
+    # A network without an in_channels of its own: its first convolution's, in TorchScript too.
+    network = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 1), torch.nn.Conv3d(4, 2, 1))
+    edit_config(folder, lambda config: config.pop("network_def"))
+    (folder / "models" / "model.pt").unlink()
+    torch.jit.script(network).save(str(folder / "models" / "model.ts"))
+    assert load_monai_bundle(folder).in_channels == 2
+
+
+def test_a_2d_bundle_is_refused_as_such(tmp_path):
+    def two_d_window(config):
+        config["inferer"]["roi_size"] = [16, 16]
+
+    with pytest.raises(ModelError, match="2-D bundle .*roi_size has 2 numbers.*not supported"):
+        load_monai_bundle(edit_config(write_bundle(tmp_path / "window"), two_d_window))
+
+    def two_d_network(config):
+        config["network_def"]["_target_"] = "torch.nn.Conv2d"
+        config.pop("inferer")
+
+    folder = edit_config(write_bundle(tmp_path / "network"), two_d_network)
+    torch.save(torch.nn.Conv2d(1, 2, 7, padding=3).state_dict(), folder / "models" / "model.pt")
+    with pytest.raises(ModelError, match="2-D bundle .*first layer is a Conv2d.*not supported"):
+        load_monai_bundle(folder)
+
+
+def test_the_bundles_own_sliding_window_settings_are_used(tmp_path, monkeypatch):
+    image, _ = oblique_ball()
+    calls = sliding_window_calls(monkeypatch)
+
+    def inferer_says(config):
+        config["inferer"].update(overlap=0.25, sw_batch_size=3, mode="constant")
+
+    folder = edit_config(write_bundle(tmp_path / "bundle"), inferer_says)
+    result = segment({"CT": image}, "model", model=folder, device="cpu", overlap=0.7)
+    assert (calls[-1]["overlap"], calls[-1]["sw_batch_size"], calls[-1]["mode"]) == (
+        0.25, 3, "constant")
+    assert result.info["overlap"] == 0.25 and result.info["mode"] == "constant"
+    silent = write_bundle(tmp_path / "silent")  # gives roi_size and sw_batch_size only
+    segment({"CT": image}, "model", model=silent, device="cpu", overlap=0.7)
+    assert (calls[-1]["overlap"], calls[-1]["sw_batch_size"]) == (0.7, 1)
+
+    edit_config(folder, lambda config: config["inferer"].update(mode="blend"))
+    with pytest.raises(ModelError, match="'inferer#mode' of .* should be 'constant' or "):
+        load_monai_bundle(folder)
