@@ -1144,7 +1144,9 @@ def _add_segment(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--probabilities", type=Path,
                         help="write the probabilities here, a vector image whose component "
                         "k is label k's probability (component 0: background, or for "
-                        "gmm/kmeans outside the mask), and the uncertainty map next to it "
+                        "gmm/kmeans outside the mask; a multi-label, sigmoid MONAI bundle "
+                        "has no background: component k is label k+1's own probability), "
+                        "and the uncertainty map next to it "
                         "as <name>_uncertainty.nii.gz where the method gives one (model: "
                         "variance of the foreground probability over the test-time passes, "
                         "none with --no-tta or a MONAI bundle; gmm/kmeans: 1 - the largest "

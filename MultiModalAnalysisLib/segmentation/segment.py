@@ -92,9 +92,10 @@ def segment(
             otsu; a setting the chosen kind does not use is refused), ``channel`` (which
             image; default the PET image for suv_fraction, else the first), ``low``,
             ``high``, ``fraction`` (0.4).
-            model: ``tta`` (test-time flips, default True), ``overlap`` (0.5),
-            ``mc_samples`` (MC-dropout passes instead of flips), ``presets_applied`` (the
-            images already went through the modality presets).
+            model: ``tta`` (test-time flips, default True), ``overlap`` (0.5; a MONAI
+            bundle's own inferer overlap, when it gives one), ``mc_samples`` (MC-dropout
+            passes instead of flips), ``presets_applied`` (the images already went through
+            the modality presets).
             Any method: ``keep_largest``, ``fill_holes``, ``min_volume_mm3`` clean-ups (a
             model applies those stored with it by default).
 
