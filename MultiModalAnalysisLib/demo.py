@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import SimpleITK as sitk
 from MultiModalAnalysisLib.case import Case, load_case
 from MultiModalAnalysisLib.errors import MMAError
 from MultiModalAnalysisLib.images import describe, mask_centroid
-from MultiModalAnalysisLib.io import write_image
+from MultiModalAnalysisLib.io import publish_staged, staged_writes, write_image
 from MultiModalAnalysisLib.metrics import dice
 from MultiModalAnalysisLib.pipeline import preprocess_case, resample_case_to_reference
 from MultiModalAnalysisLib.plots import Contour, Overlay, orthogonal_montage
@@ -390,43 +389,39 @@ def run_demo(
     # Every step writes into a staging folder, moved into ``output_dir`` when the demo is
     # done: a demo stopped half-way (Ctrl-C, an error) leaves an earlier run's outputs
     # whole, never one patient's registration beside another's features and report.
-    staging = output_dir / ".partial-demo"
-    state = DemoState(Path(case_dir) if case_dir else sample_case_dir(), staging)
+    case_dir = Path(case_dir) if case_dir else sample_case_dir()
     # Before any output or long work: a case that cannot be read, or a folder that cannot
     # be written, fails now rather than after the first steps.
-    state.case = load_case(state.case_dir, MODALITIES)
+    case = load_case(case_dir, MODALITIES)
     _require_writable(output_dir)
     if log is not None:
-        log(f"mma demo: {state.case.case_id} from {state.case_dir}, writing to "
-            f"{output_dir.resolve()}")
+        log(f"mma demo: {case.case_id} from {case_dir}, writing to {output_dir.resolve()}")
     report = as_progress(progress)
     total = sum(step.weight for step in DEMO_STEPS)
     done = 0.0
     timings: dict[str, float] = {}
     summaries: dict[str, str] = {}
-    shutil.rmtree(staging, ignore_errors=True)  # (an interrupted run's)
-    try:
-        for step in DEMO_STEPS:
-            check_cancel(cancel, "the demo")
-            start = time.perf_counter()
-            summary = step.run(
-                state, report.sub(done / total, (done + step.weight) / total), cancel
-            )
-            timings[step.name] = time.perf_counter() - start
-            summaries[step.name] = summary
-            done += step.weight
-            if log is not None:
-                log(f"[{step.name:>10}] {timings[step.name]:6.2f} s  {summary}")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if log is not None and any(output_dir.iterdir()):
-            log(f"mma demo stopped: {output_dir} keeps the earlier run's outputs as they were.")
-        raise
-    for produced in sorted(p for p in staging.rglob("*") if p.is_file()):
-        target = output_dir / produced.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(produced, target)
-    shutil.rmtree(staging, ignore_errors=True)
+    with staged_writes(output_dir, "demo") as staging:
+        state = DemoState(case_dir, staging)
+        state.case = case
+        try:
+            for step in DEMO_STEPS:
+                check_cancel(cancel, "the demo")
+                start = time.perf_counter()
+                summary = step.run(
+                    state, report.sub(done / total, (done + step.weight) / total), cancel
+                )
+                timings[step.name] = time.perf_counter() - start
+                summaries[step.name] = summary
+                done += step.weight
+                if log is not None:
+                    log(f"[{step.name:>10}] {timings[step.name]:6.2f} s  {summary}")
+        except BaseException:
+            if log is not None and len(list(output_dir.iterdir())) > 1:
+                log(f"mma demo stopped: {output_dir} keeps the earlier run's outputs as "
+                    "they were.")
+            raise
+    publish_staged(staging, output_dir)
     outputs = {k: output_dir / Path(v).relative_to(staging) for k, v in state.outputs.items()}
     report_path = output_dir / "report.json"
     outputs["report"] = report_path

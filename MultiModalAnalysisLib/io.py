@@ -264,6 +264,37 @@ class DicomSeries:
 
 
 @contextlib.contextmanager
+def staged_writes(folder: str | Path, name: str):
+    """A fresh folder ``folder/.partial-<name>`` to write a set of outputs into, moved into
+    ``folder`` together by :func:`publish_staged` once all are written. When the block
+    raises (an error, Ctrl-C) the staging folder goes, and ``folder`` keeps what it held:
+    never this run's files beside an earlier run's."""
+    import shutil
+
+    staging = Path(folder) / f".partial-{name}"
+    shutil.rmtree(staging, ignore_errors=True)  # (an interrupted run's)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def publish_staged(staging: Path, folder: str | Path) -> None:
+    """Move every file of ``staging`` (see :func:`staged_writes`) to the same place in
+    ``folder``, replacing what is there, and remove ``staging``."""
+    import os
+    import shutil
+
+    for produced in sorted(p for p in staging.rglob("*") if p.is_file()):
+        target = Path(folder) / produced.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(produced, target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def itk_warnings_off():
     """ITK's warnings (printed to stderr) off inside the block, as they were after it."""
     warned = sitk.ProcessObject.GetGlobalWarningDisplay()

@@ -143,40 +143,24 @@ def save_model_folder(folder: str | Path, weights: str, write_weights: Callable[
     checksum in the metadata (``metadata["model_file"]``, with ``file_info``), the
     cross-validation outputs of ``cv_result`` (or none) and the card.
 
-    Everything is written under temporary names and moved into place at the end, so a save
+    Everything is written into a staging folder and moved into place at the end, so a save
     stopped half-way (Ctrl-C while the figures are drawn) leaves the model that was there
     whole: new weights beside the old metadata failed its checksum, and it did not load.
     """
-    import os
-    import shutil
+    from MultiModalAnalysisLib.classification.evaluation import CVResult
+    from MultiModalAnalysisLib.io import publish_staged, staged_writes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    partial_weights = folder / f".partial-{weights}"
-    partial_metadata = folder / f".partial-{METADATA_FILE}"
-    staging = folder / ".partial-cv"
-    try:
-        write_weights(partial_weights)
-        metadata["model_file"] = {"name": weights, "sha256": sha256(partial_weights),
+    with staged_writes(folder, "model") as staging:
+        write_weights(staging / weights)
+        metadata["model_file"] = {"name": weights, "sha256": sha256(staging / weights),
                                   **file_info}
         if cv_result is not None:
             cv_result.save(staging, title=cv_title)
-        partial_metadata.write_text(json.dumps(metadata, indent=2, default=str),
-                                    encoding="utf-8")
-    except BaseException:
-        partial_weights.unlink(missing_ok=True)
-        partial_metadata.unlink(missing_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    from MultiModalAnalysisLib.classification.evaluation import CVResult
-
+        write_metadata(staging, metadata)
     clear_previous_model(folder, weights, () if cv_result is not None else CVResult.FILES)
-    os.replace(partial_weights, folder / weights)
-    os.replace(partial_metadata, folder / METADATA_FILE)
-    if staging.is_dir():
-        for produced in staging.iterdir():
-            os.replace(produced, folder / produced.name)
-        staging.rmdir()
+    publish_staged(staging, folder)
     (folder / "MODEL_CARD.md").write_text(card(metadata), encoding="utf-8")
     return folder
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import SimpleITK as sitk
 
 from MultiModalAnalysisLib.errors import MMAError
 from MultiModalAnalysisLib.images import value_range
-from MultiModalAnalysisLib.io import write_image
+from MultiModalAnalysisLib.io import publish_staged, staged_writes, write_image
 from MultiModalAnalysisLib.preprocess import resample_to_reference
 
 log = logging.getLogger(__name__)
@@ -71,38 +70,30 @@ class RegistrationResult:
         """
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        # Each file is written under a temporary name first and the set is moved into place
-        # at the end: a run stopped half-way (Ctrl-C, an error) leaves the folder as it was,
-        # never this run's warped image beside an earlier run's transform and metrics.
-        final = {"warped": output_dir / "warped.nii.gz",
-                 "transform": output_dir / self.transform_filename,
-                 "metrics": output_dir / "metrics.json",
-                 **({"qc": output_dir / "qc.png"} if qc else {})}
-        partial = {k: path.with_name(f".partial-{path.name}") for k, path in final.items()}
-        try:
-            write_image(self.warped, partial["warped"])
+        # The files are written into a staging folder and moved into place together: a
+        # save stopped half-way (Ctrl-C, an error) leaves the folder as it was, never this
+        # run's warped image beside an earlier run's transform and metrics.
+        names = {"warped": "warped.nii.gz", "transform": self.transform_filename,
+                 "metrics": "metrics.json", **({"qc": "qc.png"} if qc else {})}
+        with staged_writes(output_dir, "registration") as staging:
+            write_image(self.warped, staging / names["warped"])
             try:
-                sitk.WriteTransform(self.transform, str(partial["transform"]))
+                sitk.WriteTransform(self.transform, str(staging / names["transform"]))
             except RuntimeError as error:
-                raise MMAError(f"could not write {final['transform']}: {error}") from None
-            partial["metrics"].write_text(json.dumps(self.metrics, indent=2,
-                                                     default=_jsonable), encoding="utf-8")
+                raise MMAError(f"could not write {output_dir / names['transform']}: "
+                               f"{error}") from None
+            (staging / names["metrics"]).write_text(
+                json.dumps(self.metrics, indent=2, default=_jsonable), encoding="utf-8")
             if qc:
-                self.qc_figure(partial["qc"])
-        except BaseException:
-            for path in partial.values():
-                path.unlink(missing_ok=True)
-            raise
+                self.qc_figure(staging / names["qc"])
         # This method owns these names in the folder: an earlier run's transform of the
         # other kind (or its QC figure) would sit beside this run's results and pass for them.
-        for stale in sorted({"transform.tfm", "transform.h5", "qc.png"}
-                            - {p.name for p in final.values()}):
+        for stale in sorted({"transform.tfm", "transform.h5", "qc.png"} - set(names.values())):
             if (output_dir / stale).is_file():
                 (output_dir / stale).unlink()
                 log.info("removed %s, left in %s by an earlier registration", stale, output_dir)
-        for key, path in final.items():
-            os.replace(partial[key], path)
-        return final
+        publish_staged(staging, output_dir)
+        return {key: output_dir / name for key, name in names.items()}
 
     def qc_figure(self, path: str | Path) -> Path:
         """Checkerboard and edge overlay of fixed vs moving, before and after (a PNG)."""
